@@ -1,0 +1,225 @@
+"""Settings of a :class:`~asyncapy.server.Server`: validation and INI loading.
+
+One table, :data:`SETTINGS`, describes every setting once: its default, how to read
+it from an INI string, and what values it accepts. The constructor's arguments and the
+``[AsyncAPY]`` section of a config file go through the same checks, so a bad value
+always fails the same way: :class:`ConfigError` naming the key, the value, and what
+is accepted.
+"""
+
+from __future__ import annotations
+
+import configparser
+import logging
+import os
+from typing import Any, Callable, Mapping, Optional
+
+import attrs
+
+from domain.framing import DEFAULT_MAX_PACKET_SIZE
+
+__all__ = ["ConfigError", "Setting", "SETTINGS", "SECTION", "validate", "load_config"]
+
+SECTION = "AsyncAPY"
+"""The INI section the server reads."""
+
+
+class ConfigError(ValueError):
+    """A setting has a wrong type or value; the message says which and what is accepted."""
+
+    def __init__(self, key: str, value: Any, accepted: str, source: str = "") -> None:
+        where = f" in {source}" if source else ""
+        super().__init__(f"invalid {key}{where}: {value!r}; accepted: {accepted}")
+        self.key = key
+        self.value = value
+        self.accepted = accepted
+
+
+@attrs.frozen
+class Setting:
+    """One setting: default, checker (value -> value, or ``ValueError``), INI reader."""
+
+    name: str
+    default: Any
+    accepted: str
+    check: Callable[[Any], Any]
+    parse: Callable[[str], Any]
+
+
+# -- checkers: return the normalised value or raise ValueError/TypeError -------------
+def _integer(low: int, high: Optional[int] = None) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if type(value) is not int or value < low or (high is not None and value > high):
+            raise ValueError(value)
+        return value
+
+    return check
+
+
+def _number(low: float, inclusive: bool) -> Callable[[Any], float]:
+    def check(value: Any) -> float:
+        if type(value) not in (int, float) or value != value:
+            raise ValueError(value)
+        if value < low or (not inclusive and value == low):
+            raise ValueError(value)
+        return value
+
+    return check
+
+
+def _choice(*choices: Any) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value not in choices or type(value) is bool:
+            raise ValueError(value)
+        return value
+
+    return check
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(value)
+    return value
+
+
+def _optional_path(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise ValueError(value)
+    return os.fspath(value)
+
+
+_LEVEL_NAMES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _logging_level(value: Any) -> int:
+    if isinstance(value, str) and value.upper() in _LEVEL_NAMES:
+        return logging.getLevelName(value.upper())
+    if type(value) is int and 0 <= value <= 50:
+        return value
+    raise ValueError(value)
+
+
+# -- INI readers: str -> raw value, then the checker above ---------------------------
+def _read_int(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _read_number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _read_level(text: str) -> Any:
+    return _read_int(text) if text.strip().lstrip("-").isdigit() else text
+
+
+def _read_text(text: str) -> str:
+    return text
+
+
+def _read_optional(text: str) -> Optional[str]:
+    return text or None
+
+
+SETTINGS: Mapping[str, Setting] = {
+    s.name: s
+    for s in (
+        Setting("addr", "127.0.0.1", "a non-empty host name or IP address", _text, _read_text),
+        Setting("port", 8081, "an integer from 0 to 65535", _integer(0, 65535), _read_int),
+        Setting("buf", 1024, "an integer of at least 1 (bytes per read)", _integer(1), _read_int),
+        Setting(
+            "logging_level",
+            logging.INFO,
+            "an integer from 0 to 50 or one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
+            _logging_level,
+            _read_level,
+        ),
+        Setting(
+            "console_format",
+            "[%(levelname)s] %(asctime)s %(message)s",
+            "a non-empty logging format string",
+            _text,
+            _read_text,
+        ),
+        Setting("datefmt", "%d/%m/%Y %H:%M:%S %p", "a non-empty strftime format", _text, _read_text),
+        Setting("timeout", 60, "a number of seconds greater than 0", _number(0, False), _read_number),
+        Setting("header_size", 4, "2, 4 or 8", _choice(2, 4, 8), _read_int),
+        Setting("byteorder", "big", "'big' or 'little'", _choice("big", "little"), _read_text),
+        Setting("session_limit", 0, "an integer of at least 0 (0 = no limit)", _integer(0), _read_int),
+        Setting(
+            "max_packet_size",
+            DEFAULT_MAX_PACKET_SIZE,
+            "an integer of at least 2 (bytes of Content-Length)",
+            _integer(2),
+            _read_int,
+        ),
+        Setting("encoding", "json", "'json' or 'ziproto'", _choice("json", "ziproto"), _read_text),
+        Setting("certfile", None, "a path to a PEM certificate chain, or nothing", _optional_path, _read_optional),
+        Setting("keyfile", None, "a path to a PEM private key, or nothing", _optional_path, _read_optional),
+        Setting("cafile", None, "a path to PEM CA certificates, or nothing", _optional_path, _read_optional),
+        Setting(
+            "shutdown_grace",
+            10.0,
+            "a number of seconds of at least 0",
+            _number(0, True),
+            _read_number,
+        ),
+    )
+}
+"""Every setting, by name: the constructor's parameters and the INI keys alike."""
+
+
+def validate(name: str, value: Any, source: str = "") -> Any:
+    """``value`` checked (and normalised) for setting ``name``; :class:`ConfigError` if bad."""
+    setting = SETTINGS[name]
+    try:
+        return setting.check(value)
+    except (ValueError, TypeError):
+        raise ConfigError(name, value, setting.accepted, source) from None
+
+
+def load_config(
+    path: Optional[str] = None,
+    parser: Optional[configparser.ConfigParser] = None,
+) -> dict[str, Any]:
+    """Read and validate the ``[AsyncAPY]`` section; return ``{setting: value}``.
+
+    ``parser`` is a user-supplied :class:`configparser.ConfigParser` (already loaded, or
+    to be loaded from ``path``); by default a parser without interpolation is used, so
+    logging formats such as ``%(message)s`` can be written as they are. Unknown keys
+    are an error, not silently ignored.
+    """
+    if parser is None:
+        parser = configparser.ConfigParser(interpolation=None)
+    source = os.fspath(path) if path is not None else "the config parser"
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as file:
+                parser.read_file(file)
+        except OSError as exc:
+            raise ConfigError("config", source, "a readable INI file") from exc
+        except configparser.Error as exc:
+            raise ConfigError("config", source, f"a valid INI file ({exc})") from None
+    if not parser.has_section(SECTION):
+        raise ConfigError("config", source, f"an INI file with an [{SECTION}] section")
+    values: dict[str, Any] = {}
+    for key in parser.options(SECTION):
+        setting = SETTINGS.get(key)
+        if setting is None and key in parser.defaults():
+            continue  # inherited from [DEFAULT], meant for other sections
+        if setting is None:
+            raise ConfigError(
+                key, parser.get(SECTION, key, raw=True), f"one of {', '.join(SETTINGS)}", source
+            )
+        raw = parser.get(SECTION, key).strip()
+        values[key] = validate(key, setting.parse(raw), source)
+    return values

@@ -1,0 +1,282 @@
+"""What handlers see: ``Client``, ``Packet``, ``Handler`` and ``Session``.
+
+A handler is ``async def handler(client: Client, packet: Packet)``. It answers with
+``await client.send(Packet({...}, encoding=client.encoding))``, may close the session
+with ``await client.close()``, and may stop the packet from reaching later groups with
+``packet.stop_propagation()``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
+
+import trio
+
+from domain.codecs import CODECS_BY_NAME, Codec, codec_named
+from domain.connection import Connection
+from domain.dispatch import Handler
+from domain.errors import StopPropagation
+
+from .filters import normalise_address
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .server import Server
+
+__all__ = ["Client", "Packet", "Handler", "Session"]
+
+
+class Channel:
+    """The writing end of one connection: ordered, locked, closable once.
+
+    Handlers never use it directly; :meth:`Client.send` and :meth:`Client.close` do.
+    Writes from several tasks of one session are serialised, so packets never
+    interleave on the wire.
+    """
+
+    __slots__ = ("stream", "connection", "_lock", "closed")
+
+    def __init__(self, stream: trio.abc.Stream, connection: Connection) -> None:
+        self.stream = stream
+        self.connection = connection
+        self._lock = trio.StrictFIFOLock()
+        self.closed = False
+
+    async def send(self, data: bytes) -> None:
+        """Write ``data`` whole; ``trio.ClosedResourceError`` if the channel is closed."""
+        if self.closed:
+            raise trio.ClosedResourceError("the session is closed")
+        async with self._lock:
+            await self.stream.send_all(data)
+
+    async def aclose(self) -> None:
+        """Close the stream (idempotent). A TLS goodbye gets one second, then the
+        socket is closed regardless: a peer that stopped reading cannot hold it."""
+        if self.closed:
+            return
+        self.closed = True
+        with trio.move_on_after(1) as scope:
+            try:
+                await self.stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        if scope.cancelled_caught:
+            await trio.aclose_forcefully(self.stream)
+
+
+class Client:
+    """The peer of a session, as a handler sees it.
+
+    :param address: the client's IP address (the peer's, not the server's).
+    :param server: the :class:`~asyncapy.server.Server` serving it.
+    :param stream: the trio stream of the connection.
+    :param session: the :class:`Session` (or its id, replaced by the server).
+    :param encoding: the session's encoding, ``'json'`` or ``'ziproto'``.
+    """
+
+    __slots__ = ("address", "ip", "session", "encoding", "_server", "_stream", "_channel")
+
+    def __init__(
+        self,
+        address: str,
+        server: "Server",
+        stream: trio.abc.Stream,
+        session: Any,
+        encoding: str,
+    ) -> None:
+        codec_named(encoding)
+        self.address = address
+        self.ip = normalise_address(address)
+        """The address parsed by :mod:`ipaddress` (None if it is not an IP)."""
+        self.session = session
+        self.encoding = encoding
+        self._server = server
+        self._stream = stream
+        self._channel: Optional[Channel] = None
+
+    def _writer(self) -> Channel:
+        channel = self._channel
+        if channel is None:
+            channel = self._channel = self._server._new_channel(self._stream)
+        return channel
+
+    @property
+    def closed(self) -> bool:
+        """True once the session's connection is closed."""
+        channel = self._channel
+        return channel is not None and channel.closed
+
+    async def send(self, packet: "Packet", close: bool = False) -> None:
+        """Send ``packet`` to the client, in the packet's encoding.
+
+        :param close: close the session right after the packet is written.
+        :raises trio.ClosedResourceError: if the session is already closed.
+        :raises trio.BrokenResourceError: if the client went away.
+        :raises domain.errors.CodecError: if the packet holds a value its encoding
+            cannot represent (bytes in JSON, an integer beyond 64 bits in ZiProto).
+        """
+        channel = self._writer()
+        data = channel.connection.encode(packet._fields, packet._codec)
+        await channel.send(data)
+        if close:
+            await self.close()
+
+    async def close(self) -> None:
+        """Close the session: the connection ends and no later group sees the packet."""
+        await self._writer().aclose()
+
+    async def get_sessions(self) -> list["Session"]:
+        """The live sessions of this client's address (this one included)."""
+        return await self._server._sessions_of(self.address)
+
+    def __repr__(self) -> str:
+        return f"Client({self.address})"
+
+
+class Packet(Mapping):
+    """A payload and its encoding; a read-only mapping of the payload's fields.
+
+    :param fields: a ``dict``, or a JSON object as ``str`` or UTF-8 ``bytes``.
+    :param encoding: ``'json'`` or ``'ziproto'``: how the packet is written when sent.
+    :param sender: the :class:`Client` that sent it (set by the server).
+    :raises ValueError: on another encoding, malformed JSON, or JSON that is not an
+        object.
+
+    ``"key" in packet``, ``packet["key"]``, ``packet.get("key")``, ``len(packet)`` and
+    iteration work as on a dict; the packet itself cannot be changed.
+    """
+
+    __slots__ = ("_fields", "_codec", "sender")
+
+    def __init__(
+        self,
+        fields: Union[dict, str, bytes],
+        encoding: str,
+        sender: Optional[Client] = None,
+    ) -> None:
+        if not isinstance(encoding, str) or encoding not in CODECS_BY_NAME:
+            raise ValueError(f"encoding must be 'json' or 'ziproto', not {encoding!r}")
+        if isinstance(fields, (str, bytes, bytearray)):
+            try:
+                fields = json.loads(fields)
+            except ValueError as exc:
+                raise ValueError(f"malformed JSON: {exc}") from None
+            if not isinstance(fields, dict):
+                raise ValueError(f"JSON must be an object, not {type(fields).__name__}")
+        elif isinstance(fields, Mapping):
+            fields = dict(fields)
+        else:
+            raise ValueError(f"fields must be a dict or a JSON object, not {type(fields).__name__}")
+        self._fields = fields
+        self._codec = CODECS_BY_NAME[encoding]
+        self.sender = sender
+
+    @classmethod
+    def _received(cls, fields: dict, codec: Codec, sender: Client) -> "Packet":
+        packet = cls.__new__(cls)
+        packet._fields = fields
+        packet._codec = codec
+        packet.sender = sender
+        return packet
+
+    @property
+    def encoding(self) -> str:
+        """``'json'`` or ``'ziproto'``."""
+        return self._codec.name
+
+    @property
+    def dict_payload(self) -> dict:
+        """A copy of the fields as a plain ``dict`` (0.5 name)."""
+        return dict(self._fields)
+
+    @property
+    def payload(self) -> str:
+        """The fields as a JSON string (0.5 name)."""
+        return json.dumps(self._fields)
+
+    @property
+    def length(self) -> int:
+        """The length of :attr:`payload` (0.5 name)."""
+        return len(self.payload)
+
+    def stop_propagation(self) -> None:
+        """Keep this packet from reaching later groups: raises ``StopPropagation``.
+
+        A plain method, so both ``packet.stop_propagation()`` and the 0.5 spelling
+        ``await packet.stop_propagation()`` work (the exception is raised before
+        anything is awaited).
+        """
+        raise StopPropagation
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._fields[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._fields
+
+    def __iter__(self) -> Iterator:
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """The value of field ``key``, or ``default``."""
+        return self._fields.get(key, default)
+
+    def __repr__(self) -> str:
+        return f"Packet({self._fields!r}, encoding={self.encoding!r})"
+
+
+class Session:
+    """One connection's session.
+
+    :param session_id: the session's UUID4.
+    :param client: the :class:`Client` of this session (``None`` for a session held
+        by another server process sharing the store).
+    :param date: UNIX timestamp of the session's creation.
+    """
+
+    __slots__ = ("session_id", "client", "date", "server_id")
+
+    def __init__(
+        self,
+        session_id: uuid.UUID,
+        client: Optional[Client],
+        date: float,
+        server_id: str = "",
+    ) -> None:
+        self.session_id = session_id
+        self.client = client
+        self.date = date
+        self.server_id = server_id
+        """The server process that owns the session."""
+
+    async def close(self) -> None:
+        """Close the session's connection (only for sessions of this process)."""
+        if self.client is None:
+            raise RuntimeError(
+                f"session {self.session_id} belongs to server {self.server_id!r}; "
+                "only its own process can close it"
+            )
+        await self.client.close()
+
+    def get_client(self) -> Optional[Client]:
+        """The session's :class:`Client` (``None`` if another process owns it)."""
+        return self.client
+
+    def __repr__(self) -> str:
+        return f"Session({self.session_id})"
+
+    def __str__(self) -> str:
+        return str(self.session_id)
+
+    def __hash__(self) -> int:
+        return hash(self.session_id)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Session):
+            return self.session_id == other.session_id
+        return NotImplemented

@@ -1,0 +1,36 @@
+"""Exceptions and the protocol's error codes, as the public API exposes them.
+
+``StopPropagation`` keeps a packet from reaching later handler groups; the ``ERR_*``
+constants are the ``error`` values of the server's failure replies
+(``{"status": "failure", "error": CODE}``), see ``docs/protocol.md``.
+"""
+
+from domain.errors import (
+    ALL_CODES,
+    ERR_HEADER_INVALID,
+    ERR_INTERNAL,
+    ERR_PACKET_TOO_LARGE,
+    ERR_REQUEST_MALFORMED,
+    ERR_SESSION_LIMIT_REACHED,
+    ERR_TIMED_OUT,
+    ERR_UNAVAILABLE,
+    CodecError,
+    StopPropagation,
+    StoreUnavailable,
+)
+from .config import ConfigError
+
+__all__ = [
+    "StopPropagation",
+    "ConfigError",
+    "CodecError",
+    "StoreUnavailable",
+    "ALL_CODES",
+    "ERR_REQUEST_MALFORMED",
+    "ERR_HEADER_INVALID",
+    "ERR_TIMED_OUT",
+    "ERR_SESSION_LIMIT_REACHED",
+    "ERR_PACKET_TOO_LARGE",
+    "ERR_INTERNAL",
+    "ERR_UNAVAILABLE",
+]

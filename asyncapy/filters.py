@@ -1,0 +1,194 @@
+"""Filters that guard handlers: ``Filter`` (the base) and the built-in ``Filters``.
+
+Pass filters to ``@server.add_handler(...)``; a handler is called only when all of its
+filters pass. Combine them with ``&``, ``|`` and ``~``::
+
+    @server.add_handler(Filters.Ip("10.0.0.0/8") | Filters.Ip("::1"), Filters.Fields(q=None))
+    async def query(client, packet): ...
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any, Iterable, Optional, Union
+
+from domain.filtering import Filter
+
+from .util import APIKeyFactory
+
+__all__ = ["Filter", "Filters"]
+
+_Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+_Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+def normalise_address(address: Any) -> Optional[_Address]:
+    """``address`` as an ``ip_address``, IPv4-mapped IPv6 unwrapped; None if not an IP."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if parsed.version == 6 and parsed.ipv4_mapped is not None:
+        return parsed.ipv4_mapped
+    return parsed
+
+
+class Filters:
+    """The built-in filters: :class:`Ip`, :class:`Fields` and :class:`APIFactory`."""
+
+    class Ip(Filter):
+        """Let through only clients whose IP address is listed.
+
+        :param ips: one entry or an iterable of entries; an entry is an IPv4 or IPv6
+            address (``"10.1.2.3"``, ``"::1"``) or network (``"10.0.0.0/8"``).
+            IPv4-mapped IPv6 addresses (``::ffff:10.1.2.3``) match their IPv4 form.
+        :raises ValueError: on anything that is not an address or network.
+
+        The filter can be updated at runtime: :meth:`add`, :meth:`remove`, or assign
+        :attr:`ips` a new list.
+        """
+
+        def __init__(self, ips: Union[str, Iterable[str]]) -> None:
+            self.ips = ips
+
+        @property
+        def ips(self) -> frozenset:
+            """The entries currently allowed, as strings."""
+            return frozenset(map(str, self._addresses | set(self._networks)))
+
+        @ips.setter
+        def ips(self, ips: Union[str, Iterable[str]]) -> None:
+            if isinstance(ips, str):
+                ips = [ips]
+            elif not isinstance(ips, Iterable):
+                raise ValueError(
+                    f"ips must be an IP address, a network, or a list of them, not {ips!r}"
+                )
+            addresses: set = set()
+            networks: list = []
+            for entry in ips:
+                parsed = self._parse(entry)
+                if isinstance(parsed, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+                    networks.append(parsed)
+                else:
+                    addresses.add(parsed)
+            self._addresses = addresses
+            self._networks = networks
+
+        @staticmethod
+        def _parse(entry: Any) -> Union[_Address, _Network]:
+            if not isinstance(entry, str):
+                raise ValueError(f"not an IP address or network: {entry!r}")
+            if "/" in entry:
+                try:
+                    network = ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"not an IP address or network: {entry!r}") from None
+                if network.prefixlen == network.max_prefixlen:
+                    return normalise_address(network.network_address)
+                return network
+            address = normalise_address(entry)
+            if address is None:
+                raise ValueError(f"not an IP address or network: {entry!r}")
+            return address
+
+        def add(self, entry: str) -> None:
+            """Allow one more address or network."""
+            parsed = self._parse(entry)
+            if isinstance(parsed, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+                if parsed not in self._networks:
+                    self._networks = [*self._networks, parsed]
+            else:
+                self._addresses = self._addresses | {parsed}
+
+        def remove(self, entry: str) -> None:
+            """Stop allowing an address or network; ``KeyError`` if it was not allowed."""
+            parsed = self._parse(entry)
+            if parsed in self._addresses:
+                self._addresses = self._addresses - {parsed}
+            elif parsed in self._networks:
+                self._networks = [n for n in self._networks if n != parsed]
+            else:
+                raise KeyError(entry)
+
+        def check(self, client: Any, packet: Any) -> bool:
+            address = getattr(client, "ip", None)
+            if address is None:
+                address = normalise_address(client.address)
+                if address is None:
+                    return False
+            if address in self._addresses:
+                return True
+            for network in self._networks:
+                if address in network:
+                    return True
+            return False
+
+        def __repr__(self) -> str:
+            return f"Filters.Ip({sorted(self.ips)!r})"
+
+    class Fields(Filter):
+        """Let through only packets with exactly these fields.
+
+        Each keyword names a field the payload must have; no other field may be
+        present. Its value is ``None`` (any value) or a regular expression that must
+        match (:func:`re.match`) ``str(value)``. Patterns are compiled once, here.
+
+        :raises re.error: if a pattern does not compile.
+        """
+
+        def __init__(self, **fields: Optional[str]) -> None:
+            compiled: dict = {}
+            for name, pattern in fields.items():
+                if pattern is None:
+                    compiled[name] = None
+                elif isinstance(pattern, (str, re.Pattern)):
+                    compiled[name] = re.compile(pattern).match
+                else:
+                    raise TypeError(
+                        f"field {name!r}: expected None or a regex string, not {pattern!r}"
+                    )
+            self.fields = fields
+            self._matchers = tuple(compiled.items())
+            self._count = len(compiled)
+
+        def check(self, client: Any, packet: Any) -> bool:
+            if len(packet) != self._count:
+                return False
+            for name, match in self._matchers:
+                if name not in packet:
+                    return False
+                if match is not None and match(str(packet[name])) is None:
+                    return False
+            return True
+
+        def __repr__(self) -> str:
+            return f"Filters.Fields({self.fields!r})"
+
+    class APIFactory(Filter):
+        """Let through only packets whose ``field_name`` holds a valid API key.
+
+        :param factory: the :class:`~asyncapy.util.APIKeyFactory` (or a subclass).
+        :param field_name: the payload field carrying the key.
+
+        The lookup is asynchronous: it never blocks the event loop, whatever store or
+        subclass the factory uses.
+        """
+
+        def __init__(self, factory: APIKeyFactory, field_name: str) -> None:
+            if not isinstance(factory, APIKeyFactory):
+                raise TypeError(f"factory must be an APIKeyFactory, not {factory!r}")
+            if not isinstance(field_name, str):
+                raise TypeError(f"field_name must be a string, not {field_name!r}")
+            self.factory = factory
+            self.field_name = field_name
+
+        def check(self, client: Any, packet: Any):
+            key = packet.get(self.field_name)
+            if type(key) is not str:
+                return False
+            return self.factory.acontains(key)
+
+        def __repr__(self) -> str:
+            return f"Filters.APIFactory({self.factory!r}, {self.field_name!r})"

@@ -1,0 +1,534 @@
+"""``Server``: configuration, handler registration, the trio accept loop, and sessions.
+
+The server is a driving adapter around the pure core: for each connection it reads
+bytes, feeds them to a :class:`domain.connection.Connection`, hands every decoded
+request to the :class:`domain.dispatch.Dispatcher`, and writes what comes back. No
+protocol rule lives here; what lives here is I/O policy: admission, idle timeouts,
+lingering closes, TLS, logging, signals and graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import configparser
+import logging
+import os
+import signal
+import socket
+import ssl
+import time
+import uuid
+from typing import Any, Callable, Optional
+
+import trio
+
+from adapters.memory import MemorySessionStore
+from domain.codecs import JSON, codec_named
+from domain.connection import NEED_DATA, Connection, ProtocolError, Request, error_payload
+from domain.dispatch import Dispatcher, Handler, HandlerFailed
+from domain.errors import (
+    ERR_INTERNAL,
+    ERR_SESSION_LIMIT_REACHED,
+    ERR_TIMED_OUT,
+    ERR_UNAVAILABLE,
+)
+from domain.framing import Framer
+from domain.ports import SessionRecord, SessionStore
+
+from .config import SETTINGS, ConfigError, load_config, validate
+from .core import Channel, Client, Packet, Session
+from .filters import normalise_address
+
+__all__ = ["Server"]
+
+logger = logging.getLogger("asyncapy.server")
+
+LINGER_SECONDS = 2.0
+"""How long a refused connection is drained after its error reply, at most."""
+
+_READ_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class Server:
+    """An AsyncAProto 22 server.
+
+    The positional parameters and their defaults are those of AsyncAPY 0.5:
+
+    :param addr: address to bind (``'127.0.0.1'``; ``'::'`` or ``'0.0.0.0'`` for all).
+    :param port: TCP port (8081; 0 picks a free one, see :attr:`addresses`).
+    :param buf: bytes asked of the socket per read (1024).
+    :param logging_level: level of the ``asyncapy`` loggers (20 = INFO; a name works too).
+    :param console_format: :mod:`logging` format of the console handler.
+    :param datefmt: date format of the console handler.
+    :param timeout: seconds a session may go without a *complete* packet before it is
+        answered ``ERR_TIMED_OUT`` and closed (60). A packet trickling in byte by byte
+        does not keep a session alive.
+    :param header_size: bytes of the Content-Length header: 2, 4 (standard) or 8.
+    :param byteorder: ``'big'`` (standard) or ``'little'``.
+    :param config: path of an INI file whose ``[AsyncAPY]`` section overrides these
+        parameters (same key names, plus ``encoding``). Unknown keys are an error.
+    :param cfg_parser: a :class:`configparser.ConfigParser` to read the config with
+        (already loaded, if ``config`` is None).
+    :param session_limit: live sessions one client address may hold (0 = unlimited).
+
+    Keyword-only additions:
+
+    :param max_packet_size: largest Content-Length accepted (16 MiB). A larger one is
+        answered ``ERR_PACKET_TOO_LARGE`` from the header alone, and the session closed.
+    :param encoding: encoding of error replies sent before a session's encoding is
+        known: ``'json'`` (default) or ``'ziproto'``.
+    :param certfile: PEM certificate chain: serve TLS with it.
+    :param keyfile: PEM private key of ``certfile`` (if not inside it).
+    :param cafile: PEM CA bundle: require client certificates signed by it (mutual TLS).
+    :param ssl_context: a ready server-side :class:`ssl.SSLContext` instead of the files.
+    :param shutdown_grace: seconds in-flight handlers get to finish on shutdown (10).
+    :param store: the :class:`domain.ports.SessionStore` shared sessions live in
+        (default: in this process's memory).
+
+    Every argument is validated; a bad one raises
+    :class:`~asyncapy.config.ConfigError` (a ``ValueError``) naming the parameter, the
+    value and what is accepted.
+    """
+
+    def __init__(
+        self,
+        addr: str = "127.0.0.1",
+        port: int = 8081,
+        buf: int = 1024,
+        logging_level: int = 20,
+        console_format: str = "[%(levelname)s] %(asctime)s %(message)s",
+        datefmt: str = "%d/%m/%Y %H:%M:%S %p",
+        timeout: float = 60,
+        header_size: int = 4,
+        byteorder: str = "big",
+        config: Optional[str] = None,
+        cfg_parser: Optional[configparser.ConfigParser] = None,
+        session_limit: int = 0,
+        *,
+        max_packet_size: int = SETTINGS["max_packet_size"].default,
+        encoding: str = "json",
+        certfile: Optional[str] = None,
+        keyfile: Optional[str] = None,
+        cafile: Optional[str] = None,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        shutdown_grace: float = 10.0,
+        store: Optional[SessionStore] = None,
+    ) -> None:
+        given = dict(
+            addr=addr,
+            port=port,
+            buf=buf,
+            logging_level=logging_level,
+            console_format=console_format,
+            datefmt=datefmt,
+            timeout=timeout,
+            header_size=header_size,
+            byteorder=byteorder,
+            session_limit=session_limit,
+            max_packet_size=max_packet_size,
+            encoding=encoding,
+            certfile=certfile,
+            keyfile=keyfile,
+            cafile=cafile,
+            shutdown_grace=shutdown_grace,
+        )
+        settings = {name: validate(name, value) for name, value in given.items()}
+        if cfg_parser is not None and not isinstance(cfg_parser, configparser.RawConfigParser):
+            raise ConfigError("cfg_parser", cfg_parser, "a configparser.ConfigParser or None")
+        if config is not None or cfg_parser is not None:
+            settings.update(load_config(config, cfg_parser))
+        self.config = config
+        self.addr: str = settings["addr"]
+        self.port: int = settings["port"]
+        self.buf: int = settings["buf"]
+        self.logging_level: int = settings["logging_level"]
+        self.console_format: str = settings["console_format"]
+        self.datefmt: str = settings["datefmt"]
+        self.timeout: float = settings["timeout"]
+        self.header_size: int = settings["header_size"]
+        self.byteorder: str = settings["byteorder"]
+        self.session_limit: int = settings["session_limit"]
+        self.max_packet_size: int = settings["max_packet_size"]
+        self.encoding: str = settings["encoding"]
+        self.certfile: Optional[str] = settings["certfile"]
+        self.keyfile: Optional[str] = settings["keyfile"]
+        self.cafile: Optional[str] = settings["cafile"]
+        self.shutdown_grace: float = settings["shutdown_grace"]
+
+        if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
+            raise ConfigError("ssl_context", ssl_context, "an ssl.SSLContext or None")
+        self.ssl_context: Optional[ssl.SSLContext] = ssl_context or self._tls_from_files()
+        if store is None:
+            store = MemorySessionStore()
+        elif not isinstance(store, SessionStore):
+            raise ConfigError("store", store, "a domain.ports.SessionStore or None")
+        self.store: SessionStore = store
+
+        self.server_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        """Identifies this server process in a shared session store."""
+        self.addresses: list[tuple] = []
+        """The (host, port, ...) socket addresses being served, once started."""
+        self._dispatcher = Dispatcher()
+        self._sessions: dict[str, Session] = {}
+        self._receiving: dict[str, trio.CancelScope] = {}
+        self._stopping: Optional[trio.Event] = None
+        self._idle: Optional[trio.Event] = None
+
+    # -- configuration helpers -------------------------------------------------------
+    def _tls_from_files(self) -> Optional[ssl.SSLContext]:
+        if self.certfile is None:
+            if self.keyfile is not None or self.cafile is not None:
+                key = "keyfile" if self.keyfile is not None else "cafile"
+                raise ConfigError(key, getattr(self, key), "only together with certfile")
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.certfile, self.keyfile)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                "certfile", self.certfile, f"a readable PEM certificate chain with its key ({exc})"
+            ) from None
+        if self.cafile is not None:
+            try:
+                context.load_verify_locations(self.cafile)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError("cafile", self.cafile, f"a readable PEM CA bundle ({exc})") from None
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def load_config(self) -> None:
+        """Re-read :attr:`config` and apply it (0.5 API; the constructor already does)."""
+        for name, value in load_config(self.config).items():
+            setattr(self, name, value)
+
+    # -- registration ----------------------------------------------------------------
+    def register_handler(self, handler: Callable, *filters: Any, group: int = 0) -> Handler:
+        """Register the async function ``handler`` in ``group``, guarded by ``filters``.
+
+        Groups run in ascending order; inside a group, the first handler (in
+        registration order) whose filters all pass is called. Returns the
+        :class:`~asyncapy.core.Handler`.
+        """
+        return self._dispatcher.register(Handler(handler, filters), group)
+
+    def add_handler(self, *filters: Any, group: int = 0) -> Callable[[Callable], Callable]:
+        """Decorator form of :meth:`register_handler`; returns the function unchanged::
+
+            @server.add_handler(Filters.Fields(ping=None), group=-1)
+            async def ping(client, packet): ...
+        """
+        if filters and callable(filters[0]) and not hasattr(filters[0], "check"):
+            raise TypeError(
+                "add_handler is a decorator factory: write @server.add_handler(), "
+                "with parentheses"
+            )
+
+        def decorate(function: Callable) -> Callable:
+            self.register_handler(function, *filters, group=group)
+            return function
+
+        return decorate
+
+    @property
+    def handlers(self) -> tuple:
+        """``((group, (Handler, ...)), ...)`` in dispatch order."""
+        return self._dispatcher.groups
+
+    # -- hooks -----------------------------------------------------------------------
+    async def setup(self) -> None:
+        """Override to run code before the server accepts connections."""
+
+    async def shutdown(self) -> None:
+        """Override to run code after the server stopped (Ctrl-C, SIGTERM, or
+        :meth:`request_shutdown`), once in-flight handlers are done."""
+
+    async def run_sync_task(
+        self,
+        sync_fn: Callable,
+        *args: Any,
+        cancellable: bool = False,
+        limiter: Optional[trio.CapacityLimiter] = None,
+    ) -> Any:
+        """Run blocking ``sync_fn(*args)`` in a worker thread and await its result.
+
+        Use it from handlers for blocking libraries, so that the event loop (and
+        every other client) keeps running. ``cancellable`` lets a cancelled caller
+        abandon the thread; ``limiter`` bounds how many such threads run at once.
+        """
+        return await trio.to_thread.run_sync(
+            sync_fn, *args, abandon_on_cancel=cancellable, limiter=limiter
+        )
+
+    # -- running ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Configure logging, serve until Ctrl-C or SIGTERM, then shut down. Blocking."""
+        self.configure_logging()
+        trio.run(self._run_until_signalled)
+
+    def configure_logging(self) -> None:
+        """Send log records to the console with :attr:`console_format` and :attr:`datefmt`
+        (unless the application configured logging itself) at :attr:`logging_level`."""
+        logging.basicConfig(
+            format=self.console_format, datefmt=self.datefmt, level=self.logging_level
+        )
+        logging.getLogger("asyncapy").setLevel(self.logging_level)
+
+    async def _run_until_signalled(self) -> None:
+        async with trio.open_nursery() as nursery:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                nursery.start_soon(self._watch_signals, signals, nursery.cancel_scope)
+                await self.serve()
+                nursery.cancel_scope.cancel()
+
+    async def _watch_signals(self, signals: Any, everything: trio.CancelScope) -> None:
+        async for signum in signals:
+            if self._stopping is not None and self._stopping.is_set():
+                logger.warning("Second %s: stopping now", signal.Signals(signum).name)
+                everything.cancel()
+                return
+            logger.info(
+                "%s received: shutting down (grace %ss)",
+                signal.Signals(signum).name,
+                self.shutdown_grace,
+            )
+            self.request_shutdown()
+
+    def request_shutdown(self) -> None:
+        """Begin a graceful shutdown: stop accepting, let in-flight handlers finish
+        (within :attr:`shutdown_grace`), close sessions, run :meth:`shutdown`."""
+        if self._stopping is not None:
+            self._stopping.set()
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve inside an existing trio program until :meth:`request_shutdown`.
+
+        With ``await nursery.start(server.serve)`` the caller resumes once the server
+        listens, and gets :attr:`addresses` back.
+        """
+        self._stopping = trio.Event()
+        await self.setup()
+        try:
+            listeners = await self._open_listeners()
+            self.addresses = [_sockname(listener) for listener in listeners]
+            logger.info(
+                "AsyncAPY serving on %s (%s)",
+                ", ".join(_format_address(a) for a in self.addresses),
+                "TLS" if self.ssl_context else "plain TCP",
+            )
+            async with trio.open_nursery() as sessions:
+                accepting = trio.CancelScope()
+                sessions.start_soon(self._accept, listeners, sessions, accepting)
+                task_status.started(self.addresses)
+                await self._stopping.wait()
+                accepting.cancel()
+                await self._drain()
+                sessions.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.shutdown()
+                finally:
+                    logger.info("AsyncAPY stopped")
+
+    async def _open_listeners(self) -> list:
+        try:
+            listeners = await trio.open_tcp_listeners(self.port, host=self.addr)
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"cannot listen on {self.addr}:{self.port}: {exc.strerror or exc}"
+            ) from exc
+        if self.ssl_context is not None:
+            listeners = [
+                trio.SSLListener(listener, self.ssl_context, https_compatible=False)
+                for listener in listeners
+            ]
+        return listeners
+
+    async def _accept(
+        self, listeners: list, sessions: trio.Nursery, accepting: trio.CancelScope
+    ) -> None:
+        with accepting:
+            try:
+                await trio.serve_listeners(self._handle_connection, listeners, handler_nursery=sessions)
+            finally:
+                with trio.CancelScope(shield=True):
+                    for listener in listeners:
+                        await trio.aclose_forcefully(listener)
+
+    async def _drain(self) -> None:
+        """Stop reading on every session; give in-flight handlers the grace period."""
+        for scope in list(self._receiving.values()):
+            scope.cancel()
+        if not self._sessions:
+            return
+        logger.info("Waiting up to %ss for %d session(s)", self.shutdown_grace, len(self._sessions))
+        self._idle = trio.Event()
+        with trio.move_on_after(self.shutdown_grace):
+            await self._idle.wait()
+        if self._sessions:
+            logger.warning("Grace period over: closing %d busy session(s)", len(self._sessions))
+
+    # -- one connection ---------------------------------------------------------------
+    def _new_channel(self, stream: trio.abc.Stream) -> Channel:
+        return Channel(
+            stream,
+            Connection(
+                self.header_size, self.byteorder, self.max_packet_size, codec_named(self.encoding)
+            ),
+        )
+
+    async def _handle_connection(self, stream: trio.abc.Stream) -> None:
+        try:
+            address = _peer_address(stream)
+        except OSError:
+            await trio.aclose_forcefully(stream)
+            return
+        session_id = uuid.uuid4()
+        record = SessionRecord(str(session_id), address, time.time(), self.server_id)
+        try:
+            admitted = await self.store.admit(record, self.session_limit)
+        except Exception:
+            logger.error("(%s) Session store unavailable; refusing %s", session_id, address, exc_info=True)
+            await self._refuse(stream, ERR_UNAVAILABLE)
+            return
+        if not admitted:
+            logger.warning(
+                "(%s) %s already holds %d session(s): limit reached",
+                session_id,
+                address,
+                self.session_limit,
+            )
+            await self._refuse(stream, ERR_SESSION_LIMIT_REACHED)
+            return
+        channel = self._new_channel(stream)
+        client = Client(address, self, stream, None, self.encoding)
+        client._channel = channel
+        session = client.session = Session(session_id, client, record.date, self.server_id)
+        self._sessions[record.session_id] = session
+        logger.info("(%s) Session started for %s", session_id, address)
+        reason = "closed"
+        try:
+            reason = await self._serve_session(client, channel, record.session_id)
+        except _READ_ERRORS:
+            reason = "connection lost"
+        except Exception:
+            reason = "internal error"
+            logger.exception("(%s) Unexpected error serving the session", session_id)
+        finally:
+            self._receiving.pop(record.session_id, None)
+            with trio.CancelScope(shield=True):
+                await channel.aclose()
+                try:
+                    await self.store.release(record)
+                except Exception:
+                    logger.warning("(%s) Could not release the session in the store", session_id, exc_info=True)
+            del self._sessions[record.session_id]
+            if self._idle is not None and not self._sessions:
+                self._idle.set()
+            logger.info("(%s) Session ended: %s", session_id, reason)
+
+    async def _serve_session(self, client: Client, channel: Channel, key: str) -> str:
+        connection = channel.connection
+        stream = channel.stream
+        dispatch = self._dispatcher.dispatch
+        stopping = self._stopping
+        buf = self.buf
+        timeout = self.timeout
+        session_id = client.session.session_id
+        debug = logger.isEnabledFor(logging.DEBUG)
+        deadline = trio.current_time() + timeout
+        while True:
+            event = connection.next_event()
+            if event is NEED_DATA:
+                if channel.closed:
+                    return "closed by a handler"
+                if stopping.is_set():
+                    return "server shutting down"
+                with trio.CancelScope(deadline=deadline) as receiving:
+                    self._receiving[key] = receiving
+                    data = await stream.receive_some(buf)
+                if receiving.cancelled_caught:
+                    if stopping.is_set():
+                        return "server shutting down"
+                    logger.info("(%s) No complete packet for %ss: timing out", session_id, timeout)
+                    with trio.move_on_after(1):
+                        await channel.send(connection.error_bytes(ERR_TIMED_OUT))
+                    return "timed out"
+                if not data:
+                    return "client closed the connection"
+                connection.receive_data(data)
+                continue
+            deadline = trio.current_time() + timeout
+            if type(event) is Request:
+                codec = event.codec
+                client.encoding = codec.name
+                if debug:
+                    logger.debug("(%s) Packet of %d field(s) in %s", session_id, len(event.fields), codec.name)
+                try:
+                    await dispatch(client, Packet._received(event.fields, codec, client))
+                except HandlerFailed as failure:
+                    cause = failure.__cause__
+                    if isinstance(cause, _READ_ERRORS):
+                        return "connection lost while replying"
+                    logger.error("(%s) %s", session_id, failure, exc_info=cause)
+                    if not channel.closed:
+                        await channel.send(connection.error_bytes(ERR_INTERNAL))
+                if channel.closed:
+                    return "closed by a handler"
+            else:
+                assert type(event) is ProtocolError
+                logger.warning("(%s) %s: %s", session_id, event.code, event.detail)
+                await channel.send(connection.error_bytes(event.code, event.codec))
+                if event.close:
+                    return event.code
+
+    async def _refuse(self, stream: trio.abc.Stream, code: str) -> None:
+        """Reply ``code`` in JSON, then close lingering: shut the write side and drain
+        what the client already sent, so the reply is not destroyed by a reset."""
+        data = Framer(self.header_size, self.byteorder, self.max_packet_size).frame(
+            JSON.encode(error_payload(code)), JSON.code
+        )
+        with trio.move_on_after(LINGER_SECONDS):
+            try:
+                await stream.send_all(data)
+                if isinstance(stream, trio.abc.HalfCloseableStream):
+                    await stream.send_eof()
+                while await stream.receive_some(65536):
+                    pass
+            except _READ_ERRORS:
+                pass
+        await trio.aclose_forcefully(stream)
+
+    async def _sessions_of(self, address: str) -> list[Session]:
+        records = await self.store.sessions(address)
+        local = self._sessions
+        return [
+            local.get(r.session_id)
+            or Session(uuid.UUID(r.session_id), None, r.date, r.server_id)
+            for r in records
+        ]
+
+    def __repr__(self) -> str:
+        return f"Server(addr={self.addr!r}, port={self.port!r})"
+
+
+def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType:
+    while not hasattr(stream, "socket"):
+        stream = stream.transport_stream  # SSLStream
+    return stream.socket
+
+
+def _peer_address(stream: trio.abc.Stream) -> str:
+    host = _socket_of(stream).getpeername()[0]
+    parsed = normalise_address(host)
+    return str(parsed) if parsed is not None else host
+
+
+def _sockname(listener: Any) -> tuple:
+    while not hasattr(listener, "socket"):
+        listener = listener.transport_listener
+    return listener.socket.getsockname()
+
+
+def _format_address(address: tuple) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,154 @@
+"""Payload codecs: JSON (Content-Encoding 0) and ZiProto (Content-Encoding 1).
+
+Both sit behind one small interface, :class:`Codec`: ``encode(map) -> bytes`` and
+``decode(bytes) -> dict``. ``decode`` only ever returns a ``dict``; anything else
+(a payload that does not parse, parses to a list, is nested too deeply, has trailing
+bytes...) raises :class:`~domain.errors.CodecError`, which the protocol turns into
+``ERR_REQUEST_MALFORMED``.
+
+Why these engines:
+
+* **JSON output** must equal what AsyncAPY 0.5 put on the wire, which is
+  ``json.dumps(obj)`` with the standard library's defaults (``", "`` and ``": "``
+  separators, ASCII escapes). The C accelerator of :mod:`json` produces exactly that,
+  so encoding uses it. **JSON input** is parsed by msgspec's C decoder (several times
+  faster than :func:`json.loads`); a payload msgspec refuses is given to the standard
+  library once more, because 0.5 peers may send what only it accepts (``NaN``,
+  ``Infinity``).
+* **ZiProto** is a MessagePack subset with the same type codes, and msgspec's encoder
+  chooses the same smallest representations as the reference ``ziproto.encode``
+  (positive ints as positive fixint/uint8..64, float64 for every float, str8 from
+  32 bytes, bin8 for bytes), so its output is byte-identical -- and unlike the
+  reference decoder it handles containers of any size and rejects unknown type bytes.
+  MessagePack extension types are not part of ZiProto and are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+import msgspec
+
+from .errors import CodecError
+
+__all__ = ["Codec", "JSON", "ZIPROTO", "CODECS_BY_CODE", "CODECS_BY_NAME", "codec_named"]
+
+
+class Codec:
+    """One payload encoding: its wire code (0 or 1), its name, and how to (de)serialise.
+
+    Subclasses implement :meth:`encode` and :meth:`decode`; the module-level
+    singletons :data:`JSON` and :data:`ZIPROTO` are the two the protocol defines.
+    """
+
+    name: str = ""
+    code: int = -1
+
+    def encode(self, obj: Mapping[Any, Any]) -> bytes:  # pragma: no cover - abstract
+        """Serialise ``obj``; raise :class:`CodecError` when it holds a value the
+        encoding cannot represent."""
+        raise NotImplementedError
+
+    def decode(self, data: bytes) -> dict:  # pragma: no cover - abstract
+        """Parse a whole payload into a ``dict``; raise :class:`CodecError` otherwise."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<Codec {self.name} ({self.code})>"
+
+
+class JsonCodec(Codec):
+    """JSON (UTF-8), written exactly as ``json.dumps`` writes it."""
+
+    name = "json"
+    code = 0
+
+    def __init__(self) -> None:
+        # The same configuration json.dumps() uses when given no options.
+        self._encode = json.JSONEncoder().encode
+        self._fast_decode = msgspec.json.Decoder().decode
+
+    def encode(self, obj: Mapping[Any, Any]) -> bytes:
+        try:
+            return self._encode(obj).encode("ascii")
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise CodecError(f"cannot encode as JSON: {exc}") from None
+
+    def decode(self, data: bytes) -> dict:
+        try:
+            obj = self._fast_decode(data)
+        except msgspec.DecodeError:
+            obj = self._compatible_decode(data)
+        except RecursionError:
+            raise CodecError("JSON payload is nested too deeply") from None
+        if type(obj) is not dict:
+            raise CodecError(f"JSON payload is a {type(obj).__name__}, not an object")
+        return obj
+
+    @staticmethod
+    def _compatible_decode(data: bytes) -> Any:
+        try:
+            return json.loads(bytes(data).decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise CodecError(f"JSON payload is not valid UTF-8: {exc.reason}") from None
+        except ValueError as exc:
+            raise CodecError(f"malformed JSON: {exc}") from None
+        except RecursionError:
+            raise CodecError("JSON payload is nested too deeply") from None
+
+
+def _refuse_extension(code: int, data: memoryview) -> Any:
+    raise CodecError(f"MessagePack extension type {code} is not part of ZiProto")
+
+
+class ZiProtoCodec(Codec):
+    """ZiProto: the MessagePack subset of nil, bool, int (64 bits), float, str, bin,
+    array and map, big-endian, with MessagePack's type codes."""
+
+    name = "ziproto"
+    code = 1
+
+    def __init__(self) -> None:
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._decode = msgspec.msgpack.Decoder(ext_hook=_refuse_extension).decode
+
+    def encode(self, obj: Mapping[Any, Any]) -> bytes:
+        try:
+            return self._encode(obj)
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            raise CodecError(f"cannot encode as ZiProto: {exc}") from None
+
+    def decode(self, data: bytes) -> dict:
+        try:
+            obj = self._decode(data)
+        except CodecError:
+            raise
+        except (msgspec.DecodeError, RecursionError, TypeError, ValueError) as exc:
+            raise CodecError(f"malformed ZiProto: {exc}") from None
+        if type(obj) is not dict:
+            raise CodecError(f"ZiProto payload is a {type(obj).__name__}, not a map")
+        return obj
+
+
+JSON = JsonCodec()
+"""The JSON codec (Content-Encoding 0)."""
+
+ZIPROTO = ZiProtoCodec()
+"""The ZiProto codec (Content-Encoding 1)."""
+
+CODECS_BY_CODE: dict[int, Codec] = {JSON.code: JSON, ZIPROTO.code: ZIPROTO}
+"""Content-Encoding byte -> codec."""
+
+CODECS_BY_NAME: dict[str, Codec] = {JSON.name: JSON, ZIPROTO.name: ZIPROTO}
+"""``'json'`` / ``'ziproto'`` -> codec."""
+
+
+def codec_named(name: str) -> Codec:
+    """The codec called ``name`` (``'json'`` or ``'ziproto'``); ``ValueError`` otherwise."""
+    try:
+        return CODECS_BY_NAME[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"encoding must be 'json' or 'ziproto', not {name!r}"
+        ) from None

@@ -1,0 +1,140 @@
+"""Dispatch: which handlers a packet reaches, in which order.
+
+Handlers live in integer groups. Groups run in ascending order; inside a group the
+handlers are tried in registration order and only the first whose filters all pass
+is called. A packet that matched in one group goes on to the next (propagation)
+unless the handler raised :class:`~domain.errors.StopPropagation`, or closed the
+session. A handler or filter that raises ends the packet's dispatch with
+:class:`HandlerFailed`, which the server answers with ``ERR_INTERNAL``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from inspect import isawaitable
+from typing import Any, Awaitable, Callable, Iterable, Optional
+
+from .errors import StopPropagation
+from .filtering import evaluate
+
+__all__ = ["Handler", "HandlerFailed", "Dispatcher"]
+
+
+class Handler:
+    """An async function and the filters that guard it.
+
+    ``check(client, packet)`` tells whether all filters pass (a bool, or an awaitable
+    of one when a filter needs I/O); ``call(*args)`` awaits the function.
+    """
+
+    __slots__ = ("function", "filters")
+
+    def __init__(self, function: Callable[..., Awaitable[Any]], filters: Optional[Iterable] = None):
+        if not callable(function):
+            raise TypeError(f"a handler must be an async function, not {function!r}")
+        if not _is_async_callable(function):
+            raise TypeError(
+                f"handler {_name(function)} must be an async function "
+                "(define it with 'async def'); blocking work belongs in "
+                "server.run_sync_task()"
+            )
+        filters = tuple(filters or ())
+        for flt in filters:
+            if not callable(getattr(flt, "check", None)):
+                raise TypeError(
+                    f"{flt!r} is not a filter: filters need a check(client, packet) method"
+                )
+        self.function = function
+        self.filters = filters
+
+    @property
+    def name(self) -> str:
+        """The function's qualified name, for logs."""
+        return _name(self.function)
+
+    def check(self, client: Any, packet: Any):
+        """Whether every filter passes for this client/packet pair."""
+        return evaluate(self.filters, client, packet)
+
+    async def call(self, *args: Any) -> Any:
+        """Await the handler function with ``args`` (normally ``client, packet``)."""
+        return await self.function(*args)
+
+    def __repr__(self) -> str:
+        return f"Handler({self.name}, {list(self.filters)!r})"
+
+
+def _is_async_callable(obj: Any) -> bool:
+    while hasattr(obj, "func") and not inspect.isfunction(obj):  # functools.partial
+        obj = obj.func
+    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
+        getattr(obj, "__call__", None)
+    )
+
+
+def _name(function: Any) -> str:
+    return getattr(function, "__qualname__", None) or repr(function)
+
+
+class HandlerFailed(Exception):
+    """A handler or one of its filters raised; ``__cause__`` is the original error."""
+
+    def __init__(self, handler: Handler, group: int):
+        super().__init__(f"handler {handler.name} (group {group}) raised")
+        self.handler = handler
+        self.group = group
+
+
+class Dispatcher:
+    """The registry of handlers by group, and the dispatch loop over it."""
+
+    __slots__ = ("_groups", "_ordered")
+
+    def __init__(self) -> None:
+        self._groups: dict[int, list[Handler]] = {}
+        self._ordered: tuple[tuple[int, tuple[Handler, ...]], ...] = ()
+
+    def register(self, handler: Handler, group: int = 0) -> Handler:
+        """Add ``handler`` at the end of ``group``."""
+        if type(group) is not int:
+            raise TypeError(f"group must be an integer, not {group!r}")
+        self._groups.setdefault(group, []).append(handler)
+        self._ordered = tuple(
+            (number, tuple(handlers)) for number, handlers in sorted(self._groups.items())
+        )
+        return handler
+
+    @property
+    def groups(self) -> tuple[tuple[int, tuple[Handler, ...]], ...]:
+        """``((group, handlers), ...)`` in dispatch order."""
+        return self._ordered
+
+    def __len__(self) -> int:
+        return sum(len(handlers) for handlers in self._groups.values())
+
+    async def dispatch(self, client: Any, packet: Any) -> int:
+        """Run ``packet`` through the groups; return how many handlers were called.
+
+        ``client.closed`` is read after each handler: a session closed by a handler
+        receives nothing more. Raises :class:`HandlerFailed` if a handler or filter
+        raised anything but ``StopPropagation``.
+        """
+        called = 0
+        for group, handlers in self._ordered:
+            for handler in handlers:
+                try:
+                    passed = evaluate(handler.filters, client, packet)
+                    if passed is not True and passed is not False and isawaitable(passed):
+                        passed = await passed
+                    if not passed:
+                        continue
+                    called += 1
+                    await handler.function(client, packet)
+                except StopPropagation:
+                    return called
+                except Exception as exc:
+                    raise HandlerFailed(handler, group) from exc
+                break
+            if client.closed:
+                break
+        return called

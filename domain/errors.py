@@ -1,0 +1,56 @@
+"""Error codes of AsyncAProto 22 and the exceptions of the pure core.
+
+Every error the server sends is an ordinary packet whose payload is
+``{"status": "failure", "error": CODE}``; the codes are these constants.
+"""
+
+ERR_REQUEST_MALFORMED = "ERR_REQUEST_MALFORMED"
+"""The payload does not decode in the declared encoding, is not a map, or is empty."""
+
+ERR_HEADER_INVALID = "ERR_HEADER_INVALID"
+"""Protocol-Version is not 22, or Content-Encoding is neither 0 nor 1."""
+
+ERR_TIMED_OUT = "ERR_TIMED_OUT"
+"""No complete packet arrived for ``timeout`` seconds; the session is closed."""
+
+ERR_SESSION_LIMIT_REACHED = "ERR_SESSION_LIMIT_REACHED"
+"""The client's address already holds ``session_limit`` live sessions."""
+
+ERR_PACKET_TOO_LARGE = "ERR_PACKET_TOO_LARGE"
+"""Content-Length exceeds the server's ``max_packet_size``; the session is closed."""
+
+ERR_INTERNAL = "ERR_INTERNAL"
+"""A handler (or one of its filters) raised; the traceback goes to the log only."""
+
+ERR_UNAVAILABLE = "ERR_UNAVAILABLE"
+"""The shared session store could not be reached to admit a new session."""
+
+ALL_CODES = (
+    ERR_REQUEST_MALFORMED,
+    ERR_HEADER_INVALID,
+    ERR_TIMED_OUT,
+    ERR_SESSION_LIMIT_REACHED,
+    ERR_PACKET_TOO_LARGE,
+    ERR_INTERNAL,
+    ERR_UNAVAILABLE,
+)
+
+
+class StopPropagation(Exception):
+    """Raised by a handler to keep the current packet from reaching later groups.
+
+    ``packet.stop_propagation()`` raises it for you. Stopping propagation does not
+    close the session: the next packet is dispatched from the lowest group again.
+    """
+
+
+class CodecError(ValueError):
+    """A payload could not be decoded (or is not a map), or a value cannot be encoded."""
+
+
+class StoreUnavailable(RuntimeError):
+    """A store adapter cannot reach its backend right now.
+
+    Adapters raise it (and only it) for connectivity failures, so that the server can
+    fail closed with ``ERR_UNAVAILABLE`` instead of crashing or admitting blindly.
+    """

@@ -1,0 +1,127 @@
+"""The ports: what the core needs from the outside world, as abstract async classes.
+
+* :class:`SessionStore` admits sessions under a per-address limit and lists them.
+  One store may be shared by many server processes (Redis), so admission is a single
+  atomic operation of the store, never a read-then-write by the caller.
+* :class:`KeyStore` keeps API-key records: a key and its metadata.
+
+Adapters live in :mod:`adapters`; the contract every adapter must pass is
+:mod:`tests.contract` (importable by users for their own adapters).
+
+Every method is a coroutine. Adapters must not block the event loop; an adapter whose
+backend is blocking I/O offloads it to a worker thread when running under an event
+loop. A coroutine of an adapter that completes without ever suspending (the in-memory
+stores, or a blocking adapter called outside an event loop) can also be driven from
+synchronous code with :func:`run_to_completion`, which is how the synchronous
+``APIKeyFactory`` methods use a key store from a plain script.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Awaitable, Optional, TypeVar
+
+import attrs
+
+__all__ = ["SessionRecord", "SessionStore", "KeyStore", "run_to_completion"]
+
+T = TypeVar("T")
+
+
+@attrs.frozen
+class SessionRecord:
+    """What a store knows of one live session."""
+
+    session_id: str = attrs.field(validator=attrs.validators.instance_of(str))
+    """The session's UUID4, as a string."""
+    address: str = attrs.field(validator=attrs.validators.instance_of(str))
+    """The client's IP address."""
+    date: float = attrs.field(converter=float)
+    """UNIX timestamp of the session's creation."""
+    server_id: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
+    """Which server process owns the session (for stores shared by several)."""
+
+
+class SessionStore(abc.ABC):
+    """Live sessions by client address, with atomic limit-checked admission."""
+
+    @abc.abstractmethod
+    async def admit(self, record: SessionRecord, limit: int) -> bool:
+        """Add ``record`` unless its address already holds ``limit`` live sessions.
+
+        ``limit`` 0 means no limit. Returns whether the session was admitted. The check
+        and the insert are one atomic step. Raises
+        :class:`~domain.errors.StoreUnavailable` when the backend cannot be reached.
+        """
+
+    @abc.abstractmethod
+    async def release(self, record: SessionRecord) -> None:
+        """Forget ``record``; releasing an unknown session is not an error."""
+
+    @abc.abstractmethod
+    async def sessions(self, address: str) -> list[SessionRecord]:
+        """The live sessions of ``address``, oldest first."""
+
+    async def aclose(self) -> None:
+        """Release the store's resources (connections, threads). Idempotent."""
+
+
+class KeyStore(abc.ABC):
+    """API keys and their metadata (any JSON-serialisable value, or None)."""
+
+    @abc.abstractmethod
+    async def put(self, key: str, metadata: Any) -> None:
+        """Store ``key`` with ``metadata``, replacing any previous metadata."""
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> Any:
+        """The metadata of ``key``; ``KeyError`` if there is no such key."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None:
+        """Remove ``key``; ``KeyError`` if there is no such key."""
+
+    @abc.abstractmethod
+    async def contains(self, key: str) -> bool:
+        """Whether ``key`` exists."""
+
+    async def update(self, key: str, metadata: Any) -> None:
+        """Replace the metadata of an existing ``key``; ``KeyError`` if it does not exist.
+
+        Shared adapters override this with one atomic check-and-set.
+        """
+        if not await self.contains(key):
+            raise KeyError(key)
+        await self.put(key, metadata)
+
+    async def replace(self, old_key: str, new_key: str) -> None:
+        """Move the metadata of ``old_key`` to ``new_key`` and remove ``old_key``.
+
+        ``KeyError`` if ``old_key`` does not exist. Adapters shared between processes
+        override this to make it one atomic step; this default is correct for
+        single-process stores that never suspend between the steps.
+        """
+        metadata = await self.get(old_key)
+        await self.put(new_key, metadata)
+        await self.delete(old_key)
+
+    async def aclose(self) -> None:
+        """Release the store's resources. Idempotent."""
+
+
+def run_to_completion(awaitable: Awaitable[T]) -> T:
+    """Drive a coroutine that never suspends, from synchronous code, and return its result.
+
+    Raises ``RuntimeError`` if the coroutine does suspend (it needs an event loop):
+    call the async API from inside one instead.
+    """
+    coro: Any = awaitable.__await__()
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError(
+        "this store operation needs an event loop; inside the server, use the async "
+        "methods (await factory.aget(key), ...)"
+    )
