@@ -19,6 +19,9 @@ from .server import Server
 __all__ = ["main", "load_app"]
 
 
+_TLS_SETTINGS = frozenset({"certfile", "keyfile", "cafile"})
+
+
 def load_app(spec: str) -> Server:
     """Import ``MODULE:ATTR`` (from the current directory too) and return the Server."""
     module_name, _, attr = spec.partition(":")
@@ -71,11 +74,15 @@ def _run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides[name] = validate(name, value, f"--{flag.replace('_', '-')}")
+    for flag in ("certfile", "keyfile"):
+        value = getattr(args, flag)
+        if value is not None:  # an absent flag keeps the app's (or the config's) file
+            overrides[flag] = validate(flag, value, f"--{flag}")
     for name, value in overrides.items():
         setattr(app, name, value)
-    if args.certfile or args.keyfile:
-        app.certfile = validate("certfile", args.certfile, "--certfile")
-        app.keyfile = validate("keyfile", args.keyfile, "--keyfile")
+    if overrides.keys() & _TLS_SETTINGS:
+        # The files changed, from the flags or the config: the context must follow,
+        # or the server would silently keep serving without (or with stale) TLS.
         app.ssl_context = app._tls_from_files()
     app.start()
     return 0

@@ -208,14 +208,24 @@ class AsyncClient(_ClientBase):
 
     async def connect(self, hostname: str, port: int) -> None:
         """Open the connection (and the TLS session) to ``hostname:port``."""
+        stream: Optional[trio.abc.Stream] = None
         try:
             with self._deadline():
-                stream: trio.abc.Stream = await trio.open_tcp_stream(hostname, port)
+                stream = await trio.open_tcp_stream(hostname, port)
                 if self.tls:
                     stream = trio.SSLStream(stream, self._tls_context(), server_hostname=hostname)
                     await stream.do_handshake()
-        except trio.TooSlowError:
-            raise TimeoutError(f"connecting to {hostname}:{port} timed out") from None
+        except BaseException as exc:
+            # A failed connect must not leak the TCP connection under a broken TLS one.
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+            if isinstance(exc, trio.TooSlowError):
+                raise TimeoutError(f"connecting to {hostname}:{port} timed out") from None
+            if isinstance(exc, trio.BrokenResourceError) and isinstance(exc.__cause__, ssl.SSLError):
+                # Like the blocking Client: the ssl error itself (certificate verification
+                # failed, host name mismatch...), not trio's cause-less wrapper.
+                raise exc.__cause__ from None
+            raise
         self._reset_framer()
         self.stream = stream
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import configparser
 import logging
+import math
 import os
 from typing import Any, Callable, Mapping, Optional
 
@@ -58,7 +59,7 @@ def _integer(low: int, high: Optional[int] = None) -> Callable[[Any], int]:
 
 def _number(low: float, inclusive: bool) -> Callable[[Any], float]:
     def check(value: Any) -> float:
-        if type(value) not in (int, float) or value != value:
+        if type(value) not in (int, float) or not math.isfinite(value):
             raise ValueError(value)
         if value < low or (not inclusive and value == low):
             raise ValueError(value)
@@ -69,7 +70,8 @@ def _number(low: float, inclusive: bool) -> Callable[[Any], float]:
 
 def _choice(*choices: Any) -> Callable[[Any], Any]:
     def check(value: Any) -> Any:
-        if value not in choices or type(value) is bool:
+        # Same type too: 4.0 == 4 and True == 1, but a float header size is no size.
+        if not any(type(value) is type(choice) and value == choice for choice in choices):
             raise ValueError(value)
         return value
 
@@ -220,6 +222,15 @@ def load_config(
             raise ConfigError(
                 key, parser.get(SECTION, key, raw=True), f"one of {', '.join(SETTINGS)}", source
             )
-        raw = parser.get(SECTION, key).strip()
+        try:
+            raw = parser.get(SECTION, key).strip()
+        except configparser.Error as exc:  # a user parser's interpolation failed
+            raise ConfigError(
+                key,
+                parser.get(SECTION, key, raw=True),
+                f"a value the config parser can read ({exc.message}); write %% for a "
+                "literal %, or pass a parser made with interpolation=None",
+                source,
+            ) from None
         values[key] = validate(key, setting.parse(raw), source)
     return values

@@ -87,6 +87,10 @@ class Filters:
                     raise ValueError(f"not an IP address or network: {entry!r}") from None
                 if network.prefixlen == network.max_prefixlen:
                     return normalise_address(network.network_address)
+                mapped = network.network_address
+                if mapped.version == 6 and network.prefixlen >= 96 and mapped.ipv4_mapped is not None:
+                    # Clients are unwrapped to IPv4, so an IPv4-mapped network must be too.
+                    return ipaddress.ip_network(f"{mapped.ipv4_mapped}/{network.prefixlen - 96}")
                 return network
             address = normalise_address(entry)
             if address is None:

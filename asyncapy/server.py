@@ -197,8 +197,11 @@ class Server:
 
     def load_config(self) -> None:
         """Re-read :attr:`config` and apply it (0.5 API; the constructor already does)."""
-        for name, value in load_config(self.config).items():
+        values = load_config(self.config)
+        for name, value in values.items():
             setattr(self, name, value)
+        if values.keys() & {"certfile", "keyfile", "cafile"}:
+            self.ssl_context = self._tls_from_files()
 
     # -- registration ----------------------------------------------------------------
     def register_handler(self, handler: Callable, *filters: Any, group: int = 0) -> Handler:
@@ -273,11 +276,20 @@ class Server:
         logging.getLogger("asyncapy").setLevel(self.logging_level)
 
     async def _run_until_signalled(self) -> None:
+        # serve()'s own failure (a port already in use, a TLS file gone...) is re-raised
+        # outside the nursery, as itself: a nursery would wrap it in an ExceptionGroup
+        # that ``except OSError`` (the CLI's one-line error) does not catch.
+        failure: Optional[Exception] = None
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 nursery.start_soon(self._watch_signals, signals, nursery.cancel_scope)
-                await self.serve()
+                try:
+                    await self.serve()
+                except Exception as exc:
+                    failure = exc
                 nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
 
     async def _watch_signals(self, signals: Any, everything: trio.CancelScope) -> None:
         async for signum in signals:
@@ -449,7 +461,7 @@ class Server:
                 if receiving.cancelled_caught:
                     if stopping.is_set():
                         return "server shutting down"
-                    logger.info("(%s) No complete packet for %ss: timing out", session_id, timeout)
+                    logger.debug("(%s) No complete packet for %ss: timing out", session_id, timeout)
                     with trio.move_on_after(1):
                         await channel.send(connection.error_bytes(ERR_TIMED_OUT))
                     return "timed out"
@@ -457,7 +469,6 @@ class Server:
                     return "client closed the connection"
                 connection.receive_data(data)
                 continue
-            deadline = trio.current_time() + timeout
             if type(event) is Request:
                 codec = event.codec
                 client.encoding = codec.name
@@ -477,26 +488,24 @@ class Server:
             else:
                 assert type(event) is ProtocolError
                 logger.warning("(%s) %s: %s", session_id, event.code, event.detail)
-                await channel.send(connection.error_bytes(event.code, event.codec))
+                reply = connection.error_bytes(event.code, event.codec)
                 if event.close:
+                    # Framing is lost: the client may still be sending the rest of the
+                    # packet, so close lingering or the reply dies in a reset.
+                    channel.closed = True
+                    await _linger_close(stream, reply)
                     return event.code
+                await channel.send(reply)
+            # The idle clock starts once the packet is handled, not when it arrived:
+            # a handler slower than ``timeout`` must not time the next read out at once.
+            deadline = trio.current_time() + timeout
 
     async def _refuse(self, stream: trio.abc.Stream, code: str) -> None:
-        """Reply ``code`` in JSON, then close lingering: shut the write side and drain
-        what the client already sent, so the reply is not destroyed by a reset."""
+        """Reply ``code`` in JSON (no encoding is known yet), then close lingering."""
         data = Framer(self.header_size, self.byteorder, self.max_packet_size).frame(
             JSON.encode(error_payload(code)), JSON.code
         )
-        with trio.move_on_after(LINGER_SECONDS):
-            try:
-                await stream.send_all(data)
-                if isinstance(stream, trio.abc.HalfCloseableStream):
-                    await stream.send_eof()
-                while await stream.receive_some(65536):
-                    pass
-            except _READ_ERRORS:
-                pass
-        await trio.aclose_forcefully(stream)
+        await _linger_close(stream, data)
 
     async def _sessions_of(self, address: str) -> list[Session]:
         records = await self.store.sessions(address)
@@ -509,6 +518,21 @@ class Server:
 
     def __repr__(self) -> str:
         return f"Server(addr={self.addr!r}, port={self.port!r})"
+
+
+async def _linger_close(stream: trio.abc.Stream, data: bytes) -> None:
+    """Send ``data``, shut the write side, drain what the client already sent (for at
+    most :data:`LINGER_SECONDS`), then close: the reply is not destroyed by a reset."""
+    with trio.move_on_after(LINGER_SECONDS):
+        try:
+            await stream.send_all(data)
+            if isinstance(stream, trio.abc.HalfCloseableStream):
+                await stream.send_eof()
+            while await stream.receive_some(65536):
+                pass
+        except _READ_ERRORS:
+            pass
+    await trio.aclose_forcefully(stream)
 
 
 def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType:

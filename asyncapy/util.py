@@ -127,5 +127,11 @@ class APIKeyFactory:
             return self.store._keys
         raise AttributeError("_keys exists only with the in-memory store")
 
+    @_keys.setter
+    def _keys(self, keys: dict) -> None:
+        if not isinstance(self.store, MemoryKeyStore):
+            raise AttributeError("_keys exists only with the in-memory store")
+        self.store._keys = keys
+
     def __repr__(self) -> str:
         return f"APIKeyFactory(size={self.size}, store={self.store!r})"

@@ -187,8 +187,24 @@ class Framer:
 
     # -- sending -------------------------------------------------------------------
     def frame(self, payload: bytes, encoding: int, version: int = PROTOCOL_VERSION) -> bytes:
-        """The bytes of one packet carrying ``payload`` with the given header bytes."""
-        return self._prefix.pack(len(payload) + 2, version, encoding) + payload
+        """The bytes of one packet carrying ``payload`` with the given header bytes.
+
+        Raises :class:`ValueError` when the payload is too long for a ``header_size``
+        Content-Length (65533 bytes with a 2-byte header) or a header byte is not 0-255.
+        """
+        try:
+            return self._prefix.pack(len(payload) + 2, version, encoding) + payload
+        except struct.error:
+            limit = (1 << (8 * self.header_size)) - 1 - 2
+            if len(payload) > limit:
+                raise ValueError(
+                    f"a payload of {len(payload)} bytes does not fit a {self.header_size}-byte "
+                    f"Content-Length (at most {limit} bytes): use a larger header_size"
+                ) from None
+            raise ValueError(
+                f"Protocol-Version and Content-Encoding must be bytes (0-255), "
+                f"not {version!r} and {encoding!r}"
+            ) from None
 
     def split(self, raw: bytes) -> tuple[int, int, int, bytes]:
         """``(content_length, version, encoding, payload)`` of one packet's bytes."""

@@ -6,7 +6,7 @@
 * :class:`KeyStore` keeps API-key records: a key and its metadata.
 
 Adapters live in :mod:`adapters`; the contract every adapter must pass is
-:mod:`tests.contract` (importable by users for their own adapters).
+:mod:`asyncapy.testing.contracts` (importable by users for their own adapters).
 
 Every method is a coroutine. Adapters must not block the event loop; an adapter whose
 backend is blocking I/O offloads it to a worker thread when running under an event
