@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test install install-test clean
+.PHONY: run test install install-test ensure-redis clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,18 @@ install-test: $(BIN)/python
 run: install
 	$(BIN)/python -m asyncapy run examples.echo:app --host 127.0.0.1 --port 8081
 
+## The integration tests start a real redis-server on a free loopback port.
+ensure-redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing redis-server (Debian package) for the integration tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else \
+	    echo "redis-server is missing: install it (Debian/Ubuntu: sudo apt-get install redis-server)"; exit 1; \
+	  fi; }
+
 ## Run the whole test suite.
-test: install-test
+test: install-test ensure-redis
 	$(BIN)/python -m pytest
 
 clean:

@@ -25,8 +25,6 @@ class MemorySessionStore(SessionStore):
     async def admit(self, record: SessionRecord, limit: int) -> bool:
         live = self._by_address.setdefault(record.address, {})
         if limit and len(live) >= limit:
-            if not live:
-                del self._by_address[record.address]
             return False
         live[record.session_id] = record
         return True

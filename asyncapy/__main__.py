@@ -38,7 +38,7 @@ def load_app(spec: str) -> Server:
     except AttributeError:
         raise SystemExit(f"asyncapy: module {module_name!r} has no attribute {attr!r}") from None
     if not isinstance(app, Server):
-        raise SystemExit(f"asyncapy: {spec} is a {type(app).__name__}, not an asyncapy Server")
+        raise SystemExit(f"asyncapy: {spec} is {app!r}, not an asyncapy Server")
     return app
 
 

@@ -138,6 +138,7 @@ class Client(_ClientBase):
             raise ValueError(f"hostname must be a string, not {hostname!r}")
         if type(port) is not int or not 0 < port < 65536:
             raise ValueError(f"port must be an integer from 1 to 65535, not {port!r}")
+        self.disconnect()
         sock = socket.create_connection((hostname, port), timeout=self.timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls:

@@ -92,6 +92,17 @@ def _optional_path(value: Any) -> Optional[str]:
     return os.fspath(value)
 
 
+def _store_url(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(value)
+    scheme = value.partition("://")[0].lower() if "://" in value else ""
+    if scheme not in ("memory", "redis", "rediss", "unix"):
+        raise ValueError(value)
+    return value
+
+
 _LEVEL_NAMES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -168,6 +179,20 @@ SETTINGS: Mapping[str, Setting] = {
         Setting("certfile", None, "a path to a PEM certificate chain, or nothing", _optional_path, _read_optional),
         Setting("keyfile", None, "a path to a PEM private key, or nothing", _optional_path, _read_optional),
         Setting("cafile", None, "a path to PEM CA certificates, or nothing", _optional_path, _read_optional),
+        Setting(
+            "store",
+            None,
+            "nothing or 'memory://' (this process only), or a redis://, rediss:// or unix:// URL",
+            lambda value: _store_url(value),
+            _read_optional,
+        ),
+        Setting(
+            "session_lease",
+            30.0,
+            "a number of seconds of at least 1",
+            _number(1, True),
+            _read_number,
+        ),
         Setting(
             "shutdown_grace",
             10.0,

@@ -17,15 +17,15 @@ import socket
 import ssl
 import time
 import uuid
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import trio
 
-from adapters.memory import MemorySessionStore
 from domain.codecs import JSON, codec_named
 from domain.connection import NEED_DATA, Connection, ProtocolError, Request, error_payload
 from domain.dispatch import Dispatcher, Handler, HandlerFailed
 from domain.errors import (
+    StoreUnavailable,
     ERR_INTERNAL,
     ERR_SESSION_LIMIT_REACHED,
     ERR_TIMED_OUT,
@@ -37,6 +37,7 @@ from domain.ports import SessionRecord, SessionStore
 from .config import SETTINGS, ConfigError, load_config, validate
 from .core import Channel, Client, Packet, Session
 from .filters import normalise_address
+from .stores import open_session_store
 
 __all__ = ["Server"]
 
@@ -53,7 +54,8 @@ class Server:
 
     The positional parameters and their defaults are those of AsyncAPY 0.5:
 
-    :param addr: address to bind (``'127.0.0.1'``; ``'::'`` or ``'0.0.0.0'`` for all).
+    :param addr: address to bind (``'127.0.0.1'``; ``'0.0.0.0'`` for every IPv4
+        interface, ``'::'`` for every IPv6 one).
     :param port: TCP port (8081; 0 picks a free one, see :attr:`addresses`).
     :param buf: bytes asked of the socket per read (1024).
     :param logging_level: level of the ``asyncapy`` loggers (20 = INFO; a name works too).
@@ -81,8 +83,11 @@ class Server:
     :param cafile: PEM CA bundle: require client certificates signed by it (mutual TLS).
     :param ssl_context: a ready server-side :class:`ssl.SSLContext` instead of the files.
     :param shutdown_grace: seconds in-flight handlers get to finish on shutdown (10).
-    :param store: the :class:`domain.ports.SessionStore` shared sessions live in
-        (default: in this process's memory).
+    :param store: where sessions live: ``None`` or ``'memory://'`` (this process only),
+        a ``redis://`` URL shared by every server process using it, or a
+        :class:`domain.ports.SessionStore` object.
+    :param session_lease: seconds a session in a shared store outlives its process's
+        last lease renewal (30): how long the sessions of a killed process linger.
 
     Every argument is validated; a bad one raises
     :class:`~asyncapy.config.ConfigError` (a ``ValueError``) naming the parameter, the
@@ -111,7 +116,8 @@ class Server:
         cafile: Optional[str] = None,
         ssl_context: Optional[ssl.SSLContext] = None,
         shutdown_grace: float = 10.0,
-        store: Optional[SessionStore] = None,
+        store: Union[None, str, SessionStore] = None,
+        session_lease: float = 30.0,
     ) -> None:
         given = dict(
             addr=addr,
@@ -130,7 +136,10 @@ class Server:
             keyfile=keyfile,
             cafile=cafile,
             shutdown_grace=shutdown_grace,
+            session_lease=session_lease,
         )
+        if not isinstance(store, SessionStore):
+            given["store"] = store
         settings = {name: validate(name, value) for name, value in given.items()}
         if cfg_parser is not None and not isinstance(cfg_parser, configparser.RawConfigParser):
             raise ConfigError("cfg_parser", cfg_parser, "a configparser.ConfigParser or None")
@@ -153,15 +162,12 @@ class Server:
         self.keyfile: Optional[str] = settings["keyfile"]
         self.cafile: Optional[str] = settings["cafile"]
         self.shutdown_grace: float = settings["shutdown_grace"]
+        self.session_lease: float = settings["session_lease"]
 
         if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
             raise ConfigError("ssl_context", ssl_context, "an ssl.SSLContext or None")
         self.ssl_context: Optional[ssl.SSLContext] = ssl_context or self._tls_from_files()
-        if store is None:
-            store = MemorySessionStore()
-        elif not isinstance(store, SessionStore):
-            raise ConfigError("store", store, "a domain.ports.SessionStore or None")
-        self.store: SessionStore = store
+        self.store: SessionStore = open_session_store(settings.get("store", store), self.session_lease)
 
         self.server_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         """Identifies this server process in a shared session store."""
@@ -322,11 +328,13 @@ class Server:
             listeners = await self._open_listeners()
             self.addresses = [_sockname(listener) for listener in listeners]
             logger.info(
-                "AsyncAPY serving on %s (%s)",
+                "AsyncAPY serving on %s (%s), sessions in %r",
                 ", ".join(_format_address(a) for a in self.addresses),
                 "TLS" if self.ssl_context else "plain TCP",
+                self.store,
             )
             async with trio.open_nursery() as sessions:
+                sessions.start_soon(self.store.maintain)
                 accepting = trio.CancelScope()
                 sessions.start_soon(self._accept, listeners, sessions, accepting)
                 task_status.started(self.addresses)
@@ -398,8 +406,12 @@ class Server:
         record = SessionRecord(str(session_id), address, time.time(), self.server_id)
         try:
             admitted = await self.store.admit(record, self.session_limit)
+        except StoreUnavailable as exc:
+            logger.error("(%s) Session store unavailable, refusing %s: %s", session_id, address, exc)
+            await self._refuse(stream, ERR_UNAVAILABLE)
+            return
         except Exception:
-            logger.error("(%s) Session store unavailable; refusing %s", session_id, address, exc_info=True)
+            logger.error("(%s) Session store failed; refusing %s", session_id, address, exc_info=True)
             await self._refuse(stream, ERR_UNAVAILABLE)
             return
         if not admitted:

@@ -62,6 +62,13 @@ class SessionStore(abc.ABC):
     async def sessions(self, address: str) -> list[SessionRecord]:
         """The live sessions of ``address``, oldest first."""
 
+    async def maintain(self) -> None:
+        """Background upkeep for as long as a server runs (it is cancelled at the end).
+
+        A shared store renews the leases of this process's live sessions here; the
+        default has nothing to do and returns at once.
+        """
+
     async def aclose(self) -> None:
         """Release the store's resources (connections, threads). Idempotent."""
 

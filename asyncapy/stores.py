@@ -1,0 +1,77 @@
+"""Store selection: ``None`` / ``"memory://"`` / ``"redis://..."`` -> an adapter.
+
+The composition root's one place that knows which adapters exist. A URL names where
+sessions or keys live; an object implementing the port is used as it is. Redis
+clients are shared per URL within a process, so a server and the API-key factories of
+one process use one connection pool.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Union
+
+from adapters.memory import MemoryKeyStore, MemorySessionStore
+from domain.ports import KeyStore, SessionStore
+
+from .config import ConfigError, validate
+
+__all__ = ["open_session_store", "open_key_store", "redis_client", "STORE_ACCEPTED"]
+
+STORE_ACCEPTED = (
+    "None or 'memory://' (this process only), a redis://, rediss:// or unix:// URL, "
+    "or a store object implementing the port"
+)
+"""What a ``store`` setting accepts, for error messages."""
+
+_clients: dict[str, Any] = {}
+_clients_lock = threading.Lock()
+
+
+def _is_memory(url: Any) -> bool:
+    """Validate a store URL (``ConfigError`` naming ``store``); True for ``memory://``."""
+    return validate("store", url).lower().startswith("memory://")
+
+
+def redis_client(url: str) -> Any:
+    """The process-wide redis-py client of ``url`` (created on first use)."""
+    with _clients_lock:
+        client = _clients.get(url)
+        if client is None:
+            from adapters.redis import connect
+
+            try:
+                client = _clients[url] = connect(url)
+            except ValueError as exc:
+                raise ConfigError("store", url, f"a valid Redis URL ({exc})") from None
+        return client
+
+
+def open_session_store(store: Union[None, str, SessionStore], lease: float = 30.0) -> SessionStore:
+    """The :class:`SessionStore` that ``store`` names (see :data:`STORE_ACCEPTED`)."""
+    if store is None:
+        return MemorySessionStore()
+    if isinstance(store, SessionStore):
+        return store
+    if not isinstance(store, str):
+        raise ConfigError("store", store, STORE_ACCEPTED)
+    if _is_memory(store):
+        return MemorySessionStore()
+    from adapters.redis import RedisSessionStore
+
+    return RedisSessionStore(redis_client(store), lease=lease)
+
+
+def open_key_store(store: Union[None, str, KeyStore]) -> KeyStore:
+    """The :class:`KeyStore` that ``store`` names (see :data:`STORE_ACCEPTED`)."""
+    if store is None:
+        return MemoryKeyStore()
+    if isinstance(store, KeyStore):
+        return store
+    if not isinstance(store, str):
+        raise ConfigError("store", store, STORE_ACCEPTED)
+    if _is_memory(store):
+        return MemoryKeyStore()
+    from adapters.redis import RedisKeyStore
+
+    return RedisKeyStore(redis_client(store))

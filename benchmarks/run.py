@@ -1,0 +1,189 @@
+"""``make bench``: AsyncAPY against a bare trio echo server, measured side by side.
+
+Both servers run as their own processes on loopback for the whole run; the load
+generator (``benchmarks.loadgen``, another process) drives one at a time with the
+same closed loop, alternating which goes first in each round, so that drift of the
+machine hits both alike. Only same-run ratios mean anything: absolute figures vary
+from machine to machine and from minute to minute.
+
+Usage: ``python -m benchmarks.run [--rounds 3] [--seconds 3] [--uvloop] [--plot FILE]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from typing import Iterator
+
+from domain.codecs import JSON, ZIPROTO
+from domain.framing import Framer
+
+from . import loadgen
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FRAMER = Framer()
+
+SMALL = {"test": 1, "user": "someone", "ok": True}
+MEDIUM = {
+    f"record-{i:02d}": {"id": i, "name": f"user number {i}", "score": i * 1.5, "tags": ["a", "b", "c"],
+                        "active": i % 2 == 0}
+    for i in range(16)
+}
+
+WORKLOADS = [
+    ("small JSON", 50, FRAMER.frame(JSON.encode(SMALL), JSON.code)),
+    ("small JSON, latency", 1, FRAMER.frame(JSON.encode(SMALL), JSON.code)),
+    ("medium ZiProto", 50, FRAMER.frame(ZIPROTO.encode(MEDIUM), ZIPROTO.code)),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_listening(port: int, process: subprocess.Popen, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} after {timeout}s")
+
+
+@contextlib.contextmanager
+def server(name: str, argv: list) -> Iterator[int]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, *argv, str(port)] if name != "asyncapy" else [sys.executable, *argv, "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_listening(port, process)
+        time.sleep(0.2)
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+SERVERS = {
+    "bare trio": ["-m", "benchmarks.bare_trio_echo"],
+    "asyncapy": ["-m", "asyncapy", "run", "examples.echo:app", "--log-level", "WARNING"],
+    "uvloop": ["-m", "benchmarks.uvloop_echo"],
+}
+
+
+def measure(ports: dict, packet: bytes, connections: int, rounds: int, seconds: float,
+            churn: bool = False) -> dict:
+    """{server: [Result per round]}, alternating the order every round."""
+    results: dict = {name: [] for name in ports}
+    names = list(ports)
+    for index in range(rounds):
+        order = names if index % 2 == 0 else names[::-1]
+        for name in order:
+            results[name].append(loadgen.run(ports[name], packet, connections, seconds, churn=churn))
+    return results
+
+
+def summarise(results: dict, baseline: str = "bare trio") -> list:
+    rows = []
+    base = results[baseline]
+    for name, runs in results.items():
+        rate = statistics.median(r.rate for r in runs)
+        p50 = statistics.median(r.percentile(0.50) for r in runs) * 1000
+        p99 = statistics.median(r.percentile(0.99) for r in runs) * 1000
+        ratio = statistics.median(r.rate / b.rate for r, b in zip(runs, base) if b.rate)
+        rows.append((name, rate, p50, p99, ratio, [round(r.rate) for r in runs]))
+    return rows
+
+
+def print_table(title: str, rows: list) -> None:
+    print(f"\n{title}")
+    print(f"  {'server':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6}   rounds (req/s)")
+    for name, rate, p50, p99, ratio, rounds in rows:
+        print(f"  {name:<10} {rate:>9.0f} {p50:>8.3f} {p99:>8.3f} {ratio:>6.2f}   {rounds}")
+
+
+def describe_machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()} {platform.release()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per workload (3)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per run (3)")
+    parser.add_argument("--uvloop", action="store_true", help="add an asyncio+uvloop echo for context")
+    parser.add_argument("--churn", action="store_true", help="also measure connect-send-receive-close")
+    parser.add_argument("--plot", metavar="PNG", help="also sweep 1/10/50/200 connections and plot")
+    args = parser.parse_args()
+
+    names = ["bare trio", "asyncapy"] + (["uvloop"] if args.uvloop else [])
+    print(f"Machine: {describe_machine()}")
+    print(f"{args.rounds} alternating rounds of {args.seconds}s per server; closed loop, one request in flight per connection")
+    with contextlib.ExitStack() as stack:
+        ports = {name: stack.enter_context(server(name, SERVERS[name])) for name in names}
+        worst = float("inf")
+        for title, connections, packet in WORKLOADS:
+            rows = summarise(measure(ports, packet, connections, args.rounds, args.seconds))
+            print_table(f"{title}: {connections} connection(s), {len(packet)}-byte packets", rows)
+            worst = min(worst, next(r[4] for r in rows if r[0] == "asyncapy"))
+        if args.churn:
+            packet = WORKLOADS[0][2]
+            rows = summarise(measure(ports, packet, 8, args.rounds, args.seconds, churn=True))
+            print_table("connection churn: 8 clients, connect-send-receive-close", rows)
+        if args.plot:
+            sweep = {}
+            for connections in (1, 10, 50, 200):
+                rows = summarise(measure(ports, WORKLOADS[0][2], connections, args.rounds, args.seconds))
+                sweep[connections] = {r[0]: r[1] for r in rows}
+                print_table(f"small JSON: {connections} connection(s)", rows)
+            plot(sweep, args.plot)
+        print(f"\nWorst AsyncAPY / bare trio ratio over the three workloads: {worst:.2f}")
+
+
+def plot(sweep: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    counts = sorted(sweep)
+    for name in next(iter(sweep.values())):
+        axes.plot(counts, [sweep[c][name] for c in counts], marker="o", label=name)
+    axes.set_xscale("log")
+    axes.set_xticks(counts, [str(c) for c in counts])
+    axes.set_xlabel("concurrent connections (closed loop)")
+    axes.set_ylabel("requests per second")
+    axes.set_title("Small JSON echo: throughput against connection count")
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(f"plot written to {path}")
+
+
+if __name__ == "__main__":
+    main()
