@@ -10,12 +10,16 @@ filters pass. Combine them with ``&``, ``|`` and ``~``::
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 from typing import Any, Iterable, Optional, Union
 
+from domain.errors import StoreUnavailable
 from domain.filtering import Filter
 
-from .util import APIKeyFactory
+from .util import APIKeyFactory, fingerprint
+
+logger = logging.getLogger("asyncapy.filters")
 
 __all__ = ["Filter", "Filters"]
 
@@ -192,7 +196,15 @@ class Filters:
             key = packet.get(self.field_name)
             if type(key) is not str:
                 return False
-            return self.factory.acontains(key)
+            return self._lookup(key)
+
+        async def _lookup(self, key: str) -> bool:
+            try:
+                return await self.factory.acontains(key)
+            except StoreUnavailable as exc:
+                # Fail closed: a key that cannot be checked does not pass.
+                logger.warning("API key %s not checked, key store unavailable: %s", fingerprint(key), exc)
+                return False
 
         def __repr__(self) -> str:
             return f"Filters.APIFactory({self.factory!r}, {self.field_name!r})"

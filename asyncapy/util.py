@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import secrets
 import string
-from typing import Any, Optional
+from typing import Any, Union
 
 import trio
 
 from adapters.memory import MemoryKeyStore
 from domain.ports import KeyStore, run_to_completion
+
+from .stores import open_key_store
 
 __all__ = ["APIKeyFactory", "KEY_ALPHABET", "fingerprint"]
 
@@ -33,8 +35,9 @@ class APIKeyFactory:
     """Manage API keys and their metadata.
 
     :param size: the length of issued keys, in characters (default 32, at least 16).
-    :param store: where keys live: a :class:`domain.ports.KeyStore`, or ``None`` for
-        an in-memory store private to this factory.
+    :param store: where keys live: ``None`` or ``'memory://'`` for an in-memory store
+        private to this factory, a ``redis://`` URL shared by every process using it,
+        or any :class:`domain.ports.KeyStore` object (your own adapter).
 
     Keys come from :mod:`secrets` (a CSPRNG) over a 64-symbol URL-safe alphabet, so a
     32-character key carries 192 bits of entropy. Every method that takes a key raises
@@ -44,15 +47,11 @@ class APIKeyFactory:
     calls the overridden method in a worker thread so the event loop never blocks.
     """
 
-    def __init__(self, size: int = 32, store: Optional[KeyStore] = None) -> None:
+    def __init__(self, size: int = 32, store: Union[None, str, KeyStore] = None) -> None:
         if type(size) is not int or size < 16:
             raise ValueError(f"size must be an integer of at least 16, not {size!r}")
-        if store is None:
-            store = MemoryKeyStore()
-        elif not isinstance(store, KeyStore):
-            raise TypeError(f"store must be a KeyStore or None, not {store!r}")
         self.size = size
-        self.store = store
+        self.store: KeyStore = open_key_store(store)
 
     # -- the synchronous API (0.5) ----------------------------------------------------
     def issue(self, metadata: Any = None) -> str:

@@ -50,9 +50,17 @@ def test_size_is_validated(size):
         APIKeyFactory(size=size)
 
 
-def test_store_is_validated():
-    with pytest.raises(TypeError, match="store"):
-        APIKeyFactory(store={})
+@pytest.mark.parametrize("store", [{}, 42, "ftp://keys.example", "redis-no-scheme"])
+def test_store_is_validated(store):
+    with pytest.raises(ValueError, match="store.*accepted"):
+        APIKeyFactory(store=store)
+
+
+def test_memory_url_gives_a_private_memory_store():
+    first, second = APIKeyFactory(store="memory://"), APIKeyFactory(store="memory://")
+    key = first.issue()
+    assert isinstance(first.store, MemoryKeyStore)
+    assert key in first and key not in second
 
 
 def test_issue_get_and_contains():
