@@ -37,3 +37,22 @@ def make_server():
         return Server(addr="127.0.0.1", port=0, **kwargs)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real redis-server for the whole test session (see tests/redis_server.py)."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """The URL of the session's redis-server, emptied before the test."""
+    redis_server.flush()
+    return redis_server.url
