@@ -28,42 +28,96 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Client", "Packet", "Handler", "Session"]
 
 
+HOLD_LIMIT = 64 * 1024
+"""Most bytes of replies held back for one write while a pipelined batch is handled."""
+
+
 class Channel:
     """The writing end of one connection: ordered, locked, closable once.
 
     Handlers never use it directly; :meth:`Client.send` and :meth:`Client.close` do.
     Writes from several tasks of one session are serialised, so packets never
-    interleave on the wire.
+    interleave on the wire. While :attr:`holding` is set (the server does so while the
+    client has further pipelined requests waiting), replies are gathered and written
+    together, in one system call, when the batch ends (or :data:`HOLD_LIMIT` is
+    reached): the client is waiting for all of them anyway.
     """
 
-    __slots__ = ("stream", "connection", "_lock", "closed")
+    __slots__ = ("stream", "connection", "_lock", "closed", "holding", "_pending")
 
     def __init__(self, stream: trio.abc.Stream, connection: Connection) -> None:
         self.stream = stream
         self.connection = connection
         self._lock = trio.StrictFIFOLock()
         self.closed = False
+        self.holding = False
+        self._pending = bytearray()
 
     async def send(self, data: bytes) -> None:
-        """Write ``data`` whole; ``trio.ClosedResourceError`` if the channel is closed."""
+        """Write ``data`` whole (or hold it, see above); ``trio.ClosedResourceError``
+        if the channel is closed."""
         if self.closed:
             raise trio.ClosedResourceError("the session is closed")
-        async with self._lock:
+        pending = self._pending
+        if pending:
+            pending += data
+            if self.holding and len(pending) < HOLD_LIMIT:
+                return
+            data = bytes(pending)
+            pending.clear()
+        elif self.holding and len(data) < HOLD_LIMIT:
+            pending += data
+            return
+        await self._write(data)
+
+    async def flush(self) -> None:
+        """Write the held replies, if any."""
+        self.holding = False
+        if self._pending:
+            data = bytes(self._pending)
+            self._pending.clear()
+            await self._write(data)
+
+    async def _write(self, data: bytes) -> None:
+        lock = self._lock
+        if lock.locked():
+            async with lock:
+                await self.stream.send_all(data)
+            return
+        # Uncontended (the usual case): take the lock without a scheduling round trip.
+        lock.acquire_nowait()
+        try:
             await self.stream.send_all(data)
+        finally:
+            lock.release()
+
+    def take_pending(self) -> bytes:
+        """Remove and return the held replies (to send them another way)."""
+        data = bytes(self._pending)
+        self._pending.clear()
+        self.holding = False
+        return data
 
     async def aclose(self) -> None:
-        """Close the stream (idempotent). A TLS goodbye gets one second, then the
-        socket is closed regardless: a peer that stopped reading cannot hold it."""
+        """Write held replies, then close the stream (idempotent). Each step gets one
+        second: a peer that stopped reading cannot hold the connection open."""
         if self.closed:
             return
-        self.closed = True
-        with trio.move_on_after(1) as scope:
+        with trio.move_on_after(1) as flushing:
             try:
-                await self.stream.aclose()
+                await self.flush()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
-        if scope.cancelled_caught:
-            await trio.aclose_forcefully(self.stream)
+        self.closed = True
+        if not flushing.cancelled_caught:
+            with trio.move_on_after(1) as closing:
+                try:
+                    await self.stream.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            if not closing.cancelled_caught:
+                return
+        await trio.aclose_forcefully(self.stream)
 
 
 class Client:

@@ -175,7 +175,7 @@ class Server:
         """The (host, port, ...) socket addresses being served, once started."""
         self._dispatcher = Dispatcher()
         self._sessions: dict[str, Session] = {}
-        self._receiving: dict[str, trio.CancelScope] = {}
+        self._idle_states: dict[str, _Idle] = {}
         self._stopping: Optional[trio.Event] = None
         self._idle: Optional[trio.Event] = None
 
@@ -335,6 +335,7 @@ class Server:
             )
             async with trio.open_nursery() as sessions:
                 sessions.start_soon(self.store.maintain)
+                sessions.start_soon(self._reap_idle)
                 accepting = trio.CancelScope()
                 sessions.start_soon(self._accept, listeners, sessions, accepting)
                 task_status.started(self.addresses)
@@ -376,8 +377,9 @@ class Server:
 
     async def _drain(self) -> None:
         """Stop reading on every session; give in-flight handlers the grace period."""
-        for scope in list(self._receiving.values()):
-            scope.cancel()
+        for state in list(self._idle_states.values()):
+            if state.waiting:
+                state.scope.cancel()
         if not self._sessions:
             return
         logger.info("Waiting up to %ss for %d session(s)", self.shutdown_grace, len(self._sessions))
@@ -428,17 +430,18 @@ class Server:
         client._channel = channel
         session = client.session = Session(session_id, client, record.date, self.server_id)
         self._sessions[record.session_id] = session
+        state = self._idle_states[record.session_id] = _Idle(trio.current_time())
         logger.info("(%s) Session started for %s", session_id, address)
         reason = "closed"
         try:
-            reason = await self._serve_session(client, channel, record.session_id)
+            reason = await self._serve_session(client, channel, state)
         except _READ_ERRORS:
             reason = "connection lost"
         except Exception:
             reason = "internal error"
             logger.exception("(%s) Unexpected error serving the session", session_id)
         finally:
-            self._receiving.pop(record.session_id, None)
+            self._idle_states.pop(record.session_id, None)
             with trio.CancelScope(shield=True):
                 await channel.aclose()
                 try:
@@ -450,67 +453,93 @@ class Server:
                 self._idle.set()
             logger.info("(%s) Session ended: %s", session_id, reason)
 
-    async def _serve_session(self, client: Client, channel: Channel, key: str) -> str:
+    async def _serve_session(self, client: Client, channel: Channel, state: "_Idle") -> str:
         connection = channel.connection
+        framer = connection.framer
         stream = channel.stream
         dispatch = self._dispatcher.dispatch
         stopping = self._stopping
         buf = self.buf
-        timeout = self.timeout
         session_id = client.session.session_id
         debug = logger.isEnabledFor(logging.DEBUG)
-        deadline = trio.current_time() + timeout
-        while True:
-            event = connection.next_event()
-            if event is NEED_DATA:
-                if channel.closed:
-                    return "closed by a handler"
-                if stopping.is_set():
-                    return "server shutting down"
-                with trio.CancelScope(deadline=deadline) as receiving:
-                    self._receiving[key] = receiving
-                    data = await stream.receive_some(buf)
-                if receiving.cancelled_caught:
+        # One cancel scope for the whole session, not one per read: the idle reaper
+        # (see _reap_idle) or a shutdown cancels it, and only while the session waits
+        # for bytes, never while a handler runs.
+        with state.scope:
+            while True:
+                event = connection.next_event()
+                if event is NEED_DATA:
+                    if channel.holding:
+                        await channel.flush()
+                    if channel.closed:
+                        return "closed by a handler"
                     if stopping.is_set():
                         return "server shutting down"
-                    logger.debug("(%s) No complete packet for %ss: timing out", session_id, timeout)
-                    with trio.move_on_after(1):
-                        await channel.send(connection.error_bytes(ERR_TIMED_OUT))
-                    return "timed out"
-                if not data:
-                    return "client closed the connection"
-                connection.receive_data(data)
-                continue
-            if type(event) is Request:
-                codec = event.codec
-                client.encoding = codec.name
-                if debug:
-                    logger.debug("(%s) Packet of %d field(s) in %s", session_id, len(event.fields), codec.name)
-                try:
-                    await dispatch(client, Packet._received(event.fields, codec, client))
-                except HandlerFailed as failure:
-                    cause = failure.__cause__
-                    if isinstance(cause, _READ_ERRORS):
-                        return "connection lost while replying"
-                    logger.error("(%s) %s", session_id, failure, exc_info=cause)
-                    if not channel.closed:
-                        await channel.send(connection.error_bytes(ERR_INTERNAL))
-                if channel.closed:
-                    return "closed by a handler"
-            else:
-                assert type(event) is ProtocolError
-                logger.warning("(%s) %s: %s", session_id, event.code, event.detail)
-                reply = connection.error_bytes(event.code, event.codec)
-                if event.close:
-                    # Framing is lost: the client may still be sending the rest of the
-                    # packet, so close lingering or the reply dies in a reset.
-                    channel.closed = True
-                    await _linger_close(stream, reply)
-                    return event.code
-                await channel.send(reply)
-            # The idle clock starts once the packet is handled, not when it arrived:
-            # a handler slower than ``timeout`` must not time the next read out at once.
-            deadline = trio.current_time() + timeout
+                    state.waiting = True
+                    data = await stream.receive_some(buf)
+                    state.waiting = False
+                    if state.scope.cancel_called:
+                        break  # cancelled just as bytes arrived: it still counts
+                    if not data:
+                        return "client closed the connection"
+                    connection.receive_data(data)
+                    continue
+                # More pipelined packets already here? Then gather the replies and
+                # write them together once the batch is handled.
+                channel.holding = framer.complete_buffered()
+                if type(event) is Request:
+                    codec = event.codec
+                    client.encoding = codec.name
+                    if debug:
+                        logger.debug("(%s) Packet of %d field(s) in %s", session_id, len(event.fields), codec.name)
+                    try:
+                        await dispatch(client, Packet._received(event.fields, codec, client))
+                    except HandlerFailed as failure:
+                        cause = failure.__cause__
+                        if isinstance(cause, _READ_ERRORS):
+                            return "connection lost while replying"
+                        logger.error("(%s) %s", session_id, failure, exc_info=cause)
+                        if not channel.closed:
+                            await channel.send(connection.error_bytes(ERR_INTERNAL))
+                    if channel.closed:
+                        return "closed by a handler"
+                else:
+                    assert type(event) is ProtocolError
+                    logger.warning("(%s) %s: %s", session_id, event.code, event.detail)
+                    reply = connection.error_bytes(event.code, event.codec)
+                    if event.close:
+                        # Framing is lost: the client may still be sending the rest of
+                        # the packet, so close lingering or the reply dies in a reset.
+                        reply = channel.take_pending() + reply
+                        channel.closed = True
+                        await _linger_close(stream, reply)
+                        return event.code
+                    await channel.send(reply)
+                # The idle clock starts once the packet is handled, not when it
+                # arrived: a handler slower than ``timeout`` must not time out the
+                # next read at once.
+                state.last_active = trio.current_time()
+        if stopping.is_set():
+            return "server shutting down"
+        logger.debug("(%s) No complete packet for %ss: timing out", session_id, self.timeout)
+        with trio.move_on_after(1):
+            await channel.send(connection.error_bytes(ERR_TIMED_OUT))
+        return "timed out"
+
+    async def _reap_idle(self) -> None:
+        """Time out sessions that waited ``timeout`` seconds for a complete packet.
+
+        One task for every session, waking every ``timeout / 8`` seconds (at most 1 s,
+        at least 50 ms): a session costs nothing per packet for its timeout but the
+        time stamp above, and times out at most one interval late.
+        """
+        while True:
+            timeout = self.timeout
+            await trio.sleep(max(0.05, min(1.0, timeout / 8)))
+            cutoff = trio.current_time() - timeout
+            for state in self._idle_states.values():
+                if state.waiting and state.last_active <= cutoff:
+                    state.scope.cancel()
 
     async def _refuse(self, stream: trio.abc.Stream, code: str) -> None:
         """Reply ``code`` in JSON (no encoding is known yet), then close lingering."""
@@ -530,6 +559,17 @@ class Server:
 
     def __repr__(self) -> str:
         return f"Server(addr={self.addr!r}, port={self.port!r})"
+
+
+class _Idle:
+    """A session's idle-timeout state, read by :meth:`Server._reap_idle`."""
+
+    __slots__ = ("scope", "waiting", "last_active")
+
+    def __init__(self, now: float) -> None:
+        self.scope = trio.CancelScope()
+        self.waiting = False
+        self.last_active = now
 
 
 async def _linger_close(stream: trio.abc.Stream, data: bytes) -> None:

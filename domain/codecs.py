@@ -109,7 +109,9 @@ def _refuse_extension(code: int, data: memoryview) -> Any:
 # calling ext_hook, into a datetime. A timestamp needs a fixext4, fixext8 or ext8
 # opcode, so only a payload holding one of those bytes can hide one; only then is the
 # decoded value searched (iteratively: it may be nested ~1000 deep).
-_TIMESTAMP_OPCODES = (b"\xd6", b"\xd7", b"\xc7")
+# The three headers a MessagePack timestamp (extension type -1) can have: fixext 4,
+# fixext 8 and ext 8 of length 12, each followed by the type byte 0xff.
+_TIMESTAMP_HEADERS = (b"\xd6\xff", b"\xd7\xff", b"\xc7\x0c\xff")
 
 
 def _holds_datetime(obj: Any) -> bool:
@@ -153,7 +155,8 @@ class ZiProtoCodec(Codec):
             raise CodecError(f"malformed ZiProto: {exc}") from None
         if type(obj) is not dict:
             raise CodecError(f"ZiProto payload is a {type(obj).__name__}, not a map")
-        if any(op in data for op in _TIMESTAMP_OPCODES) and _holds_datetime(obj):
+        ts4, ts8, ts12 = _TIMESTAMP_HEADERS
+        if (ts4 in data or ts8 in data or ts12 in data) and _holds_datetime(obj):
             raise CodecError("MessagePack extension type -1 is not part of ZiProto")
         return obj
 

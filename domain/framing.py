@@ -148,6 +148,22 @@ class Framer:
         """How many received bytes are not consumed yet (the start of a next packet)."""
         return len(self._buffer) - self._offset
 
+    def complete_buffered(self) -> bool:
+        """True when :meth:`next_event` would not return :data:`NEED_DATA`: a whole
+        packet (or an unframeable header) is already buffered. Lets a server batch
+        the replies to pipelined requests."""
+        if self._error is not None:
+            return True
+        available = len(self._buffer) - self._offset
+        if available < self.header_size:
+            return False
+        (content_length,) = self._length.unpack_from(self._buffer, self._offset)
+        return (
+            content_length < 2
+            or content_length > self.max_packet_size
+            or available >= self.header_size + content_length
+        )
+
     @property
     def at_eof(self) -> bool:
         """True once :meth:`receive_data` was given ``b""``."""

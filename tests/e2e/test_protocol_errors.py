@@ -428,3 +428,16 @@ async def test_malformed_client_does_not_disturb_a_concurrent_one(make_echo):
             await good.send(half[7:])
             assert await good.read_packet() == half
             assert await good.request({"n": 3}) == {"n": 3}
+
+
+async def test_replies_held_for_a_pipelined_batch_survive_a_framing_error(make_echo):
+    """The echo of the first packet is held while the batch is handled; the framing
+    error that ends the batch must not swallow it."""
+    async with serving(make_echo(max_packet_size=64)) as (host, port):
+        async with await Wire.connect(host, port) as wire:
+            first, second = json_packet({"n": 1}), json_packet({"n": 2})
+            await wire.send(first + second + (65).to_bytes(4, "big"))
+            assert await wire.read_packet() == first
+            assert await wire.read_packet() == second
+            assert await wire.read_packet() == json_error("ERR_PACKET_TOO_LARGE")
+            await wire.read_eof()

@@ -1,0 +1,92 @@
+"""Channel: ordered writes, replies to a pipelined batch gathered into one write."""
+
+import pytest
+import trio
+
+from asyncapy.core import HOLD_LIMIT, Channel
+from domain.connection import Connection
+
+
+class RecordingStream(trio.abc.Stream):
+    """A stream that records every send_all call."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    async def send_all(self, data) -> None:
+        await trio.lowlevel.checkpoint()
+        self.writes.append(bytes(data))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes=None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return b""
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await trio.lowlevel.checkpoint()
+
+
+async def test_each_send_is_one_write_when_not_holding():
+    stream = RecordingStream()
+    channel = Channel(stream, Connection())
+    await channel.send(b"a")
+    await channel.send(b"b")
+    assert stream.writes == [b"a", b"b"]
+
+
+async def test_held_replies_go_out_in_one_write_with_the_first_unheld_one():
+    stream = RecordingStream()
+    channel = Channel(stream, Connection())
+    channel.holding = True
+    await channel.send(b"one")
+    await channel.send(b"two")
+    assert stream.writes == []
+    channel.holding = False
+    await channel.send(b"three")
+    assert stream.writes == [b"onetwothree"]
+
+
+async def test_flush_writes_what_is_held_and_stops_holding():
+    stream = RecordingStream()
+    channel = Channel(stream, Connection())
+    channel.holding = True
+    await channel.send(b"x")
+    await channel.flush()
+    assert stream.writes == [b"x"] and not channel.holding
+    await channel.flush()
+    assert stream.writes == [b"x"]
+
+
+async def test_holding_is_bounded():
+    stream = RecordingStream()
+    channel = Channel(stream, Connection())
+    channel.holding = True
+    chunk = b"z" * (HOLD_LIMIT // 2)
+    for _ in range(4):
+        await channel.send(chunk)
+    assert stream.writes, "held bytes must be written once they reach HOLD_LIMIT"
+    assert all(len(write) <= HOLD_LIMIT + len(chunk) for write in stream.writes)
+
+
+async def test_close_writes_held_replies_first():
+    stream = RecordingStream()
+    channel = Channel(stream, Connection())
+    channel.holding = True
+    await channel.send(b"last words")
+    await channel.aclose()
+    assert stream.writes == [b"last words"] and stream.closed
+    with pytest.raises(trio.ClosedResourceError):
+        await channel.send(b"too late")
+
+
+async def test_concurrent_senders_never_interleave():
+    stream = RecordingStream()
+    channel = Channel(stream, Connection())
+    async with trio.open_nursery() as nursery:
+        for index in range(20):
+            nursery.start_soon(channel.send, bytes([index]) * 10)
+    assert sorted(stream.writes) == sorted(bytes([i]) * 10 for i in range(20))
