@@ -17,8 +17,9 @@ never per packet; the API-key filter makes one per check.
 
 Every check-and-set is a server-side Lua script (``register_script``): admission
 drops expired leases, counts the live ones and admits under the limit in one atomic
-step, so N processes racing for the last slot admit exactly one. Connection failures
-surface as :class:`domain.errors.StoreUnavailable`; the pool's health checks and
+step, so N processes racing for the last slot admit exactly one. Every failure of
+Redis (unreachable, timed out, or refusing the command: loading, read-only, OOM...)
+surfaces as :class:`domain.errors.StoreUnavailable`; the pool's health checks and
 reconnects bring the adapter back by itself when Redis returns.
 
 Sessions are leases
@@ -49,7 +50,7 @@ import redis
 import trio
 
 from domain.errors import StoreUnavailable
-from domain.ports import KeyStore, SessionRecord, SessionStore
+from domain.ports import BLOCKING, KeyStore, SessionRecord, SessionStore
 
 __all__ = ["RedisSessionStore", "RedisKeyStore", "connect", "DEFAULT_PREFIX"]
 
@@ -60,7 +61,11 @@ DEFAULT_PREFIX = "asyncapy:"
 
 T = TypeVar("T")
 
-_FAILURES = (redis.ConnectionError, redis.TimeoutError, OSError)
+# Any error of redis-py means the store did not do what was asked: not only a lost
+# connection or a timeout, but a Redis still loading its data, a read-only replica
+# after a failover, OOM, a failed AUTH... The callers treat them all alike: refuse
+# the session (ERR_UNAVAILABLE), fail the key check closed, retry the renewal later.
+_FAILURES = (redis.RedisError, OSError)
 
 
 def connect(url: str, max_connections: int = 16, timeout: float = 2.0) -> redis.Redis:
@@ -81,6 +86,26 @@ def connect(url: str, max_connections: int = 16, timeout: float = 2.0) -> redis.
     return redis.Redis(connection_pool=pool)
 
 
+def _offload() -> bool:
+    """Whether a call should go to a worker thread: inside a trio run, unless a
+    synchronous caller drives the coroutine (:data:`domain.ports.BLOCKING`)."""
+    if BLOCKING.get():
+        return False
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _where(client: redis.Redis) -> str:
+    """``redis://host:port/db`` of a client, without credentials, for logs."""
+    kwargs = client.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
+    return f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+
+
 class _RedisAdapter:
     """Calls into redis-py, off the event loop when there is one."""
 
@@ -94,12 +119,12 @@ class _RedisAdapter:
         try:
             return function(*args)
         except _FAILURES as exc:
-            raise StoreUnavailable(f"Redis is unreachable: {exc}") from exc
+            if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)):
+                raise StoreUnavailable(f"Redis is unreachable: {exc}") from exc
+            raise StoreUnavailable(f"Redis refused the command: {exc}") from exc
 
     async def _call(self, function: Callable[..., T], *args: Any) -> T:
-        try:
-            trio.lowlevel.current_task()
-        except RuntimeError:  # no trio run: a script or the CLI; just block
+        if not _offload():  # a script, the CLI, or a synchronous API call: just block
             return self._guarded(function, *args)
         return await trio.to_thread.run_sync(self._guarded, function, *args, limiter=self._limiter)
 
@@ -123,8 +148,10 @@ if limit > 0 and redis.call('ZCARD', KEYS[1]) >= limit then
 end
 redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[1], lease)
-redis.call('PEXPIRE', KEYS[2], lease)
+-- Only ever extend the keys' TTL: a process configured with a shorter lease must not
+-- make the keys (and the longer leases of other processes) vanish early.
+if redis.call('PTTL', KEYS[1]) < lease then redis.call('PEXPIRE', KEYS[1], lease) end
+if redis.call('PTTL', KEYS[2]) < lease then redis.call('PEXPIRE', KEYS[2], lease) end
 return 1
 """
 
@@ -200,6 +227,9 @@ class RedisSessionStore(_RedisAdapter, SessionStore):
                 pipe.hdel(data, record.session_id)
                 pipe.execute()
 
+        if not _offload():
+            self._guarded(remove)
+            return
         async with self._renewing:  # a renewal in flight must not resurrect it
             await self._call(remove)
 
@@ -239,13 +269,17 @@ class RedisSessionStore(_RedisAdapter, SessionStore):
                 if not failing:
                     logger.warning("Cannot renew session leases: %s", exc)
                 failing = True
+            except Exception:
+                # Never let upkeep take the server down with it: log, retry next period.
+                logger.exception("Renewing session leases failed")
+                failing = True
             else:
                 if failing:
                     logger.info("Redis reachable again: session leases renewed")
                 failing = False
 
     def __repr__(self) -> str:
-        return f"RedisSessionStore({self.redis!r}, lease={self.lease})"
+        return f"RedisSessionStore({_where(self.redis)}, lease={self.lease:g}s)"
 
 
 _REPLACE = """
@@ -302,4 +336,4 @@ class RedisKeyStore(_RedisAdapter, KeyStore):
             raise KeyError(old_key)
 
     def __repr__(self) -> str:
-        return f"RedisKeyStore({self.redis!r})"
+        return f"RedisKeyStore({_where(self.redis)})"

@@ -19,11 +19,12 @@ synchronous code with :func:`run_to_completion`, which is how the synchronous
 from __future__ import annotations
 
 import abc
+import contextvars
 from typing import Any, Awaitable, Optional, TypeVar
 
 import attrs
 
-__all__ = ["SessionRecord", "SessionStore", "KeyStore", "run_to_completion"]
+__all__ = ["SessionRecord", "SessionStore", "KeyStore", "run_to_completion", "BLOCKING"]
 
 T = TypeVar("T")
 
@@ -116,19 +117,33 @@ class KeyStore(abc.ABC):
         """Release the store's resources. Idempotent."""
 
 
-def run_to_completion(awaitable: Awaitable[T]) -> T:
-    """Drive a coroutine that never suspends, from synchronous code, and return its result.
+BLOCKING: contextvars.ContextVar[bool] = contextvars.ContextVar("asyncapy_blocking", default=False)
+"""True while :func:`run_to_completion` drives a store call for synchronous code.
 
-    Raises ``RuntimeError`` if the coroutine does suspend (it needs an event loop):
-    call the async API from inside one instead.
+Adapters whose backend is blocking I/O read it: when set, they call the backend
+directly instead of offloading to a worker thread (which would need to suspend).
+"""
+
+
+def run_to_completion(awaitable: Awaitable[T]) -> T:
+    """Run a store coroutine to completion from synchronous code and return its result.
+
+    :data:`BLOCKING` is set meanwhile, so adapters do their I/O in this thread without
+    suspending. Called from inside an event loop this blocks the loop for the call's
+    duration: async code should await the async API instead. Raises
+    ``RuntimeError`` if the coroutine suspends anyway (an adapter that ignores
+    :data:`BLOCKING`).
     """
+    token = BLOCKING.set(True)
     coro: Any = awaitable.__await__()
     try:
         coro.send(None)
     except StopIteration as done:
         return done.value
+    finally:
+        BLOCKING.reset(token)
     coro.close()
     raise RuntimeError(
-        "this store operation needs an event loop; inside the server, use the async "
-        "methods (await factory.aget(key), ...)"
+        "this store operation suspended while driven synchronously; its adapter must "
+        "honour domain.ports.BLOCKING (or call the async API from async code)"
     )
