@@ -1,7 +1,10 @@
 """The ``asyncapy`` command line (also ``python -m asyncapy``).
 
 ``asyncapy run MODULE:ATTR`` serves the :class:`~asyncapy.server.Server` found at
-``MODULE.ATTR``; the flags override the server's own settings.
+``MODULE.ATTR``; the flags override the server's own settings. With ``--workers N``
+(N > 1) it supervises N worker processes serving the same port (see
+:mod:`asyncapy.workers`); each is started as ``asyncapy _worker ...``, a hidden
+command taking the same arguments, so that it builds its server the same way.
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ import sys
 from typing import Optional, Sequence
 
 from . import __version__
+from adapters.memory import MemorySessionStore
+
 from .config import ConfigError, load_config, validate
 from .server import Server
+from .workers import WORKER_COMMAND, run_worker, supervise
 
 __all__ = ["main", "load_app"]
 
@@ -42,6 +48,10 @@ def load_app(spec: str) -> Server:
     return app
 
 
+_SERVER_FLAGS = ("host", "port", "store", "config", "certfile", "keyfile", "log_level")
+"""The ``run`` flags that shape the server, forwarded as they are to every worker."""
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asyncapy", description="AsyncAPY command line")
     parser.add_argument("--version", action="version", version=f"asyncapy {__version__}")
@@ -51,9 +61,32 @@ def _build_parser() -> argparse.ArgumentParser:
         help="serve an application",
         description="Serve the Server object found at MODULE:ATTR until Ctrl-C or SIGTERM.",
     )
+    _add_server_arguments(run)
+    run.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="serve with N processes sharing the port (default 1: this process). With a "
+        "session_limit, needs a shared store (--store redis://...)",
+    )
+    # Hidden (no help=): how the supervisor of --workers starts each worker.
+    worker = commands.add_parser(WORKER_COMMAND)
+    _add_server_arguments(worker)
+    worker.add_argument("--listen-fds", required=True, help=argparse.SUPPRESS)
+    worker.add_argument("--control-fd", type=int, required=True, help=argparse.SUPPRESS)
+    return parser
+
+
+def _add_server_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("app", metavar="MODULE:ATTR", help="where the Server object is, e.g. examples.echo:app")
     run.add_argument("--host", help="address to bind (overrides the app's addr)")
     run.add_argument("--port", type=int, help="TCP port (overrides the app's port)")
+    run.add_argument(
+        "--store",
+        metavar="URL",
+        help="session store: memory:// (this process only) or redis://HOST:PORT/DB "
+        "(shared by every process using it); overrides the app's store",
+    )
     run.add_argument("--config", metavar="FILE", help="INI file with an [AsyncAPY] section")
     run.add_argument("--certfile", metavar="FILE", help="PEM certificate chain: serve TLS")
     run.add_argument("--keyfile", metavar="FILE", help="PEM private key of --certfile")
@@ -62,15 +95,20 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="LEVEL",
         help="DEBUG, INFO, WARNING, ERROR or CRITICAL (overrides the app's logging_level)",
     )
-    return parser
 
 
-def _run(args: argparse.Namespace) -> int:
+def _configure(args: argparse.Namespace) -> Server:
+    """The app of ``args``, with the config file's and the flags' overrides applied."""
     app = load_app(args.app)
     overrides: dict = {}
     if args.config:
         overrides.update(load_config(args.config))
-    for flag, name in (("host", "addr"), ("port", "port"), ("log_level", "logging_level")):
+    for flag, name in (
+        ("host", "addr"),
+        ("port", "port"),
+        ("log_level", "logging_level"),
+        ("store", "store"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             overrides[name] = validate(name, value, f"--{flag.replace('_', '-')}")
@@ -84,7 +122,43 @@ def _run(args: argparse.Namespace) -> int:
         # The files changed, from the flags or the config: the context must follow,
         # or the server would silently keep serving without (or with stale) TLS.
         app.ssl_context = app._tls_from_files()
-    app.start()
+    return app
+
+
+def _worker_args(args: argparse.Namespace) -> list[str]:
+    """The ``run`` arguments of ``args`` minus ``--workers``: what each worker gets."""
+    forwarded = [args.app]
+    for flag in _SERVER_FLAGS:
+        value = getattr(args, flag)
+        if value is not None:
+            forwarded += [f"--{flag.replace('_', '-')}", str(value)]
+    return forwarded
+
+
+def _run(args: argparse.Namespace) -> int:
+    app = _configure(args)
+    workers = 1 if args.workers is None else args.workers
+    if workers < 1:
+        raise ConfigError("workers", workers, "an integer of at least 1", "--workers")
+    if workers == 1:
+        app.start()
+        return 0
+    if app.session_limit > 0 and isinstance(app.store, MemorySessionStore):
+        # Each worker's in-memory store counts only its own sessions: the limit would
+        # silently become N times the limit.
+        print(
+            f"asyncapy: --workers {workers} with session_limit {app.session_limit} needs a "
+            "shared session store (each worker's in-memory store counts only its own "
+            "sessions): pass a Redis store, e.g. --store redis://localhost:6379/0",
+            file=sys.stderr,
+        )
+        return 2
+    return supervise(app, _worker_args(args), workers)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    app = _configure(args)
+    run_worker(app, [int(fd) for fd in args.listen_fds.split(",")], args.control_fd)
     return 0
 
 
@@ -92,7 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``asyncapy`` command."""
     args = _build_parser().parse_args(argv)
     try:
-        return _run(args)
+        return _worker(args) if args.command == WORKER_COMMAND else _run(args)
     except ConfigError as exc:
         print(f"asyncapy: {exc}", file=sys.stderr)
         return 2

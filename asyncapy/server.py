@@ -17,7 +17,7 @@ import socket
 import ssl
 import time
 import uuid
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import trio
 
@@ -162,12 +162,13 @@ class Server:
         self.keyfile: Optional[str] = settings["keyfile"]
         self.cafile: Optional[str] = settings["cafile"]
         self.shutdown_grace: float = settings["shutdown_grace"]
-        self.session_lease: float = settings["session_lease"]
+        self._store_spec: Union[None, str, SessionStore] = None
+        self.session_lease = settings["session_lease"]
 
         if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
             raise ConfigError("ssl_context", ssl_context, "an ssl.SSLContext or None")
         self.ssl_context: Optional[ssl.SSLContext] = ssl_context or self._tls_from_files()
-        self.store: SessionStore = open_session_store(settings.get("store", store), self.session_lease)
+        self.store = settings.get("store", store)
 
         self.server_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         """Identifies this server process in a shared session store."""
@@ -178,6 +179,34 @@ class Server:
         self._idle_states: dict[str, _Idle] = {}
         self._stopping: Optional[trio.Event] = None
         self._idle: Optional[trio.Event] = None
+
+    # -- the session store ------------------------------------------------------------
+    # Properties, so that assigning a URL (as `asyncapy run --config` and load_config()
+    # do with a config file's `store` and `session_lease` keys) opens the store it names,
+    # instead of leaving a string where the server expects a SessionStore.
+    @property
+    def store(self) -> SessionStore:
+        """Where sessions live. Assign a store URL or a store object before serving."""
+        return self._store
+
+    @store.setter
+    def store(self, store: Union[None, str, SessionStore]) -> None:
+        if not isinstance(store, SessionStore):
+            store = validate("store", store)
+        self._store_spec = store
+        self._store = open_session_store(store, self.session_lease)
+
+    @property
+    def session_lease(self) -> float:
+        """Seconds a session in a shared store outlives this process's last renewal."""
+        return self._session_lease
+
+    @session_lease.setter
+    def session_lease(self, lease: float) -> None:
+        self._session_lease = validate("session_lease", lease)
+        spec = self._store_spec
+        if isinstance(spec, str) and not spec.lower().startswith("memory://"):
+            self._store = open_session_store(spec, self._session_lease)  # the new lease
 
     # -- configuration helpers -------------------------------------------------------
     def _tls_from_files(self) -> Optional[ssl.SSLContext]:
@@ -281,7 +310,14 @@ class Server:
         )
         logging.getLogger("asyncapy").setLevel(self.logging_level)
 
-    async def _run_until_signalled(self) -> None:
+    async def _run_until_signalled(
+        self,
+        *,
+        sockets: Optional[Sequence[socket.socket]] = None,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        # ``sockets`` and ``task_status`` go to serve(): a worker process of
+        # ``asyncapy run --workers`` serves its parent's sockets and reports readiness.
         # serve()'s own failure (a port already in use, a TLS file gone...) is re-raised
         # outside the nursery, as itself: a nursery would wrap it in an ExceptionGroup
         # that ``except OSError`` (the CLI's one-line error) does not catch.
@@ -290,7 +326,7 @@ class Server:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 nursery.start_soon(self._watch_signals, signals, nursery.cancel_scope)
                 try:
-                    await self.serve()
+                    await self.serve(sockets=sockets, task_status=task_status)
                 except Exception as exc:
                     failure = exc
                 nursery.cancel_scope.cancel()
@@ -316,16 +352,28 @@ class Server:
         if self._stopping is not None:
             self._stopping.set()
 
-    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self,
+        *,
+        sockets: Optional[Sequence[socket.socket]] = None,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Serve inside an existing trio program until :meth:`request_shutdown`.
 
         With ``await nursery.start(server.serve)`` the caller resumes once the server
         listens, and gets :attr:`addresses` back.
+
+        ``sockets``: listening :mod:`socket` sockets to accept on instead of binding
+        :attr:`addr` and :attr:`port` (TLS, if configured, is layered on them). This is
+        how the workers of ``asyncapy run --workers N`` share one port: their parent
+        binds it once and each worker serves the inherited socket, so the port is
+        known (even port 0) before any worker starts and no worker can lose a race
+        to bind it. The server owns them from then on and closes them when it stops.
         """
         self._stopping = trio.Event()
         await self.setup()
         try:
-            listeners = await self._open_listeners()
+            listeners = await self._open_listeners(sockets)
             self.addresses = [_sockname(listener) for listener in listeners]
             logger.info(
                 "AsyncAPY serving on %s (%s), sessions in %r",
@@ -334,8 +382,7 @@ class Server:
                 self.store,
             )
             async with trio.open_nursery() as sessions:
-                sessions.start_soon(self.store.maintain)
-                sessions.start_soon(self._reap_idle)
+                sessions.start_soon(self._run_session_services)
                 accepting = trio.CancelScope()
                 sessions.start_soon(self._accept, listeners, sessions, accepting)
                 task_status.started(self.addresses)
@@ -350,13 +397,13 @@ class Server:
                 finally:
                     logger.info("AsyncAPY stopped")
 
-    async def _open_listeners(self) -> list:
-        try:
-            listeners = await trio.open_tcp_listeners(self.port, host=self.addr)
-        except OSError as exc:
-            raise OSError(
-                exc.errno, f"cannot listen on {self.addr}:{self.port}: {exc.strerror or exc}"
-            ) from exc
+    async def _open_listeners(self, sockets: Optional[Sequence[socket.socket]] = None) -> list:
+        if sockets is None:
+            listeners = await bind_listeners(self.addr, self.port)
+        else:
+            listeners = [_listener_of(sock) for sock in sockets]
+            if not listeners:
+                raise ValueError("serve(sockets=...) needs at least one listening socket")
         if self.ssl_context is not None:
             listeners = [
                 trio.SSLListener(listener, self.ssl_context, https_compatible=False)
@@ -404,16 +451,33 @@ class Server:
         except OSError:
             await trio.aclose_forcefully(stream)
             return
+        await self._serve_stream(stream, address)
+
+    async def _serve_stream(
+        self, stream: trio.abc.Stream, address: str, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve one session on ``stream``, a connection from ``address``: admission,
+        the session, its release. Every session takes this one path: the accept loop's
+        with the socket's peer address, :func:`asyncapy.testing.open_test_client`'s with
+        an in-memory stream and the address the test chose.
+
+        ``task_status.started(admitted)`` is called once admission is decided (an
+        admitted session is registered by then), so ``await nursery.start(...)``
+        returns once the session counts towards ``session_limit`` and
+        :meth:`~asyncapy.core.Client.get_sessions`.
+        """
         session_id = uuid.uuid4()
         record = SessionRecord(str(session_id), address, time.time(), self.server_id)
         try:
             admitted = await self.store.admit(record, self.session_limit)
         except StoreUnavailable as exc:
             logger.error("(%s) Session store unavailable, refusing %s: %s", session_id, address, exc)
+            task_status.started(False)
             await self._refuse(stream, ERR_UNAVAILABLE)
             return
         except Exception:
             logger.error("(%s) Session store failed; refusing %s", session_id, address, exc_info=True)
+            task_status.started(False)
             await self._refuse(stream, ERR_UNAVAILABLE)
             return
         if not admitted:
@@ -423,6 +487,7 @@ class Server:
                 address,
                 self.session_limit,
             )
+            task_status.started(False)
             await self._refuse(stream, ERR_SESSION_LIMIT_REACHED)
             return
         channel = self._new_channel(stream)
@@ -431,6 +496,7 @@ class Server:
         session = client.session = Session(session_id, client, record.date, self.server_id)
         self._sessions[record.session_id] = session
         state = self._idle_states[record.session_id] = _Idle(trio.current_time())
+        task_status.started(True)
         logger.info("(%s) Session started for %s", session_id, address)
         reason = "closed"
         try:
@@ -526,6 +592,23 @@ class Server:
             await channel.send(connection.error_bytes(ERR_TIMED_OUT))
         return "timed out"
 
+    async def _run_session_services(self) -> None:
+        """Run, until cancelled, what live sessions need beside them: the store's upkeep
+        (lease renewals) and the idle reaper. :meth:`serve` runs it in its session
+        nursery; the test client of :mod:`asyncapy.testing`, which serves sessions
+        without serve(), in its own."""
+        async with trio.open_nursery() as services:
+            services.start_soon(self.store.maintain)
+            services.start_soon(self._reap_idle)
+
+    def _ready_for_streams(self) -> None:
+        """Make sessions servable without :meth:`serve` (the test client of
+        :mod:`asyncapy.testing`): they check a shutdown event, which serve() creates
+        on each start. Keep a live one (a serve() of this server is running); replace
+        a set one, left by a serve() that ended, or every new session would end at once."""
+        if self._stopping is None or self._stopping.is_set():
+            self._stopping = trio.Event()
+
     async def _reap_idle(self) -> None:
         """Time out sessions that waited ``timeout`` seconds for a complete packet.
 
@@ -559,6 +642,26 @@ class Server:
 
     def __repr__(self) -> str:
         return f"Server(addr={self.addr!r}, port={self.port!r})"
+
+
+async def bind_listeners(addr: str, port: int) -> list[trio.SocketListener]:
+    """Listen on ``addr``:``port`` (one listener per address it resolves to).
+
+    A failure is an :class:`OSError` whose message names the address, which the
+    command line prints as its one error line. :class:`Server` and the supervisor of
+    ``asyncapy run --workers`` bind through here, so both fail the same way.
+    """
+    try:
+        return await trio.open_tcp_listeners(port, host=addr)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {addr}:{port}: {exc.strerror or exc}") from exc
+
+
+def _listener_of(sock: socket.socket) -> trio.SocketListener:
+    """A trio listener accepting on ``sock``, an already listening stdlib socket."""
+    if sock.type != socket.SOCK_STREAM:
+        raise ValueError(f"serve(sockets=...) needs listening TCP sockets, not {sock!r}")
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
 class _Idle:

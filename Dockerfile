@@ -1,0 +1,26 @@
+# The AsyncAPY server image: the package installed, the examples beside it.
+# docker-compose.yml runs it with two workers and a Redis session store.
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+
+# The package first, so that editing an example does not reinstall it.
+COPY pyproject.toml README.md ./
+COPY asyncapy ./asyncapy
+COPY domain ./domain
+COPY adapters ./adapters
+RUN pip install . && useradd --create-home --uid 10001 asyncapy
+
+# `asyncapy run MODULE:ATTR` imports from the working directory.
+COPY examples ./examples
+
+USER asyncapy
+EXPOSE 8081
+
+# Exec form: asyncapy is PID 1 and gets `docker stop`'s SIGTERM itself, so in-flight
+# requests finish (shutdown_grace) before the container exits.
+CMD ["asyncapy", "run", "examples.echo:app", "--host", "0.0.0.0", "--port", "8081"]

@@ -1,0 +1,364 @@
+"""Many processes, one command: ``asyncapy run MODULE:ATTR --workers N``.
+
+One trio loop runs on one core. To use more, ``asyncapy run --workers N`` starts a
+*supervisor* (the process you started) and N *worker* processes, each a complete
+server: it imports the application itself, applies the same command-line overrides,
+runs ``setup()``, serves, and runs ``shutdown()``. Nothing is forked or pickled across,
+so a worker is exactly the server ``asyncapy run`` without ``--workers`` would be.
+
+How N processes share one port
+    The supervisor binds the listening socket(s) once, so the port is known (port 0
+    too) before any worker starts, and a worker that restarts cannot lose a race to
+    bind it. Every worker inherits the socket (``pass_fds``) and serves it with
+    ``Server.serve(sockets=...)``; the kernel hands each new connection to whichever
+    worker accepts it first. Sessions are shared through the session store, which is
+    why a session limit with several workers needs Redis (see ``asyncapy/__main__.py``).
+
+How they talk
+    One socketpair per worker, the *control channel*. The worker writes ``ready`` once
+    it listens (its ``setup()`` done), so the supervisor can log it. Each side sees
+    end-of-file when the other side dies: a worker whose supervisor was killed with
+    SIGKILL shuts down gracefully instead of serving on as an orphan.
+
+Signals
+    SIGTERM or Ctrl-C (SIGINT) to the supervisor: it stops accepting (closes its copy of
+    the sockets), sends SIGTERM to every worker and waits for them. Each worker stops
+    accepting, gives in-flight handlers ``shutdown_grace`` seconds, releases its
+    sessions, runs ``shutdown()`` and exits 0; then the supervisor exits 0. A second
+    signal kills the workers (SIGKILL) and the supervisor exits 1. Workers are started
+    in a session of their own: a terminal's Ctrl-C goes to its whole foreground process
+    group, and a worker that saw that SIGINT and then the forwarded SIGTERM would take
+    the second signal for an order to stop *now*.
+
+Crashes
+    A worker that exits while nobody asked it to (a non-zero status, a signal) is
+    logged and started again, after a delay that doubles with each recent crash of its
+    slot. A slot that dies more than :attr:`RestartPolicy.max_restarts` times within
+    :attr:`RestartPolicy.window` seconds is a bug, not bad luck: the supervisor stops
+    the other workers gracefully and exits 1, for the process manager to see.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import signal
+import socket
+import sys
+from typing import Any, Optional, Sequence
+
+import attrs
+import trio
+
+from .server import Server, _format_address, _sockname, bind_listeners
+
+__all__ = ["RestartPolicy", "Supervisor", "supervise", "run_worker", "describe_store"]
+
+logger = logging.getLogger("asyncapy.workers")
+
+READY = b"ready"
+"""What a worker writes on its control channel once it serves."""
+
+WORKER_COMMAND = "_worker"
+"""The hidden ``asyncapy`` subcommand that runs one worker (see ``__main__``)."""
+
+
+@attrs.frozen
+class RestartPolicy:
+    """How hard the supervisor keeps a worker slot filled.
+
+    Restarting at once and forever would turn a worker that crashes on start (a bad
+    deployment, an unreachable dependency in ``setup()``) into a busy loop that hides
+    the failure; never restarting would let one bad request take a share of the
+    capacity down for good. So: restart, back off, and give up loudly.
+    """
+
+    max_restarts: int = attrs.field(default=5, validator=attrs.validators.ge(0))
+    """Restarts of one slot allowed within :attr:`window`; one more and the supervisor gives up."""
+    window: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
+    """Seconds over which crashes are counted."""
+    first_delay: float = attrs.field(default=0.1, validator=attrs.validators.ge(0))
+    """Delay before restarting after a slot's first recent crash; doubles with each one."""
+    max_delay: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
+    """Longest delay before a restart."""
+
+    def delay(self, recent_crashes: int) -> float:
+        """Seconds to wait before restarting a slot that crashed ``recent_crashes`` times."""
+        return min(self.max_delay, self.first_delay * 2 ** max(0, recent_crashes - 1))
+
+
+class Supervisor:
+    """Keeps ``workers`` worker processes serving ``app``'s address until a signal.
+
+    ``worker_args`` are the ``asyncapy run`` arguments each worker is started with
+    (the application and the overrides, without ``--workers``): every worker builds
+    its own server from them, as the supervisor built ``app``. The supervisor uses
+    ``app`` only for where to listen and what to log; it never serves it.
+    """
+
+    def __init__(
+        self,
+        app: Server,
+        worker_args: Sequence[str],
+        workers: int,
+        policy: RestartPolicy = RestartPolicy(),
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, not {workers}")
+        self.app = app
+        self.worker_args = list(worker_args)
+        self.workers = workers
+        self.policy = policy
+        self.status = 0
+        """The exit status: 0, or 1 after a forced stop, a give-up, or a failed worker."""
+        self.addresses: list[tuple] = []
+        """The (host, port, ...) socket addresses served, once bound."""
+        self._listeners: list[trio.SocketListener] = []
+        self._processes: dict[int, trio.Process] = {}
+        self._spawning = 0
+        self._stopping: Optional[trio.Event] = None
+        self._forced = False
+
+    async def run(self) -> int:
+        """Bind, start the workers, keep them running until a signal; the exit status.
+
+        A bind failure is raised (an :class:`OSError` naming the address) before any
+        worker starts.
+        """
+        self._stopping = trio.Event()
+        self._listeners = await bind_listeners(self.app.addr, self.app.port)
+        try:
+            self.addresses = [_sockname(listener) for listener in self._listeners]
+            logger.info(
+                "AsyncAPY serving on %s (%s) with %d worker processes, sessions in %s",
+                ", ".join(_format_address(a) for a in self.addresses),
+                "TLS" if self.app.ssl_context else "plain TCP",
+                self.workers,
+                describe_store(self.app.store),
+            )
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch_signals, signals)
+                    async with trio.open_nursery() as slots:
+                        for index in range(1, self.workers + 1):
+                            slots.start_soon(self._keep_filled, index)
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._close_listeners()
+        logger.info("AsyncAPY stopped: every worker has exited")
+        return self.status
+
+    # -- signals -----------------------------------------------------------------------
+    async def _watch_signals(self, signals: Any) -> None:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if not self._stopping.is_set():
+                logger.info(
+                    "%s received: stopping %d worker(s) (grace %ss); send it again to kill them",
+                    name,
+                    len(self._processes),
+                    self.app.shutdown_grace,
+                )
+                self._stop()
+            elif not self._forced:
+                logger.warning("Second %s: killing the workers", name)
+                self._forced = True
+                self.status = 1
+                for process in list(self._processes.values()):
+                    self._signal(process)
+
+    def _stop(self) -> None:
+        """Stop accepting here and ask every worker to stop gracefully."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._close_listeners()
+        for process in list(self._processes.values()):
+            self._signal(process)
+
+    def _signal(self, process: trio.Process) -> None:
+        """SIGTERM ``process``, or SIGKILL it once a stop is forced."""
+        try:
+            if self._forced:
+                process.kill()
+            else:
+                process.send_signal(signal.SIGTERM)
+        except OSError:  # already gone
+            pass
+
+    def _close_listeners(self) -> None:
+        # Never while a worker is being started: its fork would inherit a closed (or
+        # worse, reused) descriptor number. The last spawn to finish closes them.
+        if self._spawning:
+            return
+        for listener in self._listeners:
+            listener.socket.close()
+        self._listeners = []
+
+    # -- one worker slot -------------------------------------------------------------------
+    async def _keep_filled(self, index: int) -> None:
+        """Run worker ``index``; start it again whenever it dies unasked (see the policy)."""
+        crashes: collections.deque[float] = collections.deque()
+        while not self._stopping.is_set():
+            pid, code = await self._run_one(index)
+            if self._stopping.is_set():
+                if code == 0 or code == -signal.SIGTERM or self._forced:
+                    logger.info("Worker %d (pid %d) stopped", index, pid)
+                else:
+                    logger.error("Worker %d (pid %d) %s while stopping", index, pid, _describe(code))
+                    self.status = 1
+                return
+            now = trio.current_time()
+            crashes.append(now)
+            while crashes[0] <= now - self.policy.window:
+                crashes.popleft()
+            if len(crashes) > self.policy.max_restarts:
+                logger.error(
+                    "Worker %d (pid %d) %s; it died %d times within %gs: giving up, "
+                    "stopping the other workers",
+                    index,
+                    pid,
+                    _describe(code),
+                    len(crashes),
+                    self.policy.window,
+                )
+                self.status = 1
+                self._stop()
+                return
+            delay = self.policy.delay(len(crashes))
+            logger.warning(
+                "Worker %d (pid %d) %s: restarting it in %gs", index, pid, _describe(code), delay
+            )
+            with trio.move_on_after(delay):
+                await self._stopping.wait()
+
+    async def _run_one(self, index: int) -> tuple[int, int]:
+        """Start worker ``index`` and wait for it to exit; its (pid, exit status)."""
+        ours, theirs = socket.socketpair()
+        with ours:
+            self._spawning += 1
+            try:
+                fds = [listener.socket.fileno() for listener in self._listeners]
+                command = [
+                    sys.executable, "-m", "asyncapy", WORKER_COMMAND,
+                    "--listen-fds", ",".join(map(str, fds)),
+                    "--control-fd", str(theirs.fileno()),
+                    *self.worker_args,
+                ]
+                process = await trio.lowlevel.open_process(
+                    command, pass_fds=(*fds, theirs.fileno()), start_new_session=True
+                )
+            finally:
+                theirs.close()
+                self._spawning -= 1
+            self._processes[index] = process
+            logger.info("Worker %d started (pid %d)", index, process.pid)
+            if self._stopping.is_set():  # a signal came while it was being started
+                self._close_listeners()
+                self._signal(process)
+            control = trio.socket.from_stdlib_socket(ours)
+            try:
+                async with trio.open_nursery() as watch:
+                    watch.start_soon(self._announce_ready, index, process, control)
+                    await process.wait()
+                    watch.cancel_scope.cancel()
+            finally:
+                del self._processes[index]
+        return process.pid, process.returncode
+
+    async def _announce_ready(self, index: int, process: trio.Process, control: Any) -> None:
+        try:
+            message = await control.recv(len(READY))
+        except OSError:
+            return
+        if message == READY:
+            logger.info("Worker %d (pid %d) serving", index, process.pid)
+
+
+def _describe(code: int) -> str:
+    """``exited with status 3`` or ``was killed by SIGKILL``."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}"
+    return f"exited with status {code}"
+
+
+def describe_store(store: Any) -> str:
+    """``RedisSessionStore at redis://host:6379/0``: where sessions live, for the log.
+
+    Built from the connection settings rather than the URL, so that a password in the
+    URL never reaches the log; other stores are named by their class.
+    """
+    name = type(store).__name__
+    pool = getattr(getattr(store, "redis", None), "connection_pool", None)
+    settings = getattr(pool, "connection_kwargs", None)
+    if not isinstance(settings, dict):
+        return name
+    db = settings.get("db", 0)
+    if settings.get("path"):
+        return f"{name} at unix://{settings['path']}?db={db}"
+    scheme = "rediss" if "SSL" in getattr(pool.connection_class, "__name__", "") else "redis"
+    return f"{name} at {scheme}://{settings.get('host')}:{settings.get('port')}/{db}"
+
+
+def supervise(
+    app: Server, worker_args: Sequence[str], workers: int, policy: RestartPolicy = RestartPolicy()
+) -> int:
+    """Run a :class:`Supervisor` until it is signalled (blocking); its exit status."""
+    app.configure_logging()
+    return trio.run(Supervisor(app, worker_args, workers, policy).run)
+
+
+# -- the worker side ---------------------------------------------------------------------------
+class _Readiness:
+    """The ``task_status`` a worker gives ``Server.serve``: it tells when serving began."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+
+    def started(self, value: Any = None) -> None:
+        """Called by ``serve`` once it listens and ``setup()`` is done."""
+        self.event.set()
+
+
+def run_worker(app: Server, listen_fds: Sequence[int], control_fd: int) -> None:
+    """Serve ``app`` on inherited listening sockets until signalled (blocking).
+
+    ``listen_fds`` are the supervisor's listening sockets, ``control_fd`` this worker's
+    end of its control channel. SIGTERM or SIGINT stop it gracefully, as they stop
+    ``asyncapy run`` without workers; so does its supervisor's death.
+    """
+    sockets = [socket.socket(fileno=fd) for fd in listen_fds]
+    control = socket.socket(fileno=control_fd)
+    app.configure_logging()
+    trio.run(_serve_worker, app, sockets, control)
+
+
+async def _serve_worker(app: Server, sockets: list[socket.socket], control: socket.socket) -> None:
+    readiness = _Readiness()
+    failure: Optional[Exception] = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stay_in_touch, app, trio.socket.from_stdlib_socket(control), readiness)
+        try:
+            await app._run_until_signalled(sockets=sockets, task_status=readiness)
+        except Exception as exc:  # re-raised as itself, not inside an ExceptionGroup
+            failure = exc
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+
+
+async def _stay_in_touch(app: Server, control: Any, readiness: _Readiness) -> None:
+    """Say ``ready`` to the supervisor, then stop gracefully if it goes away."""
+    await readiness.event.wait()
+    try:
+        await control.send(READY)
+        while await control.recv(64):  # the supervisor never writes: only EOF comes
+            pass
+    except OSError:
+        pass
+    logger.warning("The supervisor is gone: shutting down")
+    app.request_shutdown()
