@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
-from typing import AsyncIterator
-
 import pytest
-import trio
 
 from asyncapy.server import Server
+from asyncapy.testing.serving import open_test_server
 
-
-@asynccontextmanager
-async def serving(server: Server) -> AsyncIterator[tuple[str, int]]:
-    """Run ``server`` (bound to 127.0.0.1, port 0) in the background; yield (host, port).
-
-    On exit the server is shut down gracefully, as on SIGTERM, and waited for.
-    """
-    server.addr = "127.0.0.1"
-    server.port = 0
-    async with trio.open_nursery() as nursery:
-        addresses = await nursery.start(server.serve)
-        host, port = addresses[0][:2]
-        try:
-            yield host, port
-        finally:
-            server.request_shutdown()
+serving = open_test_server
+"""``async with serving(server) as (host, port)``: ``server`` on 127.0.0.1 and a free port,
+in the test's trio run, shut down gracefully (as on SIGTERM) and waited for on exit. The
+pytest plugin's implementation (the ``asyncapy_serve`` fixture), under its old name here."""
 
 
 @pytest.fixture

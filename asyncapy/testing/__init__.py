@@ -1,9 +1,26 @@
-"""Test helpers for people writing their own AsyncAPY store adapters.
+"""Test helpers for AsyncAPY applications and for people writing their own store adapters.
+
+Testing handlers (see ``docs/testing.md``):
+
+- :func:`open_test_client` drives a server's whole session pipeline (admission,
+  framing, filters, groups, sessions, error replies, timeouts) in-process, through an
+  in-memory stream: no port, no socket.
+- :func:`open_test_server` runs a server on a free loopback port, for tests that need
+  a real socket. The pytest plugin :mod:`asyncapy.testing.plugin`, registered when
+  AsyncAPY is installed, hands it out as the ``asyncapy_serve`` fixture.
+
+Both need trio only. Testing store adapters:
 
 :mod:`asyncapy.testing.contracts` holds the contract suites every
 :class:`~domain.ports.SessionStore` and :class:`~domain.ports.KeyStore` adapter must
 pass: subclass one in your own test file, give it a ``store`` fixture, and every
 inherited test runs against your adapter. The contracts need ``pytest`` and
 ``pytest-trio``, which are test dependencies, not dependencies of AsyncAPY itself:
-importing this package does not import them, importing ``contracts`` does.
+importing this package does not import them, importing ``contracts`` (or ``plugin``)
+does.
 """
+
+from .client import TestClient, open_test_client
+from .serving import open_test_server
+
+__all__ = ["open_test_client", "open_test_server", "TestClient"]
