@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test install install-test ensure-redis clean
+.PHONY: run test install install-test ensure-redis bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,3 +35,13 @@ test: install-test ensure-redis
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+
+## Benchmarks (run by hand): AsyncAPY against bare trio in the same run, codecs,
+## idle-session memory, and the cost of admission with Redis.
+bench: $(BIN)/python ensure-redis
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m benchmarks.run --rounds 3 --seconds 3 --uvloop --churn --plot docs/performance.png
+	$(BIN)/python -m benchmarks.codecs
+	$(BIN)/python -m benchmarks.idle_memory
+	$(BIN)/python -m benchmarks.admission
+
