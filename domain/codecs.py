@@ -87,6 +87,8 @@ class JsonCodec(Codec):
             raise CodecError("JSON payload is nested too deeply") from None
         if type(obj) is not dict:
             raise CodecError(f"JSON payload is a {type(obj).__name__}, not an object")
+        if _could_nest_beyond(data, _JSON_OPENERS) and _depth_exceeds(obj, MAX_DEPTH):
+            raise CodecError(f"JSON payload nests deeper than {MAX_DEPTH}")
         return obj
 
     @staticmethod
@@ -105,14 +107,46 @@ def _refuse_extension(code: int, data: memoryview) -> Any:
     raise CodecError(f"MessagePack extension type {code} is not part of ZiProto")
 
 
-# msgspec decodes the MessagePack timestamp extension (type -1) itself, without
-# calling ext_hook, into a datetime. A timestamp needs a fixext4, fixext8 or ext8
-# opcode, so only a payload holding one of those bytes can hide one; only then is the
-# decoded value searched (iteratively: it may be nested ~1000 deep).
-# The three headers a MessagePack timestamp (extension type -1) can have: fixext 4,
-# fixext 8 and ext 8 of length 12, each followed by the type byte 0xff.
-_TIMESTAMP_HEADERS = (b"\xd6\xff", b"\xd7\xff", b"\xc7\x0c\xff")
+MAX_DEPTH = 500
+"""Deepest nesting of maps and arrays a payload may have (the top-level map is 1).
 
+A fixed limit, well below the interpreter's recursion limit, so that whether a
+payload is accepted does not depend on how deep the caller's stack happens to be, and
+everything accepted can also be encoded back (an echo never fails for depth)."""
+
+# A payload cannot nest deeper than it has container openers; counting (an upper
+# bound) those bytes is one C-speed pass, so only a payload that could exceed the
+# limit pays for the iterative depth walk.
+_JSON_OPENERS = bytes(b for b in range(256) if b not in b"[{")
+_ZIPROTO_OPENERS = bytes(b for b in range(256) if not (0x80 <= b <= 0x9F or 0xDC <= b <= 0xDF))
+
+
+def _could_nest_beyond(data: bytes, non_openers: bytes) -> bool:
+    return len(data) > MAX_DEPTH and len(data.translate(None, non_openers)) > MAX_DEPTH
+
+
+def _depth_exceeds(obj: Any, limit: int) -> bool:
+    """Whether ``obj`` nests containers more than ``limit`` deep (iteratively)."""
+    stack = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        kind = type(item)
+        if kind is dict:
+            stack.extend((value, depth + 1) for value in item.values() if type(value) in _CONTAINERS)
+            stack.extend((key, depth + 1) for key in item if type(key) is tuple)
+        elif kind is list or kind is tuple:
+            stack.extend((value, depth + 1) for value in item if type(value) in _CONTAINERS)
+    return False
+
+
+_CONTAINERS = (dict, list, tuple)
+
+# msgspec decodes the MessagePack timestamp extension (type -1) itself, into a
+# datetime, without calling ext_hook, whatever ext opcode carries it (fixext 4/8,
+# ext 8/16/32). Every such header is followed by the type byte 0xff, so one memchr for
+# 0xff rules most payloads out; only those holding the byte get the iterative search.
 
 def _holds_datetime(obj: Any) -> bool:
     stack = [obj]
@@ -155,12 +189,10 @@ class ZiProtoCodec(Codec):
             raise CodecError(f"malformed ZiProto: {exc}") from None
         if type(obj) is not dict:
             raise CodecError(f"ZiProto payload is a {type(obj).__name__}, not a map")
-        # Every timestamp header ends in the type byte 0xff: one memchr rules most
-        # payloads out before the slower multi-byte searches and the walk.
-        if b"\xff" in data:
-            ts4, ts8, ts12 = _TIMESTAMP_HEADERS
-            if (ts4 in data or ts8 in data or ts12 in data) and _holds_datetime(obj):
-                raise CodecError("MessagePack extension type -1 is not part of ZiProto")
+        if b"\xff" in data and _holds_datetime(obj):
+            raise CodecError("MessagePack extension type -1 is not part of ZiProto")
+        if _could_nest_beyond(data, _ZIPROTO_OPENERS) and _depth_exceeds(obj, MAX_DEPTH):
+            raise CodecError(f"ZiProto payload nests deeper than {MAX_DEPTH}")
         return obj
 
 

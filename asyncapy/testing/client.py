@@ -49,6 +49,18 @@ async def open_test_client(
 ) -> AsyncIterator["TestClient"]:
     """Open an in-process :class:`TestClient` to ``server``; close it on exit.
 
+    The session opens when the client first sends or receives, or on
+    :meth:`TestClient.connect`: that is when admission (``session_limit``) is decided.
+    Each test client is one session; open several (nested ``async with``) for
+    several sessions. The server's idle-timeout reaper and its store's upkeep run
+    beside the client for as long as it is open.
+
+    On a normal exit the client hangs up, as a TCP client closing its socket, and the
+    session is let finish (in-flight handlers included, for at most the server's
+    ``shutdown_grace``); if the block raises, the session is cancelled at once. An
+    exception raised in the block propagates as itself, not inside an
+    :class:`ExceptionGroup`.
+
     :param server: the server to test. It need not be serving (it usually is not:
         no port is opened), and it may be: the test client then adds one more
         session beside the network ones.
@@ -63,23 +75,11 @@ async def open_test_client(
         before the client opens and its :meth:`~asyncapy.server.Server.shutdown`
         after it closed, as :meth:`~asyncapy.server.Server.serve` does. Off by
         default: a test gets exactly the handlers, and hooks run only when asked.
-
-    The session opens when the client first sends or receives, or on
-    :meth:`TestClient.connect`: that is when admission (``session_limit``) is decided.
-    Each test client is one session; open several (nested ``async with``) for
-    several sessions. The server's idle-timeout reaper and its store's upkeep run
-    beside the client for as long as it is open.
-
-    On a normal exit the client hangs up, as a TCP client closing its socket, and the
-    session is let finish (in-flight handlers included, for at most the server's
-    ``shutdown_grace``); if the block raises, the session is cancelled at once. An
-    exception raised in the block propagates as itself, not inside an
-    :class:`ExceptionGroup`.
     """
     client = TestClient(server, address=address, encoding=encoding, timeout=timeout)
     if lifespan:
         await server.setup()
-    failure: Optional[Exception] = None
+    failure: Optional[BaseException] = None
     try:
         async with trio.open_nursery() as nursery:
             server._ready_for_streams()
@@ -87,16 +87,23 @@ async def open_test_client(
             client._nursery = nursery
             try:
                 yield client
-            except Exception as exc:
+            except trio.Cancelled:
+                raise  # belongs to an enclosing cancel scope: let trio route it
+            except BaseException as exc:
                 # Re-raised below, outside the nursery, so it is not wrapped in an
-                # ExceptionGroup: ``pytest.raises`` around the block keeps working.
+                # ExceptionGroup: ``pytest.raises`` around the block keeps working,
+                # and a KeyboardInterrupt or pytest.fail() stays itself.
                 failure = exc
             else:
                 await client.aclose()
             finally:
                 nursery.cancel_scope.cancel()
                 client._nursery = None
-                await client._abort()
+                # Shielded: the scope above is cancelled, and an unshielded await here
+                # would raise Cancelled over a BaseException leaving the block (a
+                # pytest.fail, KeyboardInterrupt), swallowing it.
+                with trio.CancelScope(shield=True):
+                    await client._abort()
     finally:
         if lifespan:
             with trio.CancelScope(shield=True):
