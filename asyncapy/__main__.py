@@ -5,6 +5,11 @@
 (N > 1) it supervises N worker processes serving the same port (see
 :mod:`asyncapy.workers`); each is started as ``asyncapy _worker ...``, a hidden
 command taking the same arguments, so that it builds its server the same way.
+
+``asyncapy send HOST:PORT JSON`` sends packets and prints the replies
+(:mod:`asyncapy.cli.send`); ``asyncapy keys ACTION`` manages API keys in a shared
+store (:mod:`asyncapy.cli.keys`). Every error is one line on stderr, never a
+traceback (:mod:`asyncapy.cli`); docs/cli.md is the reference.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from typing import Optional, Sequence
 from . import __version__
 from adapters.memory import MemorySessionStore
 
+from .cli import CommandError, HelpFormatter, OneLineParser
+from .cli import keys as keys_command
+from .cli import send as send_command
 from .config import ConfigError, load_config, validate
 from .server import Server
 from .workers import WORKER_COMMAND, run_worker, supervise
@@ -52,23 +60,40 @@ _SERVER_FLAGS = ("host", "port", "store", "config", "certfile", "keyfile", "log_
 """The ``run`` flags that shape the server, forwarded as they are to every worker."""
 
 
+_EPILOG = """\
+Run 'asyncapy COMMAND --help' for the flags of each command.
+exit status: 0 success; 1 network, protocol or store failure; 2 bad flags or input;
+3 'send' got an error reply ({"status": "failure", ...}).
+"""
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="asyncapy", description="AsyncAPY command line")
+    parser = OneLineParser(
+        prog="asyncapy",
+        description="AsyncAPY command line: serve an application, talk to a server, manage "
+        "API keys.",
+        epilog=_EPILOG,
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"asyncapy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser(
         "run",
         help="serve an application",
-        description="Serve the Server object found at MODULE:ATTR until Ctrl-C or SIGTERM.",
+        description="Serve the Server object found at MODULE:ATTR until Ctrl-C or SIGTERM. "
+        "The flags override the app's own settings, which override the defaults; a flag "
+        "left out keeps the app's (or --config's) value.",
     )
     _add_server_arguments(run)
     run.add_argument(
         "--workers",
         type=int,
         metavar="N",
-        help="serve with N processes sharing the port (default 1: this process). With a "
+        help="serve with N processes sharing the port (default: 1, this process). With a "
         "session_limit, needs a shared store (--store redis://...)",
     )
+    send_command.add_parser(commands)
+    keys_command.add_parser(commands)
     # Hidden (no help=): how the supervisor of --workers starts each worker.
     worker = commands.add_parser(WORKER_COMMAND)
     _add_server_arguments(worker)
@@ -79,21 +104,30 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _add_server_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("app", metavar="MODULE:ATTR", help="where the Server object is, e.g. examples.echo:app")
-    run.add_argument("--host", help="address to bind (overrides the app's addr)")
-    run.add_argument("--port", type=int, help="TCP port (overrides the app's port)")
+    run.add_argument("--host", help="address to bind (default: the app's addr, 127.0.0.1 unless set)")
+    run.add_argument("--port", type=int, help="TCP port, 0 for any free one (default: the app's port, 8081 unless set)")
     run.add_argument(
         "--store",
         metavar="URL",
         help="session store: memory:// (this process only) or redis://HOST:PORT/DB "
-        "(shared by every process using it); overrides the app's store",
+        "(shared by every process using it) (default: the app's store, memory unless set)",
     )
-    run.add_argument("--config", metavar="FILE", help="INI file with an [AsyncAPY] section")
-    run.add_argument("--certfile", metavar="FILE", help="PEM certificate chain: serve TLS")
-    run.add_argument("--keyfile", metavar="FILE", help="PEM private key of --certfile")
+    run.add_argument(
+        "--config",
+        metavar="FILE",
+        help="INI file with an [AsyncAPY] section; the other flags win over it (default: none)",
+    )
+    run.add_argument(
+        "--certfile",
+        metavar="FILE",
+        help="PEM certificate chain: serve TLS (default: the app's certfile; plain TCP unless set)",
+    )
+    run.add_argument("--keyfile", metavar="FILE", help="PEM private key of --certfile (default: the app's keyfile)")
     run.add_argument(
         "--log-level",
         metavar="LEVEL",
-        help="DEBUG, INFO, WARNING, ERROR or CRITICAL (overrides the app's logging_level)",
+        help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default: the app's logging_level, INFO "
+        "unless set)",
     )
 
 
@@ -163,8 +197,19 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``asyncapy`` command."""
+    """Entry point of the ``asyncapy`` command: the exit status."""
     args = _build_parser().parse_args(argv)
+    command = getattr(args, "command_function", None)
+    if command is not None:  # send, keys
+        prog = f"asyncapy {args.command}"
+        try:
+            return command(args)
+        except CommandError as exc:
+            if exc.message:
+                print(f"{prog}: {exc.message}", file=sys.stderr)
+            return exc.status
+        except KeyboardInterrupt:
+            return 130
     try:
         return _worker(args) if args.command == WORKER_COMMAND else _run(args)
     except ConfigError as exc:
