@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test install install-test ensure-redis bench clean
+.PHONY: run test install install-test ensure-redis bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,13 @@ ensure-redis:
 test: install-test ensure-redis
 	$(BIN)/python -m pytest
 
+## Build the documentation site into site/ (MkDocs, offline); any warning fails it.
+docs: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[docs]'
+	$(BIN)/python -m mkdocs build --strict -d site
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis build site *.egg-info
 
 ## Benchmarks (run by hand): AsyncAPY against bare trio in the same run, codecs,
 ## idle-session memory, and the cost of admission with Redis.
@@ -45,3 +50,11 @@ bench: $(BIN)/python ensure-redis
 	$(BIN)/python -m benchmarks.idle_memory
 	$(BIN)/python -m benchmarks.admission
 
+## Fuzz the protocol core (framing, Connection, both codecs; pure code, no sockets) with
+## FUZZ_RUNS inputs; exits non-zero on a finding (saved under fuzz/findings/). Not part
+## of `make test`; docs/security.md records the runs.
+FUZZ_RUNS ?= 100000
+FUZZ_SEED ?= 1
+.PHONY: fuzz
+fuzz: install
+	$(BIN)/python -m fuzz --runs $(FUZZ_RUNS) --seed $(FUZZ_SEED)

@@ -116,15 +116,20 @@ class _ClientBase:
 class Client(_ClientBase):
     """A blocking AsyncAProto 22 client over one TCP or TLS connection.
 
-    :param byteorder: ``'big'`` (standard) or ``'little'``; must match the server.
-    :param header_size: 2, 4 (standard) or 8; must match the server.
-    :param tls: wrap the connection in TLS (default True), verifying the server's
-        certificate and host name.
-    :param encoding: ``'json'`` or ``'ziproto'``: how :meth:`send` encodes payloads.
-    :param timeout: seconds a connect or read may take (None = forever).
-    :param ssl_context: client-side :class:`ssl.SSLContext` to use instead of the
-        default (for client certificates, pinned CAs...).
-    :param cafile: PEM bundle of the CA(s) that signed the server's certificate.
+    Its parameters, ``Client(byteorder='big', header_size=4, tls=True,
+    encoding='json', timeout=60, *, ssl_context=None, cafile=None,
+    max_packet_size=16777216)``:
+
+    - ``byteorder``: ``'big'`` (standard) or ``'little'``; must match the server.
+    - ``header_size``: 2, 4 (standard) or 8; must match the server.
+    - ``tls``: wrap the connection in TLS (default True), verifying the server's
+      certificate and host name.
+    - ``encoding``: ``'json'`` or ``'ziproto'``: how :meth:`send` encodes payloads.
+    - ``timeout``: seconds a connect or read may take (None = forever).
+    - ``ssl_context``: client-side :class:`ssl.SSLContext` to use instead of the
+      default (for client certificates, pinned CAs...).
+    - ``cafile``: PEM bundle of the CA(s) that signed the server's certificate.
+    - ``max_packet_size``: largest reply Content-Length accepted (16 MiB).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

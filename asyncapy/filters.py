@@ -44,13 +44,13 @@ class Filters:
     class Ip(Filter):
         """Let through only clients whose IP address is listed.
 
+        The filter can be updated at runtime: :meth:`add`, :meth:`remove`, or assign
+        :attr:`ips` a new list.
+
         :param ips: one entry or an iterable of entries; an entry is an IPv4 or IPv6
             address (``"10.1.2.3"``, ``"::1"``) or network (``"10.0.0.0/8"``).
             IPv4-mapped IPv6 addresses (``::ffff:10.1.2.3``) match their IPv4 form.
         :raises ValueError: on anything that is not an address or network.
-
-        The filter can be updated at runtime: :meth:`add`, :meth:`remove`, or assign
-        :attr:`ips` a new list.
         """
 
         def __init__(self, ips: Union[str, Iterable[str]]) -> None:
@@ -177,11 +177,11 @@ class Filters:
     class APIFactory(Filter):
         """Let through only packets whose ``field_name`` holds a valid API key.
 
-        :param factory: the :class:`~asyncapy.util.APIKeyFactory` (or a subclass).
-        :param field_name: the payload field carrying the key.
-
         The lookup is asynchronous: it never blocks the event loop, whatever store or
         subclass the factory uses.
+
+        :param factory: the :class:`~asyncapy.util.APIKeyFactory` (or a subclass).
+        :param field_name: the payload field carrying the key.
         """
 
         def __init__(self, factory: APIKeyFactory, field_name: str) -> None:

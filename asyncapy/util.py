@@ -34,17 +34,17 @@ def fingerprint(key: str) -> str:
 class APIKeyFactory:
     """Manage API keys and their metadata.
 
-    :param size: the length of issued keys, in characters (default 32, at least 16).
-    :param store: where keys live: ``None`` or ``'memory://'`` for an in-memory store
-        private to this factory, a ``redis://`` URL shared by every process using it,
-        or any :class:`domain.ports.KeyStore` object (your own adapter).
-
     Keys come from :mod:`secrets` (a CSPRNG) over a 64-symbol URL-safe alphabet, so a
     32-character key carries 192 bits of entropy. Every method that takes a key raises
     ``KeyError`` when the key does not exist.
 
     Subclasses may override the documented synchronous methods; the API-key filter then
     calls the overridden method in a worker thread so the event loop never blocks.
+
+    :param size: the length of issued keys, in characters (default 32, at least 16).
+    :param store: where keys live: ``None`` or ``'memory://'`` for an in-memory store
+        private to this factory, a ``redis://`` URL shared by every process using it,
+        or any :class:`domain.ports.KeyStore` object (your own adapter).
     """
 
     def __init__(self, size: int = 32, store: Union[None, str, KeyStore] = None) -> None:
