@@ -68,6 +68,15 @@ def _number(low: float, inclusive: bool) -> Callable[[Any], float]:
     return check
 
 
+def _optional_number(low: float, inclusive: bool) -> Callable[[Any], Optional[float]]:
+    number = _number(low, inclusive)
+
+    def check(value: Any) -> Optional[float]:
+        return None if value is None else number(value)
+
+    return check
+
+
 def _choice(*choices: Any) -> Callable[[Any], Any]:
     def check(value: Any) -> Any:
         # Same type too: 4.0 == 4 and True == 1, but a float header size is no size.
@@ -129,6 +138,10 @@ def _read_number(text: str) -> Any:
         except ValueError:
             pass
     return text
+
+
+def _read_optional_number(text: str) -> Any:
+    return _read_number(text) if text else None
 
 
 def _read_level(text: str) -> Any:
@@ -199,6 +212,20 @@ SETTINGS: Mapping[str, Setting] = {
             "a number of seconds of at least 0",
             _number(0, True),
             _read_number,
+        ),
+        Setting(
+            "max_connections",
+            10_000,
+            "an integer of at least 1",
+            _integer(1),
+            _read_int,
+        ),
+        Setting(
+            "handler_timeout",
+            None,
+            "a number of seconds greater than 0, or nothing (no deadline)",
+            _optional_number(0, False),
+            _read_optional_number,
         ),
     )
 }

@@ -43,7 +43,7 @@ class Channel:
     reached): the client is waiting for all of them anyway.
     """
 
-    __slots__ = ("stream", "connection", "_lock", "closed", "holding", "_pending")
+    __slots__ = ("stream", "connection", "_lock", "closed", "holding", "_pending", "interrupted")
 
     def __init__(self, stream: trio.abc.Stream, connection: Connection) -> None:
         self.stream = stream
@@ -52,6 +52,8 @@ class Channel:
         self.closed = False
         self.holding = False
         self._pending = bytearray()
+        self.interrupted = False
+        """True once a write did not complete (cancelled or failed midway)."""
 
     async def send(self, data: bytes) -> None:
         """Write ``data`` whole (or hold it, see above); ``trio.ClosedResourceError``
@@ -79,17 +81,29 @@ class Channel:
             await self._write(data)
 
     async def _write(self, data: bytes) -> None:
+        if self.interrupted:
+            raise trio.BrokenResourceError("an earlier write on this session was interrupted")
         lock = self._lock
         if lock.locked():
-            async with lock:
-                await self.stream.send_all(data)
-            return
-        # Uncontended (the usual case): take the lock without a scheduling round trip.
-        lock.acquire_nowait()
+            await lock.acquire()
+        else:
+            # Uncontended (the usual case): no scheduling round trip for the lock.
+            lock.acquire_nowait()
         try:
             await self.stream.send_all(data)
+        except BaseException:
+            # Part of ``data`` may be on the wire: the stream is out of step with the
+            # framing, and nothing more may be written to it.
+            self.interrupted = True
+            raise
         finally:
             lock.release()
+
+    @property
+    def writing(self) -> bool:
+        """True while a write is in progress (or waiting for another one): what the
+        server's idle reaper looks at to find sessions whose client stopped reading."""
+        return self._lock.locked()
 
     def take_pending(self) -> bytes:
         """Remove and return the held replies (to send them another way)."""
@@ -130,7 +144,7 @@ class Client:
     :param encoding: the session's encoding, ``'json'`` or ``'ziproto'``.
     """
 
-    __slots__ = ("address", "ip", "session", "encoding", "_server", "_stream", "_channel")
+    __slots__ = ("address", "ip", "session", "encoding", "handler", "_server", "_stream", "_channel")
 
     def __init__(
         self,
@@ -146,6 +160,8 @@ class Client:
         """The address parsed by :mod:`ipaddress` (None if it is not an IP)."""
         self.session = session
         self.encoding = encoding
+        self.handler: Optional[Handler] = None
+        """The handler the dispatcher called last for this client (for logs)."""
         self._server = server
         self._stream = stream
         self._channel: Optional[Channel] = None

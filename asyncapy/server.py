@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import configparser
 import logging
+import math
 import os
 import signal
 import socket
@@ -20,6 +21,11 @@ import uuid
 from typing import Any, Callable, Optional, Sequence, Union
 
 import trio
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - Windows has no open-file rlimit
+    resource = None  # type: ignore[assignment]
 
 from domain.codecs import JSON, codec_named
 from domain.connection import NEED_DATA, Connection, ProtocolError, Request, error_payload
@@ -46,6 +52,15 @@ logger = logging.getLogger("asyncapy.server")
 LINGER_SECONDS = 2.0
 """How long a refused connection is drained after its error reply, at most."""
 
+FD_MARGIN = 100
+"""File descriptors a server process needs beside its connections (listeners, the
+event loop, store connections, logs, what handlers open): the open-file limit must
+exceed ``max_connections`` by this much, or it, not ``max_connections``, caps them."""
+
+REFUSAL_LOG_INTERVAL = 1.0
+"""Seconds between two warnings about connections refused past ``max_connections``:
+a flood of them logs one line per interval, with the count of those not logged."""
+
 _READ_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
@@ -63,7 +78,8 @@ class Server:
     :param datefmt: date format of the console handler.
     :param timeout: seconds a session may go without a *complete* packet before it is
         answered ``ERR_TIMED_OUT`` and closed (60). A packet trickling in byte by byte
-        does not keep a session alive.
+        does not keep a session alive. A session whose reply could not be written for
+        as long (its client stopped reading) is closed too, without a reply.
     :param header_size: bytes of the Content-Length header: 2, 4 (standard) or 8.
     :param byteorder: ``'big'`` (standard) or ``'little'``.
     :param config: path of an INI file whose ``[AsyncAPY]`` section overrides these
@@ -88,6 +104,17 @@ class Server:
         :class:`domain.ports.SessionStore` object.
     :param session_lease: seconds a session in a shared store outlives its process's
         last lease renewal (30): how long the sessions of a killed process linger.
+    :param max_connections: connections this process serves at once (10,000). Past
+        it, a new connection is accepted and closed at once (lingering, without a
+        reply), and a warning is logged at most once per second. Serving raises the
+        process's soft open-file limit to its hard limit, and warns if that limit is
+        still too low for ``max_connections`` (it would then be the real cap).
+    :param handler_timeout: seconds a packet's handlers (all its groups, their
+        filters included) may run (``None``, the default: no deadline). Past it they
+        are cancelled, a warning names the session and the handler, and the client
+        gets ``ERR_INTERNAL``; the session goes on. A handler cancelled in the middle
+        of writing a reply leaves the stream in an unknown state: that session is
+        closed instead.
 
     Every argument is validated; a bad one raises
     :class:`~asyncapy.config.ConfigError` (a ``ValueError``) naming the parameter, the
@@ -118,6 +145,8 @@ class Server:
         shutdown_grace: float = 10.0,
         store: Union[None, str, SessionStore] = None,
         session_lease: float = 30.0,
+        max_connections: int = SETTINGS["max_connections"].default,
+        handler_timeout: Optional[float] = SETTINGS["handler_timeout"].default,
     ) -> None:
         given = dict(
             addr=addr,
@@ -137,6 +166,8 @@ class Server:
             cafile=cafile,
             shutdown_grace=shutdown_grace,
             session_lease=session_lease,
+            max_connections=max_connections,
+            handler_timeout=handler_timeout,
         )
         if not isinstance(store, SessionStore):
             given["store"] = store
@@ -162,6 +193,8 @@ class Server:
         self.keyfile: Optional[str] = settings["keyfile"]
         self.cafile: Optional[str] = settings["cafile"]
         self.shutdown_grace: float = settings["shutdown_grace"]
+        self.max_connections: int = settings["max_connections"]
+        self.handler_timeout: Optional[float] = settings["handler_timeout"]
         self._store_spec: Union[None, str, SessionStore] = None
         self.session_lease = settings["session_lease"]
 
@@ -179,6 +212,10 @@ class Server:
         self._idle_states: dict[str, _Idle] = {}
         self._stopping: Optional[trio.Event] = None
         self._idle: Optional[trio.Event] = None
+        self._connections = 0
+        """Connections accepted and being served (refused ones not counted)."""
+        self._refusals_unlogged = 0
+        self._refusal_logged_at = -math.inf
 
     # -- the session store ------------------------------------------------------------
     # Properties, so that assigning a URL (as `asyncapy run --config` and load_config()
@@ -371,6 +408,7 @@ class Server:
         to bind it. The server owns them from then on and closes them when it stops.
         """
         self._stopping = trio.Event()
+        self._check_open_file_limit()
         await self.setup()
         try:
             listeners = await self._open_listeners(sockets)
@@ -391,11 +429,30 @@ class Server:
                 await self._drain()
                 sessions.cancel_scope.cancel()
         finally:
+            if self._refusals_unlogged:
+                self._log_refusals("")
             with trio.CancelScope(shield=True):
                 try:
                     await self.shutdown()
                 finally:
                     logger.info("AsyncAPY stopped")
+
+    def _check_open_file_limit(self) -> None:
+        """Raise the open-file limit (once per process) and warn if it caps connections
+        below :attr:`max_connections`: every connection is a file descriptor, and past
+        the limit ``accept()`` fails, which no client would understand."""
+        limit = raise_open_file_limit()
+        if limit is None or limit >= self.max_connections + FD_MARGIN:
+            return
+        logger.warning(
+            "The open-file limit (%d, the hard limit allows no more) caps this process at "
+            "about %d connections, below max_connections=%d: raise the hard limit "
+            "(ulimit -Hn; LimitNOFILE= in a systemd unit; docker run --ulimit nofile=N:N) "
+            "or lower max_connections",
+            limit,
+            max(limit - FD_MARGIN, 0),
+            self.max_connections,
+        )
 
     async def _open_listeners(self, sockets: Optional[Sequence[socket.socket]] = None) -> list:
         if sockets is None:
@@ -446,12 +503,45 @@ class Server:
         )
 
     async def _handle_connection(self, stream: trio.abc.Stream) -> None:
-        try:
-            address = _peer_address(stream)
-        except OSError:
-            await trio.aclose_forcefully(stream)
+        if self._connections >= self.max_connections:
+            await self._refuse_connection(stream)
             return
-        await self._serve_stream(stream, address)
+        self._connections += 1
+        try:
+            try:
+                address = _peer_address(stream)
+            except OSError:
+                await trio.aclose_forcefully(stream)
+                return
+            await self._serve_stream(stream, address)
+        finally:
+            self._connections -= 1
+
+    async def _refuse_connection(self, stream: trio.abc.Stream) -> None:
+        """Close a connection past :attr:`max_connections` at once: no session, no store,
+        no TLS handshake, no reply (no error code fits), just a lingering close of the
+        TCP connection, so a client that already wrote a request sees the connection
+        end rather than a reset. The warning is rate-limited: a flood is one line a
+        second."""
+        self._refusals_unlogged += 1
+        if time.monotonic() - self._refusal_logged_at >= REFUSAL_LOG_INTERVAL:
+            try:
+                address = _peer_address(stream)
+            except OSError:
+                address = "a client gone already"
+            self._log_refusals(f": refused a connection from {address}")
+        await _linger_close(_transport_of(stream), b"")
+
+    def _log_refusals(self, latest: str) -> None:
+        count = self._refusals_unlogged
+        if latest:
+            count -= 1  # the one being refused is told apart
+        more = f"; {count} more refused since the last such warning" if count else ""
+        logger.warning(
+            "max_connections (%d) reached%s%s", self.max_connections, latest, more
+        )
+        self._refusals_unlogged = 0
+        self._refusal_logged_at = time.monotonic()
 
     async def _serve_stream(
         self, stream: trio.abc.Stream, address: str, *, task_status: Any = trio.TASK_STATUS_IGNORED
@@ -495,7 +585,7 @@ class Server:
         client._channel = channel
         session = client.session = Session(session_id, client, record.date, self.server_id)
         self._sessions[record.session_id] = session
-        state = self._idle_states[record.session_id] = _Idle(trio.current_time())
+        state = self._idle_states[record.session_id] = _Idle(trio.current_time(), channel)
         task_status.started(True)
         logger.info("(%s) Session started for %s", session_id, address)
         reason = "closed"
@@ -523,7 +613,11 @@ class Server:
         connection = channel.connection
         framer = connection.framer
         stream = channel.stream
-        dispatch = self._dispatcher.dispatch
+        # Chosen once per session: without handler_timeout, a packet costs no scope.
+        if self.handler_timeout is None:
+            dispatch = self._dispatcher.dispatch
+        else:
+            dispatch = self._dispatch_within_deadline
         stopping = self._stopping
         buf = self.buf
         session_id = client.session.session_id
@@ -587,10 +681,56 @@ class Server:
                 state.last_active = trio.current_time()
         if stopping.is_set():
             return "server shutting down"
+        if state.stuck:
+            # Cancelled in the middle of a write, perhaps: no reply can follow it.
+            channel.closed = True
+            await trio.aclose_forcefully(stream)
+            return f"the client read no reply for {self.timeout}s"
         logger.debug("(%s) No complete packet for %ss: timing out", session_id, self.timeout)
+        reply = connection.error_bytes(ERR_TIMED_OUT)
+        if isinstance(stream, trio.SocketStream):
+            # A client still sending (a packet trickling in) would turn a plain close
+            # into a TCP reset, which can destroy the reply before the client reads
+            # it: close lingering, as on a framing error.
+            reply = channel.take_pending() + reply
+            channel.closed = True
+            await _linger_close(stream, reply)
+            return "timed out"
         with trio.move_on_after(1):
-            await channel.send(connection.error_bytes(ERR_TIMED_OUT))
+            await channel.send(reply)
         return "timed out"
+
+    async def _dispatch_within_deadline(self, client: Client, packet: Packet) -> None:
+        """Dispatch under :attr:`handler_timeout` (the session loop's ``dispatch`` when
+        it is set). Past the deadline, the running handler is cancelled and logged,
+        and the client gets ``ERR_INTERNAL``; if it was cancelled while writing, part
+        of a reply may be on the wire already, so the session is closed instead."""
+        with trio.move_on_after(self.handler_timeout) as deadline:
+            await self._dispatcher.dispatch(client, packet)
+        if not deadline.cancelled_caught:
+            return
+        name = client.handler.name if client.handler is not None else "?"
+        channel = client._writer()
+        session_id = client.session.session_id
+        if channel.interrupted and not channel.closed:
+            logger.warning(
+                "(%s) Handler %s ran past handler_timeout (%ss) while writing: "
+                "cancelled, and the session closed",
+                session_id,
+                name,
+                self.handler_timeout,
+            )
+            channel.closed = True
+            await trio.aclose_forcefully(channel.stream)
+            return
+        logger.warning(
+            "(%s) Handler %s ran past handler_timeout (%ss): cancelled",
+            session_id,
+            name,
+            self.handler_timeout,
+        )
+        if not channel.closed:
+            await channel.send(channel.connection.error_bytes(ERR_INTERNAL))
 
     async def _run_session_services(self) -> None:
         """Run, until cancelled, what live sessions need beside them: the store's upkeep
@@ -610,19 +750,38 @@ class Server:
             self._stopping = trio.Event()
 
     async def _reap_idle(self) -> None:
-        """Time out sessions that waited ``timeout`` seconds for a complete packet.
+        """Time out sessions that waited ``timeout`` seconds for a complete packet, and
+        those whose replies could not be written for ``timeout`` seconds.
 
         One task for every session, waking every ``timeout / 8`` seconds (at most 1 s,
         at least 50 ms): a session costs nothing per packet for its timeout but the
         time stamp above, and times out at most one interval late.
+
+        A client that pipelines requests and never reads its replies is never waiting
+        for bytes: the server stops reading from it while a reply cannot be written
+        (that is the backpressure that bounds its memory), so the session sits in a
+        write. The reaper sees that write in progress (its channel's lock is held) and
+        closes the session once every look for ``timeout`` seconds found one: such a
+        client would otherwise hold its connection, and a ``max_connections`` slot,
+        forever. The cost is the reaper's, never a packet's.
         """
         while True:
             timeout = self.timeout
             await trio.sleep(max(0.05, min(1.0, timeout / 8)))
-            cutoff = trio.current_time() - timeout
+            now = trio.current_time()
+            cutoff = now - timeout
             for state in self._idle_states.values():
-                if state.waiting and state.last_active <= cutoff:
-                    state.scope.cancel()
+                if state.waiting:
+                    if state.last_active <= cutoff:
+                        state.scope.cancel()
+                elif state.channel.writing:
+                    if state.writing_seen is None:
+                        state.writing_seen = now
+                    elif state.writing_seen <= cutoff:
+                        state.stuck = True
+                        state.scope.cancel()
+                    continue
+                state.writing_seen = None
 
     async def _refuse(self, stream: trio.abc.Stream, code: str) -> None:
         """Reply ``code`` in JSON (no encoding is known yet), then close lingering."""
@@ -667,12 +826,53 @@ def _listener_of(sock: socket.socket) -> trio.SocketListener:
 class _Idle:
     """A session's idle-timeout state, read by :meth:`Server._reap_idle`."""
 
-    __slots__ = ("scope", "waiting", "last_active")
+    __slots__ = ("scope", "waiting", "last_active", "channel", "writing_seen", "stuck")
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, now: float, channel: Channel) -> None:
         self.scope = trio.CancelScope()
         self.waiting = False
         self.last_active = now
+        self.channel = channel
+        self.writing_seen: Optional[float] = None
+        """When the reaper first found the session writing, in a run of looks that all
+        did; None when the last look did not."""
+        self.stuck = False
+        """Set by the reaper when it cancels the session for a write that never ends."""
+
+
+def raise_open_file_limit() -> Optional[int]:
+    """Raise this process's soft limit on open files to its hard limit (once per
+    process; later calls only read it) and return the soft limit, or None where there
+    is no such limit (Windows).
+
+    Every connection is a file descriptor, and soft limits are often 1024, where hard
+    ones allow far more: a server that did not raise its own would refuse clients at
+    ``accept()`` long before :attr:`Server.max_connections`. The event loop uses
+    epoll/kqueue, never ``select()``, so descriptors past 1024 are no problem.
+    """
+    global _open_file_limit_raised
+    if resource is None:  # pragma: no cover
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if _open_file_limit_raised or soft == resource.RLIM_INFINITY:
+        return soft if soft != resource.RLIM_INFINITY else None
+    _open_file_limit_raised = True
+    # An unlimited hard limit is still capped by the kernel (fs.nr_open on Linux,
+    # kern.maxfilesperproc on macOS), which refuses a larger soft limit: try less.
+    targets = (hard,) if hard != resource.RLIM_INFINITY else (1 << 20, 1 << 16, 10240)
+    for target in targets:
+        if target <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            continue
+        logger.debug("Raised the open-file limit from %d to %d", soft, target)
+        return target
+    return soft
+
+
+_open_file_limit_raised = False
 
 
 async def _linger_close(stream: trio.abc.Stream, data: bytes) -> None:
@@ -680,7 +880,8 @@ async def _linger_close(stream: trio.abc.Stream, data: bytes) -> None:
     most :data:`LINGER_SECONDS`), then close: the reply is not destroyed by a reset."""
     with trio.move_on_after(LINGER_SECONDS):
         try:
-            await stream.send_all(data)
+            if data:
+                await stream.send_all(data)
             if isinstance(stream, trio.abc.HalfCloseableStream):
                 await stream.send_eof()
             while await stream.receive_some(65536):
@@ -690,10 +891,15 @@ async def _linger_close(stream: trio.abc.Stream, data: bytes) -> None:
     await trio.aclose_forcefully(stream)
 
 
-def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType:
+def _transport_of(stream: trio.abc.Stream) -> trio.SocketStream:
+    """The TCP stream under ``stream`` (itself, or what an SSLStream wraps)."""
     while not hasattr(stream, "socket"):
         stream = stream.transport_stream  # SSLStream
-    return stream.socket
+    return stream
+
+
+def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType:
+    return _transport_of(stream).socket
 
 
 def _peer_address(stream: trio.abc.Stream) -> str:

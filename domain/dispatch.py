@@ -116,7 +116,8 @@ class Dispatcher:
         """Run ``packet`` through the groups; return how many handlers were called.
 
         ``client.closed`` is read after each handler: a session closed by a handler
-        receives nothing more. Raises :class:`HandlerFailed` if a handler or filter
+        receives nothing more. ``client.handler`` is set to each handler before it is
+        called, so that whoever interrupts one (a deadline) can name it. Raises :class:`HandlerFailed` if a handler or filter
         raised anything but ``StopPropagation``.
         """
         called = 0
@@ -129,6 +130,7 @@ class Dispatcher:
                     if not passed:
                         continue
                     called += 1
+                    client.handler = handler
                     await handler.function(client, packet)
                 except StopPropagation:
                     return called
