@@ -15,15 +15,13 @@ traceback (:mod:`asyncapy.cli`); docs/cli.md is the reference.
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
 import sys
 from typing import Optional, Sequence
 
 from . import __version__
 from adapters.memory import MemorySessionStore
 
-from .cli import CommandError, HelpFormatter, OneLineParser
+from .cli import CommandError, HelpFormatter, OneLineParser, import_object
 from .cli import keys as keys_command
 from .cli import send as send_command
 from .config import ConfigError, load_config, validate
@@ -38,19 +36,10 @@ _TLS_SETTINGS = frozenset({"certfile", "keyfile", "cafile"})
 
 def load_app(spec: str) -> Server:
     """Import ``MODULE:ATTR`` (from the current directory too) and return the Server."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise SystemExit(f"asyncapy: expected MODULE:ATTR (like examples.echo:app), not {spec!r}")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise SystemExit(f"asyncapy: cannot import {module_name!r}: {exc}") from None
-    try:
-        app = getattr(module, attr)
-    except AttributeError:
-        raise SystemExit(f"asyncapy: module {module_name!r} has no attribute {attr!r}") from None
+        app = import_object(spec, "app")
+    except CommandError as exc:
+        raise SystemExit(f"asyncapy: {exc}") from None
     if not isinstance(app, Server):
         raise SystemExit(f"asyncapy: {spec} is {app!r}, not an asyncapy Server")
     return app

@@ -96,6 +96,20 @@ class _ClientBase:
             )
         return self._framer.frame(event.payload, event.encoding, event.version)
 
+    async def _read_packet(self, stream: trio.abc.Stream) -> bytes:
+        """Read ``stream`` until a whole packet is buffered; ``b""`` at its end."""
+        while True:
+            raw = self._next_raw()
+            if raw is not None:
+                return raw
+            try:
+                data = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                return b""
+            if not data:
+                return b""
+            self._framer.receive_data(data)
+
     def _split_packet(self, raw: bytes) -> Tuple[int, int, int, bytes]:
         """``(content_length, version, encoding, payload)`` of one raw packet."""
         return self._framer.split(raw)
@@ -255,17 +269,7 @@ class AsyncClient(_ClientBase):
         stream = self._require()
         try:
             with self._deadline():
-                while True:
-                    raw = self._next_raw()
-                    if raw is not None:
-                        return raw
-                    try:
-                        data = await stream.receive_some(65536)
-                    except trio.BrokenResourceError:
-                        return b""
-                    if not data:
-                        return b""
-                    self._framer.receive_data(data)
+                return await self._read_packet(stream)
         except trio.TooSlowError:
             raise TimeoutError(f"no reply within {self.timeout}s") from None
 

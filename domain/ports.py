@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import abc
 import contextvars
-from typing import Any, Awaitable, Optional, TypeVar
+from typing import Any, Awaitable, TypeVar
 
 import attrs
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import base64
 import codecs
+import importlib
 import json
 import os
 import re
@@ -36,6 +37,7 @@ __all__ = [
     "EXIT_ERROR_REPLY",
     "CommandError",
     "UsageError",
+    "import_object",
     "OneLineParser",
     "HelpFormatter",
     "jsonable",
@@ -105,6 +107,30 @@ class OneLineParser(argparse.ArgumentParser):
             shown = [c for c in (s.strip() for s in match.group(1).split(",")) if not c.strip("'").startswith("_")]
             message = message[: match.start()] + f"(choose from {', '.join(shown)})"
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def import_object(spec: str, what: str) -> Any:
+    """The object named ``MODULE:ATTR`` (the current directory importable too).
+
+    ``what`` names it in errors (``"--store"``, ``"the app"``): :class:`UsageError` for
+    a bad spec, a missing module or attribute; :class:`CommandError` when the module
+    itself fails while importing.
+    """
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UsageError(f"{what}: expected MODULE:ATTR (like examples.echo:app), not {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"{what}: cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # the user's module failed while importing
+        raise CommandError(f"{what}: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise UsageError(f"{what}: module {module_name!r} has no attribute {attr!r}") from None
 
 
 def jsonable(value: Any) -> Any:

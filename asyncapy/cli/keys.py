@@ -24,7 +24,6 @@ carry a password).
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from typing import Any, Optional
@@ -34,7 +33,7 @@ from domain.ports import KeyStore, run_to_completion
 
 from ..config import ConfigError
 from ..util import APIKeyFactory, fingerprint
-from . import EXIT_OK, CommandError, HelpFormatter, UsageError, parse_json, print_json
+from . import EXIT_OK, CommandError, HelpFormatter, UsageError, import_object, parse_json, print_json
 
 __all__ = ["STORE_ENV", "add_parser", "open_factory", "run"]
 
@@ -152,21 +151,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 
 
 def _import_store(spec: str) -> Any:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise UsageError(f"--store MODULE:ATTR needs both parts, e.g. mykeys:store, not {spec!r}")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UsageError(f"--store: cannot import {module_name!r}: {exc}") from None
-    except Exception as exc:  # the user's module failed while importing
-        raise CommandError(f"--store: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise UsageError(f"--store: module {module_name!r} has no attribute {attr!r}") from None
+    return import_object(spec, "--store")
 
 
 def open_factory(store: Optional[str], size: Optional[int] = None) -> APIKeyFactory:

@@ -254,17 +254,7 @@ class TestClient(_ClientBase):
         stream = await self._connected()
         try:
             with trio.fail_after(self.timeout) if self.timeout is not None else trio.CancelScope():
-                while True:
-                    raw = self._next_raw()
-                    if raw is not None:
-                        return raw
-                    try:
-                        data = await stream.receive_some(65536)
-                    except trio.BrokenResourceError:
-                        return b""
-                    if not data:
-                        return b""
-                    self._framer.receive_data(data)
+                return await self._read_packet(stream)
         except trio.TooSlowError:
             raise TimeoutError(f"no packet from the server within {self.timeout}s") from None
 

@@ -3,14 +3,11 @@ form, a fixed nesting limit, exceptions out of the test client, a clean fuzz smo
 
 from __future__ import annotations
 
-import logging
 
 import pytest
-import trio
 
 from asyncapy import Server
 from asyncapy.testing import open_test_client
-from asyncapy.util import APIKeyFactory
 from domain.codecs import JSON, ZIPROTO
 from domain.errors import CodecError
 from fuzz.campaign import Campaign
