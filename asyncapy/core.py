@@ -208,14 +208,14 @@ class Client:
 class Packet(Mapping):
     """A payload and its encoding; a read-only mapping of the payload's fields.
 
+    ``"key" in packet``, ``packet["key"]``, ``packet.get("key")``, ``len(packet)`` and
+    iteration work as on a dict; the packet itself cannot be changed.
+
     :param fields: a ``dict``, or a JSON object as ``str`` or UTF-8 ``bytes``.
     :param encoding: ``'json'`` or ``'ziproto'``: how the packet is written when sent.
     :param sender: the :class:`Client` that sent it (set by the server).
     :raises ValueError: on another encoding, malformed JSON, or JSON that is not an
         object.
-
-    ``"key" in packet``, ``packet["key"]``, ``packet.get("key")``, ``len(packet)`` and
-    iteration work as on a dict; the packet itself cannot be changed.
     """
 
     __slots__ = ("_fields", "_codec", "sender")

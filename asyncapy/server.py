@@ -67,7 +67,11 @@ _READ_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 class Server:
     """An AsyncAProto 22 server.
 
-    The positional parameters and their defaults are those of AsyncAPY 0.5:
+    Every argument is validated; a bad one raises
+    :class:`~asyncapy.config.ConfigError` (a ``ValueError``) naming the parameter, the
+    value and what is accepted. The positional parameters and their defaults are
+    those of AsyncAPY 0.5 (``addr`` to ``session_limit``); the ones after them are
+    keyword-only additions.
 
     :param addr: address to bind (``'127.0.0.1'``; ``'0.0.0.0'`` for every IPv4
         interface, ``'::'`` for every IPv6 one).
@@ -87,8 +91,6 @@ class Server:
     :param cfg_parser: a :class:`configparser.ConfigParser` to read the config with
         (already loaded, if ``config`` is None).
     :param session_limit: live sessions one client address may hold (0 = unlimited).
-
-    Keyword-only additions:
 
     :param max_packet_size: largest Content-Length accepted (16 MiB). A larger one is
         answered ``ERR_PACKET_TOO_LARGE`` from the header alone, and the session closed.
@@ -115,10 +117,6 @@ class Server:
         gets ``ERR_INTERNAL``; the session goes on. A handler cancelled in the middle
         of writing a reply leaves the stream in an unknown state: that session is
         closed instead.
-
-    Every argument is validated; a bad one raises
-    :class:`~asyncapy.config.ConfigError` (a ``ValueError``) naming the parameter, the
-    value and what is accepted.
     """
 
     def __init__(
