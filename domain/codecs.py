@@ -66,12 +66,32 @@ class JsonCodec(Codec):
     code = 0
 
     def __init__(self) -> None:
-        # The same configuration json.dumps() uses when given no options.
-        self._encode = json.JSONEncoder().encode
+        # The same configuration json.dumps() uses when given no options...
+        encoder = json.JSONEncoder()
+        self._encode = encoder.encode
+        # ...with its C encoder built once: JSONEncoder.encode() builds a new one for
+        # every call, which costs as much as encoding a small payload. Built without
+        # the markers dict (check_circular=False): one dict shared by every call would
+        # be left dirty by a failed call and is not safe across threads. A circular
+        # payload still fails, with RecursionError, as a too deeply nested one does.
+        make = getattr(json.encoder, "c_make_encoder", None)
+        self._chunks = None if make is None else make(
+            None,
+            encoder.default,
+            json.encoder.encode_basestring_ascii,
+            encoder.indent,
+            encoder.key_separator,
+            encoder.item_separator,
+            encoder.sort_keys,
+            encoder.skipkeys,
+            encoder.allow_nan,
+        )
         self._fast_decode = msgspec.json.Decoder().decode
 
     def encode(self, obj: Mapping[Any, Any]) -> bytes:
         try:
+            if self._chunks is not None and type(obj) is dict:
+                return "".join(self._chunks(obj, 0)).encode("ascii")
             return self._encode(obj).encode("ascii")
         except (TypeError, ValueError, RecursionError) as exc:
             raise CodecError(f"cannot encode as JSON: {exc}") from None

@@ -27,6 +27,8 @@ from .framing import (
 
 __all__ = ["Request", "ProtocolError", "Connection", "NEED_DATA", "error_payload"]
 
+_tuple_new = tuple.__new__  # Request(...) in one C call, as Framer does for Frame
+
 
 class Request(NamedTuple):
     """A valid packet: its decoded payload and the codec the session speaks."""
@@ -110,7 +112,7 @@ class Connection:
         codec = self.codec
         if codec is None:
             codec = self.codec = declared
-        return Request(fields, codec)
+        return _tuple_new(Request, (fields, codec))
 
     def encode(self, fields: Mapping[Any, Any], codec: Codec) -> bytes:
         """The bytes of one packet carrying ``fields`` in ``codec``.

@@ -88,11 +88,15 @@ class HandlerFailed(Exception):
 class Dispatcher:
     """The registry of handlers by group, and the dispatch loop over it."""
 
-    __slots__ = ("_groups", "_ordered")
+    __slots__ = ("_groups", "_ordered", "sole")
 
     def __init__(self) -> None:
         self._groups: dict[int, list[Handler]] = {}
         self._ordered: tuple[tuple[int, tuple[Handler, ...]], ...] = ()
+        self.sole: Optional[tuple[int, Handler]] = None
+        """``(group, handler)`` when every packet reaches exactly that one handler
+        (one group, whose first handler has no filter), else None: then
+        :meth:`dispatch` calls it without its group and filter loops."""
 
     def register(self, handler: Handler, group: int = 0) -> Handler:
         """Add ``handler`` at the end of ``group``."""
@@ -102,6 +106,8 @@ class Dispatcher:
         self._ordered = tuple(
             (number, tuple(handlers)) for number, handlers in sorted(self._groups.items())
         )
+        only = self._ordered[0] if len(self._ordered) == 1 else None
+        self.sole = (only[0], only[1][0]) if only and not only[1][0].filters else None
         return handler
 
     @property
@@ -120,6 +126,16 @@ class Dispatcher:
         called, so that whoever interrupts one (a deadline) can name it. Raises :class:`HandlerFailed` if a handler or filter
         raised anything but ``StopPropagation``.
         """
+        sole = self.sole
+        if sole is not None:  # one group, one unfiltered first handler: the loops, sooner
+            client.handler = sole[1]
+            try:
+                await sole[1].function(client, packet)
+            except StopPropagation:
+                pass
+            except Exception as exc:
+                raise HandlerFailed(sole[1], sole[0]) from exc
+            return 1
         called = 0
         for group, handlers in self._ordered:
             for handler in handlers:

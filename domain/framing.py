@@ -47,6 +47,9 @@ DEFAULT_MAX_PACKET_SIZE = 16 * 1024 * 1024
 """Largest Content-Length accepted by default: 16 MiB."""
 
 _STRUCT_CODES = {2: "H", 4: "I", 8: "Q"}
+_tuple_new = tuple.__new__
+"""Builds a NamedTuple in one C call (``Frame(...)`` goes through a Python-level
+``__new__``): done once per packet on the hot path."""
 _COMPACT_AT = 64 * 1024
 
 
@@ -199,7 +202,7 @@ class Framer:
             self._offset = 0
         else:
             self._offset = end
-        return Frame(version, encoding, payload)
+        return _tuple_new(Frame, (version, encoding, payload))
 
     # -- sending -------------------------------------------------------------------
     def frame(self, payload: bytes, encoding: int, version: int = PROTOCOL_VERSION) -> bytes:

@@ -348,3 +348,30 @@ async def test_closed_is_read_after_every_group_even_without_a_match():
     assert await dispatcher.dispatch(FakeClient(), PACKET) == 0
     assert log == []
 
+
+
+async def test_the_single_handler_fast_path_behaves_like_the_loops():
+    """One group whose first handler has no filter: dispatched without the loops, but
+    with the same outcomes (recorded handler, StopPropagation, HandlerFailed)."""
+    calls = []
+
+    async def only(client, packet):
+        calls.append(packet)
+        if packet == "stop":
+            raise StopPropagation
+        if packet == "boom":
+            raise KeyError("boom")
+
+    dispatcher = Dispatcher()
+    handler = dispatcher.register(Handler(only), group=3)
+    assert dispatcher.sole == (3, handler)
+    client = FakeClient()
+    assert await dispatcher.dispatch(client, "ok") == 1
+    assert client.handler is handler
+    assert await dispatcher.dispatch(client, "stop") == 1
+    with pytest.raises(HandlerFailed) as failed:
+        await dispatcher.dispatch(client, "boom")
+    assert failed.value.group == 3 and isinstance(failed.value.__cause__, KeyError)
+    assert calls == ["ok", "stop", "boom"]
+    dispatcher.register(Handler(only), group=4)
+    assert dispatcher.sole is None  # two groups: propagation needs the loops
