@@ -620,9 +620,10 @@ class Server:
         buf = self.buf
         session_id = client.session.session_id
         debug = logger.isEnabledFor(logging.DEBUG)
-        # One cancel scope for the whole session, not one per read: the idle reaper
-        # (see _reap_idle) or a shutdown cancels it, and only while the session waits
-        # for bytes, never while a handler runs.
+        # One cancel scope for the whole session, not one per read. A shutdown cancels
+        # it only while the session waits for bytes; the reaper (see _reap_idle) then,
+        # or when the session's writes have been blocked for ``timeout`` (state.stuck).
+        # A handler that is neither waiting nor writing is never cancelled here.
         with state.scope:
             while True:
                 event = connection.next_event()

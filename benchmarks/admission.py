@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -49,7 +48,7 @@ from domain.codecs import JSON
 from domain.framing import Framer
 from domain.ports import SessionRecord, SessionStore
 
-from . import loadgen
+from . import loadgen, run
 from .run import ROOT, free_port, wait_listening
 
 ADDRESS = "203.0.113.7"
@@ -216,16 +215,7 @@ def end_to_end(url: str, redis_pid: int, rounds: int, seconds: float, clients: i
 
 # -- report ---------------------------------------------------------------------------------
 def describe_machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return (
-        f"{cpu}, nproc {os.cpu_count()}, Python {platform.python_version()}, "
-        f"{platform.system()} {platform.release()}, redis-server {redis_version()}"
-    )
+    return f"{run.describe_machine()}, redis-server {redis_version()}"
 
 
 def print_store_table(results: dict, pairs: int, rounds: int) -> None:

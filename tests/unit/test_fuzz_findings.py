@@ -34,7 +34,7 @@ def json_frame(payload: bytes) -> bytes:
 MALFORMED = {"status": "failure", "error": "ERR_REQUEST_MALFORMED"}
 
 # -- 1. domain/codecs.py: MessagePack timestamps slip through as datetime ------------------
-# _TIMESTAMP_HEADERS only knows fixext4, fixext8 and ext8-of-12; msgspec also decodes
+# The first guard knew only fixext4, fixext8 and ext8-of-12 headers; msgspec also decodes
 # ext8 of length 4 or 8, and ext16/ext32 of length 4, 8 or 12, with type -1 (0xff).
 TIMESTAMPS = [
     pytest.param(b"\x81\xa1a\xc7\x04\xff" + bytes(4), id="ext8-len4"),
