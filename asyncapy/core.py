@@ -20,6 +20,7 @@ from domain.connection import Connection
 from domain.dispatch import Handler
 from domain.errors import StopPropagation
 
+from . import _sockio
 from .filters import normalise_address
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,6 +32,11 @@ __all__ = ["Client", "Packet", "Handler", "Session"]
 HOLD_LIMIT = 64 * 1024
 """Most bytes of replies held back for one write while a pipelined batch is handled."""
 
+WRITES_PER_YIELD = 16
+"""On a plain TCP connection, a write the kernel takes at once does not yield to other
+tasks (see :mod:`asyncapy._sockio`); every this-many-th write in a row without a read
+in between yields first, so a handler that only ever sends cannot starve the others."""
+
 
 class Channel:
     """The writing end of one connection: ordered, locked, closable once.
@@ -41,19 +47,34 @@ class Channel:
     client has further pipelined requests waiting), replies are gathered and written
     together, in one system call, when the batch ends (or :data:`HOLD_LIMIT` is
     reached): the client is waiting for all of them anyway.
+
+    On a plain TCP connection, writes are direct system calls (:mod:`asyncapy._sockio`)
+    that yield only when the kernel has no room, and before every
+    :data:`WRITES_PER_YIELD`-th write since the session's last read (the server resets
+    :attr:`unyielded` at each read, which always yields).
     """
 
-    __slots__ = ("stream", "connection", "_lock", "closed", "holding", "_pending", "interrupted")
+    __slots__ = (
+        "stream", "connection", "socket", "_busy", "_queue", "closed", "holding", "_pending",
+        "interrupted", "unyielded",
+    )
 
     def __init__(self, stream: trio.abc.Stream, connection: Connection) -> None:
         self.stream = stream
         self.connection = connection
-        self._lock = trio.StrictFIFOLock()
+        self.socket = _sockio.raw_socket_of(stream)
+        """The socket written and read directly, or None to use the stream's methods."""
+        # Writes are serialised by hand: trio's locks register their owner task for
+        # deadlock detection, which costs more than a small reply's write.
+        self._busy = False
+        self._queue = trio.lowlevel.ParkingLot()
         self.closed = False
         self.holding = False
         self._pending = bytearray()
         self.interrupted = False
         """True once a write did not complete (cancelled or failed midway)."""
+        self.unyielded = 0
+        """Writes since the last read or yield (direct writes only)."""
 
     async def send(self, data: bytes) -> None:
         """Write ``data`` whole (or hold it, see above); ``trio.ClosedResourceError``
@@ -70,40 +91,52 @@ class Channel:
         elif self.holding and len(data) < HOLD_LIMIT:
             pending += data
             return
-        await self._write(data)
-
-    async def flush(self) -> None:
-        """Write the held replies, if any."""
-        self.holding = False
-        if self._pending:
-            data = bytes(self._pending)
-            self._pending.clear()
-            await self._write(data)
-
-    async def _write(self, data: bytes) -> None:
-        if self.interrupted:
-            raise trio.BrokenResourceError("an earlier write on this session was interrupted")
-        lock = self._lock
-        if lock.locked():
-            await lock.acquire()
+        # The write itself, inline (a reply's path has no coroutine layer to spare).
+        sock = self.socket
+        if sock is not None:
+            self.unyielded += 1
+            if self.unyielded >= WRITES_PER_YIELD:
+                # Before the write, not after: if this checkpoint is where a cancel
+                # lands, nothing of ``data`` is on the wire and the session stays usable.
+                self.unyielded = 0
+                await trio.lowlevel.checkpoint()
+        if self._busy:
+            # Another write is under way: queue (FIFO). The writer before hands the
+            # channel over on its way out, so ``_busy`` stays set for this one.
+            await self._queue.park()
         else:
-            # Uncontended (the usual case): no scheduling round trip for the lock.
-            lock.acquire_nowait()
+            self._busy = True
         try:
-            await self.stream.send_all(data)
+            if self.interrupted:  # checked once the turn came: the write before may be it
+                raise trio.BrokenResourceError("an earlier write on this session was interrupted")
+            if sock is None:
+                await self.stream.send_all(data)
+            else:
+                sent = _sockio.write_now(sock, data)
+                if sent < len(data):
+                    await _sockio.write_rest(sock, data, sent)
         except BaseException:
             # Part of ``data`` may be on the wire: the stream is out of step with the
             # framing, and nothing more may be written to it.
             self.interrupted = True
             raise
         finally:
-            lock.release()
+            if self._queue:
+                self._queue.unpark()
+            else:
+                self._busy = False
+
+    async def flush(self) -> None:
+        """Write the held replies, if any (none once the channel is closed)."""
+        self.holding = False
+        if self._pending and not self.closed:
+            await self.send(b"")
 
     @property
     def writing(self) -> bool:
         """True while a write is in progress (or waiting for another one): what the
         server's idle reaper looks at to find sessions whose client stopped reading."""
-        return self._lock.locked()
+        return self._busy
 
     def take_pending(self) -> bytes:
         """Remove and return the held replies (to send them another way)."""
@@ -187,9 +220,8 @@ class Client:
         :raises domain.errors.CodecError: if the packet holds a value its encoding
             cannot represent (bytes in JSON, an integer beyond 64 bits in ZiProto).
         """
-        channel = self._writer()
-        data = channel.connection.encode(packet._fields, packet._codec)
-        await channel.send(data)
+        channel = self._channel or self._writer()
+        await channel.send(channel.connection.encode(packet._fields, packet._codec))
         if close:
             await self.close()
 

@@ -40,6 +40,7 @@ from domain.errors import (
 from domain.framing import Framer
 from domain.ports import SessionRecord, SessionStore
 
+from . import _sockio
 from .config import SETTINGS, ConfigError, load_config, validate
 from .core import Channel, Client, Packet, Session
 from .filters import normalise_address
@@ -611,6 +612,7 @@ class Server:
         connection = channel.connection
         framer = connection.framer
         stream = channel.stream
+        sock = channel.socket  # read directly (see asyncapy._sockio), or None
         # Chosen once per session: without handler_timeout, a packet costs no scope.
         if self.handler_timeout is None:
             dispatch = self._dispatcher.dispatch
@@ -620,6 +622,7 @@ class Server:
         buf = self.buf
         session_id = client.session.session_id
         debug = logger.isEnabledFor(logging.DEBUG)
+        now = trio.lowlevel.current_clock().current_time  # trio.current_time, minus a hop
         # One cancel scope for the whole session, not one per read. A shutdown cancels
         # it only while the session waits for bytes; the reaper (see _reap_idle) then,
         # or when the session's writes have been blocked for ``timeout`` (state.stuck).
@@ -635,7 +638,11 @@ class Server:
                     if stopping.is_set():
                         return "server shutting down"
                     state.waiting = True
-                    data = await stream.receive_some(buf)
+                    if sock is not None:
+                        data = await _sockio.receive(sock, buf)
+                        channel.unyielded = 0
+                    else:
+                        data = await stream.receive_some(buf)
                     state.waiting = False
                     if state.scope.cancel_called:
                         break  # cancelled just as bytes arrived: it still counts
@@ -677,7 +684,7 @@ class Server:
                 # The idle clock starts once the packet is handled, not when it
                 # arrived: a handler slower than ``timeout`` must not time out the
                 # next read at once.
-                state.last_active = trio.current_time()
+                state.last_active = now()
         if stopping.is_set():
             return "server shutting down"
         if state.stuck:

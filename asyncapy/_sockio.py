@@ -1,0 +1,105 @@
+"""Reads and writes on a plain TCP connection with one system call each, not three.
+
+``trio.SocketStream`` is correct and general, and on a small-packet server its cost
+per call shows: ``receive_some`` first tries ``recv`` (which, on a connection whose
+client waits for each reply, fails with ``EAGAIN`` and raises), then waits for
+readability, then calls ``recv`` again; ``send_all`` writes and then always yields to
+the scheduler, even when the kernel took every byte at once. Per request that is two
+scheduling rounds, one failed system call and one exception, which for a 50-byte
+request cost more than decoding and dispatching it.
+
+Here, for a plain ``trio.SocketStream`` on a POSIX system (TLS streams and in-memory
+test streams keep the stream methods):
+
+* :func:`receive` always waits for readability first, then reads once: one scheduling
+  round per read, as trio's own, and no failed call. Every read is a checkpoint.
+* :func:`send` writes at once; only when the kernel cannot take everything does it wait
+  for writability and go on. A write that completes does not yield: fairness is the
+  caller's rule (:class:`asyncapy.core.Channel` yields before every
+  :data:`~asyncapy.core.WRITES_PER_YIELD`-th write in a row without a read).
+
+Both look the descriptor up on the socket right before each system call, with no
+``await`` in between: once trio closes the socket, ``fileno()`` is -1, so a descriptor
+number the kernel has since given to another connection is never touched. A socket
+closed while a task waits on it wakes that task (trio's ``notify_closing``) with
+``ClosedResourceError``. ``OSError`` becomes what ``SocketStream`` raises:
+``ClosedResourceError`` for a closed socket, ``BrokenResourceError`` for the rest.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Optional
+
+import trio
+from trio.lowlevel import wait_readable, wait_writable
+
+__all__ = ["raw_socket_of", "receive", "send", "write_now", "write_rest"]
+
+_CLOSED_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK})
+
+
+def raw_socket_of(stream: trio.abc.Stream) -> Optional[trio.socket.SocketType]:
+    """The trio socket of ``stream`` if it is a plain ``trio.SocketStream`` on POSIX
+    (where ``os.read``/``os.write`` work on sockets), else None: use the stream."""
+    if os.name != "posix" or type(stream) is not trio.SocketStream:
+        return None
+    return stream.socket
+
+
+def _stream_error(exc: OSError) -> Exception:
+    if exc.errno in _CLOSED_ERRNOS:
+        return trio.ClosedResourceError("this socket was already closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
+
+
+async def receive(sock: trio.socket.SocketType, max_bytes: int) -> bytes:
+    """Wait until ``sock`` is readable, then read at most ``max_bytes`` (``b""`` at end
+    of stream). A checkpoint, always."""
+    while True:
+        if sock.fileno() < 0:
+            raise trio.ClosedResourceError("this socket was already closed")
+        await wait_readable(sock)
+        fd = sock.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("this socket was already closed")
+        try:
+            return os.read(fd, max_bytes)
+        except BlockingIOError:
+            continue  # woken without data after all: wait again
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+
+
+def write_now(sock: trio.socket.SocketType, data: bytes) -> int:
+    """Write what the kernel takes of ``data`` without waiting; return how many bytes
+    that was (0 when it has no room). Never yields."""
+    fd = sock.fileno()
+    if fd < 0:
+        raise trio.ClosedResourceError("this socket was already closed")
+    try:
+        return os.write(fd, data)
+    except BlockingIOError:
+        return 0
+    except OSError as exc:
+        raise _stream_error(exc) from exc
+
+
+async def write_rest(sock: trio.socket.SocketType, data: bytes, sent: int) -> None:
+    """Write ``data[sent:]``, waiting for room as often as needed."""
+    remaining = memoryview(data)[sent:]
+    while remaining:
+        await wait_writable(sock)
+        remaining = remaining[write_now(sock, remaining):]
+
+
+async def send(sock: trio.socket.SocketType, data: bytes) -> None:
+    """Write all of ``data``. Not a checkpoint when the kernel takes it at once.
+
+    If cancelled (or failing) while waiting for room, part of ``data`` may be on the
+    wire already; the caller must then write nothing more on this connection.
+    """
+    sent = write_now(sock, data)
+    if sent < len(data):
+        await write_rest(sock, data, sent)
