@@ -6,7 +6,11 @@ same closed loop, alternating which goes first in each round, so that drift of t
 machine hits both alike. Only same-run ratios mean anything: absolute figures vary
 from machine to machine and from minute to minute.
 
-Usage: ``python -m benchmarks.run [--rounds 3] [--seconds 3] [--uvloop] [--plot FILE]``
+A fourth server, ``trio+codec`` (``--codec``), is context too: the bare trio echo
+that also decodes and re-encodes each payload with AsyncAPY's codecs. It separates
+what the payload's codec costs from what the framework costs.
+
+Usage: ``python -m benchmarks.run [--rounds 3] [--seconds 3] [--uvloop] [--codec] [--churn] [--plot FILE]``
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ SERVERS = {
     "bare trio": ["-m", "benchmarks.bare_trio_echo"],
     "asyncapy": ["-m", "asyncapy", "run", "examples.echo:app", "--log-level", "WARNING"],
     "uvloop": ["-m", "benchmarks.uvloop_echo"],
+    "trio+codec": ["-m", "benchmarks.bare_trio_echo", "--codec"],
 }
 
 
@@ -135,11 +140,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per workload (3)")
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per run (3)")
     parser.add_argument("--uvloop", action="store_true", help="add an asyncio+uvloop echo for context")
+    parser.add_argument("--codec", action="store_true",
+                        help="add the bare trio echo that also decodes and re-encodes, for context")
     parser.add_argument("--churn", action="store_true", help="also measure connect-send-receive-close")
     parser.add_argument("--plot", metavar="PNG", help="also sweep 1/10/50/200 connections and plot")
     args = parser.parse_args()
 
-    names = ["bare trio", "asyncapy"] + (["uvloop"] if args.uvloop else [])
+    names = ["bare trio", "asyncapy"] + (["trio+codec"] if args.codec else []) + (["uvloop"] if args.uvloop else [])
     print(f"Machine: {describe_machine()}")
     print(f"{args.rounds} alternating rounds of {args.seconds}s per server; closed loop, one request in flight per connection")
     with contextlib.ExitStack() as stack:
