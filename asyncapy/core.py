@@ -34,8 +34,25 @@ HOLD_LIMIT = 64 * 1024
 
 WRITES_PER_YIELD = 16
 """On a plain TCP connection, a write the kernel takes at once does not yield to other
-tasks (see :mod:`asyncapy._sockio`); every this-many-th write in a row without a read
-in between yields first, so a handler that only ever sends cannot starve the others."""
+tasks (see :mod:`asyncapy._sockio`); every this-many-th such write in a row, on any of
+a server's sessions, with no read in between, yields first: a handler that only ever
+sends (to its own client, or to many others') cannot starve the rest."""
+
+
+class Pacer:
+    """The direct writes since a read, counted across all the channels of one server.
+
+    The count is shared, not per channel, because the task that writes is not always
+    the session's own: a handler that broadcasts to a thousand other sessions makes
+    one write on each, and must still yield every :data:`WRITES_PER_YIELD` writes. The
+    server resets it after every read, which always yields (so the count only ever
+    covers writes with no yield between them).
+    """
+
+    __slots__ = ("unyielded",)
+
+    def __init__(self) -> None:
+        self.unyielded = 0
 
 
 class Channel:
@@ -50,16 +67,17 @@ class Channel:
 
     On a plain TCP connection, writes are direct system calls (:mod:`asyncapy._sockio`)
     that yield only when the kernel has no room, and before every
-    :data:`WRITES_PER_YIELD`-th write since the session's last read (the server resets
-    :attr:`unyielded` at each read, which always yields).
+    :data:`WRITES_PER_YIELD`-th write counted by ``pacer`` (see :class:`Pacer`).
     """
 
     __slots__ = (
         "stream", "connection", "socket", "_busy", "_queue", "closed", "holding", "_pending",
-        "interrupted", "unyielded",
+        "interrupted", "pacer",
     )
 
-    def __init__(self, stream: trio.abc.Stream, connection: Connection) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, connection: Connection, pacer: Optional[Pacer] = None
+    ) -> None:
         self.stream = stream
         self.connection = connection
         self.socket = _sockio.raw_socket_of(stream)
@@ -73,8 +91,7 @@ class Channel:
         self._pending = bytearray()
         self.interrupted = False
         """True once a write did not complete (cancelled or failed midway)."""
-        self.unyielded = 0
-        """Writes since the last read or yield (direct writes only)."""
+        self.pacer = pacer if pacer is not None else Pacer()
 
     async def send(self, data: bytes) -> None:
         """Write ``data`` whole (or hold it, see above); ``trio.ClosedResourceError``
@@ -94,12 +111,14 @@ class Channel:
         # The write itself, inline (a reply's path has no coroutine layer to spare).
         sock = self.socket
         if sock is not None:
-            self.unyielded += 1
-            if self.unyielded >= WRITES_PER_YIELD:
+            pacer = self.pacer
+            if pacer.unyielded >= WRITES_PER_YIELD - 1:
                 # Before the write, not after: if this checkpoint is where a cancel
                 # lands, nothing of ``data`` is on the wire and the session stays usable.
-                self.unyielded = 0
+                pacer.unyielded = 0
                 await trio.lowlevel.checkpoint()
+            else:
+                pacer.unyielded += 1
         if self._busy:
             # Another write is under way: queue (FIFO). The writer before hands the
             # channel over on its way out, so ``_busy`` stays set for this one.

@@ -42,7 +42,7 @@ from domain.ports import SessionRecord, SessionStore
 
 from . import _sockio
 from .config import SETTINGS, ConfigError, load_config, validate
-from .core import Channel, Client, Packet, Session
+from .core import Channel, Client, Packet, Pacer, Session
 from .filters import normalise_address
 from .stores import open_session_store
 
@@ -207,6 +207,7 @@ class Server:
         self.addresses: list[tuple] = []
         """The (host, port, ...) socket addresses being served, once started."""
         self._dispatcher = Dispatcher()
+        self._pacer = Pacer()  # direct writes since a read, for all sessions (see Pacer)
         self._sessions: dict[str, Session] = {}
         self._idle_states: dict[str, _Idle] = {}
         self._stopping: Optional[trio.Event] = None
@@ -499,6 +500,7 @@ class Server:
             Connection(
                 self.header_size, self.byteorder, self.max_packet_size, codec_named(self.encoding)
             ),
+            self._pacer,
         )
 
     async def _handle_connection(self, stream: trio.abc.Stream) -> None:
@@ -613,6 +615,7 @@ class Server:
         framer = connection.framer
         stream = channel.stream
         sock = channel.socket  # read directly (see asyncapy._sockio), or None
+        pacer = channel.pacer
         # Chosen once per session: without handler_timeout, a packet costs no scope.
         if self.handler_timeout is None:
             dispatch = self._dispatcher.dispatch
@@ -640,7 +643,7 @@ class Server:
                     state.waiting = True
                     if sock is not None:
                         data = await _sockio.receive(sock, buf)
-                        channel.unyielded = 0
+                        pacer.unyielded = 0  # a read always yields
                     else:
                         data = await stream.receive_some(buf)
                     state.waiting = False

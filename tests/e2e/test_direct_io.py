@@ -386,7 +386,9 @@ async def test_a_handler_writing_without_pause_lets_another_session_in_every_few
     served: list = []
     served_before_write: list = []
     control: dict = {}
-    writes = 4 * WRITES_PER_YIELD
+    # At each yield trio runs the ready tasks in a random order: the bystander can be
+    # missed at one yield (odds 1/2), not at fifteen in a row (1/2**15).
+    writes = 16 * WRITES_PER_YIELD
 
     @server.add_handler()
     async def app(client, packet):
@@ -417,6 +419,64 @@ async def test_a_handler_writing_without_pause_lets_another_session_in_every_few
     # Not before the loop first yields (writes it completes at once do not yield)...
     assert first >= WRITES_PER_YIELD - 1, served_before_write
     assert served_before_write[first:] == [1] * (writes - first)
+
+
+async def test_a_handler_broadcasting_to_many_sessions_lets_another_session_in(make_server):
+    """The count of writes that did not yield is the server's, not each session's: a
+    handler that writes once or twice to each of many other sessions (fewer than
+    WRITES_PER_YIELD on any one of them) yields all the same, as a chat server's
+    broadcast must."""
+    server = make_server()
+    served: list = []
+    served_before_write: list = []
+    control: dict = {}
+    # Writes per member stay below WRITES_PER_YIELD; there are enough of them for many
+    # yields, because at each one trio runs the two ready tasks in a random order
+    # (the bystander is missed with odds 1/2 per yield, 1/2**15 in all).
+    members = 32
+    rounds = WRITES_PER_YIELD // 2
+
+    @server.add_handler()
+    async def app(client, packet):
+        if "broadcast" in packet:
+            os.write(control["other_fd"], json_packet({"bystander": 1}))
+            members_now = [
+                s.client for s in server._sessions.values()
+                if s.client is not client and s.client is not control["other"]
+            ]
+            for n in range(rounds):
+                for member in members_now:
+                    served_before_write.append(len(served))
+                    await member.send(reply(member, n=n))
+        else:
+            served.append(dict(packet))
+            await client.send(packet)
+
+    async with serving(server) as (host, port):
+        wires = [await connect(host, port) for _ in range(members)]
+        sender = await connect(host, port)
+        other = await connect(host, port)
+        try:
+            for wire in wires:
+                await ask(wire, 0)
+            await ask(other, 0)
+            control["other"] = (await session_for(server, other)).client
+            served.clear()
+            control["other_fd"] = other.stream.socket.fileno()
+            with trio.fail_after(LIVENESS):
+                await sender.send(json_packet({"broadcast": 1}))
+                for wire in wires:
+                    for n in range(rounds):
+                        assert await wire.read_json(timeout=LIVENESS) == {"n": n}
+                assert await other.read_json(timeout=LIVENESS) == {"bystander": 1}
+        finally:
+            for wire in (*wires, sender, other):
+                await wire.aclose()
+    assert served == [{"bystander": 1}]
+    writes = members * rounds
+    assert writes >= WRITES_PER_YIELD and len(served_before_write) == writes
+    assert 1 in served_before_write, "the other session was served only once the broadcast ended"
+    assert served_before_write.index(1) >= WRITES_PER_YIELD - 1, served_before_write
 
 
 async def test_handler_timeout_cancels_a_handler_that_only_writes(make_server, caplog):
