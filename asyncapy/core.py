@@ -169,6 +169,13 @@ class Channel:
         second: a peer that stopped reading cannot hold the connection open."""
         if self.closed:
             return
+        if self.socket is not None and not self._pending:
+            # Plain TCP with nothing held: closing the socket cannot block, and wakes
+            # any task still waiting to write on it (ClosedResourceError). No timeout
+            # scopes, no checkpoint: this is every session's last step.
+            self.closed = True
+            self.socket.close()
+            return
         with trio.move_on_after(1) as flushing:
             try:
                 await self.flush()

@@ -9,6 +9,7 @@ filters pass. Combine them with ``&``, ``|`` and ``~``::
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import re
@@ -28,7 +29,16 @@ _Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
 def normalise_address(address: Any) -> Optional[_Address]:
-    """``address`` as an ``ip_address``, IPv4-mapped IPv6 unwrapped; None if not an IP."""
+    """``address`` as an ``ip_address``, IPv4-mapped IPv6 unwrapped; None if not an IP.
+
+    Results for strings are cached (addresses are immutable, and clients come back):
+    parsing costs more than the rest of accepting a connection."""
+    if type(address) is str:
+        return _normalise_cached(address)
+    return _normalise(address)
+
+
+def _normalise(address: Any) -> Optional[_Address]:
     try:
         parsed = ipaddress.ip_address(address)
     except ValueError:
@@ -36,6 +46,9 @@ def normalise_address(address: Any) -> Optional[_Address]:
     if parsed.version == 6 and parsed.ipv4_mapped is not None:
         return parsed.ipv4_mapped
     return parsed
+
+
+_normalise_cached = functools.lru_cache(maxsize=4096)(_normalise)
 
 
 class Filters:

@@ -10,6 +10,8 @@ lingering closes, TLS, logging, signals and graceful shutdown.
 from __future__ import annotations
 
 import configparser
+import errno
+import functools
 import logging
 import math
 import os
@@ -61,6 +63,12 @@ exceed ``max_connections`` by this much, or it, not ``max_connections``, caps th
 REFUSAL_LOG_INTERVAL = 1.0
 """Seconds between two warnings about connections refused past ``max_connections``:
 a flood of them logs one line per interval, with the count of those not logged."""
+
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+"""accept() failures that mean "out of descriptors or memory for now": retried."""
+
+ACCEPT_RETRY_SECONDS = 0.1
+"""How long the accept loop waits after one of :data:`ACCEPT_CAPACITY_ERRNOS`."""
 
 _READ_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 
@@ -473,11 +481,37 @@ class Server:
     ) -> None:
         with accepting:
             try:
-                await trio.serve_listeners(self._handle_connection, listeners, handler_nursery=sessions)
+                async with trio.open_nursery() as loops:
+                    for listener in listeners:
+                        loops.start_soon(self._accept_from, listener, sessions)
             finally:
                 with trio.CancelScope(shield=True):
                     for listener in listeners:
                         await trio.aclose_forcefully(listener)
+
+    async def _accept_from(self, listener: trio.abc.Listener, sessions: trio.Nursery) -> None:
+        """Accept connections on ``listener`` and serve each in a task of ``sessions``.
+
+        What ``trio.serve_listeners`` does, less the forced close it wraps every
+        connection in (a cancelled checkpoint, a scheduling round per connection):
+        :meth:`_handle_connection` closes its own. Running out of descriptors (or
+        memory) is logged and retried after :data:`ACCEPT_RETRY_SECONDS`, as there.
+        """
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                logger.error(
+                    "accept returned %s (%s); retrying in %ss",
+                    errno.errorcode[exc.errno],
+                    os.strerror(exc.errno),
+                    ACCEPT_RETRY_SECONDS,
+                )
+                await trio.sleep(ACCEPT_RETRY_SECONDS)
+            else:
+                sessions.start_soon(self._handle_connection, stream)
 
     async def _drain(self) -> None:
         """Stop reading on every session; give in-flight handlers the grace period."""
@@ -504,19 +538,26 @@ class Server:
         )
 
     async def _handle_connection(self, stream: trio.abc.Stream) -> None:
-        if self._connections >= self.max_connections:
-            await self._refuse_connection(stream)
-            return
-        self._connections += 1
+        """Serve one accepted connection, and close it however that ends."""
         try:
+            if self._connections >= self.max_connections:
+                await self._refuse_connection(stream)
+                return
             try:
                 address = _peer_address(stream)
             except OSError:
-                await trio.aclose_forcefully(stream)
-                return
-            await self._serve_stream(stream, address)
+                return  # the client is gone already
+            self._connections += 1
+            try:
+                await self._serve_stream(stream, address)
+            finally:
+                self._connections -= 1
         finally:
-            self._connections -= 1
+            sock = _sockio.raw_socket_of(stream)
+            if sock is not None:
+                sock.close()  # plain TCP: idempotent and immediate, no checkpoint
+            else:
+                await trio.aclose_forcefully(stream)
 
     async def _refuse_connection(self, stream: trio.abc.Stream) -> None:
         """Close a connection past :attr:`max_connections` at once: no session, no store,
@@ -912,7 +953,13 @@ def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType:
 
 
 def _peer_address(stream: trio.abc.Stream) -> str:
-    host = _socket_of(stream).getpeername()[0]
+    return _canonical_address(_socket_of(stream).getpeername()[0])
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical_address(host: str) -> str:
+    """The client address sessions are keyed by (IPv4-mapped IPv6 as plain IPv4);
+    cached, as parsing an address costs more than the rest of an accept."""
     parsed = normalise_address(host)
     return str(parsed) if parsed is not None else host
 
