@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import shutil
 import statistics
 import subprocess
@@ -49,6 +48,7 @@ from domain.framing import Framer
 from domain.ports import SessionRecord, SessionStore
 
 from . import loadgen, run
+from .loadgen import process_cpu
 from .run import ROOT, free_port, wait_listening
 
 ADDRESS = "203.0.113.7"
@@ -158,13 +158,6 @@ def serve(port: int, store: str) -> None:
     app.start()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time the process ``pid`` used so far (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @contextlib.contextmanager
 def echo_server(store: str) -> Iterator[tuple]:
     port = free_port()
@@ -203,12 +196,12 @@ def end_to_end(url: str, redis_pid: int, rounds: int, seconds: float, clients: i
                 order = list(servers) if index % 2 == 0 else list(servers)[::-1]
                 for name in order:
                     port, pid = servers[name]
-                    before = cpu_seconds(pid), cpu_seconds(redis_pid), time.perf_counter()
+                    before = process_cpu(pid), process_cpu(redis_pid), time.perf_counter()
                     result = loadgen.run(port, PACKET, clients, seconds, churn=churn)
                     elapsed = time.perf_counter() - before[2]
                     share = result.seconds / elapsed if elapsed else 0.0  # the measured part
-                    server_cpu = (cpu_seconds(pid) - before[0]) * share
-                    redis_cpu = (cpu_seconds(redis_pid) - before[1]) * share
+                    server_cpu = (process_cpu(pid) - before[0]) * share
+                    redis_cpu = (process_cpu(redis_pid) - before[1]) * share
                     results.setdefault((workload, name), []).append((result, server_cpu, redis_cpu))
     return results
 

@@ -25,30 +25,8 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def server_pid(port: int) -> int:
-    """The pid listening on 127.0.0.1:``port`` (from /proc/net/tcp and /proc/*/fd)."""
-    import os
-
-    inode = None
-    with open("/proc/net/tcp") as table:
-        for line in table.readlines()[1:]:
-            fields = line.split()
-            local, state = fields[1], fields[3]
-            if state == "0A" and int(local.split(":")[1], 16) == port:
-                inode = fields[9]
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
-                    return int(pid)
-        except OSError:
-            continue
-    raise RuntimeError(f"no process listens on {port}")
-
-
 def measure(name: str, connections: int) -> tuple[int, int, float]:
-    with server(name, SERVERS[name]) as port:
-        pid = server_pid(port)
+    with server(name, SERVERS[name]) as (port, pid):
         time.sleep(0.5)
         before = rss_kib(pid)
         sockets = []

@@ -9,10 +9,12 @@ every request instead (connect, send, receive, close: what AsyncAPY 0.5 clients 
 
 from __future__ import annotations
 
+import os
 import selectors
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 
 @dataclass
@@ -21,6 +23,13 @@ class Result:
     seconds: float
     latencies: list = field(repr=False)
     errors: int = 0
+    server_cpu: float = float("nan")
+    """CPU seconds (user + system) the server process spent in the measured window."""
+
+    @property
+    def cpu_per_request(self) -> float:
+        """Server CPU microseconds per request (NaN when not measured)."""
+        return self.server_cpu / self.requests * 1e6 if self.requests else float("nan")
 
     @property
     def rate(self) -> float:
@@ -42,6 +51,17 @@ class _Conn:
         self.started = 0.0
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far; NaN where
+    ``/proc`` does not exist (Linux only)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _open(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -50,8 +70,9 @@ def _open(port: int) -> socket.socket:
 
 
 def run(port: int, packet: bytes, connections: int, seconds: float, warmup: float = 0.5,
-        churn: bool = False) -> Result:
-    """Drive ``connections`` closed loops sending ``packet`` for ``seconds``."""
+        churn: bool = False, pid: Optional[int] = None) -> Result:
+    """Drive ``connections`` closed loops sending ``packet`` for ``seconds``; with
+    ``pid`` (the server's process), also measure its CPU time over those seconds."""
     reply_size = len(packet)  # echo: the reply is the request
     selector = selectors.DefaultSelector()
     conns = []
@@ -66,6 +87,8 @@ def run(port: int, packet: bytes, connections: int, seconds: float, warmup: floa
     count = 0
     errors = 0
     latencies: list = []
+    cpu_from = None
+    cpu = float("nan")
     for conn in conns:
         conn.started = perf()
         conn.sock.sendall(packet)
@@ -96,6 +119,8 @@ def run(port: int, packet: bytes, connections: int, seconds: float, warmup: floa
                 continue
             done = perf()
             if done >= measure_from:
+                if cpu_from is None and pid is not None:
+                    cpu_from = process_cpu(pid)
                 count += 1
                 latencies.append(done - conn.started)
             conn.received = 0
@@ -107,8 +132,10 @@ def run(port: int, packet: bytes, connections: int, seconds: float, warmup: floa
             conn.started = perf()
             conn.sock.sendall(packet)
     elapsed = min(perf(), stop) - measure_from
+    if cpu_from is not None:
+        cpu = process_cpu(pid) - cpu_from
     for conn in conns:
         selector.unregister(conn.sock)
         conn.sock.close()
     selector.close()
-    return Result(count, elapsed, latencies, errors)
+    return Result(count, elapsed, latencies, errors, cpu)

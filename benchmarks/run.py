@@ -66,7 +66,8 @@ def wait_listening(port: int, process: subprocess.Popen, timeout: float = 15) ->
 
 
 @contextlib.contextmanager
-def server(name: str, argv: list) -> Iterator[int]:
+def server(name: str, argv: list) -> Iterator[tuple]:
+    """Run server ``name`` as its own process; yield ``(port, pid)``."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, *argv, str(port)] if name != "asyncapy" else [sys.executable, *argv, "--port", str(port)],
@@ -77,7 +78,7 @@ def server(name: str, argv: list) -> Iterator[int]:
     try:
         wait_listening(port, process)
         time.sleep(0.2)
-        yield port
+        yield port, process.pid
     finally:
         process.terminate()
         try:
@@ -94,15 +95,17 @@ SERVERS = {
 }
 
 
-def measure(ports: dict, packet: bytes, connections: int, rounds: int, seconds: float,
+def measure(servers: dict, packet: bytes, connections: int, rounds: int, seconds: float,
             churn: bool = False) -> dict:
-    """{server: [Result per round]}, alternating the order every round."""
-    results: dict = {name: [] for name in ports}
-    names = list(ports)
+    """{server: [Result per round]}, alternating the order every round; ``servers`` maps
+    names to ``(port, pid)``."""
+    results: dict = {name: [] for name in servers}
+    names = list(servers)
     for index in range(rounds):
         order = names if index % 2 == 0 else names[::-1]
         for name in order:
-            results[name].append(loadgen.run(ports[name], packet, connections, seconds, churn=churn))
+            port, pid = servers[name]
+            results[name].append(loadgen.run(port, packet, connections, seconds, churn=churn, pid=pid))
     return results
 
 
@@ -114,15 +117,16 @@ def summarise(results: dict, baseline: str = "bare trio") -> list:
         p50 = statistics.median(r.percentile(0.50) for r in runs) * 1000
         p99 = statistics.median(r.percentile(0.99) for r in runs) * 1000
         ratio = statistics.median(r.rate / b.rate for r, b in zip(runs, base) if b.rate)
-        rows.append((name, rate, p50, p99, ratio, [round(r.rate) for r in runs]))
+        cpu = statistics.median(r.cpu_per_request for r in runs)
+        rows.append((name, rate, p50, p99, ratio, cpu, [round(r.rate) for r in runs]))
     return rows
 
 
 def print_table(title: str, rows: list) -> None:
     print(f"\n{title}")
-    print(f"  {'server':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6}   rounds (req/s)")
-    for name, rate, p50, p99, ratio, rounds in rows:
-        print(f"  {name:<10} {rate:>9.0f} {p50:>8.3f} {p99:>8.3f} {ratio:>6.2f}   {rounds}")
+    print(f"  {'server':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6} {'CPU us/req':>10}   rounds (req/s)")
+    for name, rate, p50, p99, ratio, cpu, rounds in rows:
+        print(f"  {name:<10} {rate:>9.0f} {p50:>8.3f} {p99:>8.3f} {ratio:>6.2f} {cpu:>10.1f}   {rounds}")
 
 
 def describe_machine() -> str:
@@ -150,20 +154,20 @@ def main() -> None:
     print(f"Machine: {describe_machine()}")
     print(f"{args.rounds} alternating rounds of {args.seconds}s per server; closed loop, one request in flight per connection")
     with contextlib.ExitStack() as stack:
-        ports = {name: stack.enter_context(server(name, SERVERS[name])) for name in names}
+        servers = {name: stack.enter_context(server(name, SERVERS[name])) for name in names}
         worst = float("inf")
         for title, connections, packet in WORKLOADS:
-            rows = summarise(measure(ports, packet, connections, args.rounds, args.seconds))
+            rows = summarise(measure(servers, packet, connections, args.rounds, args.seconds))
             print_table(f"{title}: {connections} connection(s), {len(packet)}-byte packets", rows)
             worst = min(worst, next(r[4] for r in rows if r[0] == "asyncapy"))
         if args.churn:
             packet = WORKLOADS[0][2]
-            rows = summarise(measure(ports, packet, 8, args.rounds, args.seconds, churn=True))
+            rows = summarise(measure(servers, packet, 8, args.rounds, args.seconds, churn=True))
             print_table("connection churn: 8 clients, connect-send-receive-close", rows)
         if args.plot:
             sweep = {}
             for connections in (1, 10, 50, 200):
-                rows = summarise(measure(ports, WORKLOADS[0][2], connections, args.rounds, args.seconds))
+                rows = summarise(measure(servers, WORKLOADS[0][2], connections, args.rounds, args.seconds))
                 sweep[connections] = {r[0]: r[1] for r in rows}
                 print_table(f"small JSON: {connections} connection(s)", rows)
             plot(sweep, args.plot)
