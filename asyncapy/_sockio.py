@@ -16,7 +16,8 @@ test streams keep the stream methods):
 * :func:`send` writes at once; only when the kernel cannot take everything does it wait
   for writability and go on. A write that completes does not yield: fairness is the
   caller's rule (:class:`asyncapy.core.Channel` yields before every
-  :data:`~asyncapy.core.WRITES_PER_YIELD`-th write in a row without a read).
+  :data:`~asyncapy.core.WRITES_PER_YIELD`-th such write in a row with no read between,
+  counted across a server's sessions by :class:`asyncapy.core.Pacer`).
 
 Both look the descriptor up on the socket right before each system call, with no
 ``await`` in between: once trio closes the socket, ``fileno()`` is -1, so a descriptor
@@ -99,6 +100,8 @@ async def send(sock: trio.socket.SocketType, data: bytes) -> None:
 
     If cancelled (or failing) while waiting for room, part of ``data`` may be on the
     wire already; the caller must then write nothing more on this connection.
+    (:class:`asyncapy.core.Channel` calls :func:`write_now` and :func:`write_rest`
+    itself, which keeps this coroutine layer off a reply's path.)
     """
     sent = write_now(sock, data)
     if sent < len(data):
