@@ -49,7 +49,7 @@ from domain.ports import SessionRecord, SessionStore
 
 from . import loadgen, run
 from .loadgen import process_cpu
-from .run import ROOT, free_port, wait_listening
+from .run import free_port, wait_listening
 
 ADDRESS = "203.0.113.7"
 LIMIT = 100
@@ -158,24 +158,14 @@ def serve(port: int, store: str) -> None:
     app.start()
 
 
-@contextlib.contextmanager
-def echo_server(store: str) -> Iterator[tuple]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.admission", "--serve", str(port), store],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
+def echo_server(store: str) -> contextlib.AbstractContextManager:
+    """The echo application with sessions in ``store``, as its own process; the
+    context yields ``(port, pid)``."""
+    return run.process_serving(
+        lambda port: [sys.executable, "-m", "benchmarks.admission", "--serve", str(port), store],
+        settle=0.3,
+        quiet_stderr=False,
     )
-    try:
-        wait_listening(port, process)
-        time.sleep(0.3)
-        yield port, process.pid
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def end_to_end(url: str, redis_pid: int, rounds: int, seconds: float, clients: int, persistent: bool) -> dict:

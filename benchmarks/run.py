@@ -66,18 +66,19 @@ def wait_listening(port: int, process: subprocess.Popen, timeout: float = 15) ->
 
 
 @contextlib.contextmanager
-def server(name: str, argv: list) -> Iterator[tuple]:
-    """Run server ``name`` as its own process; yield ``(port, pid)``."""
+def process_serving(argv_for_port, settle: float = 0.2, quiet_stderr: bool = True) -> Iterator[tuple]:
+    """Start ``argv_for_port(port)`` (a server process) on a free port, wait until it
+    listens and ``settle`` seconds more, yield ``(port, pid)``, and stop it after."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, *argv, str(port)] if name != "asyncapy" else [sys.executable, *argv, "--port", str(port)],
+        argv_for_port(port),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL if quiet_stderr else None,
     )
     try:
         wait_listening(port, process)
-        time.sleep(0.2)
+        time.sleep(settle)
         yield port, process.pid
     finally:
         process.terminate()
@@ -85,6 +86,13 @@ def server(name: str, argv: list) -> Iterator[tuple]:
             process.wait(10)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def server(name: str, argv: list) -> contextlib.AbstractContextManager:
+    """Run server ``name`` (``argv`` from :data:`SERVERS`) as its own process; the
+    context yields ``(port, pid)``."""
+    flag = ["--port"] if name == "asyncapy" else []
+    return process_serving(lambda port: [sys.executable, *argv, *flag, str(port)])
 
 
 SERVERS = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from asyncapy import _sockio
 from asyncapy.server import Server
 from asyncapy.testing.serving import open_test_server
 
@@ -41,3 +42,18 @@ def redis_url(redis_server) -> str:
     """The URL of the session's redis-server, emptied before the test."""
     redis_server.flush()
     return redis_server.url
+
+
+@pytest.fixture
+def writable_waits(monkeypatch) -> list:
+    """The sockets direct writes (``asyncapy._sockio``) waited on for room, once per
+    wait: proof that a test made a write partial."""
+    waits: list = []
+    real = _sockio.wait_writable
+
+    async def counting(sock):
+        waits.append(sock)
+        await real(sock)
+
+    monkeypatch.setattr(_sockio, "wait_writable", counting)
+    return waits

@@ -30,10 +30,9 @@ import ssl
 import struct
 from typing import Any, Callable, Optional
 
-import pytest
 import trio
 
-from asyncapy import Packet, _sockio
+from asyncapy import Packet
 from asyncapy.core import WRITES_PER_YIELD
 from asyncapy.server import Server
 
@@ -120,20 +119,6 @@ def blob(size: int, seed: int) -> str:
 
 def reply(client, **fields) -> Packet:
     return Packet(fields, encoding=client.encoding)
-
-
-@pytest.fixture
-def writable_waits(monkeypatch) -> list:
-    """The sockets the server waited on for room, once per wait (partial writes)."""
-    waits: list = []
-    real = _sockio.wait_writable
-
-    async def counting(sock):
-        waits.append(sock)
-        await real(sock)
-
-    monkeypatch.setattr(_sockio, "wait_writable", counting)
-    return waits
 
 
 async def ask(wire: Wire, n: int) -> None:

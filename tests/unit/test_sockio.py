@@ -81,20 +81,6 @@ async def read_available(stream: trio.SocketStream, wait: float = 0.2) -> bytes:
         return bytes(got)
 
 
-@pytest.fixture
-def writable_waits(monkeypatch) -> list:
-    """Counts the times ``send`` waits for room (the partial-write path)."""
-    waits: list = []
-    real = _sockio.wait_writable
-
-    async def counting(sock):
-        waits.append(sock)
-        await real(sock)
-
-    monkeypatch.setattr(_sockio, "wait_writable", counting)
-    return waits
-
-
 # -- raw_socket_of ----------------------------------------------------------------------
 async def test_raw_socket_of_a_plain_socket_stream_is_its_socket():
     async with tcp_pair() as (ours, peer):
@@ -343,14 +329,10 @@ async def test_an_old_socket_never_touches_a_new_connection_that_reuses_its_desc
             if holders:
                 reused, partner = holders[0], (peer if holders[0] is ours else ours)
             else:
-                # Not reused by chance: make it so, if old_fd is free (nothing else
-                # took it), by duplicating the new connection's descriptor onto it.
-                try:
+                # Not reused by chance: make it so by duplicating the new connection's
+                # descriptor onto old_fd, which must be free (never clobber another).
+                with pytest.raises(OSError):
                     os.fstat(old_fd)
-                except OSError:
-                    pass
-                else:  # pragma: no cover - something else holds it: never clobber it
-                    pytest.skip(f"descriptor {old_fd} was taken by something else")
                 dup = os.dup2(ours.socket.fileno(), old_fd)
                 reused, partner = ours, peer
             try:
