@@ -324,6 +324,37 @@ class Server:
         """Override to run code after the server stopped (Ctrl-C, SIGTERM, or
         :meth:`request_shutdown`), once in-flight handlers are done."""
 
+    async def session_ended(self, client: Client, reason: str) -> None:
+        """Override to run code when a session has ended: presence, cleanup of what
+        handlers kept per client.
+
+        By then the connection is closed (``client.closed`` is True, sending raises
+        ``trio.ClosedResourceError``) and the session is released: it is no longer
+        among :meth:`~asyncapy.core.Client.get_sessions`. ``reason`` is what the
+        session's ``Session ended`` log line says (``"client closed the connection"``,
+        ``"closed by a handler"``, ``"timed out"``, ``"server shutting down"``...).
+
+        Called once for every session that was admitted, never for a refused
+        connection. It runs in the session's own task, shielded from cancellation for
+        at most :attr:`shutdown_grace` seconds (so it runs during a shutdown too, and a
+        graceful shutdown waits for it); an exception it raises is logged and goes no
+        further. A server that does not override it pays nothing for it.
+        """
+
+    async def _call_session_ended(self, client: Client, reason: str) -> None:
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + self.shutdown_grace
+            try:
+                await self.session_ended(client, reason)
+            except Exception:
+                logger.exception("(%s) session_ended() raised", client.session.session_id)
+        if scope.cancelled_caught:
+            logger.warning(
+                "(%s) session_ended() ran past shutdown_grace (%ss): cancelled",
+                client.session.session_id,
+                self.shutdown_grace,
+            )
+
     async def run_sync_task(
         self,
         sync_fn: Callable,
@@ -638,6 +669,9 @@ class Server:
         except Exception:
             reason = "internal error"
             logger.exception("(%s) Unexpected error serving the session", session_id)
+        except trio.Cancelled:
+            reason = "cancelled"  # busy past shutdown_grace, or a second signal
+            raise
         finally:
             self._idle_states.pop(record.session_id, None)
             with trio.CancelScope(shield=True):
@@ -647,9 +681,11 @@ class Server:
                 except Exception:
                     logger.warning("(%s) Could not release the session in the store", session_id, exc_info=True)
             del self._sessions[record.session_id]
+            logger.info("(%s) Session ended: %s", session_id, reason)
+            if type(self).session_ended is not Server.session_ended:
+                await self._call_session_ended(client, reason)
             if self._idle is not None and not self._sessions:
                 self._idle.set()
-            logger.info("(%s) Session ended: %s", session_id, reason)
 
     async def _serve_session(self, client: Client, channel: Channel, state: "_Idle") -> str:
         connection = channel.connection

@@ -25,6 +25,10 @@ __all__ = ["APIKeyFactory", "KEY_ALPHABET", "fingerprint"]
 KEY_ALPHABET = string.ascii_letters + string.digits + "-_"
 """The URL-safe alphabet keys are drawn from (the one of base64url)."""
 
+_FIRST_ALPHABET = string.ascii_letters + string.digits
+# A key's first character is never "-": a key that looks like an option would need
+# "--" before it on every command line (``asyncapy keys get KEY``).
+
 
 def fingerprint(key: str) -> str:
     """A short, non-reversible tag of ``key`` for logs: never log the key itself."""
@@ -79,8 +83,12 @@ class APIKeyFactory:
 
     # -- the async API (inside the server) -------------------------------------------
     def new_key(self) -> str:
-        """A fresh random key of :attr:`size` characters (not stored)."""
-        return "".join(secrets.choice(KEY_ALPHABET) for _ in range(self.size))
+        """A fresh random key of :attr:`size` characters (not stored), drawn from
+        :data:`KEY_ALPHABET`; the first is a letter or a digit, so that a key never
+        looks like a command-line option."""
+        return secrets.choice(_FIRST_ALPHABET) + "".join(
+            secrets.choice(KEY_ALPHABET) for _ in range(self.size - 1)
+        )
 
     async def aissue(self, metadata: Any = None) -> str:
         """Async :meth:`issue`."""

@@ -13,14 +13,16 @@ What it shows:
   group-0 handler that answers by itself (``who``, or an error such as "join first")
   stops propagation; one that succeeds silently lets the packet go on to the ``ok``:
   propagation at work;
-- a **registry of members** that survives members vanishing. AsyncAPY has no "session
-  ended" hook, so a member whose connection is gone stays registered until the room
-  notices: a member whose session is closed (``member.closed``) is dropped before each
-  broadcast, ``join`` and ``who``, and one whose send fails (``trio.BrokenResourceError`` or
-  ``trio.ClosedResourceError``: it went away meanwhile) or takes longer than
-  :data:`SEND_TIMEOUT` seconds (it stopped reading) is dropped during it; the others
-  are told ``{"left": NAME, "reason": "disconnected"}``. Members are sent to
-  concurrently, so one slow member delays nobody else.
+- a **registry of members** that survives members vanishing. When a member's session
+  ends without ``leave`` (its client hung up, timed out, or was cut off), the server's
+  ``session_ended`` hook drops it and tells the others ``{"left": NAME, "reason":
+  "disconnected"}`` at once. A member can also vanish *during* a broadcast, before
+  the hook runs: one whose session is closed (``member.closed``) is dropped before each
+  broadcast, ``join`` and ``who``, and one whose send fails (``trio.BrokenResourceError``
+  or ``trio.ClosedResourceError``) or takes longer than :data:`SEND_TIMEOUT` seconds
+  (it stopped reading) is dropped during it, with the same message; whichever notices
+  first announces it, once. Members are sent to concurrently, so one slow member
+  delays nobody else.
 
 What each member receives:
 
@@ -116,6 +118,14 @@ class ChatRoom(Server):
         """The members, by name: the :class:`~asyncapy.Client` of each one's session."""
         self.names: dict[uuid.UUID, str] = {}
         """The name each session joined as, by session id."""
+
+    async def session_ended(self, client: Client, reason: str) -> None:
+        """A session ended: if it was a member's (that did not ``leave``), drop it and
+        tell the others."""
+        name = self.name_of(client)
+        if name is not None and self.remove(name, client):
+            logger.info("%s disconnected (%s)", name, reason)
+            await self.broadcast({"left": name, "reason": "disconnected"})
 
     def name_of(self, client: Client) -> Optional[str]:
         """The name ``client``'s session joined as, or None."""

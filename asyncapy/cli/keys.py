@@ -95,7 +95,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
             "key",
             metavar="KEY",
             help="the API key, or - to read it from the first line of stdin (keeps it out "
-            "of ps and the shell history)",
+            "of ps and the shell history); a key that begins with - (none issued since "
+            "0.6 does) goes last, after --",
         )
 
     def size_argument(parser: argparse.ArgumentParser) -> None:

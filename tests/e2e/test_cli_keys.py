@@ -146,6 +146,19 @@ async def test_lifecycle_against_redis_checked_by_a_server_sharing_it(redis_url)
             assert new not in one_error_line(result, 1, "no such key", fingerprint(new))
 
 
+async def test_a_key_beginning_with_a_dash_is_given_after_double_dash(redis_url):
+    """None is issued so, but a key from elsewhere may begin with "-": after "--" it
+    is a key, not an option."""
+    key = "-" + APIKeyFactory().new_key()[1:]
+    factory = APIKeyFactory(store=redis_url)
+    await factory.store.put(key, {"user": "dash"})
+    try:
+        result = await asyncapy("keys", "get", "--store", redis_url, "--", key)
+        assert json.loads(ok(result)) == {"user": "dash"}
+    finally:
+        await factory.store.delete(key)
+
+
 async def test_stores_that_forget_or_fail_are_one_line_errors(redis_url):
     dead = socket.socket()
     dead.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused

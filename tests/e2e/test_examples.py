@@ -294,7 +294,8 @@ async def test_chat_join_say_leave_are_broadcast_to_the_others():
             assert await carol.receive() == {"joined": "bob"}
             for member in (alice, bob, carol):
                 await nothing_more(member, 0.05)
-    assert set(app.members) == {"alice", "bob", "carol"}
+            assert set(app.members) == {"alice", "bob", "carol"}
+    assert app.members == {}  # all three hung up: the session_ended hook dropped them
 
 
 async def test_chat_refusals_stop_propagation_and_get_no_ok():
@@ -360,6 +361,23 @@ async def test_chat_a_member_disconnecting_mid_chat_breaks_nothing():
         assert await bob.receive() == {"joined": "carol"}
 
 
+async def test_chat_a_member_hanging_up_is_announced_by_the_session_ended_hook():
+    """No message needs to go out for the room to notice: the server's session_ended
+    hook drops dave and tells the others, once, as soon as his session ends."""
+    app = chat.make_app()
+    async with serving(app) as (host, port), connected(host, port) as alice:
+        dave = AsyncClient(tls=False, timeout=5)
+        await dave.connect(host, port)
+        assert await alice.request({"join": "alice"}) == {"ok": True}
+        assert await dave.request({"join": "dave"}) == {"ok": True}
+        assert await alice.receive() == {"joined": "dave"}
+        await dave.disconnect()
+        with trio.fail_after(5):
+            assert await alice.receive() == {"left": "dave", "reason": "disconnected"}
+        assert set(app.members) == {"alice"}
+        await nothing_more(alice, 0.1)
+
+
 class FakeMember:
     """A member whose session the server does not serve: its sends fail or hang."""
 
@@ -385,7 +403,8 @@ class FakeMember:
 
 @pytest.mark.parametrize("error", [trio.BrokenResourceError, trio.ClosedResourceError])
 async def test_chat_a_member_whose_send_fails_is_dropped_and_announced(error):
-    """No session-end hook: a broadcast finds the member gone, drops it, tells the
+    """A member that vanishes without its session ending (so the session_ended hook
+    never sees it): a broadcast finds the member gone, drops it, tells the
     others (the sender too), and the sender still gets its ``ok``."""
 
     async def fail() -> None:

@@ -6,6 +6,7 @@ raises ``KeyError`` for a key that does not exist.
 """
 
 import re
+import string
 
 import pytest
 
@@ -37,6 +38,15 @@ def test_keys_are_unique_and_use_the_whole_alphabet():
     assert len(set(keys)) == len(keys)
     assert set("".join(keys)) == set(KEY_ALPHABET)  # 64000 draws miss a symbol ~never
     assert len(factory.store) == 2000
+
+
+def test_no_key_starts_with_a_dash_so_none_looks_like_an_option():
+    """``asyncapy keys get KEY`` must work for every key issued: one that began with
+    "-" would be taken for an option (a 1-in-64 chance per key if drawn like the rest)."""
+    factory = APIKeyFactory(size=16)
+    firsts = {factory.new_key()[0] for _ in range(4000)}
+    assert "-" not in firsts
+    assert firsts == set(string.ascii_letters + string.digits)  # 4000 draws miss one ~never
 
 
 def test_default_size_is_32():

@@ -72,7 +72,8 @@ def test_keys_come_from_the_secrets_module(monkeypatch):
     monkeypatch.setattr(asyncapy.util.secrets, "choice", choice)
     key = APIKeyFactory(size=20).new_key()
     assert key == KEY_ALPHABET[0] * 20
-    assert drawn == [KEY_ALPHABET] * 20
+    # The first character from letters and digits (never "-"), the rest from all 64.
+    assert drawn == [asyncapy.util._FIRST_ALPHABET] + [KEY_ALPHABET] * 19
 
 
 def test_the_key_module_does_not_use_random():
