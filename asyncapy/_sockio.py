@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import trio
 from trio.lowlevel import wait_readable, wait_writable
@@ -87,12 +87,21 @@ def write_now(sock: trio.socket.SocketType, data: bytes) -> int:
         raise _stream_error(exc) from exc
 
 
-async def write_rest(sock: trio.socket.SocketType, data: bytes, sent: int) -> None:
-    """Write ``data[sent:]``, waiting for room as often as needed."""
+async def write_rest(
+    sock: trio.socket.SocketType,
+    data: bytes,
+    sent: int,
+    progress: Optional[Callable[[int], None]] = None,
+) -> None:
+    """Write ``data[sent:]``, waiting for room as often as needed; ``progress(n)`` is
+    called after each write the kernel took ``n`` bytes of."""
     remaining = memoryview(data)[sent:]
     while remaining:
         await wait_writable(sock)
-        remaining = remaining[write_now(sock, remaining):]
+        written = write_now(sock, remaining)
+        remaining = remaining[written:]
+        if progress is not None and written:
+            progress(written)
 
 
 async def send(sock: trio.socket.SocketType, data: bytes) -> None:

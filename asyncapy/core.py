@@ -72,7 +72,7 @@ class Channel:
 
     __slots__ = (
         "stream", "connection", "socket", "_busy", "_queue", "closed", "holding", "_pending",
-        "interrupted", "pacer",
+        "interrupted", "pacer", "written",
     )
 
     def __init__(
@@ -92,6 +92,11 @@ class Channel:
         self.interrupted = False
         """True once a write did not complete (cancelled or failed midway)."""
         self.pacer = pacer if pacer is not None else Pacer()
+        self.written = 0
+        """Bytes of replies that waited for room, counted as the kernel takes them
+        (direct writes only): how the server's reaper tells a client that reads a
+        long reply slowly from one that stopped reading. Writes taken whole at once
+        are not counted; they never wait."""
 
     async def send(self, data: bytes) -> None:
         """Write ``data`` whole (or hold it, see above); ``trio.ClosedResourceError``
@@ -133,7 +138,8 @@ class Channel:
             else:
                 sent = _sockio.write_now(sock, data)
                 if sent < len(data):
-                    await _sockio.write_rest(sock, data, sent)
+                    self.written += sent
+                    await _sockio.write_rest(sock, data, sent, self._wrote)
         except BaseException:
             # Part of ``data`` may be on the wire: the stream is out of step with the
             # framing, and nothing more may be written to it.
@@ -144,6 +150,9 @@ class Channel:
                 self._queue.unpark()
             else:
                 self._busy = False
+
+    def _wrote(self, count: int) -> None:
+        self.written += count
 
     async def flush(self) -> None:
         """Write the held replies, if any (none once the channel is closed)."""

@@ -91,8 +91,8 @@ class Server:
     :param datefmt: date format of the console handler.
     :param timeout: seconds a session may go without a *complete* packet before it is
         answered ``ERR_TIMED_OUT`` and closed (60). A packet trickling in byte by byte
-        does not keep a session alive. A session whose reply could not be written for
-        as long (its client stopped reading) is closed too, without a reply.
+        does not keep a session alive. A session whose reply made no progress for as
+        long (its client stopped reading) is closed too, without a reply.
     :param header_size: bytes of the Content-Length header: 2, 4 (standard) or 8.
     :param byteorder: ``'big'`` (standard) or ``'little'``.
     :param config: path of an INI file whose ``[AsyncAPY]`` section overrides these
@@ -837,7 +837,7 @@ class Server:
 
     async def _reap_idle(self) -> None:
         """Time out sessions that waited ``timeout`` seconds for a complete packet, and
-        those whose replies could not be written for ``timeout`` seconds.
+        those whose replies made no progress for ``timeout`` seconds.
 
         One task for every session, waking every ``timeout / 8`` seconds (at most 1 s,
         at least 50 ms): a session costs nothing per packet for its timeout but the
@@ -846,10 +846,15 @@ class Server:
         A client that pipelines requests and never reads its replies is never waiting
         for bytes: the server stops reading from it while a reply cannot be written
         (that is the backpressure that bounds its memory), so the session sits in a
-        write. The reaper sees that write in progress (its channel's lock is held) and
-        closes the session once every look for ``timeout`` seconds found one: such a
-        client would otherwise hold its connection, and a ``max_connections`` slot,
-        forever. The cost is the reaper's, never a packet's.
+        write. The reaper sees that write in progress (its channel is busy) and closes
+        the session once every look for ``timeout`` seconds found one, with no byte of
+        it taken by the client in between: such a client would otherwise hold its
+        connection, and a ``max_connections`` slot, forever. A client that reads a long
+        reply slowly is not cut, however long the reply takes, as long as it takes some
+        of it every ``timeout`` seconds (as nginx's ``send_timeout``). That progress is
+        seen on plain TCP connections (``Channel.written``); on TLS ones, a write that
+        lasts ``timeout`` seconds counts as stuck. The cost is the reaper's, never a
+        packet's.
         """
         while True:
             timeout = self.timeout
@@ -861,8 +866,12 @@ class Server:
                     if state.last_active <= cutoff:
                         state.scope.cancel()
                 elif state.channel.writing:
-                    if state.writing_seen is None:
+                    written = state.channel.written
+                    if state.writing_seen is None or written != state.written_seen:
+                        # Writing, and (on a plain TCP connection, where it can be
+                        # seen) the client took bytes since the last look: not stuck.
                         state.writing_seen = now
+                        state.written_seen = written
                     elif state.writing_seen <= cutoff:
                         state.stuck = True
                         state.scope.cancel()
@@ -912,7 +921,7 @@ def _listener_of(sock: socket.socket) -> trio.SocketListener:
 class _Idle:
     """A session's idle-timeout state, read by :meth:`Server._reap_idle`."""
 
-    __slots__ = ("scope", "waiting", "last_active", "channel", "writing_seen", "stuck")
+    __slots__ = ("scope", "waiting", "last_active", "channel", "writing_seen", "written_seen", "stuck")
 
     def __init__(self, now: float, channel: Channel) -> None:
         self.scope = trio.CancelScope()
@@ -921,7 +930,10 @@ class _Idle:
         self.channel = channel
         self.writing_seen: Optional[float] = None
         """When the reaper first found the session writing, in a run of looks that all
-        did; None when the last look did not."""
+        did (and, on plain TCP, found no more bytes written); None when the last look
+        found no write."""
+        self.written_seen = 0
+        """``channel.written`` at the last look that found a write going on."""
         self.stuck = False
         """Set by the reaper when it cancels the session for a write that never ends."""
 

@@ -9,7 +9,7 @@ client sends. That server is a subprocess here, so its resident memory (``VmRSS`
 is measured as the operating system sees it. Other clients are served meanwhile.
 
 Such a session never waits for bytes, so the idle timeout alone would never end it;
-the reaper also closes a session whose reply could not be written for ``timeout``
+the reaper also closes a session whose reply made no progress for ``timeout``
 seconds: a client that stops reading cannot hold its connection forever.
 """
 

@@ -250,6 +250,44 @@ async def test_a_multi_mib_reply_reaches_a_slow_reader_whole_while_another_clien
             await ask(other, 5)
 
 
+async def test_a_reply_longer_than_timeout_to_a_client_reading_slowly_is_not_cut(
+    make_server, writable_waits
+):
+    """The reaper cuts a session whose reply makes no progress for ``timeout``, not one
+    whose reply merely takes longer than that: a client that keeps taking bytes gets
+    all of it (as nginx's send_timeout). Here a 2 MiB reply takes at least 4 times
+    ``timeout`` to read, and nothing is cut."""
+    size = 2 * MiB
+    timeout = 0.4
+    server, _ = make_app(make_server, timeout=timeout)
+    async with serving(server) as (host, port):
+        slow = await connect(host, port, rcvbuf=SMALL_RCVBUF)
+        async with slow:
+            await ask(slow, 0)
+            session = await session_for(server, slow)
+            lock_send_buffer(session)
+            received = bytearray()
+            started = trio.current_time()
+            await slow.send(json_packet({"big": size, "seed": 2}))
+            with trio.fail_after(LIVENESS * 2):
+                # 256 KiB a tenth of a second: 2 MiB take 0.8 s or more, twice timeout.
+                while len(received) < 4 or len(received) < 4 + int.from_bytes(received[:4], "big"):
+                    chunk = 0
+                    while chunk < 256 * 1024:
+                        data = await slow.stream.receive_some(16384)
+                        assert data, "the server cut the reply"
+                        received.extend(data)
+                        chunk += len(data)
+                        if len(received) >= 4 + int.from_bytes(received[:4], "big"):
+                            break
+                    await trio.sleep(0.1)
+            assert trio.current_time() - started > 2 * timeout
+            raw = bytes(received)
+            assert json.loads(raw[6:]) == {"big": blob(size, 2)}
+            assert writable_waits  # the reply did wait for room: the slow path was taken
+            await ask(slow, 1)  # and the session goes on
+
+
 async def test_many_tasks_of_one_handler_writing_at_once_never_interleave_packets(
     make_server, writable_waits
 ):
