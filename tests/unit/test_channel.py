@@ -90,3 +90,43 @@ async def test_concurrent_senders_never_interleave():
         for index in range(20):
             nursery.start_soon(channel.send, bytes([index]) * 10)
     assert sorted(stream.writes) == sorted(bytes([i]) * 10 for i in range(20))
+
+
+class GatedStream(RecordingStream):
+    """A stream whose writes wait until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = trio.Event()
+        self.writing = trio.Event()
+
+    async def send_all(self, data) -> None:
+        self.writing.set()
+        await self.gate.wait()
+        self.writes.append(bytes(data))
+
+
+async def test_a_queued_writer_cancelled_as_the_write_before_ends_does_not_wedge_the_channel():
+    """W1 writes; W2 queues behind it; W2 is cancelled in the same scheduling batch as
+    W1's write completes. Whichever of the two trio runs first (it picks at random),
+    the channel must be free afterwards: a third write goes through. Repeated, so both
+    orders are met."""
+    for _ in range(24):
+        stream = GatedStream()
+        channel = Channel(stream, Connection())
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(channel.send, b"one")
+            await stream.writing.wait()
+            queued = trio.CancelScope()
+
+            async def second() -> None:
+                with queued:
+                    await channel.send(b"two")
+
+            nursery.start_soon(second)
+            await trio.testing.wait_all_tasks_blocked()
+            queued.cancel()  # W2 leaves the queue...
+            stream.gate.set()  # ...as W1's write ends: both are now runnable
+        with trio.fail_after(1):
+            await channel.send(b"three")
+        assert stream.writes in ([b"one", b"three"], [b"one", b"two", b"three"])
