@@ -1,4 +1,4 @@
-"""Reads and writes on a plain TCP connection, with as few system calls and scheduling rounds as each needs.
+"""Plain-TCP reads and writes with as few system calls and scheduling rounds as they need.
 
 ``trio.SocketStream`` is correct and general, and on a small-packet server its cost
 per call shows: ``receive_some`` first tries ``recv`` (which, on a connection whose
