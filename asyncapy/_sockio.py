@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Callable, Optional
+import socket
+from typing import Any, Callable, Optional
 
 import trio
 from trio.lowlevel import wait_readable, wait_writable
 
-__all__ = ["raw_socket_of", "receive", "send", "write_now", "write_rest"]
+__all__ = ["raw_socket_of", "fileno_source", "receive", "read_now", "receive_waiting", "send", "write_now", "write_rest"]
 
 _CLOSED_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK})
 
@@ -49,6 +50,16 @@ def raw_socket_of(stream: trio.abc.Stream) -> Optional[trio.socket.SocketType]:
     if os.name != "posix" or type(stream) is not trio.SocketStream:
         return None
     return stream.socket
+
+
+def fileno_source(sock: trio.socket.SocketType) -> Any:
+    """What to ask for ``sock``'s descriptor before each system call: the standard
+    library socket inside trio's (its ``fileno()`` is what trio's forwards to, one
+    Python-level call less per system call, and it reads -1 just the same once trio
+    has closed the socket), or ``sock`` itself if it has none. Every function here
+    takes either."""
+    inner = getattr(sock, "_sock", None)
+    return inner if isinstance(inner, socket.socket) else sock
 
 
 def _stream_error(exc: OSError) -> Exception:
@@ -65,20 +76,39 @@ async def receive(sock: trio.socket.SocketType, max_bytes: int) -> bytes:
     Yielding first is what makes a read cheap under load: while the other ready
     sessions run, this connection's next request usually arrives, and the read then
     takes it without the epoll registration and wake-up a wait costs. On an idle
-    server the read finds nothing, and the wait follows.
+    server the read finds nothing, and the wait follows. (The server's session loop
+    makes the same three steps itself, :func:`read_now` and :func:`receive_waiting`
+    after its own checkpoint, to act on what the first read found.)
     """
     await trio.lowlevel.checkpoint()
+    data = read_now(sock, max_bytes)
+    if data is None:
+        data = await receive_waiting(sock, max_bytes)
+    return data
+
+
+def read_now(sock: trio.socket.SocketType, max_bytes: int) -> Optional[bytes]:
+    """Read at most ``max_bytes`` if any have arrived (``b""`` at end of stream), or
+    return None at once if none have. Never yields."""
+    fd = sock.fileno()
+    if fd < 0:
+        raise trio.ClosedResourceError("this socket was already closed")
+    try:
+        return os.read(fd, max_bytes)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        raise _stream_error(exc) from exc
+
+
+async def receive_waiting(sock: trio.socket.SocketType, max_bytes: int) -> bytes:
+    """Wait until ``sock`` is readable, then read at most ``max_bytes`` (``b""`` at
+    end of stream); for after :func:`read_now` found nothing."""
     while True:
-        fd = sock.fileno()
-        if fd < 0:
-            raise trio.ClosedResourceError("this socket was already closed")
-        try:
-            return os.read(fd, max_bytes)
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            raise _stream_error(exc) from exc
         await wait_readable(sock)
+        data = read_now(sock, max_bytes)
+        if data is not None:
+            return data
 
 
 def write_now(sock: trio.socket.SocketType, data: bytes) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 
 import trio
 
@@ -40,19 +40,95 @@ sends (to its own client, or to many others') cannot starve the rest."""
 
 
 class Pacer:
-    """The direct writes since a read, counted across all the channels of one server.
+    """How the direct writes of one server's channels are paced: the writes since a
+    read, and the replies deferred to the next scheduling round.
 
-    The count is shared, not per channel, because the task that writes is not always
-    the session's own: a handler that broadcasts to a thousand other sessions makes
-    one write on each, and must still yield every :data:`WRITES_PER_YIELD` writes. The
-    server resets it after every read, which always yields (so the count only ever
-    covers writes with no yield between them).
+    **The count** (:attr:`unyielded`) is shared, not per channel, because the task
+    that writes is not always the session's own: a handler that broadcasts to a
+    thousand other sessions makes one write on each, and must still yield every
+    :data:`WRITES_PER_YIELD` writes. The server resets it after every read, which
+    always yields (so the count only ever covers writes with no yield between them).
+
+    **Deferred replies.** While a server is busy (the read that brought a request
+    found it waiting, so other sessions are being served in the same round), a reply
+    is not written at once: its channel is queued here, and the replies of the whole
+    round are written together when the next round starts, by the first of these to
+    run: the session whose reply it is, before it reads again; or this pacer's
+    flusher task (:meth:`run`), which any deferral wakes, so that a reply is never
+    later than that. Written one after the other, a round's replies reach their
+    clients in a burst, and a client waiting on many connections is woken once
+    rather than once per reply; on a machine where that wake-up is dear (a virtual
+    one, where it is an inter-processor interrupt), it costs more than the reply. A
+    reply the kernel cannot take whole is finished by a task of the flusher's, which
+    holds its channel meanwhile, so later writes wait their turn. An idle server
+    (the read had to wait) writes each reply at once: no latency is added where
+    there is nothing to batch.
     """
 
-    __slots__ = ("unyielded",)
+    __slots__ = ("unyielded", "deferred", "_task", "_parked", "_nursery")
 
     def __init__(self) -> None:
         self.unyielded = 0
+        self.deferred: list["Channel"] = []
+        """Channels whose replies wait for the next round, in the order deferred."""
+        self._task: Optional[trio.lowlevel.Task] = None
+        self._parked = False
+        self._nursery: Optional[trio.Nursery] = None
+
+    def defer(self, channel: "Channel") -> None:
+        """Queue ``channel``'s held replies for the next round, and wake the flusher."""
+        channel.deferred = True
+        self.deferred.append(channel)
+        if self._parked:
+            self._parked = False
+            trio.lowlevel.reschedule(self._task)
+
+    def flush(self) -> None:
+        """Write every deferred reply now, without waiting (never yields)."""
+        deferred = self.deferred
+        if deferred:
+            self.deferred = []
+            for channel in deferred:
+                channel.deferred = False
+                channel._write_deferred()
+
+    def spawn(self, function: Callable, *args: Any) -> bool:
+        """Run ``function(*args)`` in the flusher's nursery; False when it is not running."""
+        nursery = self._nursery
+        if nursery is None:
+            return False
+        try:
+            nursery.start_soon(function, *args)
+        except RuntimeError:  # the nursery is closing
+            return False
+        return True
+
+    async def run(self) -> None:
+        """The flusher: writes deferred replies each time one is queued, and finishes
+        the ones the kernel could not take whole. Runs until cancelled (the server
+        runs it beside its sessions); without it, replies are still written by their
+        sessions, but a handler that replies and then waits would delay its reply.
+        A second call while one runs (a test client beside a serving server) has
+        nothing to do: it waits to be cancelled."""
+        if self._task is not None:
+            await trio.sleep_forever()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._task = trio.lowlevel.current_task()
+            try:
+                while True:
+                    self.flush()
+                    self._parked = True
+                    await trio.lowlevel.wait_task_rescheduled(self._abort)
+            finally:
+                self._parked = False
+                self._task = None
+                self._nursery = None
+                self.flush()  # what was deferred up to here is not left behind
+
+    def _abort(self, raise_cancel: Any) -> trio.lowlevel.Abort:
+        self._parked = False
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class Channel:
@@ -67,12 +143,15 @@ class Channel:
 
     On a plain TCP connection, writes are direct system calls (:mod:`asyncapy._sockio`)
     that yield only when the kernel has no room, and before every
-    :data:`WRITES_PER_YIELD`-th write counted by ``pacer`` (see :class:`Pacer`).
+    :data:`WRITES_PER_YIELD`-th write counted by ``pacer``. While :attr:`deferring` is
+    set (by the server, when the server is busy), replies are gathered and written at
+    the start of the next scheduling round, with every other session's (see
+    :class:`Pacer`).
     """
 
     __slots__ = (
         "stream", "connection", "socket", "_busy", "_queue", "closed", "holding", "_pending",
-        "interrupted", "pacer", "written",
+        "interrupted", "pacer", "written", "deferring", "deferred", "_fd",
     )
 
     def __init__(
@@ -82,6 +161,7 @@ class Channel:
         self.connection = connection
         self.socket = _sockio.raw_socket_of(stream)
         """The socket written and read directly, or None to use the stream's methods."""
+        self._fd = None if self.socket is None else _sockio.fileno_source(self.socket)
         # Writes are serialised by hand: trio's locks register their owner task for
         # deadlock detection, which costs more than a small reply's write.
         self._busy = False
@@ -97,24 +177,35 @@ class Channel:
         (direct writes only): how the server's reaper tells a client that reads a
         long reply slowly from one that stopped reading. Writes taken whole at once
         are not counted; they never wait."""
+        self.deferring = False
+        """Defer replies to the next scheduling round (direct writes only; set by the
+        server's session loop while the server is busy, see :class:`Pacer`)."""
+        self.deferred = False
+        """True while this channel is queued in ``pacer`` for the next round."""
 
     async def send(self, data: bytes) -> None:
-        """Write ``data`` whole (or hold it, see above); ``trio.ClosedResourceError``
-        if the channel is closed."""
+        """Write ``data`` whole (or hold or defer it, see above);
+        ``trio.ClosedResourceError`` if the channel is closed, and
+        ``trio.BrokenResourceError`` once a write on it failed or was cut short."""
         if self.closed:
             raise trio.ClosedResourceError("the session is closed")
         pending = self._pending
+        # Gather: held for a pipelined batch, or deferred to the next round. Never
+        # deferred behind a write under way (whoever writes now must write it next).
+        if self.holding or (self.deferring and not self._busy):
+            if len(pending) + len(data) < HOLD_LIMIT:
+                if self.interrupted:
+                    raise trio.BrokenResourceError("an earlier write on this session was interrupted")
+                pending += data
+                if self.deferring and not self.deferred and not self._busy:
+                    self.pacer.defer(self)
+                return
         if pending:
             pending += data
-            if self.holding and len(pending) < HOLD_LIMIT:
-                return
             data = bytes(pending)
             pending.clear()
-        elif self.holding and len(data) < HOLD_LIMIT:
-            pending += data
-            return
         # The write itself, inline (a reply's path has no coroutine layer to spare).
-        sock = self.socket
+        sock = self._fd
         if sock is not None:
             pacer = self.pacer
             if pacer.unyielded >= WRITES_PER_YIELD - 1:
@@ -146,16 +237,57 @@ class Channel:
             self.interrupted = True
             raise
         finally:
-            if self._queue:
-                self._queue.unpark()
-            else:
-                self._busy = False
+            self._release()
+
+    def _release(self) -> None:
+        if self._queue:
+            self._queue.unpark()
+        else:
+            self._busy = False
 
     def _wrote(self, count: int) -> None:
         self.written += count
 
+    def _write_deferred(self) -> None:
+        """Write the deferred replies now (:meth:`Pacer.flush`); never yields. What
+        the kernel does not take at once is finished by a task of the pacer's, which
+        holds the channel meanwhile."""
+        pending = self._pending
+        if self.closed or not pending or self._busy or self.interrupted:
+            # Closed: aclose() wrote them. Busy: the writer under way takes them next
+            # (only held replies gather behind a write). Interrupted: nothing more
+            # may be written, and the session's next send says so.
+            return
+        data = bytes(pending)
+        pending.clear()
+        try:
+            sent = _sockio.write_now(self._fd, data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.interrupted = True  # the session's next read or send finds out
+            return
+        if sent < len(data):
+            self.written += sent
+            self._busy = True
+            if not self.pacer.spawn(self._finish_deferred, data, sent):
+                # No flusher (the server is stopping): keep the rest for whoever
+                # writes next, aclose() at the latest.
+                self._busy = False
+                pending[:0] = memoryview(data)[sent:]
+
+    async def _finish_deferred(self, data: bytes, sent: int) -> None:
+        try:
+            await _sockio.write_rest(self._fd, data, sent, self._wrote)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.interrupted = True
+        except BaseException:
+            self.interrupted = True
+            raise
+        finally:
+            self._release()
+
     async def flush(self) -> None:
-        """Write the held replies, if any (none once the channel is closed)."""
+        """Write the held replies, if any (none once the channel is closed); while
+        deferring, defer them instead."""
         self.holding = False
         if self._pending and not self.closed:
             await self.send(b"")
@@ -174,10 +306,12 @@ class Channel:
         return data
 
     async def aclose(self) -> None:
-        """Write held replies, then close the stream (idempotent). Each step gets one
-        second: a peer that stopped reading cannot hold the connection open."""
+        """Write held and deferred replies, then close the stream (idempotent). Each
+        step gets one second: a peer that stopped reading cannot hold the connection
+        open."""
         if self.closed:
             return
+        self.deferring = False
         if self.socket is not None and not self._pending:
             # Plain TCP with nothing held: closing the socket cannot block, and wakes
             # any task still waiting to write on it (ClosedResourceError). No timeout

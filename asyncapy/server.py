@@ -548,7 +548,7 @@ class Server:
         """Stop reading on every session; give in-flight handlers the grace period."""
         for state in list(self._idle_states.values()):
             if state.waiting:
-                state.scope.cancel()
+                state.cancel()
         if not self._sessions:
             return
         logger.info("Waiting up to %ss for %d session(s)", self.shutdown_grace, len(self._sessions))
@@ -692,6 +692,7 @@ class Server:
         framer = connection.framer
         stream = channel.stream
         sock = channel.socket  # read directly (see asyncapy._sockio), or None
+        fd = None if sock is None else _sockio.fileno_source(sock)
         pacer = channel.pacer
         # Chosen once per session: without handler_timeout, a packet costs no scope.
         if self.handler_timeout is None:
@@ -708,8 +709,8 @@ class Server:
         # or when the session's writes have been blocked for ``timeout`` (state.stuck).
         # A handler that is neither waiting nor writing is never cancelled here.
         with state.scope:
+            event = connection.next_event()
             while True:
-                event = connection.next_event()
                 if event is NEED_DATA:
                     if channel.holding:
                         await channel.flush()
@@ -718,21 +719,35 @@ class Server:
                     if stopping.is_set():
                         return "server shutting down"
                     state.waiting = True
-                    if sock is not None:
-                        data = await _sockio.receive(sock, buf)
-                        pacer.unyielded = 0  # a read always yields
+                    if fd is not None:
+                        # A read yields first (see _sockio.receive). Once the round
+                        # is over, this session's deferred reply is written with the
+                        # round's others before the read, and if the next request
+                        # is there already, the server is busy: defer the reply to
+                        # it too (see Pacer). If not, wait, and write it at once.
+                        await trio.lowlevel.checkpoint()
+                        pacer.unyielded = 0
+                        if channel.deferred:
+                            pacer.flush()
+                        data = _sockio.read_now(fd, buf)
+                        if data is None:
+                            channel.deferring = False
+                            data = await _sockio.receive_waiting(fd, buf)
+                        else:
+                            channel.deferring = True
                     else:
                         data = await stream.receive_some(buf)
                     state.waiting = False
-                    if state.scope.cancel_called:
+                    if state.cancelled:
                         break  # cancelled just as bytes arrived: it still counts
                     if not data:
                         return "client closed the connection"
-                    connection.receive_data(data)
+                    framer.receive_data(data)
+                    event = connection.next_event()
                     continue
                 # More pipelined packets already here? Then gather the replies and
                 # write them together once the batch is handled.
-                channel.holding = framer.complete_buffered()
+                more = channel.holding = framer.complete_buffered()
                 if type(event) is Request:
                     codec = event.codec
                     client.encoding = codec.name
@@ -754,6 +769,12 @@ class Server:
                     logger.warning("(%s) %s: %s", session_id, event.code, event.detail)
                     reply = connection.error_bytes(event.code, event.codec)
                     if event.close:
+                        if channel.writing or channel.interrupted:
+                            # A deferred reply is still being written (or was cut
+                            # short): the error reply cannot follow it on the wire.
+                            channel.closed = True
+                            await trio.aclose_forcefully(stream)
+                            return event.code
                         # Framing is lost: the client may still be sending the rest of
                         # the packet, so close lingering or the reply dies in a reset.
                         reply = channel.take_pending() + reply
@@ -765,10 +786,14 @@ class Server:
                 # arrived: a handler slower than ``timeout`` must not time out the
                 # next read at once.
                 state.last_active = now()
+                # Only the session feeds the framer: with no whole packet buffered
+                # after this one, the next event is a read.
+                event = connection.next_event() if more else NEED_DATA
         if stopping.is_set():
             return "server shutting down"
-        if state.stuck:
-            # Cancelled in the middle of a write, perhaps: no reply can follow it.
+        if state.stuck or channel.writing or channel.interrupted:
+            # Cancelled in the middle of a write, perhaps, or another task's (a
+            # deferred reply's) is under way or was cut short: no reply can follow.
             channel.closed = True
             await trio.aclose_forcefully(stream)
             return f"the client read no reply for {self.timeout}s"
@@ -826,6 +851,7 @@ class Server:
         async with trio.open_nursery() as services:
             services.start_soon(self.store.maintain)
             services.start_soon(self._reap_idle)
+            services.start_soon(self._pacer.run)
 
     def _ready_for_streams(self) -> None:
         """Make sessions servable without :meth:`serve` (the test client of
@@ -864,7 +890,7 @@ class Server:
             for state in self._idle_states.values():
                 if state.waiting:
                     if state.last_active <= cutoff:
-                        state.scope.cancel()
+                        state.cancel()
                 elif state.channel.writing:
                     written = state.channel.written
                     if state.writing_seen is None or written != state.written_seen:
@@ -874,7 +900,7 @@ class Server:
                         state.written_seen = written
                     elif state.writing_seen <= cutoff:
                         state.stuck = True
-                        state.scope.cancel()
+                        state.cancel()
                     continue
                 state.writing_seen = None
 
@@ -921,10 +947,16 @@ def _listener_of(sock: socket.socket) -> trio.SocketListener:
 class _Idle:
     """A session's idle-timeout state, read by :meth:`Server._reap_idle`."""
 
-    __slots__ = ("scope", "waiting", "last_active", "channel", "writing_seen", "written_seen", "stuck")
+    __slots__ = (
+        "scope", "cancelled", "waiting", "last_active", "channel", "writing_seen", "written_seen", "stuck",
+    )
 
     def __init__(self, now: float, channel: Channel) -> None:
         self.scope = trio.CancelScope()
+        self.cancelled = False
+        """Set with the scope's cancellation by :meth:`cancel` (a plain attribute: the
+        session loop reads it after every read, and ``scope.cancel_called`` is a
+        property that reads the clock)."""
         self.waiting = False
         self.last_active = now
         self.channel = channel
@@ -936,6 +968,11 @@ class _Idle:
         """``channel.written`` at the last look that found a write going on."""
         self.stuck = False
         """Set by the reaper when it cancels the session for a write that never ends."""
+
+    def cancel(self) -> None:
+        """Cancel the session's scope (the reaper's and the shutdown's way)."""
+        self.cancelled = True
+        self.scope.cancel()
 
 
 def raise_open_file_limit() -> Optional[int]:

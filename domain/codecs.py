@@ -183,26 +183,53 @@ def _holds_datetime(obj: Any) -> bool:
     return False
 
 
+try:
+    from . import _ziproto
+except ImportError:  # not compiled (no C compiler where it was installed): msgspec alone
+    _ziproto = None
+
+ACCELERATED = _ziproto is not None
+"""Whether the ZiProto codec runs on its C accelerator (``domain/_ziproto.c``, built
+at install time) or on msgspec alone; both give the same bytes, values and verdicts."""
+
+
 class ZiProtoCodec(Codec):
     """ZiProto: the MessagePack subset of nil, bool, int (64 bits), float, str, bin,
-    array and map, big-endian, with MessagePack's type codes."""
+    array and map, big-endian, with MessagePack's type codes.
+
+    Two engines, one behaviour. The C accelerator (``domain._ziproto``) decodes every
+    payload, enforcing the subset and :data:`MAX_DEPTH` while it parses, and encodes
+    the plain built-in types (``dict``, ``list``, ``tuple``, ``str``, ``bytes``,
+    ``int``, ``float``, ``bool``, ``None``); anything else it hands to msgspec, which
+    encodes (or refuses) it as it always did. Where the accelerator is not built,
+    msgspec does all of it, with the checks done after decoding. ``pure=True`` makes a
+    codec that never uses the accelerator (the tests compare the two).
+    """
 
     name = "ziproto"
     code = 1
 
-    def __init__(self) -> None:
-        self._encode = msgspec.msgpack.Encoder().encode
-        self._decode = msgspec.msgpack.Decoder(ext_hook=_refuse_extension).decode
+    def __init__(self, pure: bool = False) -> None:
+        self._fallback_encode = msgspec.msgpack.Encoder().encode
+        self._fallback_decode = msgspec.msgpack.Decoder(ext_hook=_refuse_extension).decode
+        accelerator = None if pure else _ziproto
+        self.accelerated = accelerator is not None
+        """True when this codec runs on the C accelerator."""
+        if accelerator is not None:
+            self._fast_encode = accelerator.encode
+            self._fast_decode = accelerator.decode
+            self.decode = self._decode_fast  # type: ignore[method-assign]
+            self.encode = self._encode_fast  # type: ignore[method-assign]
 
     def encode(self, obj: Mapping[Any, Any]) -> bytes:
         try:
-            return self._encode(obj)
+            return self._fallback_encode(obj)
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise CodecError(f"cannot encode as ZiProto: {exc}") from None
 
     def decode(self, data: bytes) -> dict:
         try:
-            obj = self._decode(data)
+            obj = self._fallback_decode(data)
         except CodecError:
             raise
         except (msgspec.DecodeError, RecursionError, TypeError, ValueError) as exc:
@@ -213,6 +240,21 @@ class ZiProtoCodec(Codec):
             raise CodecError("MessagePack extension type -1 is not part of ZiProto")
         if _could_nest_beyond(data, _ZIPROTO_OPENERS) and _depth_exceeds(obj, MAX_DEPTH):
             raise CodecError(f"ZiProto payload nests deeper than {MAX_DEPTH}")
+        return obj
+
+    def _encode_fast(self, obj: Mapping[Any, Any]) -> bytes:
+        data = self._fast_encode(obj, MAX_DEPTH)
+        if data is None:  # a type (or a depth) only msgspec handles
+            return ZiProtoCodec.encode(self, obj)
+        return data
+
+    def _decode_fast(self, data: bytes) -> dict:
+        try:
+            obj = self._fast_decode(data, MAX_DEPTH)
+        except ValueError as exc:
+            raise CodecError(f"malformed ZiProto: {exc}") from None
+        if type(obj) is not dict:
+            raise CodecError(f"ZiProto payload is a {type(obj).__name__}, not a map")
         return obj
 
 

@@ -116,6 +116,7 @@ class Framer:
         "_offset",
         "_error",
         "_eof",
+        "_held",
     )
 
     def __init__(
@@ -137,18 +138,38 @@ class Framer:
         self._offset = 0
         self._error: FramingError | None = None
         self._eof = False
+        self._held: bytes | None = None
+        """A received chunk not copied into the buffer yet (see receive_data)."""
 
     # -- receiving -----------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
-        """Append bytes received from the peer (``b""`` is the end of the stream)."""
+        """Append bytes received from the peer (``b""`` is the end of the stream).
+
+        A ``bytes`` chunk that arrives while nothing is buffered is held as it is,
+        not copied: when it is exactly one packet (the common case of a client that
+        waits for each reply), :meth:`next_event` slices the payload straight out of
+        it. Anything else goes into the buffer."""
         if not data:
             self._eof = True
             return
-        self._buffer += data
+        if self._held is not None:
+            self._buffer += self._held
+            self._held = None
+            self._buffer += data
+        elif self._buffer or type(data) is not bytes:
+            self._buffer += data
+        else:
+            self._held = data
+
+    def _absorb(self) -> None:
+        if self._held is not None:
+            self._buffer += self._held
+            self._held = None
 
     @property
     def buffered(self) -> int:
         """How many received bytes are not consumed yet (the start of a next packet)."""
+        self._absorb()
         return len(self._buffer) - self._offset
 
     def complete_buffered(self) -> bool:
@@ -157,6 +178,7 @@ class Framer:
         the replies to pipelined requests."""
         if self._error is not None:
             return True
+        self._absorb()
         available = len(self._buffer) - self._offset
         if available < self.header_size:
             return False
@@ -176,6 +198,18 @@ class Framer:
         """The next complete :class:`Frame`, a :class:`FramingError`, or :data:`NEED_DATA`."""
         if self._error is not None:
             return self._error
+        held = self._held
+        if held is not None:
+            self._held = None
+            header_size = self.header_size
+            if len(held) >= header_size + 2:
+                content_length, version, encoding = self._prefix.unpack_from(held)
+                if (
+                    header_size + content_length == len(held)
+                    and 2 <= content_length <= self.max_packet_size
+                ):
+                    return _tuple_new(Frame, (version, encoding, held[header_size + 2 :]))
+            self._buffer += held  # not exactly one packet: the general way
         buffer = self._buffer
         offset = self._offset
         available = len(buffer) - offset

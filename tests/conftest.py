@@ -46,13 +46,13 @@ def redis_url(redis_server) -> str:
 
 @pytest.fixture
 def writable_waits(monkeypatch) -> list:
-    """The sockets direct writes (``asyncapy._sockio``) waited on for room, once per
-    wait: proof that a test made a write partial."""
+    """The descriptors (numbers) of the sockets direct writes (``asyncapy._sockio``)
+    waited on for room, once per wait: proof that a test made a write partial."""
     waits: list = []
     real = _sockio.wait_writable
 
     async def counting(sock):
-        waits.append(sock)
+        waits.append(sock.fileno())
         await real(sock)
 
     monkeypatch.setattr(_sockio, "wait_writable", counting)

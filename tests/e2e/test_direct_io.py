@@ -234,7 +234,7 @@ async def test_a_multi_mib_reply_reaches_a_slow_reader_whole_while_another_clien
                     nursery.start_soon(read_slowly)
                     await paused.wait()
                     # The server sits in the middle of the reply, waiting for room...
-                    await eventually(lambda: channel.socket in writable_waits)
+                    await eventually(lambda: channel.socket.fileno() in writable_waits)
                     assert channel.writing
                     # ...and serves the other client meanwhile, again and again.
                     for n in range(5):
@@ -329,8 +329,8 @@ async def test_many_tasks_of_one_handler_writing_at_once_never_interleave_packet
             assert seen == {t: list(range(per_task)) for t in range(tasks)}  # each in order
             assert await wire.request({"after": 1}) == {"after": 1}
             await wire.assert_silent(0.2)
-            channel = (await session_for(server, wire)).client._channel
-    assert channel.socket in writable_waits, "no write was partial: the test proves little"
+            fd = (await session_for(server, wire)).client._channel.socket.fileno()
+    assert fd in writable_waits, "no write was partial: the test proves little"
 
 
 # -- a handler that only writes -------------------------------------------------------
@@ -552,7 +552,7 @@ async def test_a_write_blocked_on_a_silent_client_ends_when_another_session_clos
             lock_send_buffer(session)
             await silent.send(json_packet({"flood": 1}))  # and never read
             channel = session.client._channel
-            await eventually(lambda: channel.socket in writable_waits)
+            await eventually(lambda: channel.socket.fileno() in writable_waits)
             await settle()
             assert channel.writing  # blocked, waiting for room
             async with await connect(host, port) as boss:
@@ -593,7 +593,7 @@ async def test_a_client_resetting_in_the_middle_of_a_big_reply_only_ends_its_ses
             with trio.fail_after(LIVENESS):
                 first = await resetting.stream.receive_some(65536)
             assert first[4:6] == bytes([22, 0])  # the reply has begun...
-            await eventually(lambda: channel.socket in writable_waits)
+            await eventually(lambda: channel.socket.fileno() in writable_waits)
             assert channel.writing  # ...and is far from written
             reset(resetting)
             assert await eventually(lambda: end_reason(caplog, session)) == (
@@ -650,7 +650,7 @@ async def test_a_write_queued_behind_one_cancelled_midway_raises_and_writes_noth
             lock_send_buffer(session)
             await wire.send(json_packet({"two": 1}))
             channel = session.client._channel
-            await eventually(lambda: channel.socket in writable_waits)  # big is blocked
+            await eventually(lambda: channel.socket.fileno() in writable_waits)  # big is blocked
             control["queue"].set()
             await settle()  # small is queued behind it
             assert control["outcome"] is None

@@ -205,7 +205,7 @@ async def test_send_of_many_times_the_socket_buffers_to_a_slow_reader_arrives_wh
         assert len(received) == len(payload)
         assert bytes(received) == payload
         assert writable_waits, "the payload went out in one write: the test proves nothing"
-        assert all(sock is ours.socket for sock in writable_waits)
+        assert all(fd == ours.socket.fileno() for fd in writable_waits)
 
 
 async def test_send_accepts_a_bytearray_and_a_memoryview():

@@ -1,0 +1,588 @@
+/* domain._ziproto: the ZiProto codec's fast path, in C.
+ *
+ * ZiProto is the MessagePack subset of nil, bool, int (64 bits), float, str, bin,
+ * array and map. domain/codecs.py is the codec; this module is only its accelerator,
+ * and every rule it applies is the codec's (see the ZiProtoCodec docstring):
+ *
+ *   decode(data, max_depth) -> object
+ *       Parses one whole ZiProto value from a bytes-like object. Raises ValueError
+ *       with a message for anything that is not one: truncated or trailing bytes, the
+ *       unused type byte 0xc1, any MessagePack extension type (ZiProto has none), a
+ *       string that is not UTF-8, an unhashable map key, containers nested deeper
+ *       than max_depth (the top level is 1). Arrays become lists, or tuples where they
+ *       are map keys (so that they can be); maps become dicts (a repeated key keeps
+ *       its last value); bin becomes bytes; float32 and float64 become float.
+ *
+ *   encode(obj, max_depth) -> bytes or None
+ *       Writes the smallest representation of every value, as the reference
+ *       ziproto.encode and msgspec do byte for byte: positive fixint, uint 8/16/32/64
+ *       for non-negative ints; negative fixint, int 8/16/32/64 for negative ones;
+ *       float64 for every float; fixstr/str8/16/32; bin8/16/32; fixarray/array16/32;
+ *       fixmap/map16/32. Only the exact built-in types are handled here (dict, list,
+ *       tuple, str, bytes, int, float, bool, None); for anything else (a subclass, a
+ *       bytearray, an int beyond 64 bits, a string with lone surrogates, nesting
+ *       deeper than max_depth) it returns None, and the codec encodes the value with
+ *       msgspec instead, which accepts or refuses it exactly as before.
+ *
+ * Neither function runs Python code (no __hash__ or __eq__ of ours is called on
+ * exact built-in types), so neither can be re-entered, and the encoder's scratch
+ * buffer is shared by all calls under the GIL.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* ------------------------------------------------------------------ decoding */
+
+typedef struct {
+    const unsigned char *p;
+    const unsigned char *end;
+    const unsigned char *start;
+    int max_depth;
+} Decoder;
+
+/* Short ASCII strings (keys above all, and repeated values) are looked up in a small
+ * direct-mapped cache before one is made: a hit costs a hash and a compare of up to
+ * three words instead of an allocation, and the string's own hash is already
+ * computed for the dict it goes into. One-character strings have a table of their own. */
+#define STR_CACHE_SIZE 1024
+#define STR_CACHE_MAX_LEN 24
+typedef struct {
+    PyObject *str;
+    uint64_t words[3];  /* the bytes, zero-padded */
+    Py_ssize_t len;
+} CachedStr;
+static CachedStr str_cache[STR_CACHE_SIZE];
+static PyObject *one_char[128];
+
+static PyObject *
+malformed(Decoder *d, const char *what)
+{
+    PyErr_Format(PyExc_ValueError, "%s (byte %zd)", what, (Py_ssize_t)(d->p - d->start));
+    return NULL;
+}
+
+static PyObject *
+truncated(void)
+{
+    PyErr_SetString(PyExc_ValueError, "the payload is truncated");
+    return NULL;
+}
+
+static inline int
+is_ascii(const unsigned char *s, Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    uint64_t acc = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t word;
+        memcpy(&word, s + i, 8);
+        acc |= word;
+    }
+    for (; i < n; i++) acc |= s[i];
+    return (acc & UINT64_C(0x8080808080808080)) == 0;
+}
+
+static PyObject *
+new_ascii(const unsigned char *s, Py_ssize_t n)
+{
+    PyObject *str = PyUnicode_New(n, 127);
+    if (str != NULL) memcpy(PyUnicode_1BYTE_DATA(str), s, n);
+    return str;
+}
+
+static PyObject *
+make_str(Decoder *d, const unsigned char *s, Py_ssize_t n)
+{
+    if (n == 1 && s[0] < 128) {
+        PyObject **slot = &one_char[s[0]];
+        if (*slot == NULL && (*slot = new_ascii(s, 1)) == NULL) return NULL;
+        Py_INCREF(*slot);
+        return *slot;
+    }
+    if (n <= STR_CACHE_MAX_LEN) {
+        uint64_t words[3] = {0, 0, 0};
+        memcpy(words, s, n);
+        if (((words[0] | words[1] | words[2]) & UINT64_C(0x8080808080808080)) == 0) {
+            uint64_t h = (words[0] * UINT64_C(0x9E3779B97F4A7C15))
+                       ^ (words[1] * UINT64_C(0xC2B2AE3D27D4EB4F))
+                       ^ (words[2] * UINT64_C(0x165667B19E3779F9)) ^ (uint64_t)n;
+            h ^= h >> 29;
+            h *= UINT64_C(0xBF58476D1CE4E5B9);
+            CachedStr *entry = &str_cache[(h >> 32) & (STR_CACHE_SIZE - 1)];
+            if (entry->str != NULL && entry->len == n && entry->words[0] == words[0]
+                    && entry->words[1] == words[1] && entry->words[2] == words[2]) {
+                Py_INCREF(entry->str);
+                return entry->str;
+            }
+            PyObject *str = new_ascii(s, n);
+            if (str == NULL) return NULL;
+            Py_INCREF(str);
+            Py_XSETREF(entry->str, str);
+            memcpy(entry->words, words, sizeof words);
+            entry->len = n;
+            return str;
+        }
+    } else if (is_ascii(s, n)) {
+        return new_ascii(s, n);
+    }
+    PyObject *str = PyUnicode_DecodeUTF8((const char *)s, n, "strict");
+    if (str == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+            PyErr_Clear();
+            return malformed(d, "a string is not valid UTF-8");
+        }
+        return NULL;
+    }
+    return str;
+}
+
+static inline uint16_t load16(const unsigned char *p) { return (uint16_t)((p[0] << 8) | p[1]); }
+static inline uint32_t load32(const unsigned char *p) {
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+static inline uint64_t load64(const unsigned char *p) {
+    return ((uint64_t)load32(p) << 32) | load32(p + 4);
+}
+
+/* Take n bytes of payload; NULL (with the exception set) when fewer are left. */
+static inline const unsigned char *
+take(Decoder *d, Py_ssize_t n)
+{
+    if (d->end - d->p < n) {
+        truncated();
+        return NULL;
+    }
+    const unsigned char *s = d->p;
+    d->p += n;
+    return s;
+}
+
+static PyObject *decode_value(Decoder *d, int depth, int as_key);
+
+static PyObject *
+decode_array(Decoder *d, Py_ssize_t n, int depth, int as_key)
+{
+    if (depth > d->max_depth) return malformed(d, "the payload nests too deeply");
+    /* Every element takes a byte at least: a count the rest cannot hold is a lie,
+     * refused before anything is allocated for it. */
+    if (n > d->end - d->p) return truncated();
+    PyObject *seq = as_key ? PyTuple_New(n) : PyList_New(n);
+    if (seq == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = decode_value(d, depth + 1, as_key);
+        if (item == NULL) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (as_key) PyTuple_SET_ITEM(seq, i, item);
+        else PyList_SET_ITEM(seq, i, item);
+    }
+    return seq;
+}
+
+static PyObject *
+decode_map(Decoder *d, Py_ssize_t n, int depth, int as_key)
+{
+    if (as_key) return malformed(d, "map keys must be hashable");
+    if (depth > d->max_depth) return malformed(d, "the payload nests too deeply");
+    if (n > (d->end - d->p) / 2) return truncated();
+#if PY_VERSION_HEX < 0x030D0000
+    PyObject *map = _PyDict_NewPresized(n);
+#else
+    PyObject *map = PyDict_New();
+#endif
+    if (map == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *key = decode_value(d, depth + 1, 1);
+        if (key == NULL) goto error;
+        PyObject *value = decode_value(d, depth + 1, 0);
+        if (value == NULL) {
+            Py_DECREF(key);
+            goto error;
+        }
+        int failed = PyDict_SetItem(map, key, value);
+        Py_DECREF(key);
+        Py_DECREF(value);
+        if (failed) {
+            if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+                PyErr_Clear();
+                malformed(d, "map keys must be hashable");
+            }
+            goto error;
+        }
+    }
+    return map;
+error:
+    Py_DECREF(map);
+    return NULL;
+}
+
+static PyObject *
+decode_value(Decoder *d, int depth, int as_key)
+{
+    const unsigned char *s;
+    if (d->p >= d->end) return truncated();
+    unsigned char op = *d->p++;
+    if (op <= 0x7f) return PyLong_FromLong(op);
+    if (op >= 0xe0) return PyLong_FromLong((long)(int8_t)op);
+    if (op <= 0x8f) return decode_map(d, op & 0x0f, depth, as_key);
+    if (op <= 0x9f) return decode_array(d, op & 0x0f, depth, as_key);
+    if (op <= 0xbf) {
+        Py_ssize_t n = op & 0x1f;
+        if ((s = take(d, n)) == NULL) return NULL;
+        return make_str(d, s, n);
+    }
+    switch (op) {
+    case 0xc0: Py_RETURN_NONE;
+    case 0xc2: Py_RETURN_FALSE;
+    case 0xc3: Py_RETURN_TRUE;
+    case 0xc4: case 0xc5: case 0xc6: {
+        Py_ssize_t width = op == 0xc4 ? 1 : op == 0xc5 ? 2 : 4;
+        if ((s = take(d, width)) == NULL) return NULL;
+        Py_ssize_t n = width == 1 ? s[0] : width == 2 ? load16(s) : (Py_ssize_t)load32(s);
+        if ((s = take(d, n)) == NULL) return NULL;
+        return PyBytes_FromStringAndSize((const char *)s, n);
+    }
+    case 0xca: {
+        if ((s = take(d, 4)) == NULL) return NULL;
+        uint32_t bits = load32(s);
+        float f;
+        memcpy(&f, &bits, 4);
+        return PyFloat_FromDouble((double)f);
+    }
+    case 0xcb: {
+        if ((s = take(d, 8)) == NULL) return NULL;
+        uint64_t bits = load64(s);
+        double f;
+        memcpy(&f, &bits, 8);
+        return PyFloat_FromDouble(f);
+    }
+    case 0xcc: if ((s = take(d, 1)) == NULL) return NULL; return PyLong_FromLong(s[0]);
+    case 0xcd: if ((s = take(d, 2)) == NULL) return NULL; return PyLong_FromLong(load16(s));
+    case 0xce: if ((s = take(d, 4)) == NULL) return NULL; return PyLong_FromUnsignedLong(load32(s));
+    case 0xcf: if ((s = take(d, 8)) == NULL) return NULL; return PyLong_FromUnsignedLongLong(load64(s));
+    case 0xd0: if ((s = take(d, 1)) == NULL) return NULL; return PyLong_FromLong((int8_t)s[0]);
+    case 0xd1: if ((s = take(d, 2)) == NULL) return NULL; return PyLong_FromLong((int16_t)load16(s));
+    case 0xd2: if ((s = take(d, 4)) == NULL) return NULL; return PyLong_FromLong((long)(int32_t)load32(s));
+    case 0xd3: if ((s = take(d, 8)) == NULL) return NULL; return PyLong_FromLongLong((long long)(int64_t)load64(s));
+    case 0xd9: case 0xda: case 0xdb: {
+        Py_ssize_t width = op == 0xd9 ? 1 : op == 0xda ? 2 : 4;
+        if ((s = take(d, width)) == NULL) return NULL;
+        Py_ssize_t n = width == 1 ? s[0] : width == 2 ? load16(s) : (Py_ssize_t)load32(s);
+        if ((s = take(d, n)) == NULL) return NULL;
+        return make_str(d, s, n);
+    }
+    case 0xdc: case 0xdd: {
+        Py_ssize_t width = op == 0xdc ? 2 : 4;
+        if ((s = take(d, width)) == NULL) return NULL;
+        return decode_array(d, width == 2 ? load16(s) : (Py_ssize_t)load32(s), depth, as_key);
+    }
+    case 0xde: case 0xdf: {
+        Py_ssize_t width = op == 0xde ? 2 : 4;
+        if ((s = take(d, width)) == NULL) return NULL;
+        return decode_map(d, width == 2 ? load16(s) : (Py_ssize_t)load32(s), depth, as_key);
+    }
+    case 0xc1:
+        d->p--;
+        return malformed(d, "0xc1 is not a type byte");
+    default: {
+        /* 0xc7-0xc9 (ext 8/16/32) and 0xd4-0xd8 (fixext 1-16): the type follows the
+         * length (ext) or the opcode (fixext). */
+        Py_ssize_t skip = op == 0xc7 ? 1 : op == 0xc8 ? 2 : op == 0xc9 ? 4 : 0;
+        d->p--;
+        if (d->end - d->p > 1 + skip) {
+            PyErr_Format(PyExc_ValueError,
+                         "MessagePack extension type %d is not part of ZiProto (byte %zd)",
+                         (int)(int8_t)d->p[1 + skip], (Py_ssize_t)(d->p - d->start));
+            return NULL;
+        }
+        return malformed(d, "a MessagePack extension type, which is not part of ZiProto");
+    }
+    }
+}
+
+static PyObject *
+ziproto_decode(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "decode(data, max_depth) takes 2 arguments");
+        return NULL;
+    }
+    long max_depth = PyLong_AsLong(args[1]);
+    if (max_depth == -1 && PyErr_Occurred()) return NULL;
+    if (max_depth < 1 || max_depth > 100000) {
+        PyErr_SetString(PyExc_ValueError, "max_depth must be from 1 to 100000");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    Decoder d = {view.buf, (const unsigned char *)view.buf + view.len, view.buf, (int)max_depth};
+    PyObject *result = decode_value(&d, 1, 0);
+    if (result != NULL && d.p != d.end) {
+        Py_CLEAR(result);
+        malformed(&d, "trailing bytes after the value");
+    }
+    PyBuffer_Release(&view);
+    return result;
+}
+
+/* ------------------------------------------------------------------ encoding */
+
+typedef struct {
+    char *buf;
+    Py_ssize_t len;
+    Py_ssize_t cap;
+    int max_depth;
+} Encoder;
+
+#define SCRATCH_START 4096
+#define SCRATCH_KEEP (1 << 20)
+static char *scratch;
+static Py_ssize_t scratch_cap;
+
+/* Return codes of the encoder's functions. */
+#define ENC_OK 0
+#define ENC_ERROR -1       /* an exception is set (out of memory) */
+#define ENC_UNHANDLED 1    /* not for this fast path: the codec's fallback takes it */
+
+static int
+reserve(Encoder *e, Py_ssize_t extra)
+{
+    if (e->len + extra <= e->cap) return ENC_OK;
+    Py_ssize_t cap = e->cap;
+    while (cap < e->len + extra) {
+        if (cap > PY_SSIZE_T_MAX / 2) {
+            PyErr_NoMemory();
+            return ENC_ERROR;
+        }
+        cap *= 2;
+    }
+    char *grown = PyMem_Realloc(e->buf, cap);
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return ENC_ERROR;
+    }
+    e->buf = grown;
+    e->cap = cap;
+    return ENC_OK;
+}
+
+/* Writers: reserve() first; each writes through a local pointer (a store through
+ * the buffer's char pointer could alias the Encoder, which would make the compiler
+ * reload it after every byte). */
+static inline void put8(Encoder *e, unsigned char b) { e->buf[e->len++] = (char)b; }
+static inline void put_op16(Encoder *e, unsigned char op, uint16_t v) {
+    unsigned char *out = (unsigned char *)e->buf + e->len;
+    out[0] = op; out[1] = (unsigned char)(v >> 8); out[2] = (unsigned char)v;
+    e->len += 3;
+}
+static inline void put_op32(Encoder *e, unsigned char op, uint32_t v) {
+    unsigned char *out = (unsigned char *)e->buf + e->len;
+    out[0] = op; out[1] = (unsigned char)(v >> 24); out[2] = (unsigned char)(v >> 16);
+    out[3] = (unsigned char)(v >> 8); out[4] = (unsigned char)v;
+    e->len += 5;
+}
+static inline void put_op64(Encoder *e, unsigned char op, uint64_t v) {
+    unsigned char *out = (unsigned char *)e->buf + e->len;
+    out[0] = op;
+    for (int i = 0; i < 8; i++) out[1 + i] = (unsigned char)(v >> (56 - 8 * i));
+    e->len += 9;
+}
+
+/* A header of a sized item: the fix form (fix_base | n, when n < fix_limit), else
+ * the 8-, 16- or 32-bit one (op8 may be 0: no 8-bit form). ``extra`` more bytes are
+ * reserved for what follows. */
+static inline int
+put_header(Encoder *e, Py_ssize_t n, unsigned char fix_base, Py_ssize_t fix_limit,
+           unsigned char op8, unsigned char op16, unsigned char op32, Py_ssize_t extra)
+{
+    if (e->len + 5 + extra > e->cap && reserve(e, 5 + extra) < 0) return ENC_ERROR;
+    unsigned char *out = (unsigned char *)e->buf + e->len;
+    if (n < fix_limit) {
+        out[0] = (unsigned char)(fix_base | n);
+        e->len += 1;
+    } else if (op8 && n < 256) {
+        out[0] = op8;
+        out[1] = (unsigned char)n;
+        e->len += 2;
+    } else if (n < 65536) {
+        put_op16(e, op16, (uint16_t)n);
+    } else if ((uint64_t)n <= UINT32_MAX) {
+        put_op32(e, op32, (uint32_t)n);
+    } else {
+        return ENC_UNHANDLED;  /* over 4 GiB: the fallback refuses it as before */
+    }
+    return ENC_OK;
+}
+
+static inline void
+put_bytes(Encoder *e, const char *data, Py_ssize_t n)
+{
+    memcpy(e->buf + e->len, data, n);
+    e->len += n;
+}
+
+static int
+encode_int(Encoder *e, PyObject *obj)
+{
+    int overflow;
+    long long x = PyLong_AsLongLongAndOverflow(obj, &overflow);
+    if (x == -1 && PyErr_Occurred()) return ENC_ERROR;
+    if (e->len + 9 > e->cap && reserve(e, 9) < 0) return ENC_ERROR;
+    if (overflow > 0) {
+        unsigned long long u = PyLong_AsUnsignedLongLong(obj);
+        if (u == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();  /* beyond 64 bits: the fallback refuses it as before */
+            return ENC_UNHANDLED;
+        }
+        put_op64(e, 0xcf, u);
+    } else if (overflow < 0) {
+        return ENC_UNHANDLED;
+    } else if (x >= 0) {
+        if (x < 128) put8(e, (unsigned char)x);
+        else if (x < 256) { put8(e, 0xcc); put8(e, (unsigned char)x); }
+        else if (x < 65536) put_op16(e, 0xcd, (uint16_t)x);
+        else if (x <= (long long)UINT32_MAX) put_op32(e, 0xce, (uint32_t)x);
+        else put_op64(e, 0xcf, (uint64_t)x);
+    } else {
+        if (x >= -32) put8(e, (unsigned char)(int8_t)x);
+        else if (x >= INT8_MIN) { put8(e, 0xd0); put8(e, (unsigned char)(int8_t)x); }
+        else if (x >= INT16_MIN) put_op16(e, 0xd1, (uint16_t)(int16_t)x);
+        else if (x >= INT32_MIN) put_op32(e, 0xd2, (uint32_t)(int32_t)x);
+        else put_op64(e, 0xd3, (uint64_t)x);
+    }
+    return ENC_OK;
+}
+
+static int encode_value(Encoder *e, PyObject *obj, int depth);
+
+static int
+encode_value(Encoder *e, PyObject *obj, int depth)
+{
+    PyTypeObject *type = Py_TYPE(obj);
+    if (type == &PyUnicode_Type) {
+        Py_ssize_t n;
+        const char *data;
+        if (PyUnicode_IS_COMPACT_ASCII(obj)) {
+            n = PyUnicode_GET_LENGTH(obj);
+            data = (const char *)PyUnicode_1BYTE_DATA(obj);
+        } else {
+            data = PyUnicode_AsUTF8AndSize(obj, &n);
+            if (data == NULL) {
+                PyErr_Clear();  /* lone surrogates: the fallback says so */
+                return ENC_UNHANDLED;
+            }
+        }
+        int rc = put_header(e, n, 0xa0, 32, 0xd9, 0xda, 0xdb, n);
+        if (rc != ENC_OK) return rc;
+        put_bytes(e, data, n);
+        return ENC_OK;
+    }
+    if (type == &PyLong_Type) return encode_int(e, obj);
+    if (type == &PyDict_Type) {
+        if (depth > e->max_depth) return ENC_UNHANDLED;
+        int rc = put_header(e, PyDict_GET_SIZE(obj), 0x80, 16, 0, 0xde, 0xdf, 0);
+        if (rc != ENC_OK) return rc;
+        Py_ssize_t pos = 0;
+        PyObject *key, *value;
+        while (PyDict_Next(obj, &pos, &key, &value)) {
+            if ((rc = encode_value(e, key, depth + 1)) != ENC_OK) return rc;
+            if ((rc = encode_value(e, value, depth + 1)) != ENC_OK) return rc;
+        }
+        return ENC_OK;
+    }
+    if (type == &PyList_Type || type == &PyTuple_Type) {
+        if (depth > e->max_depth) return ENC_UNHANDLED;
+        Py_ssize_t n = Py_SIZE(obj);
+        PyObject **items = type == &PyList_Type ? ((PyListObject *)obj)->ob_item
+                                                : ((PyTupleObject *)obj)->ob_item;
+        int rc = put_header(e, n, 0x90, 16, 0, 0xdc, 0xdd, 0);
+        if (rc != ENC_OK) return rc;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if ((rc = encode_value(e, items[i], depth + 1)) != ENC_OK) return rc;
+        }
+        return ENC_OK;
+    }
+    if (type == &PyFloat_Type) {
+        if (e->len + 9 > e->cap && reserve(e, 9) < 0) return ENC_ERROR;
+        double f = PyFloat_AS_DOUBLE(obj);
+        uint64_t bits;
+        memcpy(&bits, &f, 8);
+        put_op64(e, 0xcb, bits);
+        return ENC_OK;
+    }
+    if (obj == Py_None || obj == Py_True || obj == Py_False) {
+        if (e->len + 1 > e->cap && reserve(e, 1) < 0) return ENC_ERROR;
+        put8(e, obj == Py_None ? 0xc0 : obj == Py_True ? 0xc3 : 0xc2);
+        return ENC_OK;
+    }
+    if (type == &PyBytes_Type) {
+        Py_ssize_t n = PyBytes_GET_SIZE(obj);
+        int rc = put_header(e, n, 0, 0, 0xc4, 0xc5, 0xc6, n);
+        if (rc != ENC_OK) return rc;
+        put_bytes(e, PyBytes_AS_STRING(obj), n);
+        return ENC_OK;
+    }
+    return ENC_UNHANDLED;
+}
+
+static PyObject *
+ziproto_encode(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "encode(obj, max_depth) takes 2 arguments");
+        return NULL;
+    }
+    long max_depth = PyLong_AsLong(args[1]);
+    if (max_depth == -1 && PyErr_Occurred()) return NULL;
+    if (max_depth < 1 || max_depth > 100000) {
+        PyErr_SetString(PyExc_ValueError, "max_depth must be from 1 to 100000");
+        return NULL;
+    }
+    if (scratch == NULL) {
+        scratch = PyMem_Malloc(SCRATCH_START);
+        if (scratch == NULL) return PyErr_NoMemory();
+        scratch_cap = SCRATCH_START;
+    }
+    Encoder e = {scratch, 0, scratch_cap, (int)max_depth};
+    int rc = encode_value(&e, args[0], 1);
+    PyObject *result = NULL;
+    if (rc == ENC_OK) {
+        result = PyBytes_FromStringAndSize(e.buf, e.len);
+    } else if (rc == ENC_UNHANDLED) {
+        result = Py_NewRef(Py_None);
+    }
+    /* The scratch buffer is kept for the next call, unless one huge payload grew it. */
+    if (e.cap > SCRATCH_KEEP) {
+        PyMem_Free(e.buf);
+        scratch = NULL;
+        scratch_cap = 0;
+    } else {
+        scratch = e.buf;
+        scratch_cap = e.cap;
+    }
+    return result;
+}
+
+/* ------------------------------------------------------------------ module */
+
+static PyMethodDef methods[] = {
+    {"decode", (PyCFunction)(void (*)(void))ziproto_decode, METH_FASTCALL,
+     "decode(data, max_depth) -> object: one whole ZiProto value; ValueError if not."},
+    {"encode", (PyCFunction)(void (*)(void))ziproto_encode, METH_FASTCALL,
+     "encode(obj, max_depth) -> bytes, or None for a value only the fallback handles."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "domain._ziproto",
+    "The ZiProto codec's fast path in C (see domain.codecs.ZiProtoCodec).", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__ziproto(void)
+{
+    return PyModule_Create(&module);
+}
