@@ -198,7 +198,13 @@ class Channel:
                     raise trio.BrokenResourceError("an earlier write on this session was interrupted")
                 pending += data
                 if self.deferring and not self.deferred and not self._busy:
-                    self.pacer.defer(self)
+                    # Pacer.defer, inline (once a reply on a busy server).
+                    self.deferred = True
+                    pacer = self.pacer
+                    pacer.deferred.append(self)
+                    if pacer._parked:
+                        pacer._parked = False
+                        trio.lowlevel.reschedule(pacer._task)
                 return
         if pending:
             pending += data
@@ -258,14 +264,17 @@ class Channel:
             # (only held replies gather behind a write). Interrupted: nothing more
             # may be written, and the session's next send says so.
             return
-        data = bytes(pending)
-        pending.clear()
         try:
-            sent = _sockio.write_now(self._fd, data)
+            sent = _sockio.write_now(self._fd, pending)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pending.clear()
             self.interrupted = True  # the session's next read or send finds out
             return
-        if sent < len(data):
+        if sent == len(pending):
+            pending.clear()
+        else:
+            data = bytes(pending)
+            pending.clear()
             self.written += sent
             self._busy = True
             if not self.pacer.spawn(self._finish_deferred, data, sent):

@@ -4,16 +4,17 @@
  * array and map. domain/codecs.py is the codec; this module is only its accelerator,
  * and every rule it applies is the codec's (see the ZiProtoCodec docstring):
  *
- *   decode(data, max_depth) -> object
- *       Parses one whole ZiProto value from a bytes-like object. Raises ValueError
- *       with a message for anything that is not one: truncated or trailing bytes, the
+ *   decode(error, max_depth, data) -> dict
+ *       Parses one whole ZiProto value from a bytes-like object, which must be a map.
+ *       Raises ``error`` (the codec's CodecError) with a message for anything else:
+ *       a value that is not a map, and what is not a value at all: truncated or trailing bytes, the
  *       unused type byte 0xc1, any MessagePack extension type (ZiProto has none), a
  *       string that is not UTF-8, an unhashable map key, containers nested deeper
  *       than max_depth (the top level is 1). Arrays become lists, or tuples where they
  *       are map keys (so that they can be); maps become dicts (a repeated key keeps
  *       its last value); bin becomes bytes; float32 and float64 become float.
  *
- *   encode(obj, max_depth) -> bytes or None
+ *   encode(fallback, max_depth, obj) -> bytes
  *       Writes the smallest representation of every value, as the reference
  *       ziproto.encode and msgspec do byte for byte: positive fixint, uint 8/16/32/64
  *       for non-negative ints; negative fixint, int 8/16/32/64 for negative ones;
@@ -303,21 +304,32 @@ decode_value(Decoder *d, int depth, int as_key)
     }
 }
 
+static long
+depth_argument(PyObject *arg)
+{
+    long max_depth = PyLong_AsLong(arg);
+    if (max_depth == -1 && PyErr_Occurred()) return -1;
+    if (max_depth < 1 || max_depth > 100000) {
+        PyErr_SetString(PyExc_ValueError, "max_depth must be from 1 to 100000");
+        return -1;
+    }
+    return max_depth;
+}
+
+/* decode(error, max_depth, data): the map ``data`` holds. Anything else raises
+ * ``error`` (the codec's CodecError) with "malformed ZiProto: <what>", or "ZiProto
+ * payload is a <type>, not a map". */
 static PyObject *
 ziproto_decode(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "decode(data, max_depth) takes 2 arguments");
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "decode(error, max_depth, data) takes 3 arguments");
         return NULL;
     }
-    long max_depth = PyLong_AsLong(args[1]);
-    if (max_depth == -1 && PyErr_Occurred()) return NULL;
-    if (max_depth < 1 || max_depth > 100000) {
-        PyErr_SetString(PyExc_ValueError, "max_depth must be from 1 to 100000");
-        return NULL;
-    }
+    long max_depth = depth_argument(args[1]);
+    if (max_depth < 0) return NULL;
     Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    if (PyObject_GetBuffer(args[2], &view, PyBUF_SIMPLE) < 0) return NULL;
     Decoder d = {view.buf, (const unsigned char *)view.buf + view.len, view.buf, (int)max_depth};
     PyObject *result = decode_value(&d, 1, 0);
     if (result != NULL && d.p != d.end) {
@@ -325,6 +337,25 @@ ziproto_decode(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         malformed(&d, "trailing bytes after the value");
     }
     PyBuffer_Release(&view);
+    if (result == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_ValueError)) {
+            PyObject *type, *value, *traceback;
+            PyErr_Fetch(&type, &value, &traceback);
+            PyObject *text = value != NULL ? PyObject_Str(value) : NULL;
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(traceback);
+            if (text == NULL) return NULL;
+            PyErr_Format(args[0], "malformed ZiProto: %U", text);
+            Py_DECREF(text);
+        }
+        return NULL;
+    }
+    if (!PyDict_CheckExact(result)) {
+        PyErr_Format(args[0], "ZiProto payload is a %s, not a map", Py_TYPE(result)->tp_name);
+        Py_DECREF(result);
+        return NULL;
+    }
     return result;
 }
 
@@ -528,32 +559,26 @@ encode_value(Encoder *e, PyObject *obj, int depth)
     return ENC_UNHANDLED;
 }
 
+/* encode(fallback, max_depth, obj): the bytes of ``obj``, or ``fallback(obj)`` for a
+ * value only the fallback handles. */
 static PyObject *
 ziproto_encode(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "encode(obj, max_depth) takes 2 arguments");
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "encode(fallback, max_depth, obj) takes 3 arguments");
         return NULL;
     }
-    long max_depth = PyLong_AsLong(args[1]);
-    if (max_depth == -1 && PyErr_Occurred()) return NULL;
-    if (max_depth < 1 || max_depth > 100000) {
-        PyErr_SetString(PyExc_ValueError, "max_depth must be from 1 to 100000");
-        return NULL;
-    }
+    long max_depth = depth_argument(args[1]);
+    if (max_depth < 0) return NULL;
     if (scratch == NULL) {
         scratch = PyMem_Malloc(SCRATCH_START);
         if (scratch == NULL) return PyErr_NoMemory();
         scratch_cap = SCRATCH_START;
     }
     Encoder e = {scratch, 0, scratch_cap, (int)max_depth};
-    int rc = encode_value(&e, args[0], 1);
+    int rc = encode_value(&e, args[2], 1);
     PyObject *result = NULL;
-    if (rc == ENC_OK) {
-        result = PyBytes_FromStringAndSize(e.buf, e.len);
-    } else if (rc == ENC_UNHANDLED) {
-        result = Py_NewRef(Py_None);
-    }
+    if (rc == ENC_OK) result = PyBytes_FromStringAndSize(e.buf, e.len);
     /* The scratch buffer is kept for the next call, unless one huge payload grew it. */
     if (e.cap > SCRATCH_KEEP) {
         PyMem_Free(e.buf);
@@ -563,6 +588,7 @@ ziproto_encode(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         scratch = e.buf;
         scratch_cap = e.cap;
     }
+    if (rc == ENC_UNHANDLED) result = PyObject_CallOneArg(args[0], args[2]);
     return result;
 }
 
@@ -570,9 +596,9 @@ ziproto_encode(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 static PyMethodDef methods[] = {
     {"decode", (PyCFunction)(void (*)(void))ziproto_decode, METH_FASTCALL,
-     "decode(data, max_depth) -> object: one whole ZiProto value; ValueError if not."},
+     "decode(error, max_depth, data) -> dict: the map data holds; raises error if none."},
     {"encode", (PyCFunction)(void (*)(void))ziproto_encode, METH_FASTCALL,
-     "encode(obj, max_depth) -> bytes, or None for a value only the fallback handles."},
+     "encode(fallback, max_depth, obj) -> bytes; fallback(obj) for what it does not handle."},
     {NULL, NULL, 0, NULL},
 };
 

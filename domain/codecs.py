@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from functools import partial
 from typing import Any, Mapping
 
 import msgspec
@@ -216,16 +217,17 @@ class ZiProtoCodec(Codec):
         self.accelerated = accelerator is not None
         """True when this codec runs on the C accelerator."""
         if accelerator is not None:
-            self._fast_encode = accelerator.encode
-            self._fast_decode = accelerator.decode
-            self.decode = self._decode_fast  # type: ignore[method-assign]
-            self.encode = self._encode_fast  # type: ignore[method-assign]
+            # Straight to C: no Python frame between a caller and the engine.
+            self.encode = partial(accelerator.encode, self._encode_fallback, MAX_DEPTH)  # type: ignore[method-assign]
+            self.decode = partial(accelerator.decode, CodecError, MAX_DEPTH)  # type: ignore[method-assign]
 
     def encode(self, obj: Mapping[Any, Any]) -> bytes:
         try:
             return self._fallback_encode(obj)
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise CodecError(f"cannot encode as ZiProto: {exc}") from None
+
+    _encode_fallback = encode
 
     def decode(self, data: bytes) -> dict:
         try:
@@ -240,21 +242,6 @@ class ZiProtoCodec(Codec):
             raise CodecError("MessagePack extension type -1 is not part of ZiProto")
         if _could_nest_beyond(data, _ZIPROTO_OPENERS) and _depth_exceeds(obj, MAX_DEPTH):
             raise CodecError(f"ZiProto payload nests deeper than {MAX_DEPTH}")
-        return obj
-
-    def _encode_fast(self, obj: Mapping[Any, Any]) -> bytes:
-        data = self._fast_encode(obj, MAX_DEPTH)
-        if data is None:  # a type (or a depth) only msgspec handles
-            return ZiProtoCodec.encode(self, obj)
-        return data
-
-    def _decode_fast(self, data: bytes) -> dict:
-        try:
-            obj = self._fast_decode(data, MAX_DEPTH)
-        except ValueError as exc:
-            raise CodecError(f"malformed ZiProto: {exc}") from None
-        if type(obj) is not dict:
-            raise CodecError(f"ZiProto payload is a {type(obj).__name__}, not a map")
         return obj
 
 

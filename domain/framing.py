@@ -167,6 +167,12 @@ class Framer:
             self._held = None
 
     @property
+    def prefix(self) -> struct.Struct:
+        """The precompiled :class:`struct.Struct` of a packet's three headers
+        (Content-Length, Protocol-Version, Content-Encoding)."""
+        return self._prefix
+
+    @property
     def buffered(self) -> int:
         """How many received bytes are not consumed yet (the start of a next packet)."""
         self._absorb()
