@@ -8,12 +8,20 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
-# The package first, so that editing an example does not reinstall it.
-COPY pyproject.toml README.md ./
+# The package first, so that editing an example does not reinstall it. A C compiler
+# only for the build: it compiles the ZiProto codec's accelerator (domain/_ziproto.c),
+# and is removed after.
+COPY pyproject.toml setup.py README.md ./
 COPY asyncapy ./asyncapy
 COPY domain ./domain
 COPY adapters ./adapters
-RUN pip install . && useradd --create-home --uid 10001 asyncapy
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install . \
+    && apt-get purge -y --auto-remove gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* \
+    && python -c "import domain._ziproto" \
+    && useradd --create-home --uid 10001 asyncapy
 
 # `asyncapy run MODULE:ATTR` imports from the working directory.
 COPY examples ./examples

@@ -29,6 +29,7 @@ try:
 except ImportError:  # pragma: no cover - Windows has no open-file rlimit
     resource = None  # type: ignore[assignment]
 
+from domain import codecs
 from domain.codecs import JSON, codec_named
 from domain.connection import NEED_DATA, Connection, ProtocolError, Request, error_payload
 from domain.dispatch import Dispatcher, Handler, HandlerFailed
@@ -452,6 +453,13 @@ class Server:
         try:
             listeners = await self._open_listeners(sockets)
             self.addresses = [_sockname(listener) for listener in listeners]
+            if not codecs.ACCELERATED:
+                logger.warning(
+                    "The ZiProto codec's C accelerator (domain/_ziproto.c) is not built: "
+                    "ZiProto payloads are decoded and encoded by msgspec alone, correctly "
+                    "but slower. Install a C compiler and the Python headers (Debian: "
+                    "apt-get install gcc python3-dev) and reinstall AsyncAPY to build it"
+                )
             logger.info(
                 "AsyncAPY serving on %s (%s), sessions in %r",
                 ", ".join(_format_address(a) for a in self.addresses),
@@ -708,6 +716,7 @@ class Server:
         # it only while the session waits for bytes; the reaper (see _reap_idle) then,
         # or when the session's writes have been blocked for ``timeout`` (state.stuck).
         # A handler that is neither waiting nor writing is never cancelled here.
+        first_read = True
         with state.scope:
             event = connection.next_event()
             while True:
@@ -734,7 +743,10 @@ class Server:
                             channel.deferring = False
                             data = await _sockio.receive_waiting(fd, buf)
                         else:
-                            channel.deferring = True
+                            # Not on a session's first read: a client that writes
+                            # its request with the connect says nothing of the load.
+                            channel.deferring = not first_read
+                        first_read = False
                     else:
                         data = await stream.receive_some(buf)
                     state.waiting = False

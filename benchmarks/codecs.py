@@ -1,8 +1,10 @@
 """Codec micro-benchmark: our JSON and ZiProto against ``ziproto`` and stdlib ``json``.
 
 Usage: ``python -m benchmarks.codecs``. Prints microseconds per operation (median of
-five timing runs) for a small and a large map. The ``ziproto`` package's decoder
-crashes on maps of 16+ entries, so for the large map its decode column says so.
+five timing runs) for a small, a medium (the ``make bench`` workload's) and a large
+map. The ``ziproto`` package's decoder crashes on maps of 16+ entries, so for the
+larger maps its decode column says so. A second table sets the ZiProto codec's two
+engines side by side: the C accelerator (``domain/_ziproto.c``) and msgspec alone.
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ import timeit
 
 import ziproto
 
-from domain.codecs import JSON, ZIPROTO
+from domain.codecs import JSON, ZIPROTO, ZiProtoCodec
+
+from .run import MEDIUM
+
+PURE = ZiProtoCodec(pure=True)
 
 SMALL = {"test": 1, "user": "someone", "ok": True}
 LARGE = {
@@ -47,6 +53,7 @@ def measure(name: str, obj: dict, number: int) -> list:
 
 def main() -> None:
     rows = measure(f"small ({len(JSON.encode(SMALL))} B JSON)", SMALL, 20000)
+    rows += measure(f"medium ({len(ZIPROTO.encode(MEDIUM))} B ZiProto)", MEDIUM, 5000)
     rows += measure(f"large ({len(JSON.encode(LARGE)) // 1024} KiB JSON)", LARGE, 200)
     print(f"{'payload':<22} {'operation':<15} {'ours µs':>9} {'reference µs':>16} {'speed-up':>9}")
     print("reference: stdlib json for JSON, the ziproto package for ZiProto")
@@ -55,6 +62,16 @@ def main() -> None:
             print(f"{name:<22} {operation:<15} {ours:>9.2f} {reference:>16.2f} {reference / ours:>8.1f}x")
         else:
             print(f"{name:<22} {operation:<15} {ours:>9.2f} {reference:>16} {'':>9}")
+    print(f"\nZiProto engines (accelerator built: {ZIPROTO.accelerated})")
+    print(f"{'payload':<22} {'operation':<15} {'C µs':>9} {'msgspec µs':>16} {'speed-up':>9}")
+    for name, obj, number in (("small", SMALL, 20000), ("medium", MEDIUM, 5000), ("large", LARGE, 200)):
+        data = PURE.encode(obj)
+        for operation, fast, pure in (
+            ("encode", lambda: ZIPROTO.encode(obj), lambda: PURE.encode(obj)),
+            ("decode", lambda: ZIPROTO.decode(data), lambda: PURE.decode(data)),
+        ):
+            a, b = per_call(fast, number), per_call(pure, number)
+            print(f"{name:<22} {operation:<15} {a:>9.2f} {b:>16.2f} {b / a:>8.1f}x")
 
 
 if __name__ == "__main__":

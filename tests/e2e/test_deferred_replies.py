@@ -58,7 +58,9 @@ async def test_many_busy_connections_get_every_reply_whole_and_in_order(make_ser
 
 async def test_a_reply_is_not_held_while_its_handler_goes_on_waiting(make_server, monkeypatch):
     written = count_deferred_writes(monkeypatch)
-    server = make_server()
+    # Reads of 16 bytes: after the first, every read finds the next bytes waiting, as a
+    # busy server's do, so the replies are deferred (a session's first read never is).
+    server = make_server(buf=16)
     finished = trio.Event()
 
     @server.add_handler()
@@ -70,7 +72,7 @@ async def test_a_reply_is_not_held_while_its_handler_goes_on_waiting(make_server
 
     async with serving(server) as (host, port):
         async with await Wire.connect(host, port) as wire:
-            first = json_packet({"wait": True})
+            first = json_packet({"wait": True, "pad": "x" * 40})
             second = json_packet({"wait": False})
             await wire.send(first + second)  # pipelined: the server is busy, and defers
             started = trio.current_time()
