@@ -34,9 +34,10 @@ HOLD_LIMIT = 64 * 1024
 
 WRITES_PER_YIELD = 16
 """On a plain TCP connection, a write the kernel takes at once does not yield to other
-tasks (see :mod:`asyncapy._sockio`); every this-many-th such write in a row, on any of
-a server's sessions, with no read in between, yields first: a handler that only ever
-sends (to its own client, or to many others') cannot starve the rest."""
+tasks (see :mod:`asyncapy._sockio`), and neither does a reply held or deferred for a
+later write; every this-many-th such send in a row, on any of a server's sessions,
+with no read in between, yields first: a handler that only ever sends (to its own
+client, or to many others') cannot starve the rest."""
 
 
 class Pacer:
@@ -74,14 +75,6 @@ class Pacer:
         self._task: Optional[trio.lowlevel.Task] = None
         self._parked = False
         self._nursery: Optional[trio.Nursery] = None
-
-    def defer(self, channel: "Channel") -> None:
-        """Queue ``channel``'s held replies for the next round, and wake the flusher."""
-        channel.deferred = True
-        self.deferred.append(channel)
-        if self._parked:
-            self._parked = False
-            trio.lowlevel.reschedule(self._task)
 
     def flush(self) -> None:
         """Write every deferred reply now, without waiting (never yields)."""
@@ -189,6 +182,21 @@ class Channel:
         ``trio.BrokenResourceError`` once a write on it failed or was cut short."""
         if self.closed:
             raise trio.ClosedResourceError("the session is closed")
+        sock = self._fd
+        if sock is not None:
+            # Fairness: every WRITES_PER_YIELD-th send with no read between yields,
+            # whether it writes now or is gathered (a handler that only sends must not
+            # starve the others while its replies are held or deferred, either).
+            pacer = self.pacer
+            if pacer.unyielded >= WRITES_PER_YIELD - 1:
+                # Before the write, not after: if this checkpoint is where a cancel
+                # lands, nothing of ``data`` is on the wire and the session stays usable.
+                pacer.unyielded = 0
+                await trio.lowlevel.checkpoint()
+                if self.closed:
+                    raise trio.ClosedResourceError("the session is closed")
+            else:
+                pacer.unyielded += 1
         pending = self._pending
         # Gather: held for a pipelined batch, or deferred to the next round. Never
         # deferred behind a write under way (whoever writes now must write it next).
@@ -198,7 +206,8 @@ class Channel:
                     raise trio.BrokenResourceError("an earlier write on this session was interrupted")
                 pending += data
                 if self.deferring and not self.deferred and not self._busy:
-                    # Pacer.defer, inline (once a reply on a busy server).
+                    # Queue this channel in the pacer and wake its flusher (inline:
+                    # once a reply on a busy server).
                     self.deferred = True
                     pacer = self.pacer
                     pacer.deferred.append(self)
@@ -211,16 +220,6 @@ class Channel:
             data = bytes(pending)
             pending.clear()
         # The write itself, inline (a reply's path has no coroutine layer to spare).
-        sock = self._fd
-        if sock is not None:
-            pacer = self.pacer
-            if pacer.unyielded >= WRITES_PER_YIELD - 1:
-                # Before the write, not after: if this checkpoint is where a cancel
-                # lands, nothing of ``data`` is on the wire and the session stays usable.
-                pacer.unyielded = 0
-                await trio.lowlevel.checkpoint()
-            else:
-                pacer.unyielded += 1
         if self._busy:
             # Another write is under way: queue (FIFO). The writer before hands the
             # channel over on its way out, so ``_busy`` stays set for this one.

@@ -21,6 +21,11 @@ Why these engines:
   32 bytes, bin8 for bytes), so its output is byte-identical -- and unlike the
   reference decoder it handles containers of any size and rejects unknown type bytes.
   MessagePack extension types are not part of ZiProto and are refused.
+* **ZiProto's fast path** is ``domain/_ziproto.c``, compiled at install time where a
+  C compiler is found (:data:`ACCELERATED`): it decodes with the subset's rules and
+  the nesting limit applied while parsing (msgspec alone needs a pass over the bytes
+  and a walk of the result after it), and encodes the exact built-in types, handing
+  anything else to msgspec. Both engines give the same bytes, values and verdicts.
 """
 
 from __future__ import annotations
