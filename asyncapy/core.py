@@ -62,8 +62,10 @@ class Pacer:
     one, where it is an inter-processor interrupt), it costs more than the reply. A
     reply the kernel cannot take whole is finished by a task of the flusher's, which
     holds its channel meanwhile, so later writes wait their turn. An idle server
-    (the read had to wait) writes each reply at once: no latency is added where
-    there is nothing to batch.
+    (the read had to wait) writes each reply at once, and so does a session's first
+    read (a client that sends with its connect says nothing of the load): no latency
+    is added where there is nothing to batch. Deferred sends count towards
+    :data:`WRITES_PER_YIELD` as writes do.
     """
 
     __slots__ = ("unyielded", "deferred", "_task", "_parked", "_nursery")
