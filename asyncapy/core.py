@@ -146,7 +146,7 @@ class Channel:
 
     __slots__ = (
         "stream", "connection", "socket", "_busy", "_queue", "closed", "holding", "_pending",
-        "interrupted", "pacer", "written", "deferring", "deferred", "_fd",
+        "interrupted", "pacer", "written", "deferring", "deferred", "fd",
     )
 
     def __init__(
@@ -156,7 +156,9 @@ class Channel:
         self.connection = connection
         self.socket = _sockio.raw_socket_of(stream)
         """The socket written and read directly, or None to use the stream's methods."""
-        self._fd = None if self.socket is None else _sockio.fileno_source(self.socket)
+        self.fd = None if self.socket is None else _sockio.fileno_source(self.socket)
+        """What direct reads and writes ask for the descriptor (see
+        :func:`asyncapy._sockio.fileno_source`), or None."""
         # Writes are serialised by hand: trio's locks register their owner task for
         # deadlock detection, which costs more than a small reply's write.
         self._busy = False
@@ -184,7 +186,7 @@ class Channel:
         ``trio.BrokenResourceError`` once a write on it failed or was cut short."""
         if self.closed:
             raise trio.ClosedResourceError("the session is closed")
-        sock = self._fd
+        sock = self.fd
         if sock is not None:
             # Fairness: every WRITES_PER_YIELD-th send with no read between yields,
             # whether it writes now or is gathered (a handler that only sends must not
@@ -201,13 +203,15 @@ class Channel:
                 pacer.unyielded += 1
         pending = self._pending
         # Gather: held for a pipelined batch, or deferred to the next round. Never
-        # deferred behind a write under way (whoever writes now must write it next).
-        if self.holding or (self.deferring and not self._busy):
+        # deferred behind a write under way (a flush skips a busy channel): that
+        # send queues behind it instead.
+        defer = self.deferring and not self._busy
+        if self.holding or defer:
             if len(pending) + len(data) < HOLD_LIMIT:
                 if self.interrupted:
                     raise trio.BrokenResourceError("an earlier write on this session was interrupted")
                 pending += data
-                if self.deferring and not self.deferred and not self._busy:
+                if defer and not self.deferred:
                     # Queue this channel in the pacer and wake its flusher (inline:
                     # once a reply on a busy server).
                     self.deferred = True
@@ -261,12 +265,13 @@ class Channel:
         holds the channel meanwhile."""
         pending = self._pending
         if self.closed or not pending or self._busy or self.interrupted:
-            # Closed: aclose() wrote them. Busy: the writer under way takes them next
-            # (only held replies gather behind a write). Interrupted: nothing more
-            # may be written, and the session's next send says so.
+            # Closed: aclose() wrote them. Busy: only replies held for a pipelined
+            # batch gather behind a write, and the session's flush at the batch's
+            # end queues them behind it. Interrupted: nothing more may be written,
+            # and the session's next send says so.
             return
         try:
-            sent = _sockio.write_now(self._fd, pending)
+            sent = _sockio.write_now(self.fd, pending)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pending.clear()
             self.interrupted = True  # the session's next read or send finds out
@@ -286,7 +291,7 @@ class Channel:
 
     async def _finish_deferred(self, data: bytes, sent: int) -> None:
         try:
-            await _sockio.write_rest(self._fd, data, sent, self._wrote)
+            await _sockio.write_rest(self.fd, data, sent, self._wrote)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.interrupted = True
         except BaseException:
@@ -393,9 +398,14 @@ class Client:
     async def send(self, packet: "Packet", close: bool = False) -> None:
         """Send ``packet`` to the client, in the packet's encoding.
 
+        On a busy server the packet may be written a moment after this returns, with
+        the other replies of the same scheduling round (see :class:`Pacer`): it is
+        encoded and has its place on the connection, ahead of anything sent later.
+
         :param close: close the session right after the packet is written.
         :raises trio.ClosedResourceError: if the session is already closed.
-        :raises trio.BrokenResourceError: if the client went away.
+        :raises trio.BrokenResourceError: if the client went away (or an earlier
+            packet's deferred write found it gone).
         :raises domain.errors.CodecError: if the packet holds a value its encoding
             cannot represent (bytes in JSON, an integer beyond 64 bits in ZiProto).
         """

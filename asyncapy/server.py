@@ -699,8 +699,7 @@ class Server:
         connection = channel.connection
         framer = connection.framer
         stream = channel.stream
-        sock = channel.socket  # read directly (see asyncapy._sockio), or None
-        fd = None if sock is None else _sockio.fileno_source(sock)
+        fd = channel.fd  # read directly (see asyncapy._sockio), or None: the stream
         pacer = channel.pacer
         # Chosen once per session: without handler_timeout, a packet costs no scope.
         if self.handler_timeout is None:
@@ -808,6 +807,8 @@ class Server:
             # deferred reply's) is under way or was cut short: no reply can follow.
             channel.closed = True
             await trio.aclose_forcefully(stream)
+            if channel.interrupted and not state.stuck:
+                return "connection lost"  # a deferred reply's write failed
             return f"the client read no reply for {self.timeout}s"
         logger.debug("(%s) No complete packet for %ss: timing out", session_id, self.timeout)
         reply = connection.error_bytes(ERR_TIMED_OUT)

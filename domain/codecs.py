@@ -216,27 +216,27 @@ class ZiProtoCodec(Codec):
     code = 1
 
     def __init__(self, pure: bool = False) -> None:
-        self._fallback_encode = msgspec.msgpack.Encoder().encode
-        self._fallback_decode = msgspec.msgpack.Decoder(ext_hook=_refuse_extension).decode
+        self._msgspec_encode = msgspec.msgpack.Encoder().encode
+        self._msgspec_decode = msgspec.msgpack.Decoder(ext_hook=_refuse_extension).decode
         accelerator = None if pure else _ziproto
         self.accelerated = accelerator is not None
         """True when this codec runs on the C accelerator."""
         if accelerator is not None:
             # Straight to C: no Python frame between a caller and the engine.
-            self.encode = partial(accelerator.encode, self._encode_fallback, MAX_DEPTH)  # type: ignore[method-assign]
+            # The class's encode() (msgspec) takes what the accelerator does not.
+            msgspec_path = partial(ZiProtoCodec.encode, self)
+            self.encode = partial(accelerator.encode, msgspec_path, MAX_DEPTH)  # type: ignore[method-assign]
             self.decode = partial(accelerator.decode, CodecError, MAX_DEPTH)  # type: ignore[method-assign]
 
     def encode(self, obj: Mapping[Any, Any]) -> bytes:
         try:
-            return self._fallback_encode(obj)
+            return self._msgspec_encode(obj)
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise CodecError(f"cannot encode as ZiProto: {exc}") from None
 
-    _encode_fallback = encode
-
     def decode(self, data: bytes) -> dict:
         try:
-            obj = self._fallback_decode(data)
+            obj = self._msgspec_decode(data)
         except CodecError:
             raise
         except (msgspec.DecodeError, RecursionError, TypeError, ValueError) as exc:

@@ -8,7 +8,6 @@ The server (a driving adapter) only moves bytes between the socket and this obje
 
 from __future__ import annotations
 
-import struct
 from typing import Any, Mapping, NamedTuple, Optional, Union
 
 from .codecs import CODECS_BY_CODE, JSON, Codec
@@ -66,7 +65,7 @@ class Connection:
     is known (the ``encoding`` setting; JSON unless configured otherwise).
     """
 
-    __slots__ = ("framer", "codec", "default_codec", "_pack")
+    __slots__ = ("framer", "codec", "default_codec")
 
     def __init__(
         self,
@@ -76,7 +75,6 @@ class Connection:
         default_codec: Codec = JSON,
     ) -> None:
         self.framer = Framer(header_size, byteorder, max_packet_size)
-        self._pack = self.framer.prefix.pack  # encode() frames inline: one call less
         self.codec: Optional[Codec] = None
         """The session's codec, fixed by its first valid packet (None before)."""
         self.default_codec = default_codec
@@ -121,11 +119,7 @@ class Connection:
 
         Raises :class:`~domain.errors.CodecError` if ``fields`` cannot be encoded.
         """
-        payload = codec.encode(fields)
-        try:
-            return self._pack(len(payload) + 2, PROTOCOL_VERSION, codec.code) + payload
-        except struct.error:
-            return self.framer.frame(payload, codec.code)  # raises, saying what is wrong
+        return self.framer.frame(codec.encode(fields), codec.code)
 
     def error_bytes(self, code: str, codec: Optional[Codec] = None) -> bytes:
         """The bytes of the error reply ``code`` in ``codec`` (default: the session's)."""

@@ -152,25 +152,16 @@ class Framer:
         if not data:
             self._eof = True
             return
-        if self._held is not None:
-            self._buffer += self._held
-            self._held = None
-            self._buffer += data
-        elif self._buffer or type(data) is not bytes:
-            self._buffer += data
-        else:
+        if self._held is None and not self._buffer and type(data) is bytes:
             self._held = data
+        else:
+            self._absorb()
+            self._buffer += data
 
     def _absorb(self) -> None:
         if self._held is not None:
             self._buffer += self._held
             self._held = None
-
-    @property
-    def prefix(self) -> struct.Struct:
-        """The precompiled :class:`struct.Struct` of a packet's three headers
-        (Content-Length, Protocol-Version, Content-Encoding)."""
-        return self._prefix
 
     @property
     def buffered(self) -> int:
