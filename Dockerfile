@@ -9,7 +9,7 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /app
 
 # The package first, so that editing an example does not reinstall it. A C compiler
-# only for the build: it compiles the ZiProto codec's accelerator (domain/_ziproto.c),
+# only for the build: it compiles the codecs' accelerator (domain/_speedups.c),
 # and is removed after.
 COPY pyproject.toml setup.py README.md ./
 COPY asyncapy ./asyncapy
@@ -20,7 +20,7 @@ RUN apt-get update \
     && pip install . \
     && apt-get purge -y --auto-remove gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
-    && python -c "import domain._ziproto" \
+    && python -c "import domain._speedups" \
     && useradd --create-home --uid 10001 asyncapy
 
 # `asyncapy run MODULE:ATTR` imports from the working directory.

@@ -455,9 +455,9 @@ class Server:
             self.addresses = [_sockname(listener) for listener in listeners]
             if not codecs.ACCELERATED:
                 logger.warning(
-                    "The ZiProto codec's C accelerator (domain/_ziproto.c) is not built: "
-                    "ZiProto payloads are decoded and encoded by msgspec alone, correctly "
-                    "but slower. Install a C compiler and the Python headers (Debian: "
+                    "The codecs' C accelerator (domain/_speedups.c) is not built: "
+                    "ZiProto payloads are decoded and encoded by msgspec alone, and JSON "
+                    "encoded by the standard library alone, correctly but slower. Install a C compiler and the Python headers (Debian: "
                     "apt-get install gcc python3-dev) and reinstall AsyncAPY to build it"
                 )
             logger.info(

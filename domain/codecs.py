@@ -10,8 +10,9 @@ Why these engines:
 
 * **JSON output** must equal what AsyncAPY 0.5 put on the wire, which is
   ``json.dumps(obj)`` with the standard library's defaults (``", "`` and ``": "``
-  separators, ASCII escapes). The C accelerator of :mod:`json` produces exactly that,
-  so encoding uses it. **JSON input** is parsed by msgspec's C decoder (several times
+  separators, ASCII escapes). The standard library's C encoder produces exactly that;
+  the accelerator below writes the same bytes faster, and hands it whatever it does
+  not handle itself. **JSON input** is parsed by msgspec's C decoder (several times
   faster than :func:`json.loads`); a payload msgspec refuses is given to the standard
   library once more, because 0.5 peers may send what only it accepts (``NaN``,
   ``Infinity``).
@@ -21,11 +22,13 @@ Why these engines:
   32 bytes, bin8 for bytes), so its output is byte-identical -- and unlike the
   reference decoder it handles containers of any size and rejects unknown type bytes.
   MessagePack extension types are not part of ZiProto and are refused.
-* **ZiProto's fast path** is ``domain/_ziproto.c``, compiled at install time where a
-  C compiler is found (:data:`ACCELERATED`): it decodes with the subset's rules and
-  the nesting limit applied while parsing (msgspec alone needs a pass over the bytes
-  and a walk of the result after it), and encodes the exact built-in types, handing
-  anything else to msgspec. Both engines give the same bytes, values and verdicts.
+* **The fast paths** are ``domain/_speedups.c``, compiled at install time where a C
+  compiler is found (:data:`ACCELERATED`). For ZiProto it decodes with the subset's
+  rules and the nesting limit applied while parsing (msgspec alone needs a pass over
+  the bytes and a walk of the result after it), and encodes the exact built-in types,
+  handing anything else to msgspec. For JSON it encodes the exact built-in types
+  into bytes directly, byte for byte as ``json.dumps``, handing anything else to the
+  standard library. Either way, both engines give the same bytes, values and verdicts.
 """
 
 from __future__ import annotations
@@ -66,12 +69,20 @@ class Codec:
 
 
 class JsonCodec(Codec):
-    """JSON (UTF-8), written exactly as ``json.dumps`` writes it."""
+    """JSON (UTF-8), written exactly as ``json.dumps`` writes it.
+
+    Two encoders, one output. The C accelerator (``domain._speedups``) writes the
+    plain built-in types (``dict`` with ``str`` keys, ``list``, ``tuple``, ``str``,
+    ``int`` up to 64 bits, ``float``, ``bool``, ``None``) straight into bytes; anything
+    else it hands to the standard library's encoder, which writes (or refuses) it as it
+    always did. ``pure=True`` makes a codec that never uses the accelerator (the tests
+    compare the two). Decoding is msgspec's either way.
+    """
 
     name = "json"
     code = 0
 
-    def __init__(self) -> None:
+    def __init__(self, pure: bool = False) -> None:
         # The same configuration json.dumps() uses when given no options...
         encoder = json.JSONEncoder()
         self._encode = encoder.encode
@@ -93,6 +104,14 @@ class JsonCodec(Codec):
             encoder.allow_nan,
         )
         self._fast_decode = msgspec.json.Decoder().decode
+        accelerator = None if pure else _speedups
+        self.accelerated = accelerator is not None
+        """True when this codec encodes on the C accelerator."""
+        if accelerator is not None:
+            # Straight to C, as ZiProtoCodec does; the class's encode() (the standard
+            # library's encoder) takes what the accelerator does not.
+            stdlib_path = partial(JsonCodec.encode, self)
+            self.encode = partial(accelerator.encode_json, stdlib_path, MAX_DEPTH)  # type: ignore[method-assign]
 
     def encode(self, obj: Mapping[Any, Any]) -> bytes:
         try:
@@ -190,20 +209,21 @@ def _holds_datetime(obj: Any) -> bool:
 
 
 try:
-    from . import _ziproto
-except ImportError:  # not compiled (no C compiler where it was installed): msgspec alone
-    _ziproto = None
+    from . import _speedups
+except ImportError:  # not compiled (no C compiler where it was installed)
+    _speedups = None
 
-ACCELERATED = _ziproto is not None
-"""Whether the ZiProto codec runs on its C accelerator (``domain/_ziproto.c``, built
-at install time) or on msgspec alone; both give the same bytes, values and verdicts."""
+ACCELERATED = _speedups is not None
+"""Whether the codecs run on their C accelerator (``domain/_speedups.c``, built at
+install time) or on msgspec and the standard library alone; both give the same
+bytes, values and verdicts."""
 
 
 class ZiProtoCodec(Codec):
     """ZiProto: the MessagePack subset of nil, bool, int (64 bits), float, str, bin,
     array and map, big-endian, with MessagePack's type codes.
 
-    Two engines, one behaviour. The C accelerator (``domain._ziproto``) decodes every
+    Two engines, one behaviour. The C accelerator (``domain._speedups``) decodes every
     payload, enforcing the subset and :data:`MAX_DEPTH` while it parses, and encodes
     the plain built-in types (``dict``, ``list``, ``tuple``, ``str``, ``bytes``,
     ``int``, ``float``, ``bool``, ``None``); anything else it hands to msgspec, which
@@ -218,7 +238,7 @@ class ZiProtoCodec(Codec):
     def __init__(self, pure: bool = False) -> None:
         self._msgspec_encode = msgspec.msgpack.Encoder().encode
         self._msgspec_decode = msgspec.msgpack.Decoder(ext_hook=_refuse_extension).decode
-        accelerator = None if pure else _ziproto
+        accelerator = None if pure else _speedups
         self.accelerated = accelerator is not None
         """True when this codec runs on the C accelerator."""
         if accelerator is not None:

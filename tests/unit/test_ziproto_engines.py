@@ -2,7 +2,7 @@
 codec: the same bytes for every value, the same value for every payload, the same
 verdict (a dict, or CodecError) for every byte string.
 
-``ZIPROTO`` runs on the accelerator (``domain/_ziproto.c``, built by ``pip install``);
+``ZIPROTO`` runs on the accelerator (``domain/_speedups.c``, built by ``pip install``);
 ``PURE`` never does. The rest of the codec tests (test_codecs.py) run against
 ``ZIPROTO``; these compare the two, on hypothesis' values and bytes, on corruptions of
 valid payloads, and on the edges where the accelerator hands over to msgspec.
@@ -31,7 +31,7 @@ FUZZ = settings(max_examples=3000, deadline=None)
 
 def test_the_accelerator_is_built():
     assert codecs.ACCELERATED and ZIPROTO.accelerated, (
-        "domain._ziproto (the ZiProto codec's C accelerator) was not compiled: "
+        "domain._speedups (the codecs' C accelerator) was not compiled: "
         "install a C compiler and the Python headers (Debian: apt-get install gcc "
         "python3-dev), then reinstall (pip install -e .)"
     )

@@ -1,8 +1,10 @@
-/* domain._ziproto: the ZiProto codec's fast path, in C.
+/* domain._speedups: the codecs' fast paths, in C.
+ *
+ * domain/codecs.py holds the codecs; this module only accelerates them, and every
+ * rule it applies is the codec's (see the ZiProtoCodec and JsonCodec docstrings).
  *
  * ZiProto is the MessagePack subset of nil, bool, int (64 bits), float, str, bin,
- * array and map. domain/codecs.py is the codec; this module is only its accelerator,
- * and every rule it applies is the codec's (see the ZiProtoCodec docstring):
+ * array and map:
  *
  *   decode(error, max_depth, data) -> dict
  *       Parses one whole ZiProto value from a bytes-like object, which must be a map.
@@ -22,12 +24,24 @@
  *       fixmap/map16/32. Only the exact built-in types are handled here (dict, list,
  *       tuple, str, bytes, int, float, bool, None); for anything else (a subclass, a
  *       bytearray, an int beyond 64 bits, a string with lone surrogates, nesting
- *       deeper than max_depth) it returns None, and the codec encodes the value with
- *       msgspec instead, which accepts or refuses it exactly as before.
+ *       deeper than max_depth) it returns ``fallback(obj)``, and the codec encodes the
+ *       value with msgspec instead, which accepts or refuses it exactly as before.
  *
- * Neither function runs Python code (no __hash__ or __eq__ of ours is called on
- * exact built-in types), so neither can be re-entered, and the encoder's scratch
- * buffer is shared by all calls under the GIL.
+ * JSON:
+ *
+ *   encode_json(fallback, max_depth, obj) -> bytes
+ *       What ``json.dumps(obj).encode("ascii")`` gives, byte for byte: ", " and ": "
+ *       separators, every character outside printable ASCII escaped as \uXXXX
+ *       (lowercase hex, a surrogate pair above U+FFFF) or its short escape, floats
+ *       as repr() writes them, NaN and Infinity as the standard library writes them.
+ *       Only dicts with exact str keys, lists, tuples, exact str, int (64 bits), float,
+ *       bool and None are handled here; for anything else (a non-str key, a subclass,
+ *       a bigger int, nesting deeper than max_depth) it returns ``fallback(obj)``: the
+ *       standard library's encoder, which accepts or refuses it as before.
+ *
+ * No function runs Python code (no __hash__, __eq__ or __repr__ of ours is called on
+ * exact built-in types), so none can be re-entered, and the encoders' scratch buffer
+ * is shared by all calls under the GIL.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -559,8 +573,49 @@ encode_value(Encoder *e, PyObject *obj, int depth)
     return ENC_UNHANDLED;
 }
 
-/* encode(fallback, max_depth, obj): the bytes of ``obj``, or ``fallback(obj)`` for a
- * value only the fallback handles. */
+/* The scratch buffer for one encoding call: taken by start_encoding(), given back by
+ * finish_encoding(), which also makes the result: the bytes written, or
+ * ``fallback(obj)`` for a value only the fallback handles. */
+static int
+start_encoding(Encoder *e, PyObject *depth_arg)
+{
+    long max_depth = depth_argument(depth_arg);
+    if (max_depth < 0) return -1;
+    if (scratch == NULL) {
+        scratch = PyMem_Malloc(SCRATCH_START);
+        if (scratch == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        scratch_cap = SCRATCH_START;
+    }
+    e->buf = scratch;
+    e->len = 0;
+    e->cap = scratch_cap;
+    e->max_depth = (int)max_depth;
+    return 0;
+}
+
+static PyObject *
+finish_encoding(Encoder *e, int rc, PyObject *fallback, PyObject *obj)
+{
+    PyObject *result = NULL;
+    if (rc == ENC_OK) result = PyBytes_FromStringAndSize(e->buf, e->len);
+    /* The scratch buffer is kept for the next call, unless one huge payload grew it. */
+    if (e->cap > SCRATCH_KEEP) {
+        PyMem_Free(e->buf);
+        scratch = NULL;
+        scratch_cap = 0;
+    } else {
+        scratch = e->buf;
+        scratch_cap = e->cap;
+    }
+    if (rc == ENC_UNHANDLED) result = PyObject_CallOneArg(fallback, obj);
+    return result;
+}
+
+/* encode(fallback, max_depth, obj): the ZiProto bytes of ``obj``, or ``fallback(obj)``
+ * for a value only the fallback handles. */
 static PyObject *
 ziproto_encode(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -568,47 +623,206 @@ ziproto_encode(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "encode(fallback, max_depth, obj) takes 3 arguments");
         return NULL;
     }
-    long max_depth = depth_argument(args[1]);
-    if (max_depth < 0) return NULL;
-    if (scratch == NULL) {
-        scratch = PyMem_Malloc(SCRATCH_START);
-        if (scratch == NULL) return PyErr_NoMemory();
-        scratch_cap = SCRATCH_START;
+    Encoder e;
+    if (start_encoding(&e, args[1]) < 0) return NULL;
+    return finish_encoding(&e, encode_value(&e, args[2], 1), args[0], args[2]);
+}
+
+/* ------------------------------------------------------------------ JSON encoding */
+
+static const char hexdigits[] = "0123456789abcdef";
+
+/* Printable ASCII that JSON writes as itself: what json's encoder calls S_CHAR. */
+static inline int
+json_plain(Py_UCS4 c)
+{
+    return c >= ' ' && c <= '~' && c != '\\' && c != '"';
+}
+
+/* One character that needs an escape, written as the standard library's
+ * ascii_escape_unichar writes it; at most 12 bytes (room reserved by the caller). */
+static inline unsigned char *
+json_escape(unsigned char *out, Py_UCS4 c)
+{
+    *out++ = '\\';
+    switch (c) {
+    case '\\': *out++ = '\\'; return out;
+    case '"': *out++ = '"'; return out;
+    case '\b': *out++ = 'b'; return out;
+    case '\f': *out++ = 'f'; return out;
+    case '\n': *out++ = 'n'; return out;
+    case '\r': *out++ = 'r'; return out;
+    case '\t': *out++ = 't'; return out;
     }
-    Encoder e = {scratch, 0, scratch_cap, (int)max_depth};
-    int rc = encode_value(&e, args[2], 1);
-    PyObject *result = NULL;
-    if (rc == ENC_OK) result = PyBytes_FromStringAndSize(e.buf, e.len);
-    /* The scratch buffer is kept for the next call, unless one huge payload grew it. */
-    if (e.cap > SCRATCH_KEEP) {
-        PyMem_Free(e.buf);
-        scratch = NULL;
-        scratch_cap = 0;
-    } else {
-        scratch = e.buf;
-        scratch_cap = e.cap;
+    if (c >= 0x10000) {
+        Py_UCS4 high = Py_UNICODE_HIGH_SURROGATE(c);
+        *out++ = 'u';
+        *out++ = hexdigits[(high >> 12) & 0xf];
+        *out++ = hexdigits[(high >> 8) & 0xf];
+        *out++ = hexdigits[(high >> 4) & 0xf];
+        *out++ = hexdigits[high & 0xf];
+        c = Py_UNICODE_LOW_SURROGATE(c);
+        *out++ = '\\';
     }
-    if (rc == ENC_UNHANDLED) result = PyObject_CallOneArg(args[0], args[2]);
-    return result;
+    *out++ = 'u';
+    *out++ = hexdigits[(c >> 12) & 0xf];
+    *out++ = hexdigits[(c >> 8) & 0xf];
+    *out++ = hexdigits[(c >> 4) & 0xf];
+    *out++ = hexdigits[c & 0xf];
+    return out;
+}
+
+static int
+json_str(Encoder *e, PyObject *obj)
+{
+    if (PyUnicode_READY(obj) < 0) return ENC_ERROR;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(obj);
+    int kind = PyUnicode_KIND(obj);
+    const void *data = PyUnicode_DATA(obj);
+    if (kind == PyUnicode_1BYTE_KIND) {
+        /* Most strings need no escape at all: one scan, one copy. */
+        const unsigned char *s = data;
+        Py_ssize_t i = 0;
+        while (i < n && json_plain(s[i])) i++;
+        if (i == n) {
+            if (e->len + n + 2 > e->cap && reserve(e, n + 2) < 0) return ENC_ERROR;
+            unsigned char *out = (unsigned char *)e->buf + e->len;
+            *out++ = '"';
+            memcpy(out, s, n);
+            out[n] = '"';
+            e->len += n + 2;
+            return ENC_OK;
+        }
+    }
+    if (e->len + 2 > e->cap && reserve(e, 2) < 0) return ENC_ERROR;
+    e->buf[e->len++] = '"';
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_UCS4 c = PyUnicode_READ(kind, data, i);
+        if (e->len + 13 > e->cap && reserve(e, 13) < 0) return ENC_ERROR;
+        unsigned char *out = (unsigned char *)e->buf + e->len;
+        if (json_plain(c)) *out++ = (unsigned char)c;
+        else out = json_escape(out, c);
+        e->len = (char *)out - e->buf;
+    }
+    e->buf[e->len++] = '"';
+    return ENC_OK;
+}
+
+static inline int
+json_literal(Encoder *e, const char *text, Py_ssize_t n)
+{
+    if (e->len + n > e->cap && reserve(e, n) < 0) return ENC_ERROR;
+    put_bytes(e, text, n);
+    return ENC_OK;
+}
+
+static int
+json_int(Encoder *e, PyObject *obj)
+{
+    int overflow;
+    long long x = PyLong_AsLongLongAndOverflow(obj, &overflow);
+    if (x == -1 && PyErr_Occurred()) return ENC_ERROR;
+    if (overflow) return ENC_UNHANDLED;  /* beyond 64 bits: the fallback writes it */
+    char digits[24];
+    char *end = digits + sizeof digits, *p = end;
+    unsigned long long u = x < 0 ? 0ULL - (unsigned long long)x : (unsigned long long)x;
+    do {
+        *--p = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (x < 0) *--p = '-';
+    return json_literal(e, p, end - p);
+}
+
+static int
+json_float(Encoder *e, PyObject *obj)
+{
+    double f = PyFloat_AS_DOUBLE(obj);
+    if (Py_IS_NAN(f)) return json_literal(e, "NaN", 3);
+    if (Py_IS_INFINITY(f)) return f > 0 ? json_literal(e, "Infinity", 8) : json_literal(e, "-Infinity", 9);
+    /* float.__repr__, which is what the standard library's encoder writes. */
+    char *text = PyOS_double_to_string(f, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+    if (text == NULL) return ENC_ERROR;
+    int rc = json_literal(e, text, (Py_ssize_t)strlen(text));
+    PyMem_Free(text);
+    return rc;
+}
+
+static int
+json_value(Encoder *e, PyObject *obj, int depth)
+{
+    PyTypeObject *type = Py_TYPE(obj);
+    if (type == &PyUnicode_Type) return json_str(e, obj);
+    if (type == &PyLong_Type) return json_int(e, obj);
+    if (obj == Py_True) return json_literal(e, "true", 4);
+    if (obj == Py_False) return json_literal(e, "false", 5);
+    if (obj == Py_None) return json_literal(e, "null", 4);
+    if (type == &PyFloat_Type) return json_float(e, obj);
+    int rc;
+    if (type == &PyDict_Type) {
+        if (depth > e->max_depth) return ENC_UNHANDLED;
+        if ((rc = json_literal(e, "{", 1)) != ENC_OK) return rc;
+        Py_ssize_t pos = 0;
+        PyObject *key, *value;
+        int first = 1;
+        while (PyDict_Next(obj, &pos, &key, &value)) {
+            if (!PyUnicode_CheckExact(key)) return ENC_UNHANDLED;  /* the fallback converts or refuses it */
+            if (!first && (rc = json_literal(e, ", ", 2)) != ENC_OK) return rc;
+            first = 0;
+            if ((rc = json_str(e, key)) != ENC_OK) return rc;
+            if ((rc = json_literal(e, ": ", 2)) != ENC_OK) return rc;
+            if ((rc = json_value(e, value, depth + 1)) != ENC_OK) return rc;
+        }
+        return json_literal(e, "}", 1);
+    }
+    if (type == &PyList_Type || type == &PyTuple_Type) {
+        if (depth > e->max_depth) return ENC_UNHANDLED;
+        if ((rc = json_literal(e, "[", 1)) != ENC_OK) return rc;
+        Py_ssize_t n = Py_SIZE(obj);
+        PyObject **items = type == &PyList_Type ? ((PyListObject *)obj)->ob_item
+                                                : ((PyTupleObject *)obj)->ob_item;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (i && (rc = json_literal(e, ", ", 2)) != ENC_OK) return rc;
+            if ((rc = json_value(e, items[i], depth + 1)) != ENC_OK) return rc;
+        }
+        return json_literal(e, "]", 1);
+    }
+    return ENC_UNHANDLED;
+}
+
+/* encode_json(fallback, max_depth, obj): json.dumps(obj) as ASCII bytes, or
+ * ``fallback(obj)`` for a value only the fallback handles. */
+static PyObject *
+json_encode(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "encode_json(fallback, max_depth, obj) takes 3 arguments");
+        return NULL;
+    }
+    Encoder e;
+    if (start_encoding(&e, args[1]) < 0) return NULL;
+    return finish_encoding(&e, json_value(&e, args[2], 1), args[0], args[2]);
 }
 
 /* ------------------------------------------------------------------ module */
 
 static PyMethodDef methods[] = {
     {"decode", (PyCFunction)(void (*)(void))ziproto_decode, METH_FASTCALL,
-     "decode(error, max_depth, data) -> dict: the map data holds; raises error if none."},
+     "decode(error, max_depth, data) -> dict: the ZiProto map data holds; raises error if none."},
     {"encode", (PyCFunction)(void (*)(void))ziproto_encode, METH_FASTCALL,
-     "encode(fallback, max_depth, obj) -> bytes; fallback(obj) for what it does not handle."},
+     "encode(fallback, max_depth, obj) -> bytes: ZiProto; fallback(obj) for what it does not handle."},
+    {"encode_json", (PyCFunction)(void (*)(void))json_encode, METH_FASTCALL,
+     "encode_json(fallback, max_depth, obj) -> bytes: json.dumps(obj), ASCII; fallback(obj) for what it does not handle."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "domain._ziproto",
-    "The ZiProto codec's fast path in C (see domain.codecs.ZiProtoCodec).", -1, methods,
+    PyModuleDef_HEAD_INIT, "domain._speedups",
+    "The codecs' fast paths in C (see domain.codecs).", -1, methods,
 };
 
 PyMODINIT_FUNC
-PyInit__ziproto(void)
+PyInit__speedups(void)
 {
     return PyModule_Create(&module);
 }
