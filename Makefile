@@ -45,7 +45,7 @@ clean:
 ## idle-session memory, and the cost of admission with Redis.
 bench: $(BIN)/python ensure-redis
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
-	$(BIN)/python -m benchmarks.run --rounds 3 --seconds 3 --uvloop --codec --churn --plot docs/performance.png
+	$(BIN)/python -m benchmarks.run --rounds 7 --seconds 2 --uvloop --codec --churn --plot docs/performance.png
 	$(BIN)/python -m benchmarks.codecs
 	$(BIN)/python -m benchmarks.idle_memory
 	$(BIN)/python -m benchmarks.admission

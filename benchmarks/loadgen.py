@@ -5,6 +5,10 @@ the whole reply (the length prefix says how long), records the latency, and send
 next. Plain non-blocking sockets on ``selectors`` (epoll): no framework in the loop,
 so the generator is not what is measured. ``churn=True`` opens a new connection for
 every request instead (connect, send, receive, close: what AsyncAPY 0.5 clients do).
+
+:class:`Driver` keeps one server's connections open across short measured slices
+(``benchmarks.run`` interleaves the servers' slices); :func:`run` is one measurement
+on fresh connections.
 """
 
 from __future__ import annotations
@@ -69,73 +73,133 @@ def _open(port: int) -> socket.socket:
     return sock
 
 
-def run(port: int, packet: bytes, connections: int, seconds: float, warmup: float = 0.5,
-        churn: bool = False, pid: Optional[int] = None) -> Result:
-    """Drive ``connections`` closed loops sending ``packet`` for ``seconds``; with
-    ``pid`` (the server's process), also measure its CPU time over those seconds."""
-    reply_size = len(packet)  # echo: the reply is the request
-    selector = selectors.DefaultSelector()
-    conns = []
-    for _ in range(connections):
-        conn = _Conn(_open(port))
-        selector.register(conn.sock, selectors.EVENT_READ, conn)
-        conns.append(conn)
-    perf = time.perf_counter
-    start = perf()
-    measure_from = start + warmup
-    stop = measure_from + seconds
-    count = 0
-    errors = 0
-    latencies: list = []
-    cpu_from = None
-    cpu = float("nan")
-    for conn in conns:
-        conn.started = perf()
-        conn.sock.sendall(packet)
-    while True:
-        now = perf()
-        if now >= stop:
-            break
-        for key, _ in selector.select(timeout=0.5):
-            conn = key.data
-            try:
-                data = conn.sock.recv(262144)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                data = b""
-            if not data:
-                errors += 1
-                selector.unregister(conn.sock)
-                conn.sock.close()
-                conn.sock = _open(port)
-                selector.register(conn.sock, selectors.EVENT_READ, conn)
-                conn.received = 0
-                conn.started = perf()
-                conn.sock.sendall(packet)
-                continue
-            conn.received += len(data)
-            if conn.received < reply_size:
-                continue
-            done = perf()
-            if done >= measure_from:
-                if cpu_from is None and pid is not None:
-                    cpu_from = process_cpu(pid)
-                count += 1
-                latencies.append(done - conn.started)
-            conn.received = 0
-            if churn:
-                selector.unregister(conn.sock)
-                conn.sock.close()
-                conn.sock = _open(port)
-                selector.register(conn.sock, selectors.EVENT_READ, conn)
+DRAIN_LIMIT = 5.0
+"""Seconds the requests in flight at the end of a slice are given to finish."""
+
+
+class Driver:
+    """``connections`` closed loops on one server, kept open across calls to
+    :meth:`drive`, so that a measurement can be cut into short slices interleaved
+    with other servers' without reconnecting for each."""
+
+    def __init__(self, port: int, packet: bytes, connections: int, churn: bool = False,
+                 pid: Optional[int] = None) -> None:
+        self.port = port
+        self.packet = packet
+        self.reply_size = len(packet)  # echo: the reply is the request
+        self.churn = churn
+        self.pid = pid
+        self.selector = selectors.DefaultSelector()
+        self.conns = []
+        for _ in range(connections):
+            conn = _Conn(_open(port))
+            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+            self.conns.append(conn)
+
+    def _reopen(self, conn: _Conn) -> None:
+        self.selector.unregister(conn.sock)
+        conn.sock.close()
+        conn.sock = _open(self.port)
+        self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+        conn.received = 0
+
+    def drive(self, seconds: float, warmup: float = 0.0) -> Result:
+        """Run the closed loops for ``warmup`` + ``seconds`` and count the replies of the
+        last ``seconds``; then let the requests in flight finish (not counted), so
+        the server is idle when this returns."""
+        packet, reply_size, selector, churn = self.packet, self.reply_size, self.selector, self.churn
+        perf = time.perf_counter
+        start = perf()
+        measure_from = start + warmup
+        stop = measure_from + seconds
+        count = 0
+        errors = 0
+        latencies: list = []
+        cpu_from = process_cpu(self.pid) if self.pid is not None and not warmup else None
+        cpu_to = None
+        for conn in self.conns:
             conn.started = perf()
             conn.sock.sendall(packet)
-    elapsed = min(perf(), stop) - measure_from
-    if cpu_from is not None:
-        cpu = process_cpu(pid) - cpu_from
-    for conn in conns:
-        selector.unregister(conn.sock)
-        conn.sock.close()
-    selector.close()
-    return Result(count, elapsed, latencies, errors, cpu)
+        in_flight = len(self.conns)
+        stopping = False
+        while in_flight:
+            now = perf()
+            if not stopping and now >= stop:
+                stopping = True  # no new requests; the ones in flight finish
+                if cpu_from is not None:
+                    cpu_to = process_cpu(self.pid)
+            if stopping and now >= stop + DRAIN_LIMIT:
+                # A server that stopped answering: start those connections afresh.
+                for conn in self.conns:
+                    if conn.received or conn.started > 0:
+                        self._reopen(conn)
+                break
+            for key, _ in selector.select(timeout=0.5):
+                conn = key.data
+                try:
+                    data = conn.sock.recv(262144)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    errors += 1
+                    self._reopen(conn)
+                    if stopping:
+                        in_flight -= 1
+                        conn.started = 0.0
+                        continue
+                    conn.started = perf()
+                    conn.sock.sendall(packet)
+                    continue
+                conn.received += len(data)
+                if conn.received < reply_size:
+                    continue
+                done = perf()
+                conn.received = 0
+                if measure_from <= done < stop:
+                    if cpu_from is None and self.pid is not None:
+                        cpu_from = process_cpu(self.pid)
+                    count += 1
+                    latencies.append(done - conn.started)
+                if churn:
+                    self._reopen(conn)
+                if stopping:
+                    in_flight -= 1
+                    conn.started = 0.0
+                    continue
+                conn.started = perf()
+                conn.sock.sendall(packet)
+        cpu = float("nan")
+        if cpu_from is not None and cpu_to is not None:
+            cpu = cpu_to - cpu_from
+        return Result(count, stop - measure_from, latencies, errors, cpu)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            self.selector.unregister(conn.sock)
+            conn.sock.close()
+        self.selector.close()
+
+
+def combine(results: list) -> Result:
+    """One :class:`Result` of several slices of the same measurement."""
+    return Result(
+        sum(r.requests for r in results),
+        sum(r.seconds for r in results),
+        [latency for r in results for latency in r.latencies],
+        sum(r.errors for r in results),
+        sum(r.server_cpu for r in results),
+    )
+
+
+def run(port: int, packet: bytes, connections: int, seconds: float, warmup: float = 0.5,
+        churn: bool = False, pid: Optional[int] = None) -> Result:
+    """Drive ``connections`` closed loops sending ``packet`` for ``seconds`` (after
+    ``warmup`` unmeasured ones); with ``pid`` (the server's process), also measure its
+    CPU time over those seconds."""
+    driver = Driver(port, packet, connections, churn, pid)
+    try:
+        return driver.drive(seconds, warmup)
+    finally:
+        driver.close()

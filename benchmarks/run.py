@@ -1,16 +1,16 @@
 """``make bench``: AsyncAPY against a bare trio echo server, measured side by side.
 
 Both servers run as their own processes on loopback for the whole run; the load
-generator (``benchmarks.loadgen``, another process) drives one at a time with the
-same closed loop, alternating which goes first in each round, so that drift of the
-machine hits both alike. Only same-run ratios mean anything: absolute figures vary
-from machine to machine and from minute to minute.
+generator (``benchmarks.loadgen``, this process) drives one at a time with the same
+closed loop, in slices of a quarter of a second taken in turn (see :func:`measure`),
+so that drift of the machine hits both alike. Only same-run ratios mean anything:
+absolute figures vary from machine to machine and from minute to minute.
 
 A fourth server, ``trio+codec`` (``--codec``), is context too: the bare trio echo
 that also decodes and re-encodes each payload with AsyncAPY's codecs. It separates
 what the payload's codec costs from what the framework costs.
 
-Usage: ``python -m benchmarks.run [--rounds 3] [--seconds 3] [--uvloop] [--codec] [--churn] [--plot FILE]``
+Usage: ``python -m benchmarks.run [--rounds 7] [--seconds 2] [--uvloop] [--codec] [--churn] [--plot FILE]``
 """
 
 from __future__ import annotations
@@ -103,18 +103,46 @@ SERVERS = {
 }
 
 
+SLICE = 0.25
+"""Seconds of one slice: each server's round is cut into slices this long, taken in
+turn with the other servers' (see :func:`measure`)."""
+
+
 def measure(servers: dict, packet: bytes, connections: int, rounds: int, seconds: float,
-            churn: bool = False) -> dict:
-    """{server: [Result per round]}, alternating the order every round; ``servers`` maps
-    names to ``(port, pid)``."""
-    results: dict = {name: [] for name in servers}
+            churn: bool = False, slice_seconds: float = SLICE) -> dict:
+    """{server: [Result per round]}; ``servers`` maps names to ``(port, pid)``.
+
+    Every server gets its own ``connections`` for the whole workload, warmed up once.
+    A round gives each server ``seconds`` of load, cut into slices of
+    ``slice_seconds`` taken in turn (bare trio, AsyncAPY, ..., then the other way
+    round), each ending once its requests in flight are answered. A drift of the
+    machine lasting longer than a few slices thus hits every server alike, where
+    whole seconds one after the other would give one server a slow spell and the
+    next a fast one."""
     names = list(servers)
-    for index in range(rounds):
-        order = names if index % 2 == 0 else names[::-1]
-        for name in order:
-            port, pid = servers[name]
-            results[name].append(loadgen.run(port, packet, connections, seconds, churn=churn, pid=pid))
-    return results
+    drivers = {
+        name: loadgen.Driver(port, packet, connections, churn=churn, pid=pid)
+        for name, (port, pid) in servers.items()
+    }
+    try:
+        for name in names:
+            drivers[name].drive(0.0, warmup=0.5)
+        slices = max(1, round(seconds / slice_seconds))
+        length = seconds / slices
+        results: dict = {name: [] for name in names}
+        turn = 0
+        for _ in range(rounds):
+            parts: dict = {name: [] for name in names}
+            for _ in range(slices):
+                for name in names if turn % 2 == 0 else names[::-1]:
+                    parts[name].append(drivers[name].drive(length))
+                turn += 1
+            for name in names:
+                results[name].append(loadgen.combine(parts[name]))
+        return results
+    finally:
+        for driver in drivers.values():
+            driver.close()
 
 
 def summarise(results: dict, baseline: str = "bare trio") -> list:
@@ -149,8 +177,8 @@ def describe_machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per workload (3)")
-    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per run (3)")
+    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds per workload (7)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="measured seconds per server and round, in slices of 0.25 (2)")
     parser.add_argument("--uvloop", action="store_true", help="add an asyncio+uvloop echo for context")
     parser.add_argument("--codec", action="store_true",
                         help="add the bare trio echo that also decodes and re-encodes, for context")

@@ -24,3 +24,30 @@ def test_the_load_generator_counts_replies_and_the_servers_cpu():
     assert result.requests > 0 and result.errors == 0
     assert len(result.latencies) == result.requests
     assert 0 < result.cpu_per_request < 1e6
+
+
+def test_slices_on_kept_connections_end_drained_and_combine():
+    """benchmarks.run interleaves servers in short slices on connections kept open:
+    each slice must end with no request in flight (or the next slice, or another
+    server's, would be measured with this one's leftovers), and the slices of a round
+    add up to one result."""
+    import select
+
+    from benchmarks import loadgen
+    from benchmarks.run import SERVERS, server
+
+    with server("bare trio", SERVERS["bare trio"]) as (port, pid):
+        driver = loadgen.Driver(port, WORKLOADS[0][2], 3, pid=pid)
+        try:
+            driver.drive(0.0, warmup=0.05)
+            slices = [driver.drive(0.1) for _ in range(3)]
+            readable, _, _ = select.select([c.sock for c in driver.conns], [], [], 0.2)
+            assert readable == []  # drained: no reply was left unread
+        finally:
+            driver.close()
+    assert all(s.requests > 0 and s.errors == 0 for s in slices)
+    total = loadgen.combine(slices)
+    assert total.requests == sum(s.requests for s in slices)
+    assert abs(total.seconds - 0.3) < 1e-6
+    assert len(total.latencies) == total.requests
+    assert 0 < total.cpu_per_request < 1e6
