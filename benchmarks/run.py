@@ -188,7 +188,8 @@ def main() -> None:
 
     names = ["bare trio", "asyncapy"] + (["trio+codec"] if args.codec else []) + (["uvloop"] if args.uvloop else [])
     print(f"Machine: {describe_machine()}")
-    print(f"{args.rounds} alternating rounds of {args.seconds}s per server; closed loop, one request in flight per connection")
+    print(f"{args.rounds} rounds of {args.seconds}s per server, in {SLICE}s slices taken in turn; "
+          "closed loop, one request in flight per connection")
     with contextlib.ExitStack() as stack:
         servers = {name: stack.enter_context(server(name, SERVERS[name])) for name in names}
         worst = float("inf")
