@@ -142,34 +142,28 @@ class Driver:
                     continue
                 except OSError:
                     data = b""
-                if not data:
+                if not data:  # the server closed it: a new connection, and on
                     errors += 1
                     self._reopen(conn)
-                    if stopping:
-                        in_flight -= 1
-                        conn.started = 0.0
+                else:
+                    conn.received += len(data)
+                    if conn.received < reply_size:
                         continue
-                    conn.started = perf()
-                    conn.sock.sendall(packet)
-                    continue
-                conn.received += len(data)
-                if conn.received < reply_size:
-                    continue
-                done = perf()
-                conn.received = 0
-                if measure_from <= done < stop:
-                    if cpu_from is None and self.pid is not None:
-                        cpu_from = process_cpu(self.pid)
-                    count += 1
-                    latencies.append(done - conn.started)
-                if churn:
-                    self._reopen(conn)
+                    done = perf()
+                    conn.received = 0
+                    if measure_from <= done < stop:
+                        if cpu_from is None and self.pid is not None:
+                            cpu_from = process_cpu(self.pid)
+                        count += 1
+                        latencies.append(done - conn.started)
+                    if churn:
+                        self._reopen(conn)
                 if stopping:
                     in_flight -= 1
-                    conn.started = 0.0
-                    continue
-                conn.started = perf()
-                conn.sock.sendall(packet)
+                    conn.started = 0.0  # idle
+                else:
+                    conn.started = perf()
+                    conn.sock.sendall(packet)
         cpu = float("nan")
         if cpu_from is not None and cpu_to is not None:
             cpu = cpu_to - cpu_from

@@ -614,18 +614,26 @@ finish_encoding(Encoder *e, int rc, PyObject *fallback, PyObject *obj)
     return result;
 }
 
-/* encode(fallback, max_depth, obj): the ZiProto bytes of ``obj``, or ``fallback(obj)``
- * for a value only the fallback handles. */
+/* An encoder's entry point, (fallback, max_depth, obj): what ``write`` makes of
+ * ``obj`` at depth 1, or ``fallback(obj)`` for a value only the fallback handles. */
 static PyObject *
-ziproto_encode(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+encode_with(int (*write)(Encoder *, PyObject *, int), const char *usage,
+            PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "encode(fallback, max_depth, obj) takes 3 arguments");
+        PyErr_Format(PyExc_TypeError, "%s takes 3 arguments", usage);
         return NULL;
     }
     Encoder e;
     if (start_encoding(&e, args[1]) < 0) return NULL;
-    return finish_encoding(&e, encode_value(&e, args[2], 1), args[0], args[2]);
+    return finish_encoding(&e, write(&e, args[2], 1), args[0], args[2]);
+}
+
+/* encode(fallback, max_depth, obj): the ZiProto bytes of ``obj``. */
+static PyObject *
+ziproto_encode(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    return encode_with(encode_value, "encode(fallback, max_depth, obj)", args, nargs);
 }
 
 /* ------------------------------------------------------------------ JSON encoding */
@@ -790,18 +798,11 @@ json_value(Encoder *e, PyObject *obj, int depth)
     return ENC_UNHANDLED;
 }
 
-/* encode_json(fallback, max_depth, obj): json.dumps(obj) as ASCII bytes, or
- * ``fallback(obj)`` for a value only the fallback handles. */
+/* encode_json(fallback, max_depth, obj): json.dumps(obj) as ASCII bytes. */
 static PyObject *
 json_encode(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "encode_json(fallback, max_depth, obj) takes 3 arguments");
-        return NULL;
-    }
-    Encoder e;
-    if (start_encoding(&e, args[1]) < 0) return NULL;
-    return finish_encoding(&e, json_value(&e, args[2], 1), args[0], args[2]);
+    return encode_with(json_value, "encode_json(fallback, max_depth, obj)", args, nargs);
 }
 
 /* ------------------------------------------------------------------ module */
