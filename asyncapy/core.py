@@ -186,8 +186,8 @@ class Channel:
         ``trio.BrokenResourceError`` once a write on it failed or was cut short."""
         if self.closed:
             raise trio.ClosedResourceError("the session is closed")
-        sock = self.fd
-        if sock is not None:
+        fd = self.fd
+        if fd is not None:
             # Fairness: every WRITES_PER_YIELD-th send with no read between yields,
             # whether it writes now or is gathered (a handler that only sends must not
             # starve the others while its replies are held or deferred, either).
@@ -235,13 +235,13 @@ class Channel:
         try:
             if self.interrupted:  # checked once the turn came: the write before may be it
                 raise trio.BrokenResourceError("an earlier write on this session was interrupted")
-            if sock is None:
+            if fd is None:
                 await self.stream.send_all(data)
             else:
-                sent = _sockio.write_now(sock, data)
+                sent = _sockio.write_now(fd, data)
                 if sent < len(data):
                     self.written += sent
-                    await _sockio.write_rest(sock, data, sent, self._wrote)
+                    await _sockio.write_rest(fd, data, sent, self._wrote)
         except BaseException:
             # Part of ``data`` may be on the wire: the stream is out of step with the
             # framing, and nothing more may be written to it.

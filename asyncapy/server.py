@@ -457,8 +457,9 @@ class Server:
                 logger.warning(
                     "The codecs' C accelerator (domain/_speedups.c) is not built: "
                     "ZiProto payloads are decoded and encoded by msgspec alone, and JSON "
-                    "encoded by the standard library alone, correctly but slower. Install a C compiler and the Python headers (Debian: "
-                    "apt-get install gcc python3-dev) and reinstall AsyncAPY to build it"
+                    "encoded by the standard library alone, correctly but slower. "
+                    "Install a C compiler and the Python headers (Debian: apt-get "
+                    "install gcc python3-dev) and reinstall AsyncAPY to build it"
                 )
             logger.info(
                 "AsyncAPY serving on %s (%s), sessions in %r",

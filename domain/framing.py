@@ -197,7 +197,6 @@ class Framer:
             return self._error
         held = self._held
         if held is not None:
-            self._held = None
             header_size = self.header_size
             if len(held) >= header_size + 2:
                 content_length, version, encoding = self._prefix.unpack_from(held)
@@ -205,8 +204,9 @@ class Framer:
                     header_size + content_length == len(held)
                     and 2 <= content_length <= self.max_packet_size
                 ):
+                    self._held = None
                     return _tuple_new(Frame, (version, encoding, held[header_size + 2 :]))
-            self._buffer += held  # not exactly one packet: the general way
+            self._absorb()  # not exactly one packet: the general way
         buffer = self._buffer
         offset = self._offset
         available = len(buffer) - offset
