@@ -8,19 +8,21 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
-# The package first, so that editing an example does not reinstall it. A C compiler
-# only for the build: it compiles the codecs' accelerator (domain/_speedups.c),
-# and is removed after.
-COPY pyproject.toml setup.py README.md ./
-COPY asyncapy ./asyncapy
-COPY domain ./domain
-COPY adapters ./adapters
+# The package first, so that editing an example does not reinstall it. It is built from
+# /src, not from the working directory: the source folder asyncapy/ in /app would shadow
+# the installed package, whose asyncapy.domain and asyncapy.adapters come from the
+# top-level domain/ and adapters/ folders. A C compiler only for the build: it compiles
+# the codecs' accelerator (domain/_speedups.c), and is removed after.
+COPY pyproject.toml setup.py README.md /src/
+COPY asyncapy /src/asyncapy
+COPY domain /src/domain
+COPY adapters /src/adapters
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
-    && pip install . \
+    && pip install /src \
     && apt-get purge -y --auto-remove gcc libc6-dev \
-    && rm -rf /var/lib/apt/lists/* \
-    && python -c "import domain._speedups" \
+    && rm -rf /var/lib/apt/lists/* /src \
+    && python -c "import asyncapy.domain._speedups" \
     && useradd --create-home --uid 10001 asyncapy
 
 # `asyncapy run MODULE:ATTR` imports from the working directory.

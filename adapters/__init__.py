@@ -1,1 +1,1 @@
-"""Adapters: the outside world behind the ports of :mod:`domain.ports`."""
+"""Adapters: the outside world behind the ports of :mod:`asyncapy.domain.ports`."""

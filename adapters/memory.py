@@ -2,7 +2,7 @@
 
 Their coroutines never suspend, so every operation is atomic with respect to other
 tasks of the same event loop, and they can be driven from synchronous code too
-(:func:`domain.ports.run_to_completion`). Keys are kept in clear: the store lives and
+(:func:`asyncapy.domain.ports.run_to_completion`). Keys are kept in clear: the store lives and
 dies with the process's memory.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from domain.ports import KeyStore, SessionRecord, SessionStore
+from asyncapy.domain.ports import KeyStore, SessionRecord, SessionStore
 
 __all__ = ["MemorySessionStore", "MemoryKeyStore"]
 

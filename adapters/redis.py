@@ -19,7 +19,7 @@ Every check-and-set is a server-side Lua script (``register_script``): admission
 drops expired leases, counts the live ones and admits under the limit in one atomic
 step, so N processes racing for the last slot admit exactly one. Every failure of
 Redis (unreachable, timed out, or refusing the command: loading, read-only, OOM...)
-surfaces as :class:`domain.errors.StoreUnavailable`; the pool's health checks and
+surfaces as :class:`asyncapy.domain.errors.StoreUnavailable`; the pool's health checks and
 reconnects bring the adapter back by itself when Redis returns.
 
 Sessions are leases
@@ -49,8 +49,8 @@ from typing import Any, Callable, TypeVar
 import redis
 import trio
 
-from domain.errors import StoreUnavailable
-from domain.ports import BLOCKING, KeyStore, SessionRecord, SessionStore
+from asyncapy.domain.errors import StoreUnavailable
+from asyncapy.domain.ports import BLOCKING, KeyStore, SessionRecord, SessionStore
 
 __all__ = ["RedisSessionStore", "RedisKeyStore", "connect", "DEFAULT_PREFIX"]
 
@@ -88,7 +88,7 @@ def connect(url: str, max_connections: int = 16, timeout: float = 2.0) -> redis.
 
 def _offload() -> bool:
     """Whether a call should go to a worker thread: inside a trio run, unless a
-    synchronous caller drives the coroutine (:data:`domain.ports.BLOCKING`)."""
+    synchronous caller drives the coroutine (:data:`asyncapy.domain.ports.BLOCKING`)."""
     if BLOCKING.get():
         return False
     try:

@@ -19,7 +19,7 @@ import sys
 from typing import Optional, Sequence
 
 from . import __version__
-from adapters.memory import MemorySessionStore
+from asyncapy.adapters.memory import MemorySessionStore
 
 from .cli import CommandError, HelpFormatter, OneLineParser, import_object
 from .cli import keys as keys_command

@@ -21,9 +21,9 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import trio
 
-from domain.codecs import CODECS_BY_CODE, codec_named
-from domain.errors import CodecError
-from domain.framing import DEFAULT_MAX_PACKET_SIZE, NEED_DATA, Framer, FramingError
+from asyncapy.domain.codecs import CODECS_BY_CODE, codec_named
+from asyncapy.domain.errors import CodecError
+from asyncapy.domain.framing import DEFAULT_MAX_PACKET_SIZE, NEED_DATA, Framer, FramingError
 
 __all__ = ["Client", "AsyncClient", "ProtocolViolation"]
 

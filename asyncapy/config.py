@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import attrs
 
-from domain.framing import DEFAULT_MAX_PACKET_SIZE
+from asyncapy.domain.framing import DEFAULT_MAX_PACKET_SIZE
 
 __all__ = ["ConfigError", "Setting", "SETTINGS", "SECTION", "validate", "load_config"]
 

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 
 import trio
 
-from domain.codecs import CODECS_BY_NAME, Codec, codec_named
-from domain.connection import Connection
-from domain.dispatch import Handler
-from domain.errors import StopPropagation
+from asyncapy.domain.codecs import CODECS_BY_NAME, Codec, codec_named
+from asyncapy.domain.connection import Connection
+from asyncapy.domain.dispatch import Handler
+from asyncapy.domain.errors import StopPropagation
 
 from . import _sockio
 from .filters import normalise_address
@@ -406,7 +406,7 @@ class Client:
         :raises trio.ClosedResourceError: if the session is already closed.
         :raises trio.BrokenResourceError: if the client went away (or an earlier
             packet's deferred write found it gone).
-        :raises domain.errors.CodecError: if the packet holds a value its encoding
+        :raises asyncapy.domain.errors.CodecError: if the packet holds a value its encoding
             cannot represent (bytes in JSON, an integer beyond 64 bits in ZiProto).
         """
         channel = self._channel or self._writer()

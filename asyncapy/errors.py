@@ -5,7 +5,7 @@ constants are the ``error`` values of the server's failure replies
 (``{"status": "failure", "error": CODE}``), see ``docs/protocol.md``.
 """
 
-from domain.errors import (
+from asyncapy.domain.errors import (
     ALL_CODES,
     ERR_HEADER_INVALID,
     ERR_INTERNAL,

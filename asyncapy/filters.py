@@ -15,8 +15,8 @@ import logging
 import re
 from typing import Any, Iterable, Optional, Union
 
-from domain.errors import StoreUnavailable
-from domain.filtering import Filter
+from asyncapy.domain.errors import StoreUnavailable
+from asyncapy.domain.filtering import Filter
 
 from .util import APIKeyFactory, fingerprint
 

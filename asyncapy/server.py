@@ -1,8 +1,8 @@
 """``Server``: configuration, handler registration, the trio accept loop, and sessions.
 
 The server is a driving adapter around the pure core: for each connection it reads
-bytes, feeds them to a :class:`domain.connection.Connection`, hands every decoded
-request to the :class:`domain.dispatch.Dispatcher`, and writes what comes back. No
+bytes, feeds them to a :class:`asyncapy.domain.connection.Connection`, hands every decoded
+request to the :class:`asyncapy.domain.dispatch.Dispatcher`, and writes what comes back. No
 protocol rule lives here; what lives here is I/O policy: admission, idle timeouts,
 lingering closes, TLS, logging, signals and graceful shutdown.
 """
@@ -29,19 +29,19 @@ try:
 except ImportError:  # pragma: no cover - Windows has no open-file rlimit
     resource = None  # type: ignore[assignment]
 
-from domain import codecs
-from domain.codecs import JSON, codec_named
-from domain.connection import NEED_DATA, Connection, ProtocolError, Request, error_payload
-from domain.dispatch import Dispatcher, Handler, HandlerFailed
-from domain.errors import (
+from asyncapy.domain import codecs
+from asyncapy.domain.codecs import JSON, codec_named
+from asyncapy.domain.connection import NEED_DATA, Connection, ProtocolError, Request, error_payload
+from asyncapy.domain.dispatch import Dispatcher, Handler, HandlerFailed
+from asyncapy.domain.errors import (
     StoreUnavailable,
     ERR_INTERNAL,
     ERR_SESSION_LIMIT_REACHED,
     ERR_TIMED_OUT,
     ERR_UNAVAILABLE,
 )
-from domain.framing import Framer
-from domain.ports import SessionRecord, SessionStore
+from asyncapy.domain.framing import Framer
+from asyncapy.domain.ports import SessionRecord, SessionStore
 
 from . import _sockio
 from .config import SETTINGS, ConfigError, load_config, validate
@@ -113,7 +113,7 @@ class Server:
     :param shutdown_grace: seconds in-flight handlers get to finish on shutdown (10).
     :param store: where sessions live: ``None`` or ``'memory://'`` (this process only),
         a ``redis://`` URL shared by every server process using it, or a
-        :class:`domain.ports.SessionStore` object.
+        :class:`asyncapy.domain.ports.SessionStore` object.
     :param session_lease: seconds a session in a shared store outlives its process's
         last lease renewal (30): how long the sessions of a killed process linger.
     :param max_connections: connections this process serves at once (10,000). Past

@@ -11,8 +11,8 @@ from __future__ import annotations
 import threading
 from typing import Any, Union
 
-from adapters.memory import MemoryKeyStore, MemorySessionStore
-from domain.ports import KeyStore, SessionStore
+from asyncapy.adapters.memory import MemoryKeyStore, MemorySessionStore
+from asyncapy.domain.ports import KeyStore, SessionStore
 
 from .config import ConfigError, validate
 
@@ -38,7 +38,7 @@ def redis_client(url: str) -> Any:
     with _clients_lock:
         client = _clients.get(url)
         if client is None:
-            from adapters.redis import connect
+            from asyncapy.adapters.redis import connect
 
             try:
                 client = _clients[url] = connect(url)
@@ -57,7 +57,7 @@ def open_session_store(store: Union[None, str, SessionStore], lease: float = 30.
         raise ConfigError("store", store, STORE_ACCEPTED)
     if _is_memory(store):
         return MemorySessionStore()
-    from adapters.redis import RedisSessionStore
+    from asyncapy.adapters.redis import RedisSessionStore
 
     return RedisSessionStore(redis_client(store), lease=lease)
 
@@ -72,6 +72,6 @@ def open_key_store(store: Union[None, str, KeyStore]) -> KeyStore:
         raise ConfigError("store", store, STORE_ACCEPTED)
     if _is_memory(store):
         return MemoryKeyStore()
-    from adapters.redis import RedisKeyStore
+    from asyncapy.adapters.redis import RedisKeyStore
 
     return RedisKeyStore(redis_client(store))

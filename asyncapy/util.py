@@ -15,8 +15,8 @@ from typing import Any, Union
 
 import trio
 
-from adapters.memory import MemoryKeyStore
-from domain.ports import KeyStore, run_to_completion
+from asyncapy.adapters.memory import MemoryKeyStore
+from asyncapy.domain.ports import KeyStore, run_to_completion
 
 from .stores import open_key_store
 
@@ -48,7 +48,7 @@ class APIKeyFactory:
     :param size: the length of issued keys, in characters (default 32, at least 16).
     :param store: where keys live: ``None`` or ``'memory://'`` for an in-memory store
         private to this factory, a ``redis://`` URL shared by every process using it,
-        or any :class:`domain.ports.KeyStore` object (your own adapter).
+        or any :class:`asyncapy.domain.ports.KeyStore` object (your own adapter).
     """
 
     def __init__(self, size: int = 32, store: Union[None, str, KeyStore] = None) -> None:

@@ -5,8 +5,8 @@ released from it when it ends; nothing else touches the store per connection, an
 nothing at all per packet. This measures that cost twice:
 
 (a) **store level**: ``admit`` + ``release`` pairs awaited one after another in one
-    trio task, :class:`~adapters.memory.MemorySessionStore` against
-    :class:`~adapters.redis.RedisSessionStore`, then the same number of pairs spread
+    trio task, :class:`~asyncapy.adapters.memory.MemorySessionStore` against
+    :class:`~asyncapy.adapters.redis.RedisSessionStore`, then the same number of pairs spread
     over 8 concurrent tasks (the worker threads overlap their round trips). Reported
     as microseconds per pair (one connection's admission and release), the median of
     several alternating rounds.
@@ -42,10 +42,10 @@ from typing import Iterator
 
 import trio
 
-from adapters.memory import MemorySessionStore
-from domain.codecs import JSON
-from domain.framing import Framer
-from domain.ports import SessionRecord, SessionStore
+from asyncapy.adapters.memory import MemorySessionStore
+from asyncapy.domain.codecs import JSON
+from asyncapy.domain.framing import Framer
+from asyncapy.domain.ports import SessionRecord, SessionStore
 
 from . import loadgen, run
 from .loadgen import process_cpu
@@ -125,7 +125,7 @@ async def concurrent_pairs(store: SessionStore, pairs: int, tasks: int) -> float
 
 async def store_level(url: str, pairs: int, rounds: int, tasks: int) -> dict:
     """{(workload, store): [seconds per pair, per round]}."""
-    from adapters.redis import RedisSessionStore, connect
+    from asyncapy.adapters.redis import RedisSessionStore, connect
 
     stores = {"memory": MemorySessionStore(), "redis": RedisSessionStore(connect(url))}
     for store in stores.values():  # warm up: pool connections, script cache, threads

@@ -5,7 +5,7 @@ frame back unchanged: no decoding, no dispatch, no encoding. Usage:
 ``python -m benchmarks.bare_trio_echo [--codec] PORT``.
 
 With ``--codec`` (context, not the floor) it also decodes every payload and encodes it
-back with AsyncAPY's own codecs (:mod:`domain.codecs`) before echoing it: what a trio
+back with AsyncAPY's own codecs (:mod:`asyncapy.domain.codecs`) before echoing it: what a trio
 server must spend on the same payloads before it does anything a framework does. The
 gap between this one and bare trio is the codecs' cost; the gap between it and
 AsyncAPY is everything else AsyncAPY does (framing checks, dispatch, sessions).
@@ -15,7 +15,7 @@ import sys
 
 import trio
 
-from domain.codecs import CODECS_BY_CODE
+from asyncapy.domain.codecs import CODECS_BY_CODE
 
 HEADER = 4
 

@@ -16,7 +16,7 @@ import timeit
 
 import ziproto
 
-from domain.codecs import JSON, ZIPROTO, JsonCodec, ZiProtoCodec
+from asyncapy.domain.codecs import JSON, ZIPROTO, JsonCodec, ZiProtoCodec
 
 from .run import MEDIUM
 

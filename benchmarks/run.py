@@ -26,8 +26,8 @@ import sys
 import time
 from typing import Iterator
 
-from domain.codecs import JSON, ZIPROTO
-from domain.framing import Framer
+from asyncapy.domain.codecs import JSON, ZIPROTO
+from asyncapy.domain.framing import Framer
 
 from . import loadgen
 

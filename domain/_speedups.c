@@ -1,4 +1,4 @@
-/* domain._speedups: the codecs' fast paths, in C.
+/* asyncapy.domain._speedups: the codecs' fast paths, in C.
  *
  * domain/codecs.py holds the codecs; this module only accelerates them, and every
  * rule it applies is the codec's (see the ZiProtoCodec and JsonCodec docstrings).
@@ -818,8 +818,8 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "domain._speedups",
-    "The codecs' fast paths in C (see domain.codecs).", -1, methods,
+    PyModuleDef_HEAD_INIT, "asyncapy.domain._speedups",
+    "The codecs' fast paths in C (see asyncapy.domain.codecs).", -1, methods,
 };
 
 PyMODINIT_FUNC

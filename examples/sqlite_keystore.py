@@ -1,4 +1,4 @@
-"""A custom :class:`~domain.ports.KeyStore`: API keys in an SQLite file, standard library only.
+"""A custom :class:`~asyncapy.domain.ports.KeyStore`: API keys in an SQLite file, standard library only.
 
 This is a worked example of plugging your own storage into AsyncAPY. It is small enough
 to read in one sitting, and complete enough to use: it passes the same contract suite
@@ -64,7 +64,7 @@ stalls one task, not every client. In a plain script there is no event loop to
 protect, so the statement runs right away and the coroutine finishes without ever
 suspending; that is what lets the synchronous ``APIKeyFactory`` methods (``issue``,
 ``get``, ``key in keys`` ...) drive this store through
-:func:`domain.ports.run_to_completion`. (Called synchronously *inside* a trio task,
+:func:`asyncapy.domain.ports.run_to_completion`. (Called synchronously *inside* a trio task,
 those methods raise ``RuntimeError`` telling you to await the ``a...`` methods.)
 
 **The file is shared, not cached.** Every call asks the database, and SQLite checks
@@ -74,7 +74,7 @@ The database runs in WAL mode, so those writers never block the server's readers
 
 **Failures fail closed.** ``sqlite3.OperationalError`` (the file cannot be opened,
 the database stayed locked longer than ``timeout``, the disk is full or read-only)
-surfaces as :class:`domain.errors.StoreUnavailable`, the one exception a store may
+surfaces as :class:`asyncapy.domain.errors.StoreUnavailable`, the one exception a store may
 raise for an unreachable backend: the API-key filter then refuses the packet and logs
 a warning, instead of crashing the handler or letting an unchecked key through.
 """
@@ -91,8 +91,8 @@ from typing import Any, Callable, Optional, TypeVar, Union
 
 import trio
 
-from domain.errors import StoreUnavailable
-from domain.ports import BLOCKING, KeyStore
+from asyncapy.domain.errors import StoreUnavailable
+from asyncapy.domain.ports import BLOCKING, KeyStore
 
 __all__ = ["SQLiteKeyStore", "digest"]
 
@@ -133,7 +133,7 @@ class SQLiteKeyStore(KeyStore):
     :param path: the database file; it and its table are created if missing. Several
         processes (server workers, admin scripts) may share one file.
     :param timeout: seconds a statement waits for another process's write lock before
-        the call fails with :class:`~domain.errors.StoreUnavailable` (5).
+        the call fails with :class:`~asyncapy.domain.errors.StoreUnavailable` (5).
 
     The constructor creates the schema synchronously, so build the store at start-up
     (import time, ``__main__``, ``setup()``), like opening any file; a path that
@@ -195,8 +195,8 @@ class SQLiteKeyStore(KeyStore):
         either finish or not start, and the caller learns which.
 
         A synchronous ``APIKeyFactory`` method (``keys.issue()``...) drives this
-        coroutine with :func:`domain.ports.run_to_completion`, which sets
-        :data:`domain.ports.BLOCKING`: then the statement runs right here, in the
+        coroutine with :func:`asyncapy.domain.ports.run_to_completion`, which sets
+        :data:`asyncapy.domain.ports.BLOCKING`: then the statement runs right here, in the
         caller's thread, even inside a trio task, because a synchronous caller
         cannot wait for a worker thread without suspending.
         """

@@ -2,7 +2,7 @@
 
 Run it with ``make fuzz`` or ``python -m fuzz --runs 200000``; see ``docs/security.md``
 for what it checks and the record of its runs. No sockets, no event loop: every input
-is a byte string fed to :class:`domain.connection.Connection` (and its payloads to the
+is a byte string fed to :class:`asyncapy.domain.connection.Connection` (and its payloads to the
 codecs directly), then judged by :mod:`fuzz.oracle`.
 
 The engine (:mod:`fuzz.campaign`) is a small mutational fuzzer on the standard library

@@ -1,7 +1,7 @@
 """What the fuzz campaign checks about one input: the properties, and a model to hold them to.
 
 An input is one config byte followed by a byte stream (see :class:`Config`). The stream
-goes through :class:`domain.connection.Connection` twice, whole and cut into random
+goes through :class:`asyncapy.domain.connection.Connection` twice, whole and cut into random
 pieces, and every complete payload through both codecs directly. A broken property
 raises :class:`Finding`; anything else :func:`check` lets escape is a finding too.
 
@@ -12,7 +12,7 @@ The properties:
     ``Request``, ``ProtocolError`` and ``NEED_DATA``.
 ``model``
     The events equal those of :func:`model_events`, an independent reading of
-    ``protocol.md`` written here from the contract (not from ``domain.framing``): the
+    ``protocol.md`` written here from the contract (not from ``asyncapy.domain.framing``): the
     error code, the codec of the reply, whether the session closes, the session's
     sticky encoding, and the decoded fields.
 ``split``
@@ -55,16 +55,16 @@ import random
 import zlib
 from typing import Any, Callable, NamedTuple, Optional
 
-from domain.codecs import CODECS_BY_NAME, JSON, MAX_DEPTH, ZIPROTO, Codec
-from domain.connection import (
+from asyncapy.domain.codecs import CODECS_BY_NAME, JSON, MAX_DEPTH, ZIPROTO, Codec
+from asyncapy.domain.connection import (
     NEED_DATA,
     Connection,
     ProtocolError,
     Request,
     error_payload,
 )
-from domain.errors import CodecError
-from domain.framing import DEFAULT_MAX_PACKET_SIZE
+from asyncapy.domain.errors import CodecError
+from asyncapy.domain.framing import DEFAULT_MAX_PACKET_SIZE
 
 __all__ = [
     "Config",

@@ -14,8 +14,8 @@ import math
 import random
 from typing import Any
 
-from domain.codecs import JSON, ZIPROTO
-from domain.errors import CodecError
+from asyncapy.domain.codecs import JSON, ZIPROTO
+from asyncapy.domain.errors import CodecError
 
 from .oracle import LAYOUTS, config_byte
 

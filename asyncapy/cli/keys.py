@@ -5,7 +5,7 @@ ones meant for scripts) against a store that outlives the command:
 
 * a ``redis://``, ``rediss://`` or ``unix://`` URL, the store ``asyncapy run --store``
   and ``APIKeyFactory(store=URL)`` use; or
-* ``MODULE:ATTR`` naming a :class:`~domain.ports.KeyStore` object (your own adapter,
+* ``MODULE:ATTR`` naming a :class:`~asyncapy.domain.ports.KeyStore` object (your own adapter,
   such as the SQLite one of ``examples/sqlite_keystore.py``) or an
   :class:`~asyncapy.util.APIKeyFactory` (the very one your server checks keys with).
 
@@ -28,8 +28,8 @@ import os
 import sys
 from typing import Any, Optional
 
-from domain.errors import StoreUnavailable
-from domain.ports import KeyStore, run_to_completion
+from asyncapy.domain.errors import StoreUnavailable
+from asyncapy.domain.ports import KeyStore, run_to_completion
 
 from ..config import ConfigError
 from ..util import APIKeyFactory, fingerprint

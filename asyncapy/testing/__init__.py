@@ -12,7 +12,7 @@ Testing handlers (see ``docs/testing.md``):
 Both need trio only. Testing store adapters:
 
 :mod:`asyncapy.testing.contracts` holds the contract suites every
-:class:`~domain.ports.SessionStore` and :class:`~domain.ports.KeyStore` adapter must
+:class:`~asyncapy.domain.ports.SessionStore` and :class:`~asyncapy.domain.ports.KeyStore` adapter must
 pass: subclass one in your own test file, give it a ``store`` fixture, and every
 inherited test runs against your adapter. The contracts need ``pytest`` and
 ``pytest-trio``, which are test dependencies, not dependencies of AsyncAPY itself:

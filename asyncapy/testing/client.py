@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, Optional
 import trio
 import trio.testing
 
-from domain.codecs import codec_named
+from asyncapy.domain.codecs import codec_named
 
 from ..client import Payload, _ClientBase
 from ..filters import normalise_address

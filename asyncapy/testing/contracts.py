@@ -24,7 +24,7 @@ The fixture may be synchronous or ``async``. The tests are coroutines marked
 test module does not run them a second time on their own.
 
 Metadata values in the key-store contract are JSON-serialisable (dicts with string
-keys, lists, strings, numbers, booleans, None), as :class:`~domain.ports.KeyStore`
+keys, lists, strings, numbers, booleans, None), as :class:`~asyncapy.domain.ports.KeyStore`
 requires; session records use documentation addresses (RFC 5737, RFC 3849).
 """
 
@@ -38,7 +38,7 @@ import pytest
 import trio
 import trio.testing
 
-from domain.ports import KeyStore, SessionRecord, SessionStore
+from asyncapy.domain.ports import KeyStore, SessionRecord, SessionStore
 
 __all__ = ["SessionStoreContract", "KeyStoreContract"]
 
@@ -72,7 +72,7 @@ def _same_json(left: Any, right: Any) -> bool:
 
 @pytest.mark.trio
 class SessionStoreContract:
-    """The :class:`~domain.ports.SessionStore` contract.
+    """The :class:`~asyncapy.domain.ports.SessionStore` contract.
 
     Subclass it and provide a ``store`` fixture returning a fresh, empty session store.
     """
@@ -289,7 +289,7 @@ JSON_VALUES = [
 
 @pytest.mark.trio
 class KeyStoreContract:
-    """The :class:`~domain.ports.KeyStore` contract.
+    """The :class:`~asyncapy.domain.ports.KeyStore` contract.
 
     Subclass it and provide a ``store`` fixture returning a fresh, empty key store.
     """

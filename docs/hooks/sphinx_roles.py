@@ -2,7 +2,7 @@
 
 The docstrings are written for Sphinx (``:param x:`` fields, which mkdocstrings
 parses with ``docstring_style: sphinx``, and cross-reference roles such as
-``:class:`~domain.ports.KeyStore```). mkdocstrings leaves the roles alone, so on the
+``:class:`~asyncapy.domain.ports.KeyStore```). mkdocstrings leaves the roles alone, so on the
 API reference pages they would show as ``:class:`` followed by the code. This hook
 drops the role and keeps the name as code, as Sphinx shows it: a leading ``~`` keeps
 the last component only, and functions and methods get ``()``. It also turns the

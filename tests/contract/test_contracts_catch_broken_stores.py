@@ -11,7 +11,7 @@ import copy
 import pytest
 import trio
 
-from adapters.memory import MemoryKeyStore, MemorySessionStore
+from asyncapy.adapters.memory import MemoryKeyStore, MemorySessionStore
 from asyncapy.testing.contracts import KeyStoreContract, SessionStoreContract
 
 pytest_plugins = ["pytester"]
@@ -148,7 +148,7 @@ async def test_key_contract_rejects(mutant, test_name, params):
 # -- the contracts as a user runs them -----------------------------------------------
 USER_TEST_FILE = '''
 import pytest
-from adapters.memory import MemoryKeyStore, MemorySessionStore
+from asyncapy.adapters.memory import MemoryKeyStore, MemorySessionStore
 from asyncapy.testing.contracts import KeyStoreContract, SessionStoreContract
 
 class TestSyncFixtureSessions(SessionStoreContract):

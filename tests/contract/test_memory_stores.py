@@ -6,7 +6,7 @@ that returns a fresh instance. A Redis adapter joins by adding two more such cla
 
 import pytest
 
-from adapters.memory import MemoryKeyStore, MemorySessionStore
+from asyncapy.adapters.memory import MemoryKeyStore, MemorySessionStore
 from asyncapy.testing.contracts import KeyStoreContract, SessionStoreContract
 
 
@@ -25,7 +25,7 @@ class TestMemoryKeyStore(KeyStoreContract):
 # -- beyond the contract: what only the in-memory adapters promise -------------------
 def test_memory_stores_run_without_an_event_loop():
     """Their coroutines never suspend, so synchronous code can drive them."""
-    from domain.ports import SessionRecord, run_to_completion
+    from asyncapy.domain.ports import SessionRecord, run_to_completion
 
     sessions = MemorySessionStore()
     record = SessionRecord("id-1", "198.51.100.1", 1.0)
@@ -41,7 +41,7 @@ def test_memory_stores_run_without_an_event_loop():
 
 async def test_memory_session_store_forgets_addresses_without_sessions():
     """A long-running server sees many addresses: empty ones must not accumulate."""
-    from domain.ports import SessionRecord
+    from asyncapy.domain.ports import SessionRecord
 
     store = MemorySessionStore()
     records = [SessionRecord(f"id-{n}", f"198.51.100.{n}", float(n)) for n in range(50)]

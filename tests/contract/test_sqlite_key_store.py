@@ -25,7 +25,7 @@ from asyncapy import APIKeyFactory, Packet, Server
 from asyncapy.client import AsyncClient
 from asyncapy.filters import Filters
 from asyncapy.testing.contracts import KeyStoreContract
-from domain.errors import StoreUnavailable
+from asyncapy.domain.errors import StoreUnavailable
 from examples.sqlite_keystore import SQLiteKeyStore
 from tests.conftest import serving
 

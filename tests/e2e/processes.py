@@ -34,15 +34,19 @@ WORKER_SERVING = re.compile(r"Worker (\d+) \(pid (\d+)\) serving")
 
 
 class Running:
-    """One ``asyncapy`` command line, run from the repository root, output collected."""
+    """One ``asyncapy`` command line, run from the repository root (or ``cwd``), output collected."""
 
     def __init__(
-        self, command: Sequence[str], env: Optional[dict] = None, new_session: bool = False
+        self,
+        command: Sequence[str],
+        env: Optional[dict] = None,
+        new_session: bool = False,
+        cwd: Optional[Path] = None,
     ) -> None:
         self.command = list(command)
         self.process = subprocess.Popen(
             self.command,
-            cwd=ROOT,
+            cwd=cwd or ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

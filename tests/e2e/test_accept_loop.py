@@ -11,8 +11,8 @@ import pytest
 import trio
 
 from asyncapy.server import ACCEPT_RETRY_SECONDS
-from domain.ports import SessionRecord
-from adapters.memory import MemorySessionStore
+from asyncapy.domain.ports import SessionRecord
+from asyncapy.adapters.memory import MemorySessionStore
 from tests.conftest import serving
 
 from .wire import Wire

@@ -62,9 +62,12 @@ def test_the_dockerfile_installs_the_package_from_python_3_11_slim():
     instructions = " ".join(line[:-1] if line.endswith("\\") else line + "\n" for line in lines).splitlines()
     instructions = [" ".join(line.split()) for line in instructions]
     assert instructions[0] == "FROM python:3.11-slim"
-    assert any(re.match(r"RUN .*\bpip install \.( |$)", line) for line in instructions)
+    # Installed from a folder apart from the working directory, then removed, so that
+    # no source folder named asyncapy shadows the installed package at run time.
+    assert any(re.match(r"RUN .*\bpip install /src( |$).*\brm -rf .*/src\b", line) for line in instructions)
+    assert "/app" not in " ".join(line for line in instructions if line.startswith("COPY") and "examples" not in line)
     # The accelerator is compiled in the image (a compiler only for the build).
-    assert any("gcc" in line and 'import domain._speedups' in line for line in instructions)
+    assert any("gcc" in line and 'import asyncapy.domain._speedups' in line for line in instructions)
     # What `asyncapy run` needs to import is in the image: the packages and examples.
     copied = " ".join(line for line in instructions if line.startswith("COPY"))
     for needed in ("pyproject.toml", "setup.py", "README.md", "asyncapy", "domain", "adapters", "examples"):

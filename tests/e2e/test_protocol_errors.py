@@ -14,7 +14,7 @@ import socket
 import pytest
 import trio
 
-from adapters.memory import MemorySessionStore
+from asyncapy.adapters.memory import MemorySessionStore
 from asyncapy import Filter
 from asyncapy.errors import StoreUnavailable
 from tests.conftest import serving

@@ -15,7 +15,7 @@ async def test_echo_round_trip():
 async def test_a_server_without_the_codec_accelerator_says_so_and_still_serves(
     make_server, monkeypatch, caplog
 ):
-    from domain import codecs
+    from asyncapy.domain import codecs
 
     server = make_server()
 

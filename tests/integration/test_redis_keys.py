@@ -19,7 +19,7 @@ import pytest
 import redis
 import trio
 
-from adapters.redis import DEFAULT_PREFIX, RedisKeyStore, connect
+from asyncapy.adapters.redis import DEFAULT_PREFIX, RedisKeyStore, connect
 from asyncapy import APIKeyFactory
 
 

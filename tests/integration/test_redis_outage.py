@@ -20,7 +20,7 @@ import redis
 import trio
 
 from asyncapy import APIKeyFactory, Filters, Packet
-from domain.errors import StoreUnavailable
+from asyncapy.domain.errors import StoreUnavailable
 from tests.conftest import serving
 from tests.e2e.wire import Wire, json_error
 

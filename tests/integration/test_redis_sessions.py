@@ -27,12 +27,12 @@ import pytest
 import redis
 import trio
 
-from adapters.memory import MemorySessionStore
-from adapters.redis import RedisSessionStore, connect
+from asyncapy.adapters.memory import MemorySessionStore
+from asyncapy.adapters.redis import RedisSessionStore, connect
 from asyncapy import Packet, Server
 from asyncapy.config import ConfigError, load_config
-from domain.errors import StoreUnavailable
-from domain.ports import SessionRecord
+from asyncapy.domain.errors import StoreUnavailable
+from asyncapy.domain.ports import SessionRecord
 from tests.conftest import serving
 from tests.e2e.wire import Wire
 

@@ -4,7 +4,7 @@ import pytest
 import trio
 
 from asyncapy.core import HOLD_LIMIT, Channel
-from domain.connection import Connection
+from asyncapy.domain.connection import Connection
 
 
 class RecordingStream(trio.abc.Stream):

@@ -10,8 +10,8 @@ import ziproto
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from domain.codecs import CODECS_BY_CODE, CODECS_BY_NAME, JSON, ZIPROTO, codec_named
-from domain.errors import CodecError
+from asyncapy.domain.codecs import CODECS_BY_CODE, CODECS_BY_NAME, JSON, ZIPROTO, codec_named
+from asyncapy.domain.errors import CodecError
 
 PROPERTY = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # Arbitrary bytes are cheap to draw and to refuse: many more of them.

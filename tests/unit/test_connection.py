@@ -6,9 +6,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from domain.codecs import JSON, ZIPROTO
-from domain.connection import NEED_DATA, Connection, ProtocolError, Request, error_payload
-from domain.errors import (
+from asyncapy.domain.codecs import JSON, ZIPROTO
+from asyncapy.domain.connection import NEED_DATA, Connection, ProtocolError, Request, error_payload
+from asyncapy.domain.errors import (
     ALL_CODES,
     ERR_HEADER_INVALID,
     ERR_INTERNAL,

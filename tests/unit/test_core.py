@@ -17,8 +17,8 @@ import pytest
 import asyncapy
 import asyncapy.core
 import asyncapy.errors
-import domain
-import domain.errors
+import asyncapy.domain
+import asyncapy.domain.errors
 from asyncapy.core import Handler, Packet, Session
 from asyncapy.errors import StopPropagation
 from asyncapy.filters import Filters
@@ -215,9 +215,9 @@ def test_0_5_imports():
 
 
 def test_errors_module():
-    assert asyncapy.errors.StopPropagation is domain.errors.StopPropagation
+    assert asyncapy.errors.StopPropagation is asyncapy.domain.errors.StopPropagation
     assert issubclass(StopPropagation, Exception)
-    codes = [name for name in dir(domain.errors) if name.startswith("ERR_")]
+    codes = [name for name in dir(asyncapy.domain.errors) if name.startswith("ERR_")]
     assert len(codes) == 7
     for name in codes:
         assert getattr(asyncapy.errors, name) == name, name
@@ -255,7 +255,7 @@ def _public_members(owner, module_name):
 
 def _undocumented():
     missing = []
-    for package in (asyncapy, domain):
+    for package in (asyncapy, asyncapy.domain):
         for module in _modules(package):
             if not (module.__doc__ or "").strip():
                 missing.append(module.__name__)

@@ -7,9 +7,9 @@ import functools
 import pytest
 import trio
 
-from domain.dispatch import Dispatcher, Handler, HandlerFailed
-from domain.errors import StopPropagation
-from domain.filtering import Filter
+from asyncapy.domain.dispatch import Dispatcher, Handler, HandlerFailed
+from asyncapy.domain.errors import StopPropagation
+from asyncapy.domain.filtering import Filter
 
 PACKET = {"foo": "bar"}
 

@@ -9,7 +9,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from domain.filtering import All, Any_, Filter, Not, evaluate
+from asyncapy.domain.filtering import All, Any_, Filter, Not, evaluate
 
 CLIENT, PACKET = object(), object()
 

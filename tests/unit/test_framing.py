@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from domain import framing
-from domain.errors import ERR_PACKET_TOO_LARGE, ERR_REQUEST_MALFORMED
-from domain.framing import NEED_DATA, Frame, Framer, FramingError
+from asyncapy.domain import framing
+from asyncapy.domain.errors import ERR_PACKET_TOO_LARGE, ERR_REQUEST_MALFORMED
+from asyncapy.domain.framing import NEED_DATA, Frame, Framer, FramingError
 
 LAYOUTS = list(itertools.product((2, 4, 8), ("big", "little")))
 layouts = pytest.mark.parametrize("header_size,byteorder", LAYOUTS)

@@ -8,8 +8,8 @@ import pytest
 
 from asyncapy import Server
 from asyncapy.testing import open_test_client
-from domain.codecs import JSON, ZIPROTO
-from domain.errors import CodecError
+from asyncapy.domain.codecs import JSON, ZIPROTO
+from asyncapy.domain.errors import CodecError
 from fuzz.campaign import Campaign
 
 

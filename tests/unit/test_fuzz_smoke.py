@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-import domain.connection
-from domain.codecs import JSON, ZIPROTO
-from domain.connection import Connection
-from domain.framing import Framer
+import asyncapy.domain.connection
+from asyncapy.domain.codecs import JSON, ZIPROTO
+from asyncapy.domain.connection import Connection
+from asyncapy.domain.framing import Framer
 from fuzz import campaign, oracle, seeds
 
 
@@ -69,7 +69,7 @@ def expect_finding(data: bytes, check: str) -> oracle.Finding:
 
 
 def test_it_catches_a_wrong_protocol_rule(monkeypatch):
-    monkeypatch.setattr(domain.connection, "PROTOCOL_VERSION", 23)
+    monkeypatch.setattr(asyncapy.domain.connection, "PROTOCOL_VERSION", 23)
     expect_finding(GOOD, "model")
 
 

@@ -21,8 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from domain.codecs import JSON, MAX_DEPTH, JsonCodec
-from domain.errors import CodecError
+from asyncapy.domain.codecs import JSON, MAX_DEPTH, JsonCodec
+from asyncapy.domain.errors import CodecError
 
 PURE = JsonCodec(pure=True)
 PROPERTY = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

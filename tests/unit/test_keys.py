@@ -10,7 +10,7 @@ import string
 
 import pytest
 
-from adapters.memory import MemoryKeyStore
+from asyncapy.adapters.memory import MemoryKeyStore
 from asyncapy.util import KEY_ALPHABET, APIKeyFactory, fingerprint
 
 URL_SAFE = re.compile(r"[A-Za-z0-9_-]+")

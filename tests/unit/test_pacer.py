@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from asyncapy.core import HOLD_LIMIT, Channel, Pacer
-from domain.connection import Connection
+from asyncapy.domain.connection import Connection
 
 
 async def tcp_pair(small: bool = False) -> tuple[trio.SocketStream, trio.SocketStream]:

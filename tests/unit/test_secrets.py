@@ -41,13 +41,13 @@ import trio
 import trustme
 
 import asyncapy.util
-from adapters.redis import RedisKeyStore
+from asyncapy.adapters.redis import RedisKeyStore
 from asyncapy import Filters, Server
 from asyncapy.client import AsyncClient, Client
 from asyncapy.errors import StoreUnavailable
 from asyncapy.testing import open_test_client
 from asyncapy.util import KEY_ALPHABET, APIKeyFactory, fingerprint
-from domain.ports import KeyStore
+from asyncapy.domain.ports import KeyStore
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 AUDITED = ("asyncapy", "adapters", "domain", "examples")

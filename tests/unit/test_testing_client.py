@@ -16,10 +16,10 @@ import textwrap
 import pytest
 import trio
 
-from adapters.memory import MemorySessionStore
+from asyncapy.adapters.memory import MemorySessionStore
 from asyncapy import Client, Filters, Packet, Server
 from asyncapy.testing import TestClient, open_test_client
-from domain.errors import StoreUnavailable
+from asyncapy.domain.errors import StoreUnavailable
 
 
 def failure(code: str) -> dict:

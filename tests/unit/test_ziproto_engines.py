@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from domain import codecs
-from domain.codecs import MAX_DEPTH, ZIPROTO, ZiProtoCodec
-from domain.errors import CodecError
+from asyncapy.domain import codecs
+from asyncapy.domain.codecs import MAX_DEPTH, ZIPROTO, ZiProtoCodec
+from asyncapy.domain.errors import CodecError
 
 from .test_codecs import INT_MIN, UINT_MAX, ziproto_maps, ziproto_values
 
@@ -31,7 +31,7 @@ FUZZ = settings(max_examples=3000, deadline=None)
 
 def test_the_accelerator_is_built():
     assert codecs.ACCELERATED and ZIPROTO.accelerated, (
-        "domain._speedups (the codecs' C accelerator) was not compiled: "
+        "asyncapy.domain._speedups (the codecs' C accelerator) was not compiled: "
         "install a C compiler and the Python headers (Debian: apt-get install gcc "
         "python3-dev), then reinstall (pip install -e .)"
     )
