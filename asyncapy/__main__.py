@@ -45,7 +45,10 @@ def load_app(spec: str) -> Server:
     return app
 
 
-_SERVER_FLAGS = ("host", "port", "store", "config", "certfile", "keyfile", "log_level")
+_SERVER_FLAGS = (
+    "host", "port", "store", "config", "certfile", "keyfile", "log_level",
+    "max_protocol_errors", "store_timeout",
+)
 """The ``run`` flags that shape the server, forwarded as they are to every worker."""
 
 
@@ -113,6 +116,20 @@ def _add_server_arguments(run: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--keyfile", metavar="FILE", help="PEM private key of --certfile (default: the app's keyfile)")
     run.add_argument(
+        "--max-protocol-errors",
+        type=int,
+        metavar="N",
+        help="close a session after N protocol errors in a row, 0 never (default: the "
+        "app's max_protocol_errors, 100 unless set)",
+    )
+    run.add_argument(
+        "--store-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="seconds the session store gets to admit a session before the client is "
+        "answered ERR_UNAVAILABLE (default: the app's store_timeout, 5 unless set)",
+    )
+    run.add_argument(
         "--log-level",
         metavar="LEVEL",
         help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default: the app's logging_level, INFO "
@@ -124,27 +141,38 @@ def _configure(args: argparse.Namespace) -> Server:
     """The app of ``args``, with the config file's and the flags' overrides applied."""
     app = load_app(args.app)
     overrides: dict = {}
+    sources: dict = {}
     if args.config:
-        overrides.update(load_config(args.config))
+        loaded = load_config(args.config)
+        overrides.update(loaded)
+        sources.update(dict.fromkeys(loaded, args.config))
     for flag, name in (
         ("host", "addr"),
         ("port", "port"),
         ("log_level", "logging_level"),
         ("store", "store"),
+        ("max_protocol_errors", "max_protocol_errors"),
+        ("store_timeout", "store_timeout"),
+        ("certfile", "certfile"),
+        ("keyfile", "keyfile"),
     ):
         value = getattr(args, flag)
-        if value is not None:
-            overrides[name] = validate(name, value, f"--{flag.replace('_', '-')}")
-    for flag in ("certfile", "keyfile"):
-        value = getattr(args, flag)
-        if value is not None:  # an absent flag keeps the app's (or the config's) file
-            overrides[flag] = validate(flag, value, f"--{flag}")
+        if value is not None:  # an absent flag keeps the app's (or the config's) value
+            source = f"--{flag.replace('_', '-')}"
+            overrides[name] = validate(name, value, source)
+            sources[name] = source
+    tls = {name: (overrides.pop(name), sources[name]) for name in _TLS_SETTINGS & overrides.keys()}
+    if tls and app._has_own_tls_context():
+        # An app that built its own ssl_context (client verification, say) must not
+        # lose it to a --certfile given for a certificate rotation: refused, naming
+        # both, before anything is changed.
+        app._use_tls_files(tls)
     for name, value in overrides.items():
         setattr(app, name, value)
-    if overrides.keys() & _TLS_SETTINGS:
+    if tls:
         # The files changed, from the flags or the config: the context must follow,
         # or the server would silently keep serving without (or with stale) TLS.
-        app.ssl_context = app._tls_from_files()
+        app._use_tls_files(tls)
     return app
 
 

@@ -227,6 +227,27 @@ SETTINGS: Mapping[str, Setting] = {
             _optional_number(0, False),
             _read_optional_number,
         ),
+        Setting(
+            "max_protocol_errors",
+            100,
+            "an integer of at least 0 (0 = never close for them)",
+            _integer(0),
+            _read_int,
+        ),
+        Setting(
+            "store_timeout",
+            5.0,
+            "a number of seconds greater than 0",
+            _number(0, False),
+            _read_number,
+        ),
+        Setting(
+            "session_limit_ipv6_prefix",
+            64,
+            "an integer from 0 to 128 (bits of an IPv6 address that name one client)",
+            _integer(0, 128),
+            _read_int,
+        ),
     )
 }
 """Every setting, by name: the constructor's parameters and the INI keys alike."""

@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - Windows has no open-file rlimit
     resource = None  # type: ignore[assignment]
 
 from asyncapy.domain import codecs
+from asyncapy.domain.addresses import session_group
 from asyncapy.domain.codecs import JSON, codec_named
 from asyncapy.domain.connection import NEED_DATA, Connection, ProtocolError, Request, error_payload
 from asyncapy.domain.dispatch import Dispatcher, Handler, HandlerFailed
@@ -55,6 +56,28 @@ logger = logging.getLogger("asyncapy.server")
 
 LINGER_SECONDS = 2.0
 """How long a refused connection is drained after its error reply, at most."""
+
+MAX_LINGERING = 256
+"""Refused connections (past ``session_limit`` or ``max_connections``, or with the store
+unavailable) closing lingering at once, at most. They hold no ``max_connections`` slot,
+so a flood of them from one address cannot lock other addresses out; this bounds the
+descriptors they hold instead. Past it, a refused connection gets its reply and is
+closed at once (a client still sending may then see a reset instead of the reply)."""
+
+LOG_BURST = 10
+"""Protocol-error warnings (and, apart, handler tracebacks) one session logs per
+:data:`LOG_INTERVAL`; the rest are counted, and the count is logged with the next
+line let through, or when the session ends."""
+
+LOG_INTERVAL = 10.0
+"""Seconds of the window :data:`LOG_BURST` counts lines in."""
+
+REFUSED_LOG_INTERVAL = 1.0
+"""Seconds between two log lines about connections refused for ``session_limit`` or
+for an unavailable store (each kind apart); the lines carry the count of those not
+logged."""
+
+_TLS_FILES = ("certfile", "keyfile", "cafile")
 
 FD_MARGIN = 100
 """File descriptors a server process needs beside its connections (listeners, the
@@ -127,6 +150,22 @@ class Server:
         gets ``ERR_INTERNAL``; the session goes on. A handler cancelled in the middle
         of writing a reply leaves the stream in an unknown state: that session is
         closed instead.
+    :param max_protocol_errors: protocol errors in a row (packets answered with an
+        error reply, with no valid packet between them) after which a session is
+        closed (100; 0: never). The last one's reply is sent first.
+    :param store_timeout: seconds the session store gets to admit (or release) a
+        session (5). An admission it does not answer in time is answered
+        ``ERR_UNAVAILABLE`` and the connection closed, as when the store is down.
+    :param session_limit_ipv6_prefix: leading bits of an IPv6 address that
+        ``session_limit`` counts as one client (64: a /64, what one host is
+        typically given; 128: each address alone). IPv4 clients are counted by
+        address. Handlers still see each client's own address.
+
+    ``ssl_context`` and the certificate settings (``certfile``, ``keyfile``,
+    ``cafile``, from the arguments, a config file or ``asyncapy run``'s flags) are
+    exclusive: combining them is a :class:`~asyncapy.config.ConfigError` naming
+    both, because the files would replace the context and everything it requires
+    (client certificates above all) without a word.
     """
 
     def __init__(
@@ -155,6 +194,9 @@ class Server:
         session_lease: float = 30.0,
         max_connections: int = SETTINGS["max_connections"].default,
         handler_timeout: Optional[float] = SETTINGS["handler_timeout"].default,
+        max_protocol_errors: int = SETTINGS["max_protocol_errors"].default,
+        store_timeout: float = SETTINGS["store_timeout"].default,
+        session_limit_ipv6_prefix: int = SETTINGS["session_limit_ipv6_prefix"].default,
     ) -> None:
         given = dict(
             addr=addr,
@@ -176,14 +218,21 @@ class Server:
             session_lease=session_lease,
             max_connections=max_connections,
             handler_timeout=handler_timeout,
+            max_protocol_errors=max_protocol_errors,
+            store_timeout=store_timeout,
+            session_limit_ipv6_prefix=session_limit_ipv6_prefix,
         )
         if not isinstance(store, SessionStore):
             given["store"] = store
         settings = {name: validate(name, value) for name, value in given.items()}
         if cfg_parser is not None and not isinstance(cfg_parser, configparser.RawConfigParser):
             raise ConfigError("cfg_parser", cfg_parser, "a configparser.ConfigParser or None")
+        tls_sources = {name: "Server()" for name in _TLS_FILES if settings[name] is not None}
         if config is not None or cfg_parser is not None:
-            settings.update(load_config(config, cfg_parser))
+            loaded = load_config(config, cfg_parser)
+            settings.update(loaded)
+            source = os.fspath(config) if config is not None else "the config parser"
+            tls_sources.update((name, source) for name in _TLS_FILES if name in loaded)
         self.config = config
         self.addr: str = settings["addr"]
         self.port: int = settings["port"]
@@ -203,12 +252,24 @@ class Server:
         self.shutdown_grace: float = settings["shutdown_grace"]
         self.max_connections: int = settings["max_connections"]
         self.handler_timeout: Optional[float] = settings["handler_timeout"]
+        self.max_protocol_errors: int = settings["max_protocol_errors"]
+        self.store_timeout: float = settings["store_timeout"]
+        self.session_limit_ipv6_prefix: int = settings["session_limit_ipv6_prefix"]
         self._store_spec: Union[None, str, SessionStore] = None
         self.session_lease = settings["session_lease"]
 
         if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
             raise ConfigError("ssl_context", ssl_context, "an ssl.SSLContext or None")
-        self.ssl_context: Optional[ssl.SSLContext] = ssl_context or self._tls_from_files()
+        self._files_context: Optional[ssl.SSLContext] = None
+        """The context built from the certificate files, if that is where
+        :attr:`ssl_context` came from (any other context is the application's own)."""
+        self.ssl_context: Optional[ssl.SSLContext] = ssl_context
+        if ssl_context is not None:
+            for name in _TLS_FILES:
+                if settings[name] is not None:
+                    raise tls_conflict(name, settings[name], tls_sources[name])
+        else:
+            self._use_tls_files()
         self.store = settings.get("store", store)
 
         self.server_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -225,6 +286,10 @@ class Server:
         """Connections accepted and being served (refused ones not counted)."""
         self._refusals_unlogged = 0
         self._refusal_logged_at = -math.inf
+        self._lingering = 0
+        """Refused connections closing lingering now (at most :data:`MAX_LINGERING`)."""
+        self._limit_log = _LogLimit(1, REFUSED_LOG_INTERVAL)
+        self._unavailable_log = _LogLimit(1, REFUSED_LOG_INTERVAL)
 
     # -- the session store ------------------------------------------------------------
     # Properties, so that assigning a URL (as `asyncapy run --config` and load_config()
@@ -255,6 +320,26 @@ class Server:
             self._store = open_session_store(spec, self._session_lease)  # the new lease
 
     # -- configuration helpers -------------------------------------------------------
+    def _has_own_tls_context(self) -> bool:
+        """True when :attr:`ssl_context` is the application's, not built from the files."""
+        return self.ssl_context is not None and self.ssl_context is not self._files_context
+
+    def _use_tls_files(self, sources: Optional[dict] = None) -> None:
+        """Serve TLS as the certificate settings say (or plain TCP without them).
+
+        ``sources`` maps the file settings that just changed to where they came
+        from (``'--certfile'``, a config file's path): if the application built its
+        own :attr:`ssl_context`, changing them is refused with a
+        :class:`~asyncapy.config.ConfigError` naming both (:func:`tls_conflict`),
+        before anything is changed."""
+        if sources and self._has_own_tls_context():
+            name = next(name for name in _TLS_FILES if name in sources)
+            raise tls_conflict(name, sources[name][0], sources[name][1])
+        if sources:
+            for name, (value, _) in sources.items():
+                setattr(self, name, value)
+        self.ssl_context = self._files_context = self._tls_from_files()
+
     def _tls_from_files(self) -> Optional[ssl.SSLContext]:
         if self.certfile is None:
             if self.keyfile is not None or self.cafile is not None:
@@ -279,10 +364,14 @@ class Server:
     def load_config(self) -> None:
         """Re-read :attr:`config` and apply it (0.5 API; the constructor already does)."""
         values = load_config(self.config)
+        source = os.fspath(self.config) if self.config is not None else "the config parser"
+        tls = {name: (values.pop(name), source) for name in _TLS_FILES if name in values}
+        if tls and self._has_own_tls_context():
+            self._use_tls_files(tls)  # raises, before any setting is changed
         for name, value in values.items():
             setattr(self, name, value)
-        if values.keys() & {"certfile", "keyfile", "cafile"}:
-            self.ssl_context = self._tls_from_files()
+        if tls:
+            self._use_tls_files(tls)
 
     # -- registration ----------------------------------------------------------------
     def register_handler(self, handler: Callable, *filters: Any, group: int = 0) -> Handler:
@@ -479,6 +568,13 @@ class Server:
         finally:
             if self._refusals_unlogged:
                 self._log_refusals("")
+            for log, what in (
+                (self._limit_log, "refused for session_limit"),
+                (self._unavailable_log, "refused with the session store unavailable"),
+            ):
+                if log.suppressed:
+                    logger.warning("%d more connection(s) %s, not logged", log.suppressed, what)
+                    log.suppressed = 0
             with trio.CancelScope(shield=True):
                 try:
                     await self.shutdown()
@@ -588,16 +684,46 @@ class Server:
             except OSError:
                 return  # the client is gone already
             self._connections += 1
+            held = True
+
+            def release_slot() -> None:
+                # Refused after all (session_limit, store): its lingering close must
+                # not hold a max_connections slot, or refusals of one address would
+                # lock out every other.
+                nonlocal held
+                if held:
+                    held = False
+                    self._connections -= 1
+
             try:
-                await self._serve_stream(stream, address)
+                if type(stream) is trio.SSLStream and not await self._handshake(stream, address):
+                    return
+                await self._serve_stream(stream, address, release_slot=release_slot)
             finally:
-                self._connections -= 1
+                release_slot()
         finally:
             sock = _sockio.raw_socket_of(stream)
             if sock is not None:
                 sock.close()  # plain TCP: idempotent and immediate, no checkpoint
             else:
                 await trio.aclose_forcefully(stream)
+
+    async def _handshake(self, stream: trio.SSLStream, address: str) -> bool:
+        """Complete the TLS handshake of a new connection within :attr:`timeout`;
+        False (logged) if it failed or did not finish in time.
+
+        Before admission, so a client that never finishes its handshake, or fails
+        mutual TLS, takes no ``session_limit`` slot and causes no store write."""
+        reason = f"not finished within timeout ({self.timeout}s)"
+        with trio.move_on_after(self.timeout):
+            try:
+                await stream.do_handshake()
+                return True
+            except _READ_ERRORS as exc:
+                cause = exc.__cause__ or exc
+                reason = str(cause) or type(cause).__name__
+        logger.info("TLS handshake with %s failed: %s", address, reason)
+        return False
 
     async def _refuse_connection(self, stream: trio.abc.Stream) -> None:
         """Close a connection past :attr:`max_connections` at once: no session, no store,
@@ -612,7 +738,7 @@ class Server:
             except OSError:
                 address = "a client gone already"
             self._log_refusals(f": refused a connection from {address}")
-        await _linger_close(_transport_of(stream), b"")
+        await self._close_refused(_transport_of(stream), b"")
 
     def _log_refusals(self, latest: str) -> None:
         count = self._refusals_unlogged
@@ -626,7 +752,12 @@ class Server:
         self._refusal_logged_at = time.monotonic()
 
     async def _serve_stream(
-        self, stream: trio.abc.Stream, address: str, *, task_status: Any = trio.TASK_STATUS_IGNORED
+        self,
+        stream: trio.abc.Stream,
+        address: str,
+        *,
+        release_slot: Callable[[], None] = lambda: None,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve one session on ``stream``, a connection from ``address``: admission,
         the session, its release. Every session takes this one path: the accept loop's
@@ -637,29 +768,56 @@ class Server:
         admitted session is registered by then), so ``await nursery.start(...)``
         returns once the session counts towards ``session_limit`` and
         :meth:`~asyncapy.core.Client.get_sessions`.
+
+        ``release_slot`` is called when the connection is refused, before its
+        lingering close: the accept loop's frees the ``max_connections`` slot.
+
+        The store gets :attr:`store_timeout` seconds to answer the admission; past
+        them, or when it fails, the client is answered ``ERR_UNAVAILABLE``.
         """
         session_id = uuid.uuid4()
-        record = SessionRecord(str(session_id), address, time.time(), self.server_id)
-        try:
-            admitted = await self.store.admit(record, self.session_limit)
-        except StoreUnavailable as exc:
-            logger.error("(%s) Session store unavailable, refusing %s: %s", session_id, address, exc)
+        group = session_group(address, self.session_limit_ipv6_prefix)
+        record = SessionRecord(str(session_id), group, time.time(), self.server_id)
+        admitted = False
+        failure: Optional[str] = None
+        traceback = False
+        with trio.move_on_after(self.store_timeout) as deadline:
+            try:
+                admitted = await self.store.admit(record, self.session_limit)
+            except StoreUnavailable as exc:
+                failure = str(exc)
+            except Exception:
+                failure = "the store failed"
+                traceback = True
+        if deadline.cancelled_caught:
+            failure = f"no answer within store_timeout ({self.store_timeout}s)"
+        if failure is not None:
+            log = self._unavailable_log
+            if log.allow():
+                logger.error(
+                    "(%s) Session store unavailable, refusing %s: %s%s",
+                    session_id,
+                    address,
+                    failure,
+                    log.take_suppressed("refused alike"),
+                    exc_info=traceback,
+                )
             task_status.started(False)
-            await self._refuse(stream, ERR_UNAVAILABLE)
-            return
-        except Exception:
-            logger.error("(%s) Session store failed; refusing %s", session_id, address, exc_info=True)
-            task_status.started(False)
+            release_slot()
             await self._refuse(stream, ERR_UNAVAILABLE)
             return
         if not admitted:
-            logger.warning(
-                "(%s) %s already holds %d session(s): limit reached",
-                session_id,
-                address,
-                self.session_limit,
-            )
+            log = self._limit_log
+            if log.allow():
+                logger.warning(
+                    "(%s) %s already holds %d session(s): limit reached%s",
+                    session_id,
+                    address if group == address else f"{address} (as {group})",
+                    self.session_limit,
+                    log.take_suppressed("refused for session_limit"),
+                )
             task_status.started(False)
+            release_slot()
             await self._refuse(stream, ERR_SESSION_LIMIT_REACHED)
             return
         channel = self._new_channel(stream)
@@ -683,12 +841,22 @@ class Server:
             raise
         finally:
             self._idle_states.pop(record.session_id, None)
+            if state.logs is not None:
+                state.logs.report(session_id)
             with trio.CancelScope(shield=True):
                 await channel.aclose()
-                try:
-                    await self.store.release(record)
-                except Exception:
-                    logger.warning("(%s) Could not release the session in the store", session_id, exc_info=True)
+                with trio.move_on_after(self.store_timeout) as deadline:
+                    try:
+                        await self.store.release(record)
+                    except Exception:
+                        logger.warning("(%s) Could not release the session in the store", session_id, exc_info=True)
+                if deadline.cancelled_caught:
+                    logger.warning(
+                        "(%s) The session store did not release the session within "
+                        "store_timeout (%ss); its lease expires by itself",
+                        session_id,
+                        self.store_timeout,
+                    )
             del self._sessions[record.session_id]
             logger.info("(%s) Session ended: %s", session_id, reason)
             if type(self).session_ended is not Server.session_ended:
@@ -717,6 +885,8 @@ class Server:
         # or when the session's writes have been blocked for ``timeout`` (state.stuck).
         # A handler that is neither waiting nor writing is never cancelled here.
         first_read = True
+        errors = 0  # protocol errors in a row (reset by every request)
+        max_errors = self.max_protocol_errors
         with state.scope:
             event = connection.next_event()
             while True:
@@ -761,6 +931,7 @@ class Server:
                 # write them together once the batch is handled.
                 more = channel.holding = framer.complete_buffered()
                 if type(event) is Request:
+                    errors = 0
                     codec = event.codec
                     client.encoding = codec.name
                     if debug:
@@ -771,28 +942,54 @@ class Server:
                         cause = failure.__cause__
                         if isinstance(cause, _READ_ERRORS):
                             return "connection lost while replying"
-                        logger.error("(%s) %s", session_id, failure, exc_info=cause)
+                        logs = state.logs or state.start_logs()
+                        if logs.failures.allow():
+                            logger.error(
+                                "(%s) %s%s",
+                                session_id,
+                                failure,
+                                logs.failures.take_suppressed("handler failures not logged"),
+                                exc_info=cause,
+                            )
                         if not channel.closed:
                             await channel.send(connection.error_bytes(ERR_INTERNAL))
                     if channel.closed:
                         return "closed by a handler"
                 else:
                     assert type(event) is ProtocolError
-                    logger.warning("(%s) %s: %s", session_id, event.code, event.detail)
+                    errors += 1
+                    logs = state.logs or state.start_logs()
+                    if logs.errors.allow():
+                        logger.warning(
+                            "(%s) %s: %s%s",
+                            session_id,
+                            event.code,
+                            event.detail,
+                            logs.errors.take_suppressed("protocol errors not logged"),
+                        )
                     reply = connection.error_bytes(event.code, event.codec)
-                    if event.close:
+                    close = event.close
+                    if errors == max_errors:
+                        logger.warning(
+                            "(%s) %d protocol errors in a row (max_protocol_errors): "
+                            "closing the session",
+                            session_id,
+                            errors,
+                        )
+                        close = True
+                    if close:
                         if channel.writing or channel.interrupted:
                             # A deferred reply is still being written (or was cut
                             # short): the error reply cannot follow it on the wire.
                             channel.closed = True
                             await trio.aclose_forcefully(stream)
-                            return event.code
+                            return event.code if event.close else "too many protocol errors"
                         # Framing is lost: the client may still be sending the rest of
                         # the packet, so close lingering or the reply dies in a reset.
                         reply = channel.take_pending() + reply
                         channel.closed = True
                         await _linger_close(stream, reply)
-                        return event.code
+                        return event.code if event.close else "too many protocol errors"
                     await channel.send(reply)
                 # The idle clock starts once the packet is handled, not when it
                 # arrived: a handler slower than ``timeout`` must not time out the
@@ -923,10 +1120,29 @@ class Server:
         data = Framer(self.header_size, self.byteorder, self.max_packet_size).frame(
             JSON.encode(error_payload(code)), JSON.code
         )
-        await _linger_close(stream, data)
+        await self._close_refused(stream, data)
+
+    async def _close_refused(self, stream: trio.abc.Stream, data: bytes) -> None:
+        """Send ``data`` to a refused connection and close it lingering, unless
+        :data:`MAX_LINGERING` refused connections linger already: then send and let
+        the caller close it at once. Refused connections hold no ``max_connections``
+        slot, so this is what bounds the descriptors a flood of them holds."""
+        if self._lingering >= MAX_LINGERING:
+            with trio.move_on_after(LINGER_SECONDS):
+                try:
+                    if data:
+                        await stream.send_all(data)
+                except _READ_ERRORS:
+                    pass
+            return
+        self._lingering += 1
+        try:
+            await _linger_close(stream, data)
+        finally:
+            self._lingering -= 1
 
     async def _sessions_of(self, address: str) -> list[Session]:
-        records = await self.store.sessions(address)
+        records = await self.store.sessions(session_group(address, self.session_limit_ipv6_prefix))
         local = self._sessions
         return [
             local.get(r.session_id)
@@ -951,6 +1167,28 @@ async def bind_listeners(addr: str, port: int) -> list[trio.SocketListener]:
         raise OSError(exc.errno, f"cannot listen on {addr}:{port}: {exc.strerror or exc}") from exc
 
 
+def tls_conflict(name: str, value: Any, source: str) -> ConfigError:
+    """The error for certificate setting ``name`` (from ``source``: ``'Server()'``,
+    ``'--certfile'``, a config file's path) given to a server whose application built
+    its own ``ssl_context``.
+
+    An error rather than one of the two winning: the files would replace the
+    context, and with it whatever else it required (client certificates, pinned
+    versions or ciphers), which is how a certificate rotation on the command line
+    once turned mutual TLS off without a word; and the context winning would ignore
+    the new certificate just as silently."""
+    return ConfigError(
+        name,
+        value,
+        "nothing, since the application passes its own Server(ssl_context=...): the "
+        "certificate settings (certfile, keyfile, cafile) would replace that context and "
+        "what it requires (client certificates included). Load the new certificate into "
+        "the application's context (ssl_context.load_cert_chain), or configure TLS with "
+        "certfile, keyfile and cafile only, without ssl_context",
+        source,
+    )
+
+
 def _listener_of(sock: socket.socket) -> trio.SocketListener:
     """A trio listener accepting on ``sock``, an already listening stdlib socket."""
     if sock.type != socket.SOCK_STREAM:
@@ -963,6 +1201,7 @@ class _Idle:
 
     __slots__ = (
         "scope", "cancelled", "waiting", "last_active", "channel", "writing_seen", "written_seen", "stuck",
+        "logs",
     )
 
     def __init__(self, now: float, channel: Channel) -> None:
@@ -982,11 +1221,81 @@ class _Idle:
         """``channel.written`` at the last look that found a write going on."""
         self.stuck = False
         """Set by the reaper when it cancels the session for a write that never ends."""
+        self.logs: Optional[_SessionLogs] = None
+        """The session's log rate limits, made on its first error (see :meth:`start_logs`)."""
+
+    def start_logs(self) -> "_SessionLogs":
+        """The session's log rate limits, made now: a session that never errs pays
+        nothing for them."""
+        self.logs = _SessionLogs()
+        return self.logs
 
     def cancel(self) -> None:
         """Cancel the session's scope (the reaper's and the shutdown's way)."""
         self.cancelled = True
         self.scope.cancel()
+
+
+class _LogLimit:
+    """At most ``burst`` log lines per ``interval`` seconds; the rest are counted.
+
+    Used on error paths only. A fixed window: the first ``burst`` lines of each
+    window are let through (:meth:`allow` is True), the others counted in
+    :attr:`suppressed`, which the next line let through reports
+    (:meth:`take_suppressed`), and which whoever owns the limit reports when it is
+    done with it."""
+
+    __slots__ = ("burst", "interval", "window_start", "used", "suppressed")
+
+    def __init__(self, burst: int, interval: float) -> None:
+        self.burst = burst
+        self.interval = interval
+        self.window_start = -math.inf
+        self.used = 0
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        """True if a line may be logged now; else the line is counted as suppressed."""
+        now = time.monotonic()
+        if now - self.window_start >= self.interval:
+            self.window_start = now
+            self.used = 0
+        if self.used < self.burst:
+            self.used += 1
+            return True
+        self.suppressed += 1
+        return False
+
+    def take_suppressed(self, what: str) -> str:
+        """``' (N more WHAT since)'`` for the suppressed lines, then forget them; ``''``
+        if there were none."""
+        count = self.suppressed
+        if not count:
+            return ""
+        self.suppressed = 0
+        return f" ({count} more {what} since)"
+
+
+class _SessionLogs:
+    """One session's log rate limits: protocol-error warnings and handler tracebacks,
+    :data:`LOG_BURST` of each per :data:`LOG_INTERVAL`. A client that sends garbage
+    (or trips a handler) in a loop would otherwise write megabytes of log a second."""
+
+    __slots__ = ("errors", "failures")
+
+    def __init__(self) -> None:
+        self.errors = _LogLimit(LOG_BURST, LOG_INTERVAL)
+        self.failures = _LogLimit(LOG_BURST, LOG_INTERVAL)
+
+    def report(self, session_id: Any) -> None:
+        """Log what was suppressed and never reported, once the session ends."""
+        if self.errors.suppressed or self.failures.suppressed:
+            logger.warning(
+                "(%s) Not logged (rate limit): %d protocol error(s), %d handler failure(s)",
+                session_id,
+                self.errors.suppressed,
+                self.failures.suppressed,
+            )
 
 
 def raise_open_file_limit() -> Optional[int]:

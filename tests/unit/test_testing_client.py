@@ -222,13 +222,22 @@ async def test_an_ipv4_mapped_address_is_seen_as_ipv4():
         assert await client.request({}) == {"allowed": "10.1.2.3"}
 
 
-async def test_the_session_store_sees_the_address():
+async def test_the_session_store_sees_the_address_group():
+    """The store counts an IPv6 client under its /64 (session_limit_ipv6_prefix), and
+    an IPv4 one under its own address; the handlers see the address itself."""
     server = echo_server()
+    async with open_test_client(server, address="2001:db8::9") as client:
+        await client.connect()
+        records = await server.store.sessions("2001:db8::/64")
+        assert [r.address for r in records] == ["2001:db8::/64"]
+        assert await server.store.sessions("2001:db8::9") == []
+        assert await server.store.sessions("127.0.0.1") == []
+    server = echo_server()
+    server.session_limit_ipv6_prefix = 128
     async with open_test_client(server, address="2001:db8::9") as client:
         await client.connect()
         records = await server.store.sessions("2001:db8::9")
         assert [r.address for r in records] == ["2001:db8::9"]
-        assert await server.store.sessions("127.0.0.1") == []
 
 
 async def test_an_address_that_is_not_a_string_is_refused_at_once():
