@@ -182,7 +182,7 @@ def test_run_with_certfile_beside_the_apps_ssl_context_is_an_error(mutual_app, t
     )
     err = capsys.readouterr().err
     assert status == 2
-    assert err.startswith("asyncapy: invalid certfile from --certfile") or "--certfile" in err, err
+    assert err.startswith(f"asyncapy: invalid certfile in --certfile: {tls_files['certfile']!r}"), err
     assert "ssl_context" in err and "client certificates" in err
     assert err.count("\n") == 1  # one line, no traceback
 
