@@ -123,7 +123,8 @@ class Server:
         parameters (same key names, plus ``encoding``). Unknown keys are an error.
     :param cfg_parser: a :class:`configparser.ConfigParser` to read the config with
         (already loaded, if ``config`` is None).
-    :param session_limit: live sessions one client address may hold (0 = unlimited).
+    :param session_limit: live sessions one client may hold (0 = unlimited): an IPv4
+        address, or an IPv6 prefix of ``session_limit_ipv6_prefix`` bits.
 
     :param max_packet_size: largest Content-Length accepted (16 MiB). A larger one is
         answered ``ERR_PACKET_TOO_LARGE`` from the header alone, and the session closed.
