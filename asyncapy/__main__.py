@@ -25,6 +25,7 @@ from .cli import CommandError, HelpFormatter, OneLineParser, import_object
 from .cli import keys as keys_command
 from .cli import send as send_command
 from .config import ConfigError, load_config, validate
+from .logs import configure_server_logging
 from .server import Server
 from .workers import WORKER_COMMAND, run_worker, supervise
 
@@ -47,9 +48,11 @@ def load_app(spec: str) -> Server:
 
 _SERVER_FLAGS = (
     "host", "port", "store", "config", "certfile", "keyfile", "log_level",
-    "max_protocol_errors", "store_timeout",
+    "max_protocol_errors", "store_timeout", "log_format",
 )
-"""The ``run`` flags that shape the server, forwarded as they are to every worker."""
+"""The ``run`` flags that shape the server, forwarded as they are to every worker.
+Not ``--metrics-port`` and ``--metrics-host``: with workers, the supervisor serves the
+metrics of them all (see :mod:`asyncapy.worker_metrics`)."""
 
 
 _EPILOG = """\
@@ -135,6 +138,25 @@ def _add_server_arguments(run: argparse.ArgumentParser) -> None:
         help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default: the app's logging_level, INFO "
         "unless set)",
     )
+    run.add_argument(
+        "--log-format",
+        metavar="FORMAT",
+        help="text (the console_format) or json (one JSON object a line) (default: the "
+        "app's log_format, text unless set)",
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve /metrics, /healthz and /readyz over HTTP on this port (default: the "
+        "app's metrics_port; none unless set)",
+    )
+    run.add_argument(
+        "--metrics-host",
+        metavar="HOST",
+        help="address the metrics port binds (default: the app's metrics_host, 127.0.0.1 "
+        "unless set)",
+    )
 
 
 def _configure(args: argparse.Namespace) -> Server:
@@ -155,6 +177,9 @@ def _configure(args: argparse.Namespace) -> Server:
         ("store_timeout", "store_timeout"),
         ("certfile", "certfile"),
         ("keyfile", "keyfile"),
+        ("log_format", "log_format"),
+        ("metrics_port", "metrics_port"),
+        ("metrics_host", "metrics_host"),
     ):
         value = getattr(args, flag)
         if value is not None:  # an absent flag keeps the app's (or the config's) value
@@ -192,6 +217,7 @@ def _run(args: argparse.Namespace) -> int:
     if workers < 1:
         raise ConfigError("workers", workers, "an integer of at least 1", "--workers")
     if workers == 1:
+        configure_server_logging(app)  # the log format too (--log-format)
         app.start()
         return 0
     if app.session_limit > 0 and isinstance(app.store, MemorySessionStore):

@@ -77,6 +77,10 @@ def _optional_number(low: float, inclusive: bool) -> Callable[[Any], Optional[fl
     return check
 
 
+def _optional_port(value: Any) -> Optional[int]:
+    return None if value is None else _integer(0, 65535)(value)
+
+
 def _choice(*choices: Any) -> Callable[[Any], Any]:
     def check(value: Any) -> Any:
         # Same type too: 4.0 == 4 and True == 1, but a float header size is no size.
@@ -154,6 +158,10 @@ def _read_text(text: str) -> str:
 
 def _read_optional(text: str) -> Optional[str]:
     return text or None
+
+
+def _read_optional_int(text: str) -> Any:
+    return _read_int(text) if text else None
 
 
 SETTINGS: Mapping[str, Setting] = {
@@ -247,6 +255,27 @@ SETTINGS: Mapping[str, Setting] = {
             "an integer from 0 to 128 (bits of an IPv6 address that name one client)",
             _integer(0, 128),
             _read_int,
+        ),
+        Setting(
+            "log_format",
+            "text",
+            "'text' (console_format) or 'json' (one JSON object a line)",
+            _choice("text", "json"),
+            _read_text,
+        ),
+        Setting(
+            "metrics_port",
+            None,
+            "an integer from 0 to 65535 (0: any free port), or nothing (no metrics endpoint)",
+            _optional_port,
+            _read_optional_int,
+        ),
+        Setting(
+            "metrics_host",
+            "127.0.0.1",
+            "a non-empty host name or IP address",
+            _text,
+            _read_text,
         ),
     )
 }

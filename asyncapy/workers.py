@@ -30,6 +30,14 @@ Signals
     group, and a worker that saw that SIGINT and then the forwarded SIGTERM would take
     the second signal for an order to stop *now*.
 
+Metrics and probes
+    With a ``metrics_port`` (``--metrics-port``), the supervisor serves ``/metrics``,
+    ``/healthz`` and ``/readyz`` (:mod:`asyncapy.probes`), and the workers do not:
+    one scrape gives the sum of every worker's counts, which each worker publishes
+    to a directory the supervisor reads (:mod:`asyncapy.worker_metrics`). The
+    supervisor is ready while it listens, is not stopping, at least one worker
+    serves, and the session store answers.
+
 Crashes
     A worker that exits while nobody asked it to (a non-zero status, a signal) is
     logged and started again, after a delay that doubles with each recent crash of its
@@ -50,6 +58,11 @@ from typing import Any, Optional, Sequence
 import attrs
 import trio
 
+from . import worker_metrics
+from .logs import configure_server_logging
+from .metered import metered_session_store
+from .metrics import Recorder
+from .probes import ProbeServer, Readiness
 from .server import Server, _format_address, _sockname, bind_listeners
 
 __all__ = ["RestartPolicy", "Supervisor", "supervise", "run_worker", "describe_store"]
@@ -118,6 +131,12 @@ class Supervisor:
         self._spawning = 0
         self._stopping: Optional[trio.Event] = None
         self._forced = False
+        self._serving: set[int] = set()  # pids of the workers that said they serve
+        self._metrics: Optional[worker_metrics.WorkersExposition] = None
+        self._environment: Optional[dict] = None
+        self.probes: Optional[ProbeServer] = None
+        """The metrics and probes endpoint, when ``app.metrics_port`` is set."""
+        self._metrics_directory: Optional[worker_metrics.MetricsDirectory] = None
 
     async def run(self) -> int:
         """Bind, start the workers, keep them running until a signal; the exit status.
@@ -129,6 +148,8 @@ class Supervisor:
         self._listeners = await bind_listeners(self.app.addr, self.app.port)
         try:
             self.addresses = [_sockname(listener) for listener in self._listeners]
+            if getattr(self.app, "metrics_port", None) is not None:
+                await self._bind_metrics()
             logger.info(
                 "AsyncAPY serving on %s (%s) with %d worker processes, sessions in %s",
                 ", ".join(_format_address(a) for a in self.addresses),
@@ -139,14 +160,41 @@ class Supervisor:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_signals, signals)
+                    if self.probes is not None:
+                        nursery.start_soon(self.probes.serve)
                     async with trio.open_nursery() as slots:
                         for index in range(1, self.workers + 1):
                             slots.start_soon(self._keep_filled, index)
                     nursery.cancel_scope.cancel()
         finally:
             self._close_listeners()
+            if self._metrics_directory is not None:
+                self._metrics_directory.remove()
         logger.info("AsyncAPY stopped: every worker has exited")
         return self.status
+
+    # -- metrics and probes --------------------------------------------------------------
+    async def _bind_metrics(self) -> None:
+        """Make the directory and bind the endpoint (``OSError`` naming the address if
+        it cannot), before any worker starts."""
+        directory = self._metrics_directory = worker_metrics.MetricsDirectory.create()
+        self._environment = directory.environment()
+        self._metrics = worker_metrics.WorkersExposition(
+            directory.path, lambda: [p.pid for p in self._processes.values()]
+        )
+        readiness = Readiness(
+            listening=lambda: bool(self._listeners),
+            stopping=lambda: self._stopping.is_set(),
+            store=self.app.store,
+            extra=lambda: None if self._serving else "no worker serving yet",
+        )
+        host = getattr(self.app, "metrics_host", "127.0.0.1")
+        self.probes = ProbeServer(self._metrics, readiness, host=host, port=self.app.metrics_port)
+        await self.probes.bind()
+        logger.info(
+            "Metrics of every worker on %s (/metrics, /healthz, /readyz)",
+            ", ".join(f"http://{_format_address(a)}" for a in self.probes.addresses),
+        )
 
     # -- signals -----------------------------------------------------------------------
     async def _watch_signals(self, signals: Any) -> None:
@@ -246,7 +294,10 @@ class Supervisor:
                     *self.worker_args,
                 ]
                 process = await trio.lowlevel.open_process(
-                    command, pass_fds=(*fds, theirs.fileno()), start_new_session=True
+                    command,
+                    pass_fds=(*fds, theirs.fileno()),
+                    start_new_session=True,
+                    env=self._environment,  # None: this process's environment
                 )
             finally:
                 theirs.close()
@@ -264,6 +315,10 @@ class Supervisor:
                     watch.cancel_scope.cancel()
             finally:
                 del self._processes[index]
+                self._serving.discard(process.pid)
+                if self._metrics is not None:
+                    with trio.CancelScope(shield=True):
+                        await self._metrics.retire(process.pid)
         return process.pid, process.returncode
 
     async def _announce_ready(self, index: int, process: trio.Process, control: Any) -> None:
@@ -272,6 +327,7 @@ class Supervisor:
         except OSError:
             return
         if message == READY:
+            self._serving.add(process.pid)
             logger.info("Worker %d (pid %d) serving", index, process.pid)
 
 
@@ -308,6 +364,7 @@ def supervise(
     app: Server, worker_args: Sequence[str], workers: int, policy: RestartPolicy = RestartPolicy()
 ) -> int:
     """Run a :class:`Supervisor` until it is signalled (blocking); its exit status."""
+    configure_server_logging(app)  # the log format too (--log-format)
     app.configure_logging()
     return trio.run(Supervisor(app, worker_args, workers, policy).run)
 
@@ -333,6 +390,7 @@ def run_worker(app: Server, listen_fds: Sequence[int], control_fd: int) -> None:
     """
     sockets = [socket.socket(fileno=fd) for fd in listen_fds]
     control = socket.socket(fileno=control_fd)
+    configure_server_logging(app)  # the log format too (--log-format)
     app.configure_logging()
     trio.run(_serve_worker, app, sockets, control)
 
@@ -340,8 +398,11 @@ def run_worker(app: Server, listen_fds: Sequence[int], control_fd: int) -> None:
 async def _serve_worker(app: Server, sockets: list[socket.socket], control: socket.socket) -> None:
     readiness = _Readiness()
     failure: Optional[Exception] = None
+    directory = worker_metrics.worker_directory()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stay_in_touch, app, trio.socket.from_stdlib_socket(control), readiness)
+        if directory is not None:
+            nursery.start_soon(worker_metrics.publish, _worker_recorder(app), directory)
         try:
             await app._run_until_signalled(sockets=sockets, task_status=readiness)
         except Exception as exc:  # re-raised as itself, not inside an ExceptionGroup
@@ -349,6 +410,21 @@ async def _serve_worker(app: Server, sockets: list[socket.socket], control: sock
         nursery.cancel_scope.cancel()
     if failure is not None:
         raise failure
+
+
+def _worker_recorder(app: Server) -> Recorder:
+    """The recorder of a worker whose supervisor serves metrics: ``app.metrics_recorder``
+    (made here if the server has none), with the session store metered into it.
+
+    Until the server counts its sessions itself, a worker's counts are those of its
+    session store (admissions, releases, their timings and failures); the server's
+    own hooks, once wired, count into the same recorder.
+    """
+    recorder = getattr(app, "metrics_recorder", None)
+    if not isinstance(recorder, Recorder) or not recorder.enabled:
+        recorder = app.metrics_recorder = Recorder()
+    app.store = metered_session_store(app.store, recorder)
+    return recorder
 
 
 async def _stay_in_touch(app: Server, control: Any, readiness: _Readiness) -> None:
