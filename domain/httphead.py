@@ -56,8 +56,8 @@ class RequestHead:
     def header(self, name: str, default: str = "") -> str:
         """The value of header ``name`` (case-insensitive; the first if repeated)."""
         name = name.lower()
-        for key, value in self.headers:
-            if key == name:
+        for field, value in self.headers:
+            if field == name:
                 return value
         return default
 

@@ -319,3 +319,14 @@ def test_operations_settings_from_an_ini_file(tmp_path):
     path.write_text("[AsyncAPY]\nmetrics_port = ninety\n")
     with pytest.raises(ConfigError, match="invalid metrics_port"):
         load_config(str(path))
+
+
+def test_handler_ran_observes_into_the_handlers_histogram():
+    recorder = Recorder()
+    recorder.handler_ran("h", 0.002)
+    recorder.handler_ran("h", 20.0)
+    NULL_RECORDER.handler_ran("h", 1.0)
+    timings = recorder.snapshot().handlers["h"]
+    assert sum(timings.counts) == 2 and timings.counts[-1] == 1
+    assert timings.total == pytest.approx(20.002)
+    assert NULL_RECORDER.snapshot().handlers == {}
