@@ -44,6 +44,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+import urllib.parse
 from typing import Any, Callable, TypeVar
 
 import redis
@@ -51,8 +53,9 @@ import trio
 
 from asyncapy.domain.errors import StoreUnavailable
 from asyncapy.domain.ports import BLOCKING, KeyStore, SessionRecord, SessionStore
+from asyncapy.domain.redaction import redact
 
-__all__ = ["RedisSessionStore", "RedisKeyStore", "connect", "DEFAULT_PREFIX"]
+__all__ = ["RedisSessionStore", "RedisKeyStore", "connect", "check_url", "URL_FORMS", "DEFAULT_PREFIX"]
 
 logger = logging.getLogger("asyncapy.redis")
 
@@ -68,22 +71,101 @@ T = TypeVar("T")
 _FAILURES = (redis.RedisError, OSError)
 
 
+DB_MAX = 2**31 - 1
+"""The highest database number a URL may name (Redis's own bound on ``databases``)."""
+
+URL_FORMS = (
+    "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], rediss://... (the same over TLS) or "
+    "unix://[[USER]:PASSWORD@]/PATH[?db=DB], with PORT from 1 to 65535 and DB from 0 to "
+    f"{DB_MAX} (a server's 'databases' setting may allow fewer; 16 by default), and "
+    "/ ? # @ % in a user name or password percent-encoded"
+)
+"""The URLs :func:`connect` accepts, for error messages."""
+
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def _database(text: str, where: str) -> int:
+    if not _DIGITS.fullmatch(text) or int(text) > DB_MAX:
+        raise ValueError(f"the database ({where}) is not an integer from 0 to {DB_MAX}")
+    return int(text)
+
+
+def _check_parts(url: str) -> None:
+    scheme, separator, _ = url.partition("://")
+    scheme = scheme.lower()
+    if not separator or scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("the scheme is not redis://, rediss:// or unix://")
+    parts = urllib.parse.urlparse(url)
+    if "#" in url:
+        raise ValueError("a '#' in the URL: percent-encode it (%23) in a password")
+    after_host = parts.query if scheme == "unix" else parts.path + parts.query
+    if "@" in after_host:
+        raise ValueError("an '@' after the host: percent-encode / ? # @ in a user name or password")
+    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    if "db" in query:
+        _database(query["db"][0], "?db=")
+    if scheme == "unix":
+        if parts.netloc.rpartition("@")[2]:
+            raise ValueError("a host in a unix:// URL (the path follows a third slash: unix:///PATH)")
+        if not parts.path:
+            raise ValueError("the socket path is missing (unix:///PATH)")
+        return
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError("the port is not a number from 1 to 65535")
+    path = urllib.parse.unquote(parts.path)
+    if path not in ("", "/"):
+        _database(path[1:], "/DB")
+
+
+def _pool(url: str, max_connections: int = 16, timeout: float = 2.0) -> redis.BlockingConnectionPool:
+    _check_parts(url)
+    try:
+        pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=15,
+            retry_on_timeout=False,
+        )
+    except ValueError as exc:  # its messages name a query parameter, never the URL
+        raise ValueError(redact(str(exc))) from None
+    try:  # a connection object (no socket yet) takes the query's parameters: or not
+        pool.connection_class(**pool.connection_kwargs)
+    except TypeError as exc:
+        match = re.search(r"keyword argument '(\w+)'", str(exc))
+        name = f" {match.group(1)!r}" if match else ""
+        raise ValueError(f"an unknown query parameter{name}") from None
+    return pool
+
+
+def check_url(url: str) -> None:
+    """Refuse (:class:`ValueError`) a Redis ``url`` that is not one of :data:`URL_FORMS`.
+
+    redis-py reads some broken URLs without complaint, and wrongly: a database that is
+    not a number (``/abc``) silently becomes database 0, a negative one -1, a password
+    with an unencoded ``/`` leaves part of itself in the path; and a query parameter
+    it does not know fails only at the first command. All are refused here, before
+    anything connects. The message says which part is wrong and never quotes the URL,
+    which may hold a password.
+    """
+    _pool(url)
+
+
 def connect(url: str, max_connections: int = 16, timeout: float = 2.0) -> redis.Redis:
     """A redis-py client for ``url`` with a bounded, health-checked connection pool.
 
     ``timeout`` bounds connecting and every command, so an unreachable Redis turns
-    into :class:`StoreUnavailable` promptly instead of a hung thread.
+    into :class:`StoreUnavailable` promptly instead of a hung thread. A ``url`` that
+    :func:`check_url` refuses is a :class:`ValueError` (no connection is attempted).
     """
-    pool = redis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=timeout,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        health_check_interval=15,
-        retry_on_timeout=False,
-    )
-    return redis.Redis(connection_pool=pool)
+    return redis.Redis(connection_pool=_pool(url, max_connections, timeout))
 
 
 def _offload() -> bool:
@@ -116,12 +198,14 @@ class _RedisAdapter:
         self._limiter = trio.CapacityLimiter(min(int(pool_size), 64))
 
     def _guarded(self, function: Callable[..., T], *args: Any) -> T:
+        # redis-py's messages name the host and port, not the password; redact() all
+        # the same, since the message goes to logs and the terminal.
         try:
             return function(*args)
         except _FAILURES as exc:
             if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)):
-                raise StoreUnavailable(f"Redis is unreachable: {exc}") from exc
-            raise StoreUnavailable(f"Redis refused the command: {exc}") from exc
+                raise StoreUnavailable(f"Redis is unreachable: {redact(str(exc))}") from exc
+            raise StoreUnavailable(f"Redis refused the command: {redact(str(exc))}") from exc
 
     async def _call(self, function: Callable[..., T], *args: Any) -> T:
         if not _offload():  # a script, the CLI, or a synchronous API call: just block
@@ -170,12 +254,18 @@ end
 return #KEYS / 2
 """
 
+# HMGET in chunks: unpack() of a whole list fails past Lua's C stack limit (8,000
+# values: "too many results to unpack"), and one address may hold more sessions.
 _LIVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
-if #ids == 0 then return {} end
-return redis.call('HMGET', KEYS[2], unpack(ids))
+local rows = {}
+for first = 1, #ids, 1000 do
+  local chunk = redis.call('HMGET', KEYS[2], unpack(ids, first, math.min(first + 999, #ids)))
+  for i = 1, #chunk do rows[#rows + 1] = chunk[i] end
+end
+return rows
 """
 
 

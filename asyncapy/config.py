@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Optional
 import attrs
 
 from asyncapy.domain.framing import DEFAULT_MAX_PACKET_SIZE
+from asyncapy.domain.redaction import MASK, looks_secret, redact
 
 __all__ = ["ConfigError", "Setting", "SETTINGS", "SECTION", "validate", "load_config"]
 
@@ -26,14 +27,35 @@ SECTION = "AsyncAPY"
 
 
 class ConfigError(ValueError):
-    """A setting has a wrong type or value; the message says which and what is accepted."""
+    """A setting has a wrong type or value; the message says which, and what is accepted.
 
-    def __init__(self, key: str, value: Any, accepted: str, source: str = "") -> None:
+    The value is shown (and kept in :attr:`value`) with its credentials masked by
+    :func:`~asyncapy.domain.redaction.redact`: a store URL's password never reaches the
+    message, a log or the terminal, even when the URL is too broken to parse or sits
+    under a misspelt key. A setting whose name says it is a secret (``password``...) is
+    not shown at all.
+
+    :param reason: what is wrong, when ``accepted`` alone does not say (``the port is
+        not a number``); never a quote of the value.
+    """
+
+    def __init__(self, key: str, value: Any, accepted: str, source: str = "", *, reason: str = "") -> None:
         where = f" in {source}" if source else ""
-        super().__init__(f"invalid {key}{where}: {value!r}; accepted: {accepted}")
+        if looks_secret(str(key)):
+            value = MASK
+        elif isinstance(value, str):
+            value = redact(value)
+        shown = redact(repr(value))  # an object's repr may quote a URL too
+        because = f" ({reason})" if reason else ""
+        super().__init__(f"invalid {key}{where}: {shown}{because}; accepted: {accepted}")
         self.key = key
         self.value = value
         self.accepted = accepted
+        self.reason = reason
+
+
+class _Refused(ValueError):
+    """A checker's refusal that says why; its message never quotes the value."""
 
 
 @attrs.frozen
@@ -110,9 +132,12 @@ def _store_url(value: Any) -> Optional[str]:
         return None
     if not isinstance(value, str):
         raise ValueError(value)
-    scheme = value.partition("://")[0].lower() if "://" in value else ""
-    if scheme not in ("memory", "redis", "rediss", "unix"):
-        raise ValueError(value)
+    from .stores import check_store_url  # the URL forms belong with the choice of adapter
+
+    try:
+        check_store_url(value)
+    except ValueError as exc:
+        raise _Refused(str(exc)) from None
     return value
 
 
@@ -203,7 +228,9 @@ SETTINGS: Mapping[str, Setting] = {
         Setting(
             "store",
             None,
-            "nothing or 'memory://' (this process only), or a redis://, rediss:// or unix:// URL",
+            "nothing or 'memory://' (this process only), or a Redis URL: "
+            "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], rediss://... (TLS) or "
+            "unix://[[USER]:PASSWORD@]/PATH[?db=DB]",
             lambda value: _store_url(value),
             _read_optional,
         ),
@@ -287,8 +314,37 @@ def validate(name: str, value: Any, source: str = "") -> Any:
     setting = SETTINGS[name]
     try:
         return setting.check(value)
+    except _Refused as exc:
+        raise ConfigError(name, value, setting.accepted, source, reason=str(exc)) from None
     except (ValueError, TypeError):
         raise ConfigError(name, value, setting.accepted, source) from None
+
+
+def _ini_problem(exc: configparser.Error) -> str:
+    """What is wrong with an INI file, by line number, never quoting a line: the file
+    may be something else (a ``.env`` file given as ``--config``) full of secrets."""
+    line = f" (line {exc.lineno})" if getattr(exc, "lineno", None) else ""
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        return f"line {exc.lineno} comes before any [section] header"
+    if isinstance(exc, configparser.DuplicateSectionError):
+        return f"section [{redact(exc.section)}] appears twice{line}"
+    if isinstance(exc, configparser.DuplicateOptionError):
+        return f"key {redact(exc.option)!r} appears twice in [{redact(exc.section)}]{line}"
+    if isinstance(exc, configparser.ParsingError):
+        numbers = ", ".join(str(number) for number, _ in exc.errors)
+        return f"cannot parse line {numbers}"
+    return type(exc).__name__
+
+
+def _interpolation_problem(exc: configparser.Error) -> str:
+    """Why interpolation failed, without configparser's message, which quotes the value."""
+    if isinstance(exc, configparser.InterpolationMissingOptionError):
+        return f"it refers to {redact(exc.reference)!r}, which is no option"
+    if isinstance(exc, configparser.InterpolationDepthError):
+        return "references nested too deeply"
+    if isinstance(exc, configparser.InterpolationSyntaxError):
+        return "a % not followed by % or ("
+    return type(exc).__name__
 
 
 def load_config(
@@ -311,8 +367,10 @@ def load_config(
                 parser.read_file(file)
         except OSError as exc:
             raise ConfigError("config", source, "a readable INI file") from exc
+        except UnicodeDecodeError:
+            raise ConfigError("config", source, "an INI file in UTF-8 text") from None
         except configparser.Error as exc:
-            raise ConfigError("config", source, f"a valid INI file ({exc})") from None
+            raise ConfigError("config", source, f"a valid INI file ({_ini_problem(exc)})") from None
     if not parser.has_section(SECTION):
         raise ConfigError("config", source, f"an INI file with an [{SECTION}] section")
     values: dict[str, Any] = {}
@@ -330,8 +388,8 @@ def load_config(
             raise ConfigError(
                 key,
                 parser.get(SECTION, key, raw=True),
-                f"a value the config parser can read ({exc.message}); write %% for a "
-                "literal %, or pass a parser made with interpolation=None",
+                f"a value the config parser can read ({_interpolation_problem(exc)}); write "
+                "%% for a literal %, or pass a parser made with interpolation=None",
                 source,
             ) from None
         values[key] = validate(key, setting.parse(raw), source)

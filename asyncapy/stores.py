@@ -14,9 +14,9 @@ from typing import Any, Union
 from asyncapy.adapters.memory import MemoryKeyStore, MemorySessionStore
 from asyncapy.domain.ports import KeyStore, SessionStore
 
-from .config import ConfigError, validate
+from .config import SETTINGS, ConfigError, validate
 
-__all__ = ["open_session_store", "open_key_store", "redis_client", "STORE_ACCEPTED"]
+__all__ = ["open_session_store", "open_key_store", "redis_client", "check_store_url", "STORE_ACCEPTED"]
 
 STORE_ACCEPTED = (
     "None or 'memory://' (this process only), a redis://, rediss:// or unix:// URL, "
@@ -26,6 +26,23 @@ STORE_ACCEPTED = (
 
 _clients: dict[str, Any] = {}
 _clients_lock = threading.Lock()
+
+
+def check_store_url(url: str) -> None:
+    """Refuse (:class:`ValueError`) a ``url`` that names no store: the scheme, then the
+    Redis URL's parts (:func:`asyncapy.adapters.redis.check_url`). The message says what
+    is wrong without quoting ``url``, which may carry a password."""
+    scheme, separator, _ = url.partition("://")
+    scheme = scheme.lower()
+    if scheme == "memory" and separator:
+        return
+    if not separator:
+        raise ValueError("no SCHEME:// at its start")
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("the scheme is not memory://, redis://, rediss:// or unix://")
+    from asyncapy.adapters.redis import check_url
+
+    check_url(url)
 
 
 def _is_memory(url: Any) -> bool:
@@ -42,8 +59,8 @@ def redis_client(url: str) -> Any:
 
             try:
                 client = _clients[url] = connect(url)
-            except ValueError as exc:
-                raise ConfigError("store", url, f"a valid Redis URL ({exc})") from None
+            except ValueError as exc:  # its message never quotes the URL; ConfigError redacts it
+                raise ConfigError("store", url, SETTINGS["store"].accepted, reason=str(exc)) from None
         return client
 
 

@@ -30,6 +30,8 @@ import re
 import sys
 from typing import Any, NoReturn, Optional, TextIO
 
+from asyncapy.domain.redaction import redact
+
 __all__ = [
     "EXIT_OK",
     "EXIT_FAILURE",
@@ -114,23 +116,28 @@ def import_object(spec: str, what: str) -> Any:
 
     ``what`` names it in errors (``"--store"``, ``"the app"``): :class:`UsageError` for
     a bad spec, a missing module or attribute; :class:`CommandError` when the module
-    itself fails while importing.
+    itself fails while importing. The messages quote ``spec`` through
+    :func:`~asyncapy.domain.redaction.redact`: a mistyped store URL (``redis:/:PASSWORD@host``)
+    reads as ``MODULE:ATTR`` too.
     """
     module_name, _, attr = spec.partition(":")
+    shown = redact(spec)
     if not module_name or not attr:
-        raise UsageError(f"{what}: expected MODULE:ATTR (like examples.echo:app), not {spec!r}")
+        raise UsageError(f"{what}: expected MODULE:ATTR (like examples.echo:app), not {shown!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UsageError(f"{what}: cannot import {module_name!r}: {exc}") from None
+        raise UsageError(f"{what}: cannot import {redact(module_name)!r}: {redact(str(exc))}") from None
     except Exception as exc:  # the user's module failed while importing
-        raise CommandError(f"{what}: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+        raise CommandError(
+            f"{what}: importing {redact(module_name)!r} failed: {type(exc).__name__}: {redact(str(exc))}"
+        ) from None
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise UsageError(f"{what}: module {module_name!r} has no attribute {attr!r}") from None
+        raise UsageError(f"{what}: module {module_name!r} has no attribute {shown.partition(':')[2]!r}") from None
 
 
 def jsonable(value: Any) -> Any:

@@ -17,8 +17,8 @@ Secrets: the only key ever printed is the one just issued or reissued, on stdout
 A key given to the command (``get``, ``update``, ``reissue``, ``revoke``) is never
 printed nor logged; a missing key is named by its :func:`~asyncapy.util.fingerprint`,
 the tag the server's logs use. ``KEY`` may be ``-`` to read the key from stdin, so it
-stays out of ``ps`` and the shell history too. Store URLs are never echoed (they may
-carry a password).
+stays out of ``ps`` and the shell history too. Store URLs are echoed only with their
+password masked (:func:`~asyncapy.domain.redaction.redact`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any, Optional
 
 from asyncapy.domain.errors import StoreUnavailable
 from asyncapy.domain.ports import KeyStore, run_to_completion
+from asyncapy.domain.redaction import redact
 
 from ..config import ConfigError
 from ..util import APIKeyFactory, fingerprint
@@ -174,12 +175,16 @@ def open_factory(store: Optional[str], size: Optional[int] = None) -> APIKeyFact
                 f"when this command exits; {_STORE_HINT}"
             )
         if scheme not in _URL_SCHEMES:
-            # Not echoed: a URL may carry a password.
-            raise UsageError(f"--store URL scheme {scheme!r} is not one of redis://, rediss://, unix://")
+            raise UsageError(
+                f"--store {redact(store)!r}: the scheme is not one of redis://, rediss://, unix://"
+            )
         try:
             return APIKeyFactory(size if size is not None else 32, store=store)
-        except ConfigError as exc:
-            raise UsageError(f"invalid --store URL; accepted: {exc.accepted}") from None
+        except ConfigError as exc:  # its value and reason are redacted: see ConfigError
+            from asyncapy.adapters.redis import URL_FORMS
+
+            because = f" ({exc.reason})" if exc.reason else ""
+            raise UsageError(f"invalid --store {exc.value!r}{because}; accepted: {URL_FORMS}") from None
     target = _import_store(store)
     if isinstance(target, APIKeyFactory):
         if size is not None:

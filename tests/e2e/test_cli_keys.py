@@ -177,7 +177,7 @@ async def test_stores_that_forget_or_fail_are_one_line_errors(redis_url):
         dead.close()
     one_error_line(missing, 2, "required", "redis://", "SQLiteKeyStore", "ASYNCAPY_STORE")
     one_error_line(memory, 2, "memory://", "gone when this command exits", "redis://", "KeyStore")
-    assert "s3cret" not in one_error_line(ftp, 2, "'ftp'")
+    assert "s3cret" not in one_error_line(ftp, 2, "'ftp://user:***@host/'", "scheme")
     assert "s3cret" not in one_error_line(unreachable, 1, "unavailable")
     one_error_line(bad_metadata, 2, "--metadata", "not valid JSON")
     one_error_line(short, 2, "--size", "16")
