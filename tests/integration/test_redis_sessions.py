@@ -9,7 +9,7 @@ Beyond the session-store contract, a shared store promises:
 * admission and release are one round trip each, and renewal is **one** round trip
   per period for all of a process's sessions, whatever their number;
 * ``client.get_sessions()`` in a handler lists the sessions other servers sharing the
-  Redis hold (``client`` None, their ``server_id``);
+  Redis hold (``client`` None, their ``server_id``), however many (20,000 here);
 * a config file's ``store`` and ``session_lease`` open that Redis store, with that lease.
 
 A "process" here is a store instance with its own Redis client; the real multi-process
@@ -32,7 +32,7 @@ from asyncapy.adapters.redis import RedisSessionStore, connect
 from asyncapy import Packet, Server
 from asyncapy.config import ConfigError, load_config
 from asyncapy.domain.errors import StoreUnavailable
-from asyncapy.domain.ports import SessionRecord
+from asyncapy.domain.ports import SessionRecord, run_to_completion
 from tests.conftest import serving
 from tests.e2e.wire import Wire
 
@@ -278,6 +278,42 @@ async def test_get_sessions_lists_the_sessions_of_another_server(redis_url, make
         [on_b_id, True, b.server_id],  # oldest first; held by B: no Client here
         [reply["mine"], False, a.server_id],
     ]
+
+
+async def test_get_sessions_lists_twenty_thousand_sessions_of_one_address(redis_url, make_server):
+    """A Lua script may not unpack() more than about 8,000 values into one call: the
+    listing once failed past that ("too many results to unpack"). 20,000 sessions held
+    by another server, plus the asking one, all listed, oldest first."""
+    other = RedisSessionStore(connect(redis_url), lease=30)
+    held = [SessionRecord(str(uuid.uuid4()), "127.0.0.1", 1_000_000_000.0 + n, "other") for n in range(20_000)]
+
+    def seed() -> None:  # synchronously, in a worker thread: no thread hop per admission
+        for session in held:
+            assert run_to_completion(other.admit(session, 0)) is True
+
+    await trio.to_thread.run_sync(seed)
+    server = make_server(store=redis_url)
+
+    @server.add_handler()
+    async def count(client, packet):
+        listed = await client.get_sessions()
+        reply = {
+            "count": len(listed),
+            "first": str(listed[0].session_id),
+            "last": [str(listed[-1].session_id), listed[-1].server_id],
+            "theirs": sum(1 for s in listed if s.server_id == "other" and s.client is None),
+        }
+        await client.send(Packet(reply, encoding=client.encoding))
+
+    async with serving(server) as (host, port):
+        async with await Wire.connect(host, port) as wire:
+            reply = await wire.request({"count": True})
+    assert reply["count"] == 20_001
+    assert reply["theirs"] == 20_000
+    assert reply["first"] == held[0].session_id
+    assert reply["last"] == [reply["last"][0], server.server_id]  # the newest: the asking one
+    assert len(await other.sessions("127.0.0.1")) == 20_000  # the asking one has left
+    await other.aclose()
 
 
 def test_a_config_file_opens_the_shared_store_it_names(redis_url, tmp_path):
