@@ -107,9 +107,9 @@ def _check_parts(url: str) -> None:
         _database(query["db"][0], "?db=")
     if scheme == "unix":
         if parts.netloc.rpartition("@")[2]:
-            raise ValueError("a host in a unix:// URL (the path follows a third slash: unix:///PATH)")
+            raise ValueError("a host in a unix:// URL: the path follows a third slash, unix:///PATH")
         if not parts.path:
-            raise ValueError("the socket path is missing (unix:///PATH)")
+            raise ValueError("the socket path is missing: unix:///PATH")
         return
     try:
         port = parts.port

@@ -32,6 +32,8 @@ from typing import Any, NoReturn, Optional, TextIO
 
 from asyncapy.domain.redaction import redact
 
+from ..config import ConfigError
+
 __all__ = [
     "EXIT_OK",
     "EXIT_FAILURE",
@@ -131,8 +133,11 @@ def import_object(spec: str, what: str) -> Any:
     except ImportError as exc:
         raise UsageError(f"{what}: cannot import {redact(module_name)!r}: {redact(str(exc))}") from None
     except Exception as exc:  # the user's module failed while importing
+        # A ConfigError is redacted already, and its "accepted" text holds URL forms
+        # (PASSWORD@HOST) that redact() would take for credentials.
+        detail = str(exc) if isinstance(exc, ConfigError) else redact(str(exc))
         raise CommandError(
-            f"{what}: importing {redact(module_name)!r} failed: {type(exc).__name__}: {redact(str(exc))}"
+            f"{what}: importing {redact(module_name)!r} failed: {type(exc).__name__}: {detail}"
         ) from None
     try:
         return getattr(module, attr)

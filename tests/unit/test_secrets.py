@@ -27,6 +27,7 @@ What is checked here, and where the rest already is:
 from __future__ import annotations
 
 import ast
+import configparser
 import functools
 import hashlib
 import logging
@@ -39,11 +40,14 @@ import fakeredis
 import pytest
 import trio
 import trustme
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import asyncapy.util
 from asyncapy.adapters.redis import RedisKeyStore
 from asyncapy import Filters, Server
 from asyncapy.client import AsyncClient, Client
+from asyncapy.config import ConfigError, load_config
 from asyncapy.errors import StoreUnavailable
 from asyncapy.testing import open_test_client
 from asyncapy.util import KEY_ALPHABET, APIKeyFactory, fingerprint
@@ -370,3 +374,263 @@ def test_the_server_requires_client_certificates_with_cafile(tmp_path):
     assert mutual.ssl_context.minimum_version >= ssl.TLSVersion.TLSv1_2
     plain_tls = Server(port=0, certfile=paths["certfile"], keyfile=paths["keyfile"])
     assert plain_tls.ssl_context.verify_mode == ssl.CERT_NONE  # no client certificate asked
+
+
+# -- no credential in any message ------------------------------------------------------------
+# (docs/security.md, "Secrets in messages"; the command line's paths, as subprocesses, are in
+# tests/e2e/test_cli_secrets.py)
+PASSWORD = "S3cr3t-pw"
+"""The password of the URLs below: no message may hold it."""
+
+BROKEN_URLS = [
+    f"redis://:{PASSWORD}@127.0.0.1:bad/0",  # the port is no number
+    f"redis://:{PASSWORD}@127.0.0.1:6379/abc",  # nor the database
+    f"redis://:{PASSWORD}@127.0.0.1:6379/-1",
+    f"redis://:{PASSWORD}@127.0.0.1:6379/2147483648",
+    f"redis://:{PASSWORD}@127.0.0.1:6379?db=x",
+    f"redsi://:{PASSWORD}@127.0.0.1:6379/0",  # a mistyped scheme
+    f"redis:/:{PASSWORD}@127.0.0.1:6379/0",  # a slash short: no "://" at all
+    f":{PASSWORD}@127.0.0.1:6379/0",  # no scheme
+    f"redis://alice:{PASSWORD}@127.0.0.1:0/0",
+    f"redis://:{PASSWORD}/x@127.0.0.1:6379/0",  # an unencoded "/" in the password
+    f"redis://:{PASSWORD}#x@127.0.0.1:6379/0",  # an unencoded "#"
+    f"redis://:{PASSWORD}",  # no "@" and no host: the "port" is the password
+    f"redis://127.0.0.1:6379/0?password={PASSWORD}&foo=1",  # an unknown query parameter
+    f"unix://:{PASSWORD}@run/redis.sock",  # two slashes: "run" would be a host
+    f"rediss://:{PASSWORD}@127.0.0.1:6380/0?db=-2",
+]
+
+
+def chain(exc: BaseException) -> str:
+    """The messages of ``exc`` and of every exception it was raised from or during."""
+    texts = []
+    seen: BaseException | None = exc
+    while seen is not None:
+        texts.append(f"{type(seen).__name__}: {seen}")
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
+    return "\n".join(texts)
+
+
+def assert_hidden(exc: BaseException) -> str:
+    """The message of ``exc``, asserted free of :data:`PASSWORD` along its whole chain."""
+    text = chain(exc)
+    assert PASSWORD not in text, text
+    assert PASSWORD not in repr(getattr(exc, "value", None))
+    return str(exc)
+
+
+def test_redact_masks_credentials_and_keeps_the_rest():
+    from asyncapy.domain.redaction import redact
+
+    examples = {
+        "redis://:hunter2@10.0.0.5:6379/0": "redis://:***@10.0.0.5:6379/0",
+        "rediss://alice:hunter2@cache:6380/2": "rediss://alice:***@cache:6380/2",
+        "redis://hunter2@cache": "redis://***@cache",
+        "redis://:hun@ter2@cache/0": "redis://:***@cache/0",  # the last "@" ends it
+        "redis://:hun/ter2@cache/0": "redis://:***@cache/0",
+        "redis:/:hunter2@cache/0": "redis:/:***@cache/0",
+        ":hunter2@cache:6379": ":***@cache:6379",
+        "redis://:hunter2": "redis://:***",
+        "redis://cache:oops/0": "redis://cache:***/0",
+        "unix:///run/redis.sock?db=1&password=hunter2": "unix:///run/redis.sock?db=1&password=***",
+        "REDIS_PASSWORD=hunter2\nAPI_TOKEN: 'a b'\nPORT=1": "REDIS_PASSWORD=***\nAPI_TOKEN: '***'\nPORT=1",
+        "invalid store: 'redis://:hunter2@h:1/0'": "invalid store: 'redis://:***@h:1/0'",
+    }
+    for text, expected in examples.items():
+        assert redact(text) == expected, text
+        assert redact(expected) == expected  # idempotent
+    for clean in [
+        "redis://127.0.0.1:6379/0",
+        "redis://[::1]:6379/2",
+        "unix:///run/redis.sock?db=3",
+        "memory://",
+        "Error 111 connecting to 127.0.0.1:6379. Connection refused.",
+        "WRONGPASS invalid username-password pair or user is disabled.",
+        "error: mail bob@example.com",
+        "%(levelname)s %(message)s",
+    ]:
+        assert redact(clean) is clean
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    secret=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\r"), min_size=1, max_size=20),
+    form=st.sampled_from(
+        [
+            "redis://{user}:{pw}@127.0.0.1:6379/0",
+            "rediss://{user}:{pw}@cache.example:6380/15",
+            "redis://:{pw}@[::1]:6379",
+            "redsi://{user}:{pw}@127.0.0.1/0",
+            "redis:/{user}:{pw}@127.0.0.1/0",
+            "unix://{user}:{pw}@/run/redis.sock?db=2",
+            "{user}:{pw}@127.0.0.1",
+            "redis://127.0.0.1/0?password={pw}",
+        ]
+    ),
+    user=st.sampled_from(["", "alice", "svc-1.cache"]),
+)
+def test_redact_hides_any_password_in_any_url_form(secret, form, user):
+    """Whatever the password holds (an unencoded "/", "@", "#", spaces, quotes...), and
+    however the URL around it is mistyped. A marker makes it distinct from the rest."""
+    from asyncapy.domain.redaction import redact
+
+    password = f"Pw{secret}Pw"
+    if "password=" in form:  # a query value ends at "&" or a blank, as a parser sees it
+        password = "Pw" + "".join(c for c in secret if c not in "&;,'\" \t") + "Pw"
+    url = form.format(user=user, pw=password)
+    for text in (url, repr(url), f"{url} and more"):
+        assert password not in redact(text), (url, redact(text))
+
+
+@pytest.mark.parametrize("url", BROKEN_URLS)
+def test_a_broken_store_url_is_a_config_error_without_the_password(url):
+    """``Server(store=...)``, ``APIKeyFactory(store=...)``, the setting's own check and the
+    Redis client of the URL: each a ConfigError naming ``store``, with the URL redacted
+    in the message, in ``.value`` and along the chain."""
+    from asyncapy.config import validate
+    from asyncapy.stores import redis_client
+
+    attempts = [
+        lambda: Server(store=url),
+        lambda: APIKeyFactory(store=url),
+        lambda: validate("store", url, "--store"),
+        lambda: redis_client(url),
+    ]
+    for attempt in attempts:
+        with pytest.raises(ConfigError) as caught:
+            attempt()
+        message = assert_hidden(caught.value)
+        assert message.startswith("invalid store"), message
+        assert caught.value.key == "store"
+        assert "***" in message or "@" not in url, message
+
+
+def test_assigning_a_broken_store_url_to_a_server_hides_the_password():
+    server = Server()
+    for url in BROKEN_URLS:
+        with pytest.raises(ConfigError) as caught:
+            server.store = url
+        assert_hidden(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("redis://127.0.0.1:6379/abc", "database"),
+        ("redis://127.0.0.1:6379/-1", "database"),
+        ("redis://127.0.0.1:6379/1.5", "database"),
+        ("redis://127.0.0.1:6379/0/", "database"),
+        ("redis://127.0.0.1:6379/2147483648", "database"),
+        ("redis://127.0.0.1:6379?db=abc", "database"),
+        ("unix:///run/redis.sock?db=-1", "database"),
+        ("redis://127.0.0.1:bad/0", "port"),
+        ("redis://127.0.0.1:0/0", "port"),
+        ("redis://127.0.0.1:65536/0", "port"),
+        ("redis://127.0.0.1:6379/0?foo=1", "unknown query parameter 'foo'"),
+        ("redis://127.0.0.1:6379/0?socket_timeout=soon", "socket_timeout"),
+        ("redis://:a/b@127.0.0.1/0", "percent-encode"),
+        ("redis://:a#b@127.0.0.1/0", "%23"),
+        ("unix://run/redis.sock", "unix:///PATH"),
+        ("unix://", "socket path"),
+        ("redis//127.0.0.1/0", "SCHEME://"),
+        ("http://127.0.0.1/0", "scheme"),
+    ],
+)
+def test_each_malformed_part_of_a_store_url_is_named(url, reason):
+    """A database that is not a number once silently became database 0: every part
+    redis-py would misread is a ConfigError naming the setting, what is wrong, and the
+    accepted forms."""
+    with pytest.raises(ConfigError) as caught:
+        Server(store=url)
+    message = str(caught.value)
+    assert caught.value.key == "store"
+    assert reason in caught.value.reason, message
+    assert "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]" in message
+
+
+@pytest.mark.parametrize(
+    ("url", "db"),
+    [
+        ("redis://127.0.0.1:6379", 0),
+        ("redis://127.0.0.1:6379/", 0),
+        ("redis://127.0.0.1:6379/15", 15),
+        ("redis://127.0.0.1/2147483647", 2147483647),
+        ("redis://127.0.0.1:6379/0?db=3", 3),
+        ("redis://:p%2Fw@127.0.0.1:6379/4", 4),  # a percent-encoded "/" in the password
+        ("unix:///run/redis.sock?db=2", 2),
+        ("unix://:pw@/run/redis.sock", 0),
+    ],
+)
+def test_well_formed_store_urls_are_accepted_as_redis_reads_them(url, db):
+    store = Server(store=url).store
+    assert store.redis.connection_pool.connection_kwargs.get("db", 0) == db
+
+
+def test_store_reprs_hold_no_password():
+    for url in (f"redis://alice:{PASSWORD}@127.0.0.1:6379/3", f"unix://:{PASSWORD}@/run/redis.sock"):
+        server = Server(store=url)
+        factory = APIKeyFactory(store=url)
+        for shown in (repr(server.store), repr(factory), repr(factory.store), repr(server.store.redis), str(server)):
+            assert PASSWORD not in shown, shown
+        assert "3" in repr(server.store) or "unix" in repr(server.store)
+
+
+async def test_an_unreachable_store_fails_without_the_password():
+    """``StoreUnavailable`` from a Redis that refuses connections: its message and its
+    chain name the host and port only."""
+    with socket.socket() as dead:
+        dead.bind(("127.0.0.1", 0))  # bound, never listening
+        port = dead.getsockname()[1]
+        factory = APIKeyFactory(store=f"redis://:{PASSWORD}@127.0.0.1:{port}/0")
+        with pytest.raises(StoreUnavailable) as caught:
+            await factory.acontains("x" * 32)
+    assert f"127.0.0.1:{port}" in assert_hidden(caught.value)
+
+
+def _ini(tmp_path, text: str) -> str:
+    path = tmp_path / "settings.ini"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        # a misspelt key whose value is a URL with a password
+        (f"[AsyncAPY]\nstroe = redis://:{PASSWORD}@127.0.0.1:6379/0\n", "stroe"),
+        # the right key, a broken URL
+        (f"[AsyncAPY]\nstore = redis://:{PASSWORD}@127.0.0.1:6379/abc\n", "database"),
+        (f"[AsyncAPY]\nstore = redsi://:{PASSWORD}@127.0.0.1\n", "scheme"),
+        # a .env file given as the config: no section header, secrets on every line
+        (f"REDIS_URL=redis://:{PASSWORD}@127.0.0.1:6379/0\nAPI_TOKEN={PASSWORD}\n", "line 1"),
+        (f"[AsyncAPY]\nport = 1\nREDIS_URL\n{PASSWORD}\n", "valid INI file"),
+        (f"[AsyncAPY]\n{PASSWORD} = 1\n{PASSWORD} = 2\n", "appears twice"),
+        (f"[AsyncAPY]\nstore = redis://127.0.0.1/0\n[AsyncAPY]\npassword = {PASSWORD}\n", "appears twice"),
+        # a secret-named key is not shown at all
+        (f"[AsyncAPY]\nredis_password = {PASSWORD}\n", "redis_password"),
+    ],
+)
+def test_config_files_never_echo_a_secret(tmp_path, text, fragment):
+    path = _ini(tmp_path, text)
+    for attempt in (lambda: load_config(path), lambda: Server(config=path)):
+        with pytest.raises(ConfigError) as caught:
+            attempt()
+        message = assert_hidden(caught.value)
+        assert fragment in message and path in message, message
+
+
+def test_a_config_file_that_is_not_text_is_a_config_error(tmp_path):
+    path = tmp_path / "binary.ini"
+    path.write_bytes(b"\xff\xfe[AsyncAPY]\n")
+    with pytest.raises(ConfigError, match="UTF-8"):
+        load_config(str(path))
+
+
+def test_a_failed_interpolation_does_not_quote_the_value():
+    """configparser's own message quotes the raw value; ours shows it redacted."""
+    parser = configparser.ConfigParser()  # BasicInterpolation: a lone % is an error
+    parser.read_string(f"[AsyncAPY]\nstore = redis://:{PASSWORD}%@127.0.0.1:6379/0\n")
+    with pytest.raises(ConfigError) as caught:
+        Server(cfg_parser=parser)
+    message = assert_hidden(caught.value)
+    assert "interpolation=None" in message and caught.value.key == "store"
