@@ -87,7 +87,7 @@ _DIGITS = re.compile(r"[0-9]+")
 
 def _database(text: str, where: str) -> int:
     if not _DIGITS.fullmatch(text) or int(text) > DB_MAX:
-        raise ValueError(f"the database ({where}) is not an integer from 0 to {DB_MAX}")
+        raise ValueError(f"the database in {where} is not an integer from 0 to {DB_MAX}")
     return int(text)
 
 
@@ -119,7 +119,7 @@ def _check_parts(url: str) -> None:
         raise ValueError("the port is not a number from 1 to 65535")
     path = urllib.parse.unquote(parts.path)
     if path not in ("", "/"):
-        _database(path[1:], "/DB")
+        _database(path[1:], "the path")
 
 
 def _pool(url: str, max_connections: int = 16, timeout: float = 2.0) -> redis.BlockingConnectionPool:
