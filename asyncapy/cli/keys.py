@@ -193,7 +193,7 @@ def open_factory(store: Optional[str], size: Optional[int] = None) -> APIKeyFact
     if isinstance(target, KeyStore):
         return APIKeyFactory(size if size is not None else 32, store=target)
     raise UsageError(
-        f"--store {store} is a {type(target).__name__}, not a KeyStore nor an APIKeyFactory"
+        f"--store {redact(store)} is a {type(target).__name__}, not a KeyStore nor an APIKeyFactory"
     )
 
 
