@@ -1,9 +1,10 @@
-"""Store selection: ``None`` / ``"memory://"`` / ``"redis://..."`` -> an adapter.
+"""Store selection: ``None`` / ``"memory://"`` / ``"redis://..."`` / ``"sqlite:///..."`` -> an adapter.
 
 The composition root's one place that knows which adapters exist. A URL names where
 sessions or keys live; an object implementing the port is used as it is. Redis
 clients are shared per URL within a process, so a server and the API-key factories of
-one process use one connection pool.
+one process use one connection pool. A ``sqlite://`` URL names a file of API keys
+(:mod:`asyncapy.adapters.sqlite`): a key store only, sessions are never kept there.
 """
 
 from __future__ import annotations
@@ -16,13 +17,26 @@ from asyncapy.domain.ports import KeyStore, SessionStore
 
 from .config import SETTINGS, ConfigError, validate
 
-__all__ = ["open_session_store", "open_key_store", "redis_client", "check_store_url", "STORE_ACCEPTED"]
+__all__ = [
+    "open_session_store",
+    "open_key_store",
+    "redis_client",
+    "check_store_url",
+    "STORE_ACCEPTED",
+    "KEY_STORE_ACCEPTED",
+]
 
 STORE_ACCEPTED = (
     "None or 'memory://' (this process only), a redis://, rediss:// or unix:// URL, "
     "or a store object implementing the port"
 )
 """What a ``store`` setting accepts, for error messages."""
+
+KEY_STORE_ACCEPTED = (
+    "None or 'memory://' (this process only), a redis://, rediss:// or unix:// URL, "
+    "a sqlite:///PATH URL (a file on this machine), or a KeyStore object"
+)
+"""What an ``APIKeyFactory``'s ``store`` accepts, for error messages."""
 
 _clients: dict[str, Any] = {}
 _clients_lock = threading.Lock()
@@ -86,8 +100,19 @@ def open_key_store(store: Union[None, str, KeyStore]) -> KeyStore:
     if isinstance(store, KeyStore):
         return store
     if not isinstance(store, str):
-        raise ConfigError("store", store, STORE_ACCEPTED)
-    if _is_memory(store):
+        raise ConfigError("store", store, KEY_STORE_ACCEPTED)
+    if store[:9].lower() == "sqlite://":
+        from asyncapy.adapters.sqlite import URL_FORM, SQLiteKeyStore
+
+        try:
+            return SQLiteKeyStore.from_url(store)
+        except ValueError as exc:  # its message never quotes the URL
+            raise ConfigError("store", store, URL_FORM, reason=str(exc)) from None
+    try:
+        memory = _is_memory(store)
+    except ConfigError as exc:
+        raise ConfigError("store", store, KEY_STORE_ACCEPTED, reason=exc.reason) from None
+    if memory:
         return MemoryKeyStore()
     from asyncapy.adapters.redis import RedisKeyStore
 

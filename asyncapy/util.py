@@ -48,7 +48,10 @@ class APIKeyFactory:
     :param size: the length of issued keys, in characters (default 32, at least 16).
     :param store: where keys live: ``None`` or ``'memory://'`` for an in-memory store
         private to this factory, a ``redis://`` URL shared by every process using it,
-        or any :class:`asyncapy.domain.ports.KeyStore` object (your own adapter).
+        a ``sqlite:///PATH`` URL for a file that survives restarts and is shared by
+        the processes of one machine (``sqlite:///keys.db`` relative to the working
+        directory, ``sqlite:////abs/keys.db`` absolute), or any
+        :class:`asyncapy.domain.ports.KeyStore` object (your own adapter).
     """
 
     def __init__(self, size: int = 32, store: Union[None, str, KeyStore] = None) -> None:

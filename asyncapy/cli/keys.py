@@ -4,10 +4,12 @@ The command drives :class:`~asyncapy.util.APIKeyFactory`'s synchronous methods (
 ones meant for scripts) against a store that outlives the command:
 
 * a ``redis://``, ``rediss://`` or ``unix://`` URL, the store ``asyncapy run --store``
-  and ``APIKeyFactory(store=URL)`` use; or
-* ``MODULE:ATTR`` naming a :class:`~asyncapy.domain.ports.KeyStore` object (your own adapter,
-  such as the SQLite one of ``examples/sqlite_keystore.py``) or an
-  :class:`~asyncapy.util.APIKeyFactory` (the very one your server checks keys with).
+  and ``APIKeyFactory(store=URL)`` use;
+* a ``sqlite:///PATH`` URL, the file ``APIKeyFactory(store="sqlite:///PATH")`` uses
+  (:mod:`asyncapy.adapters.sqlite`); or
+* ``MODULE:ATTR`` naming a :class:`~asyncapy.domain.ports.KeyStore` object (your own
+  adapter) or an :class:`~asyncapy.util.APIKeyFactory` (the very one your server checks
+  keys with).
 
 ``memory://`` is refused: the keys would vanish when the command exits. The store
 may also come from the ``ASYNCAPY_STORE`` environment variable, which keeps a Redis
@@ -41,12 +43,11 @@ __all__ = ["STORE_ENV", "add_parser", "open_factory", "run"]
 STORE_ENV = "ASYNCAPY_STORE"
 """The environment variable read when ``--store`` is not given."""
 
-_URL_SCHEMES = ("redis", "rediss", "unix")
+_URL_SCHEMES = ("redis", "rediss", "unix", "sqlite")
 
 _STORE_HINT = (
-    "pass --store redis://HOST:PORT/DB (the store the server uses), or --store MODULE:ATTR "
-    "naming your KeyStore or APIKeyFactory (e.g. a module holding "
-    "SQLiteKeyStore('keys.db') from examples/sqlite_keystore.py)"
+    "pass --store redis://HOST:PORT/DB or --store sqlite:///keys.db (the store your "
+    "APIKeyFactory uses), or --store MODULE:ATTR naming your KeyStore or APIKeyFactory"
 )
 
 EXAMPLES = """\
@@ -57,7 +58,8 @@ examples:
   asyncapy keys update "$KEY" '{"user": "alice", "plan": "pro"}'
   KEY=$(asyncapy keys reissue "$KEY")
   asyncapy keys revoke "$KEY"
-  asyncapy keys issue --store mykeys:store     # mykeys.py: store = SQLiteKeyStore("keys.db")
+  asyncapy keys issue --store sqlite:///keys.db    # APIKeyFactory(store="sqlite:///keys.db")
+  asyncapy keys issue --store mykeys:store         # mykeys.py: store = MyKeyStore(...)
 
 exit status: 0 done; 1 no such key, or the store is unavailable; 2 bad flags or input.
 """
@@ -69,7 +71,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "keys",
         help="issue, read, update, reissue and revoke API keys in a shared store",
         description="Manage the API keys that Filters.APIFactory checks, in a store shared "
-        "with the server (Redis, or a KeyStore of your own). Run "
+        "with the server (Redis, an SQLite file, or a KeyStore of your own). Run "
         "'asyncapy keys ACTION --help' for each action's flags.",
         epilog=EXAMPLES,
         formatter_class=HelpFormatter,
@@ -84,7 +86,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
             "--store",
             metavar="STORE",
             default=os.environ.get(STORE_ENV) or None,
-            help="where the keys live: a redis://, rediss:// or unix:// URL, or MODULE:ATTR "
+            help="where the keys live: a redis://, rediss://, unix:// or sqlite:///PATH URL, or MODULE:ATTR "
             "naming a KeyStore or an APIKeyFactory (imported from the current directory "
             f"too); memory:// is refused (default: ${STORE_ENV}; required if unset)",
         )
@@ -176,15 +178,19 @@ def open_factory(store: Optional[str], size: Optional[int] = None) -> APIKeyFact
             )
         if scheme not in _URL_SCHEMES:
             raise UsageError(
-                f"--store {redact(store)!r}: the scheme is not one of redis://, rediss://, unix://"
+                f"--store {redact(store)!r}: the scheme is not one of redis://, rediss://, unix://, sqlite://"
             )
         try:
             return APIKeyFactory(size if size is not None else 32, store=store)
+        except StoreUnavailable as exc:  # an SQLite file that cannot be opened
+            raise CommandError(f"the key store is unavailable: {exc}") from None
         except ConfigError as exc:  # its value and reason are redacted: see ConfigError
-            from asyncapy.adapters.redis import URL_FORMS
-
+            if scheme == "sqlite":
+                accepted = exc.accepted  # the sqlite:// URL forms
+            else:
+                from asyncapy.adapters.redis import URL_FORMS as accepted
             because = f" ({exc.reason})" if exc.reason else ""
-            raise UsageError(f"invalid --store {exc.value!r}{because}; accepted: {URL_FORMS}") from None
+            raise UsageError(f"invalid --store {exc.value!r}{because}; accepted: {accepted}") from None
     target = _import_store(store)
     if isinstance(target, APIKeyFactory):
         if size is not None:

@@ -1,4 +1,4 @@
-"""The SQLite key store of examples/sqlite_keystore.py against the key-store contract.
+"""The SQLite key store (adapters/sqlite.py) against the key-store contract.
 
 This file is also the model of what a user writes for an adapter of their own: one
 subclass of :class:`~asyncapy.testing.contracts.KeyStoreContract` with a ``store``
@@ -26,7 +26,7 @@ from asyncapy.client import AsyncClient
 from asyncapy.filters import Filters
 from asyncapy.testing.contracts import KeyStoreContract
 from asyncapy.domain.errors import StoreUnavailable
-from examples.sqlite_keystore import SQLiteKeyStore
+from asyncapy.adapters.sqlite import SQLiteKeyStore
 from tests.conftest import serving
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,6 +134,104 @@ def test_a_forked_child_opens_its_own_connection(open_store):
     assert keys.get(parent_key) == {"from": "parent"}
 
 
+def _hammer(directory: str, worker: int, start, done) -> None:
+    """One process of the test below."""
+    try:
+        # Forty new files, each opened by every process at the same moment: creating
+        # the schema and switching to WAL together is where SQLite answers "database
+        # is locked" at once rather than wait (the old example failed ~2% of these).
+        for n in range(40):
+            start.wait(30)
+            keys = APIKeyFactory(store=f"sqlite:///{directory}/new-{n}.db")
+            assert keys.issue(worker) in keys
+            keys.store.close()
+        # Then one file, written and read by every process as fast as it can.
+        start.wait(30)
+        keys = APIKeyFactory(store=f"sqlite:///{directory}/shared.db")
+        mine = []
+        for n in range(60):
+            key = keys.issue({"worker": worker, "n": n})
+            assert key in keys and keys.get(key) == {"worker": worker, "n": n}
+            if n % 3 == 0:
+                key = keys.reissue(key)
+            if n % 4 == 0:
+                keys.update(key, {"worker": worker, "n": n, "updated": True})
+            if n % 5 == 0:
+                keys.revoke(key)
+            else:
+                mine.append(key)
+        keys.store.close()
+        done.send(("ok", mine))
+    except BaseException as exc:  # reported to the parent, which fails the test
+        done.send(("failed", f"{type(exc).__name__}: {exc}"))
+
+
+def test_several_processes_create_write_and_read_one_file_at_once(tmp_path):
+    """Six processes open new files at the same moment and then write and read one
+    file concurrently: every call succeeds, and every key each one kept is there,
+    with its metadata, afterwards."""
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(6)
+    pipes = [context.Pipe(duplex=False) for _ in range(6)]
+    workers = [
+        context.Process(target=_hammer, args=(str(tmp_path), worker, start, pipes[worker][1]))
+        for worker in range(6)
+    ]
+    for process in workers:
+        process.start()
+    results = [receiver.recv() if receiver.poll(300) else ("failed", "no answer") for receiver, _ in pipes]
+    for process in workers:
+        process.join(30)
+    assert [status for status, _ in results] == ["ok"] * 6, results
+    for n in range(40):
+        keys = APIKeyFactory(store=f"sqlite:///{tmp_path}/new-{n}.db")
+        assert len(keys.store) == 6
+        keys.store.close()
+    keys = APIKeyFactory(store=f"sqlite:///{tmp_path}/shared.db")
+    kept = [key for _, mine in results for key in mine]
+    assert len(keys.store) == len(kept) == 6 * 48
+    for key in kept:
+        assert keys.get(key)["worker"] in range(6)
+    keys.store.close()
+
+
+def test_a_lock_held_for_a_while_is_waited_for_not_failed(tmp_path, open_store):
+    store = open_store(timeout=5)
+    keys = APIKeyFactory(store=store)
+    with closing(sqlite3.connect(tmp_path / "keys.db", isolation_level=None, check_same_thread=False)) as other:
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock...
+        release = threading.Timer(0.2, other.execute, ("COMMIT",))  # ...for a moment
+        release.start()
+        key = keys.issue({"user": "patient"})
+        release.join()
+    assert keys.get(key) == {"user": "patient"}
+
+
+def test_a_refusal_sqlite_does_not_wait_for_is_retried(open_store, monkeypatch):
+    """SQLite answers "database is locked" at once, without its busy timeout, where
+    waiting could deadlock: the store retries until its own timeout."""
+    store = open_store(timeout=5)
+    keys = APIKeyFactory(store=store)
+    refusals = iter([sqlite3.OperationalError("database is locked")] * 3)
+    real = store._connect
+
+    class Flaky:
+        def __init__(self, db):
+            self.db = db
+
+        def execute(self, *args):
+            error = next(refusals, None)
+            if error is not None:
+                raise error
+            return self.db.execute(*args)
+
+    monkeypatch.setattr(store, "_connect", lambda: Flaky(real()))
+    key = keys.issue({"user": "retried"})
+    assert next(refusals, None) is None  # all three refusals were met, and retried
+    monkeypatch.undo()
+    assert keys.get(key) == {"user": "retried"}
+
+
 def test_bad_arguments_are_refused(tmp_path):
     for path in (":memory:", ""):
         with pytest.raises(ValueError, match="database file"):
@@ -195,9 +293,9 @@ class _SpyStore(SQLiteKeyStore):
 
 async def test_a_real_server_checks_keys_in_the_file_off_the_event_loop(tmp_path):
     path = tmp_path / "keys.db"
-    # A key issued by another process, as an admin would: the example's own demo.
+    # A key issued by another process, as an admin would.
     demo = await trio.run_process(
-        [sys.executable, "-m", "examples.sqlite_keystore", str(path), "carol"],
+        [sys.executable, "-m", "asyncapy", "keys", "issue", "--metadata", '{"user": "carol"}', "--store", f"sqlite:///{path}"],
         cwd=ROOT,
         capture_stdout=True,
         capture_stderr=True,
@@ -206,6 +304,7 @@ async def test_a_real_server_checks_keys_in_the_file_off_the_event_loop(tmp_path
     assert len(script_key) == 32
 
     store = _SpyStore(path)
+    store.threads.clear()  # the constructor creates the schema, synchronously: not a lookup
     keys = APIKeyFactory(store=store)
     server = Server(timeout=5)
 

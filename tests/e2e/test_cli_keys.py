@@ -23,7 +23,7 @@ import trio
 from asyncapy import APIKeyFactory, Filters, Packet, Server
 from asyncapy.client import AsyncClient
 from asyncapy.util import KEY_ALPHABET, fingerprint
-from examples.sqlite_keystore import SQLiteKeyStore
+from asyncapy.adapters.sqlite import SQLiteKeyStore
 from tests.conftest import serving
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -175,7 +175,7 @@ async def test_stores_that_forget_or_fail_are_one_line_errors(redis_url):
         )
     finally:
         dead.close()
-    one_error_line(missing, 2, "required", "redis://", "SQLiteKeyStore", "ASYNCAPY_STORE")
+    one_error_line(missing, 2, "required", "redis://", "sqlite:///", "MODULE:ATTR", "ASYNCAPY_STORE")
     one_error_line(memory, 2, "memory://", "gone when this command exits", "redis://", "KeyStore")
     assert "s3cret" not in one_error_line(ftp, 2, "'ftp://user:***@host/'", "scheme")
     assert "s3cret" not in one_error_line(unreachable, 1, "unavailable")
@@ -190,7 +190,7 @@ async def test_module_attr_store_sqlite_and_a_factory(tmp_path):
         textwrap.dedent(
             f"""
             from asyncapy import APIKeyFactory
-            from examples.sqlite_keystore import SQLiteKeyStore
+            from asyncapy.adapters.sqlite import SQLiteKeyStore
 
             store = SQLiteKeyStore({str(database)!r})
             factory = APIKeyFactory(40, store=store)
@@ -218,6 +218,49 @@ async def test_module_attr_store_sqlite_and_a_factory(tmp_path):
     finally:
         store.close()
     assert json.loads(ok(await asyncapy("keys", "get", key, "--store", "cli_keystores:store", env=env))) == {"user": "bob"}
+
+
+async def test_sqlite_url_store_keys_survive_and_reach_a_server(tmp_path):
+    """``--store sqlite:///PATH``: the file ``APIKeyFactory(store="sqlite:///PATH")``
+    reads; relative to the working directory; bad URLs and unopenable files are one
+    line each (2 and 1)."""
+    url = f"sqlite:///{tmp_path.name}/keys.db"  # relative to the command's cwd
+    env = environment()
+    key = issued(
+        await trio.run_process(
+            [sys.executable, "-m", "asyncapy", "keys", "issue", "--metadata", '{"user": "kim"}', "--store", url],
+            cwd=tmp_path.parent, capture_stdout=True, capture_stderr=True, check=False, env=env,
+        )
+    )
+    assert key.encode() not in (tmp_path / "keys.db").read_bytes()  # hashed at rest
+    keys = APIKeyFactory(store=f"sqlite:///{tmp_path / 'keys.db'}")  # absolute: four slashes
+    assert keys.store.path == str(tmp_path / "keys.db")
+    server = Server(timeout=5)
+
+    @server.add_handler(Filters.APIFactory(keys, "key"))
+    async def whoami(client, packet):
+        await client.send(Packet(await keys.aget(packet["key"]), encoding=client.encoding))
+
+    @server.add_handler()
+    async def refuse(client, packet):
+        await client.send(Packet({"error": "unauthorized"}, encoding=client.encoding))
+
+    async with serving(server) as (host, port):
+        async with AsyncClient(tls=False, timeout=5) as client:
+            await client.connect(host, port)
+            assert await client.request({"key": key}) == {"user": "kim"}
+            ok(await asyncapy("keys", "revoke", key, "--store", f"sqlite:///{tmp_path / 'keys.db'}", env=env))
+            assert await client.request({"key": key}) == {"error": "unauthorized"}
+    await keys.store.aclose()
+    host_form, no_file, unopenable = await asyncapy_all(
+        ("keys", "issue", "--store", f"sqlite://localhost/{tmp_path}/keys.db"),
+        ("keys", "issue", "--store", "sqlite:///"),
+        ("keys", "issue", "--store", f"sqlite:///{tmp_path}/no/such/dir/keys.db"),
+        env=env,
+    )
+    one_error_line(host_form, 2, "sqlite:///PATH", "four slashes")
+    one_error_line(no_file, 2, "database file is required")
+    one_error_line(unopenable, 1, "unavailable", "unable to open")
 
 
 HELP_SCRIPT = """

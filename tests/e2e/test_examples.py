@@ -9,7 +9,7 @@ in-process, :class:`asyncapy.client.Client` against subprocesses):
   not leak from one test into another;
 - as real processes: ``python -m asyncapy run examples.X:app --port 0`` (the port the
   server logs is the one used), ``python -m examples.X 0``, the scale-out example with
-  two workers against a real Redis, and the SQLite key store's demo ``main``.
+  two workers against a real Redis, and keys issued by ``asyncapy keys`` into an SQLite file.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from asyncapy.client import Client as BlockingClient
 from asyncapy.filters import Filters
 from asyncapy.testing import open_test_client
 from examples import authenticated, chat, echo, scaleout
-from examples.sqlite_keystore import SQLiteKeyStore
+from asyncapy.adapters.sqlite import SQLiteKeyStore
 from tests.conftest import serving
 
 from .processes import ROOT, Running, ask
@@ -612,15 +612,18 @@ def test_every_example_runs_with_python_dash_m():
             run.__exit__(None, None, None)
 
 
-# -- sqlite_keystore -------------------------------------------------------------------------
-async def test_sqlite_keystore_demo_issues_a_key_a_server_accepts(tmp_path, make_server):
-    """``python -m examples.sqlite_keystore PATH USER`` issues a key into the file; a
+# -- keys in an SQLite file -------------------------------------------------------------------
+async def test_sqlite_keys_issued_by_the_command_a_server_accepts(tmp_path, make_server):
+    """``asyncapy keys issue --store sqlite:///PATH`` issues a key into the file; a
     server whose factory uses that file accepts it, from the bundled client."""
     path = tmp_path / "keys.db"
-    done = await trio.to_thread.run_sync(lambda: run_python("-m", "examples.sqlite_keystore", str(path), "nina"))
+    done = await trio.to_thread.run_sync(
+        lambda: run_python(
+            "-m", "asyncapy", "keys", "issue", "--metadata", '{"user": "nina"}', "--store", f"sqlite:///{path}"
+        )
+    )
     assert done.returncode == 0, done.stderr
     key = done.stdout.strip()
-    assert "issued for 'nina'" in done.stderr and "1 key(s)" in done.stderr
     assert key.encode() not in path.read_bytes()  # stored hashed, never in clear
 
     store = SQLiteKeyStore(path)

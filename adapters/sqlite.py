@@ -1,23 +1,25 @@
-"""A custom :class:`~asyncapy.domain.ports.KeyStore`: API keys in an SQLite file, standard library only.
+"""An embedded, persistent :class:`~asyncapy.domain.ports.KeyStore`: API keys in an SQLite file.
 
-This is a worked example of plugging your own storage into AsyncAPY. It is small enough
-to read in one sitting, and complete enough to use: it passes the same contract suite
-as the bundled adapters (``tests/contract/test_sqlite_key_store.py``), keeps keys
-hashed, and never blocks the server's event loop. Use it as it is, or as the template
-for a PostgreSQL, DynamoDB or Vault adapter of your own::
+``APIKeyFactory(store="sqlite:///keys.db")`` and ``asyncapy keys ... --store
+sqlite:///keys.db`` use it: keys that survive a restart with nothing to run beside the
+server, shared by every process on one machine that opens the same file (server
+workers, admin scripts, the ``asyncapy keys`` command). Standard library only. Keys in
+several machines' reach belong in Redis (:mod:`asyncapy.adapters.redis`).
+
+It is also the worked example of the custom key store guide
+(``docs/guide-custom-key-store.md``): small enough to read in one sitting, and it
+passes the same contract suite as every bundled store
+(``tests/contract/test_sqlite_key_store.py``). Copy it as the template of a
+PostgreSQL, DynamoDB or Vault adapter of your own::
 
     from asyncapy import APIKeyFactory
-    from examples.sqlite_keystore import SQLiteKeyStore
+    from asyncapy.adapters.sqlite import SQLiteKeyStore
 
-    keys = APIKeyFactory(store=SQLiteKeyStore("keys.db"))
+    keys = APIKeyFactory(store=SQLiteKeyStore("keys.db"))   # or store="sqlite:///keys.db"
     key = keys.issue({"user": "alice"})       # in a script: no event loop needed
 
     @server.add_handler(Filters.APIFactory(keys, "key"))   # in the server: never blocks
     async def private(client, packet): ...
-
-Run it as a script to issue one key into a database file and print it::
-
-    python -m examples.sqlite_keystore [keys.db] [USER]
 
 The decisions, and why
 ----------------------
@@ -38,6 +40,16 @@ the new digest with a single ``UPDATE OR REPLACE``. No read-then-write across tw
 statements, so two processes sharing the file cannot interleave half-done changes,
 and a reissue can never leave both keys valid, or neither.
 
+**Several processes, one file.** The database runs in WAL mode, so readers (key
+checks) never wait for a writer (a script issuing keys), nor writers for readers.
+Writers take turns: a statement that finds the file locked waits for it, up to
+``timeout`` seconds (SQLite's busy timeout), and a statement that SQLite refuses at
+once with "database is locked" (which it does, rather than wait, where waiting could
+deadlock: two connections creating the schema of a new file at the same moment, or
+a WAL being recovered) is retried, with a growing pause, until the same deadline.
+Retrying is safe because a refused statement did nothing: every statement is its own
+transaction. Only past the deadline does the call fail, with ``StoreUnavailable``.
+
 **One connection per process, shared by the threads behind a lock.** A
 ``sqlite3`` connection belongs to the thread that made it unless opened with
 ``check_same_thread=False``, and trio's worker threads are pooled: the thread that
@@ -51,8 +63,8 @@ opens one connection with ``check_same_thread=False`` and serialises its use wit
 statement per connection could run at a time anyway. A :class:`trio.CapacityLimiter`
 of 1 in front of the lock makes tasks of the event loop queue *in trio*, where waiting
 is cheap and cancellable, rather than each parking a worker thread on the lock.
-The connection is opened lazily, and opened again in a child process after a
-``fork`` (``multiprocessing`` on Linux, a pre-forking process manager): SQLite forbids
+The connection is opened again in a child process after a ``fork``
+(``multiprocessing`` on Linux, a pre-forking process manager): SQLite forbids
 using a connection across a fork. (``asyncapy run --workers N`` forks nothing: each
 worker is a new process that imports the application, and so builds its own store.)
 
@@ -64,19 +76,20 @@ stalls one task, not every client. In a plain script there is no event loop to
 protect, so the statement runs right away and the coroutine finishes without ever
 suspending; that is what lets the synchronous ``APIKeyFactory`` methods (``issue``,
 ``get``, ``key in keys`` ...) drive this store through
-:func:`asyncapy.domain.ports.run_to_completion`. (Called synchronously *inside* a trio task,
-those methods raise ``RuntimeError`` telling you to await the ``a...`` methods.)
+:func:`asyncapy.domain.ports.run_to_completion`, which sets
+:data:`asyncapy.domain.ports.BLOCKING` so that the statement runs in the caller's
+thread even inside a trio task.
 
 **The file is shared, not cached.** Every call asks the database, and SQLite checks
 the file for other writers at the start of every transaction, so a key issued or
 revoked by a script, or by another server process, counts on the very next check.
-The database runs in WAL mode, so those writers never block the server's readers.
 
-**Failures fail closed.** ``sqlite3.OperationalError`` (the file cannot be opened,
+**Failures tell the truth.** ``sqlite3.OperationalError`` (the file cannot be opened,
 the database stayed locked longer than ``timeout``, the disk is full or read-only)
-surfaces as :class:`asyncapy.domain.errors.StoreUnavailable`, the one exception a store may
-raise for an unreachable backend: the API-key filter then refuses the packet and logs
-a warning, instead of crashing the handler or letting an unchecked key through.
+surfaces as :class:`asyncapy.domain.errors.StoreUnavailable`, the one exception a store
+may raise for an unreachable backend: the API-key filter then answers the packet
+``ERR_UNAVAILABLE`` ("retry later", not "your key is bad"), and nothing unchecked
+gets through.
 """
 
 from __future__ import annotations
@@ -86,20 +99,27 @@ import json
 import os
 import sqlite3
 import threading
-from contextlib import closing
+import time
 from typing import Any, Callable, Optional, TypeVar, Union
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import trio
 
 from asyncapy.domain.errors import StoreUnavailable
 from asyncapy.domain.ports import BLOCKING, KeyStore
 
-__all__ = ["SQLiteKeyStore", "digest"]
+__all__ = ["SQLiteKeyStore", "digest", "URL_FORM"]
 
 T = TypeVar("T")
 
 _INHERITED: list = []
 """Connections a forked child inherited from its parent, kept from the garbage collector."""
+
+URL_FORM = (
+    "sqlite:///PATH (a path relative to the working directory, as sqlite:///keys.db) or "
+    "sqlite:////ABSOLUTE/PATH (four slashes), optionally ?timeout=SECONDS"
+)
+"""What a ``sqlite://`` store URL looks like, for error messages (SQLAlchemy's form)."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -119,6 +139,14 @@ def digest(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite refused because another connection holds a lock (worth a retry)."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
 def _digest_of(key: Any) -> str:
     # The port's methods raise KeyError for a key that does not exist, and a non-string
     # key cannot exist: no key of another type is ever stored.
@@ -132,13 +160,14 @@ class SQLiteKeyStore(KeyStore):
 
     :param path: the database file; it and its table are created if missing. Several
         processes (server workers, admin scripts) may share one file.
-    :param timeout: seconds a statement waits for another process's write lock before
-        the call fails with :class:`~asyncapy.domain.errors.StoreUnavailable` (5).
+    :param timeout: seconds a statement waits for another process's write lock (and is
+        retried when SQLite refuses it at once) before the call fails with
+        :class:`~asyncapy.domain.errors.StoreUnavailable` (5).
 
     The constructor creates the schema synchronously, so build the store at start-up
     (import time, ``__main__``, ``setup()``), like opening any file; a path that
     cannot be opened fails there, with ``StoreUnavailable``, rather than on the first
-    packet.
+    packet. A relative ``path`` is resolved against the working directory once, here.
 
     ``":memory:"`` (and ``""``) are refused: a database in memory would die with its
     connection, and would not be shared with the scripts that issue keys. Use a file,
@@ -151,17 +180,38 @@ class SQLiteKeyStore(KeyStore):
             raise ValueError(f"path must be the name of a database file, not {path!r}")
         if type(timeout) not in (int, float) or timeout < 0:
             raise ValueError(f"timeout must be a number of seconds of at least 0, not {timeout!r}")
-        self.path = path
+        self.path = os.path.abspath(path)
         self.timeout = float(timeout)
         self._lock = threading.Lock()
         self._limiter = trio.CapacityLimiter(1)
         self._connection: Optional[sqlite3.Connection] = None
         self._pid = 0
+        self._run_blocking(self._create_schema)
+
+    @classmethod
+    def from_url(cls, url: str) -> "SQLiteKeyStore":
+        """The store a ``sqlite://`` URL names (see :data:`URL_FORM`).
+
+        ``sqlite:///keys.db`` is ``keys.db`` in the working directory,
+        ``sqlite:////var/lib/app/keys.db`` the absolute path: SQLAlchemy's form, which
+        many Python users know already. ``ValueError`` for anything else (a host, an
+        empty path, ``:memory:``, an unknown parameter).
+        """
+        parts = urlsplit(url)
+        if parts.scheme.lower() != "sqlite" or parts.netloc or parts.fragment:
+            raise ValueError("a host or a #fragment: sqlite:/// takes three slashes, then the path")
+        path = unquote(parts.path)[1:]  # drop the slash that ends "sqlite://"
+        if path in ("", ":memory:"):
+            raise ValueError("a database file is required")
+        options = dict(parse_qsl(parts.query, keep_blank_values=True))
+        timeout: Any = options.pop("timeout", 5.0)
+        if options:
+            raise ValueError(f"unknown parameter(s) {', '.join(sorted(options))}")
         try:
-            with closing(sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)) as db:
-                self._create_schema(db)
-        except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(f"SQLite key store {self.path!r}: {exc}") from exc
+            timeout = float(timeout)
+        except ValueError:
+            raise ValueError("timeout is not a number of seconds") from None
+        return cls(path, timeout=timeout)
 
     # -- plumbing: where and how a statement runs -----------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -181,12 +231,25 @@ class SQLiteKeyStore(KeyStore):
         return self._connection
 
     def _run_blocking(self, function: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``function(connection)`` under the lock, in the calling thread."""
+        """Run ``function(connection)`` under the lock, in the calling thread.
+
+        A refusal of SQLite's that waiting did not cure ("database is locked": the
+        busy timeout ran out, or SQLite refused at once where waiting could deadlock)
+        is retried with a growing pause until ``timeout`` has passed since the first
+        attempt; a refused statement did nothing, so running it again is safe.
+        """
+        deadline = time.monotonic() + self.timeout
+        pause = 0.002
         with self._lock:
-            try:
-                return function(self._connect())
-            except sqlite3.OperationalError as exc:
-                raise StoreUnavailable(f"SQLite key store {self.path!r}: {exc}") from exc
+            while True:
+                try:
+                    return function(self._connect())
+                except sqlite3.OperationalError as exc:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not _busy(exc):
+                        raise StoreUnavailable(f"SQLite key store {self.path!r}: {exc}") from exc
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 0.1)
 
     async def _run(self, function: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``function(connection)`` in a worker thread under trio, directly otherwise.
@@ -211,8 +274,10 @@ class SQLiteKeyStore(KeyStore):
     @staticmethod
     def _create_schema(db: sqlite3.Connection) -> None:
         # WAL is a property of the file, kept once set: readers (key checks) never
-        # wait for a writer (a script issuing keys), nor writers for readers.
-        db.execute("PRAGMA journal_mode=WAL")
+        # wait for a writer (a script issuing keys), nor writers for readers. Asked
+        # first, set only if needed: setting it takes the file's exclusive lock.
+        if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            db.execute("PRAGMA journal_mode=WAL")
         db.execute(SCHEMA)
 
     # -- the KeyStore port ---------------------------------------------------------
@@ -299,25 +364,3 @@ class SQLiteKeyStore(KeyStore):
     def __repr__(self) -> str:
         return f"SQLiteKeyStore({self.path!r})"
 
-
-def main(argv: Optional[list] = None) -> None:
-    """Issue one key for USER (default ``demo``) into PATH (default ``keys.db``); print it."""
-    import sys
-
-    from asyncapy import APIKeyFactory
-
-    args = sys.argv[1:] if argv is None else argv
-    path = args[0] if args else "keys.db"
-    user = args[1] if len(args) > 1 else "demo"
-    store = SQLiteKeyStore(path)
-    try:
-        keys = APIKeyFactory(store=store)
-        key = keys.issue({"user": user})
-        print(key)
-        print(f"issued for {keys.get(key)['user']!r} into {path} ({len(store)} key(s) in it)", file=sys.stderr)
-    finally:
-        store.close()
-
-
-if __name__ == "__main__":
-    main()
