@@ -191,7 +191,11 @@ class Filters:
         """Let through only packets whose ``field_name`` holds a valid API key.
 
         The lookup is asynchronous: it never blocks the event loop, whatever store or
-        subclass the factory uses.
+        subclass the factory uses. When the store cannot be reached, the check is not
+        made, so it neither passes nor fails: the filter raises
+        :class:`~asyncapy.errors.StoreUnavailable`, the packet goes no further and the
+        client gets ``ERR_UNAVAILABLE`` ("retry later", never "your key is bad"),
+        with one warning line in the log naming the key by its fingerprint.
 
         :param factory: the :class:`~asyncapy.util.APIKeyFactory` (or a subclass).
         :param field_name: the payload field carrying the key.
@@ -215,9 +219,9 @@ class Filters:
             try:
                 return await self.factory.acontains(key)
             except StoreUnavailable as exc:
-                # Fail closed: a key that cannot be checked does not pass.
-                logger.warning("API key %s not checked, key store unavailable: %s", fingerprint(key), exc)
-                return False
+                # Neither pass nor fail: an unchecked key gets nowhere, and the client
+                # is told to retry (the server answers ERR_UNAVAILABLE and logs this).
+                raise StoreUnavailable(f"API key {fingerprint(key)} not checked: {exc}") from None
 
         def __repr__(self) -> str:
             return f"Filters.APIFactory({self.factory!r}, {self.field_name!r})"

@@ -559,6 +559,7 @@ class Server:
             )
             async with trio.open_nursery() as sessions:
                 sessions.start_soon(self._run_session_services)
+                sessions.start_soon(self._check_store)
                 accepting = trio.CancelScope()
                 sessions.start_soon(self._accept, listeners, sessions, accepting)
                 task_status.started(self.addresses)
@@ -581,6 +582,22 @@ class Server:
                     await self.shutdown()
                 finally:
                     logger.info("AsyncAPY stopped")
+
+    async def _check_store(self) -> None:
+        """Say at start, in one warning line, that the session store cannot be reached
+        (a read of no consequence is the probe): until it can, every new connection
+        is refused with ``ERR_UNAVAILABLE``, and the start line alone would hide why."""
+        try:
+            await self.store.sessions("127.0.0.1")
+        except StoreUnavailable as exc:
+            logger.warning(
+                "The session store %r cannot be reached: %s; new connections are refused "
+                "with ERR_UNAVAILABLE until it can",
+                self.store,
+                exc,
+            )
+        except Exception as exc:  # the store's own bug: the sessions will show it too
+            logger.warning("The session store %r failed a first read: %r", self.store, exc)
 
     def _check_open_file_limit(self) -> None:
         """Raise the open-file limit (once per process) and warn if it caps connections
@@ -945,15 +962,15 @@ class Server:
                             return "connection lost while replying"
                         logs = state.logs or state.start_logs()
                         if logs.failures.allow():
-                            logger.error(
-                                "(%s) %s%s",
-                                session_id,
-                                failure,
-                                logs.failures.take_suppressed("handler failures not logged"),
-                                exc_info=cause,
-                            )
+                            suppressed = logs.failures.take_suppressed("handler failures not logged")
+                            if failure.unavailable:  # an outage, not a bug: one line
+                                logger.warning(
+                                    "(%s) %s: replied %s%s", session_id, failure, failure.code, suppressed
+                                )
+                            else:
+                                logger.error("(%s) %s%s", session_id, failure, suppressed, exc_info=cause)
                         if not channel.closed:
-                            await channel.send(connection.error_bytes(ERR_INTERNAL))
+                            await channel.send(connection.error_bytes(failure.code))
                     if channel.closed:
                         return "closed by a handler"
                 else:

@@ -5,7 +5,11 @@ handlers are tried in registration order and only the first whose filters all pa
 is called. A packet that matched in one group goes on to the next (propagation)
 unless the handler raised :class:`~domain.errors.StopPropagation`, or closed the
 session. A handler or filter that raises ends the packet's dispatch with
-:class:`HandlerFailed`, which the server answers with ``ERR_INTERNAL``.
+:class:`HandlerFailed`, whose :attr:`~HandlerFailed.code` is the error the server
+answers with: ``ERR_UNAVAILABLE`` when what raised was
+:class:`~domain.errors.StoreUnavailable` (an API-key check, ``get_sessions()``... needed
+a store that cannot be reached: "retry later"), ``ERR_INTERNAL`` for anything else (a
+bug).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import inspect
 from inspect import isawaitable
 from typing import Any, Awaitable, Callable, Iterable, Optional
 
-from .errors import StopPropagation
+from .errors import ERR_INTERNAL, ERR_UNAVAILABLE, StopPropagation, StoreUnavailable
 from .filtering import evaluate
 
 __all__ = ["Handler", "HandlerFailed", "Dispatcher"]
@@ -77,12 +81,24 @@ def _name(function: Any) -> str:
 
 
 class HandlerFailed(Exception):
-    """A handler or one of its filters raised; ``__cause__`` is the original error."""
+    """A handler or one of its filters raised; ``__cause__`` is the original error.
 
-    def __init__(self, handler: Handler, group: int):
-        super().__init__(f"handler {handler.name} (group {group}) raised")
+    :attr:`code` is the error reply the packet gets, and :attr:`unavailable` says
+    whether the cause was a store out of reach: an outage, which deserves one log line
+    (the store adapter's message), not a traceback.
+    """
+
+    def __init__(self, handler: Handler, group: int, cause: BaseException, in_filter: bool = False):
         self.handler = handler
         self.group = group
+        self.unavailable = isinstance(cause, StoreUnavailable)
+        self.code = ERR_UNAVAILABLE if self.unavailable else ERR_INTERNAL
+        where = f"a filter of handler {handler.name}" if in_filter else f"handler {handler.name}"
+        if self.unavailable:
+            message = f"{where} (group {group}) needed a store, which is unavailable: {cause}"
+        else:
+            message = f"{where} (group {group}) raised"
+        super().__init__(message)
 
 
 class Dispatcher:
@@ -123,8 +139,9 @@ class Dispatcher:
 
         ``client.closed`` is read after each handler: a session closed by a handler
         receives nothing more. ``client.handler`` is set to each handler before it is
-        called, so that whoever interrupts one (a deadline) can name it. Raises :class:`HandlerFailed` if a handler or filter
-        raised anything but ``StopPropagation``.
+        called, so that whoever interrupts one (a deadline) can name it. Raises
+        :class:`HandlerFailed` if a handler or filter raised anything but
+        ``StopPropagation``.
         """
         sole = self.sole
         if sole is not None:  # one group, one unfiltered first handler: the loops, sooner
@@ -134,7 +151,7 @@ class Dispatcher:
             except StopPropagation:
                 pass
             except Exception as exc:
-                raise HandlerFailed(sole[1], sole[0]) from exc
+                raise HandlerFailed(sole[1], sole[0], exc) from exc
             return 1
         called = 0
         for group, handlers in self._ordered:
@@ -143,15 +160,20 @@ class Dispatcher:
                     passed = evaluate(handler.filters, client, packet)
                     if passed is not True and passed is not False and isawaitable(passed):
                         passed = await passed
-                    if not passed:
-                        continue
+                except StopPropagation:
+                    return called
+                except Exception as exc:
+                    raise HandlerFailed(handler, group, exc, in_filter=True) from exc
+                if not passed:
+                    continue
+                try:
                     called += 1
                     client.handler = handler
                     await handler.function(client, packet)
                 except StopPropagation:
                     return called
                 except Exception as exc:
-                    raise HandlerFailed(handler, group) from exc
+                    raise HandlerFailed(handler, group, exc) from exc
                 break
             if client.closed:
                 break

@@ -4,8 +4,10 @@ own, stopped and restarted on the same port; no persistence, so its data is lost
 While Redis is down:
 * sessions already admitted keep being served: a packet needs no store;
 * a new connection is refused at once with ``ERR_UNAVAILABLE`` (JSON) and EOF;
-* an API-key-guarded handler does not pass (fail closed), and nothing crashes; a session
-  ending cannot be released in Redis, which is logged, not fatal.
+* a packet whose API key cannot be checked, or whose handler asks for
+  ``get_sessions()``, is answered ``ERR_UNAVAILABLE`` ("retry later", not "bad key", not
+  ``ERR_INTERNAL``), goes no further, and costs one log line; the session goes on;
+* a session ending cannot be released in Redis, which is logged, not fatal.
 When Redis is back, without restarting the server: new sessions are admitted again,
 keys work again, and the renewals put the live sessions back into Redis, so the limit
 counts them again.
@@ -25,6 +27,7 @@ from tests.conftest import serving
 from tests.e2e.wire import Wire, json_error
 
 UNAVAILABLE = json_error("ERR_UNAVAILABLE")
+UNAVAILABLE_REPLY = {"status": "failure", "error": "ERR_UNAVAILABLE"}
 LIMIT_REACHED = json_error("ERR_SESSION_LIMIT_REACHED")
 
 
@@ -51,6 +54,10 @@ async def test_a_redis_outage_refuses_new_sessions_and_keys_and_recovers(own_red
     async def denied(client, packet):
         await client.send(Packet({"answer": "denied"}, encoding=client.encoding))
 
+    @server.add_handler(Filters.Fields(sessions=None))
+    async def count(client, packet):
+        await client.send(Packet({"sessions": len(await client.get_sessions())}, encoding=client.encoding))
+
     @server.add_handler()
     async def echo(client, packet):
         await client.send(packet)
@@ -62,13 +69,23 @@ async def test_a_redis_outage_refuses_new_sessions_and_keys_and_recovers(own_red
         assert await held.request({"n": 1}) == {"n": 1}
         assert await doomed.request({"n": 1}) == {"n": 1}
         assert await held.request({"key": key, "ask": "?"}) == {"answer": "granted"}
+        assert await held.request({"sessions": "?"}) == {"sessions": 2}
         assert await refused_with(host, port, LIMIT_REACHED) < 1
 
         own_redis.stop()
         # Admitted sessions go on: a packet costs no store call...
         assert await held.request({"n": 2}) == {"n": 2}
-        # ...but a key cannot be checked, so the guarded handler does not pass.
-        assert await held.request({"key": key, "ask": "?"}) == {"answer": "denied"}
+        # ...but a key cannot be checked: "retry later", and no handler runs (not even
+        # the unguarded `denied` after it); the session goes on.
+        caplog.clear()
+        assert await held.request({"key": key, "ask": "?"}) == UNAVAILABLE_REPLY
+        assert await held.request({"sessions": "?"}) == UNAVAILABLE_REPLY
+        outage_lines = [r for r in caplog.records if "ERR_UNAVAILABLE" in r.getMessage()]
+        assert len(outage_lines) == 2, [r.getMessage() for r in caplog.records]
+        assert "not checked" in outage_lines[0].getMessage()
+        assert "count" in outage_lines[1].getMessage()
+        assert not [r for r in outage_lines if r.exc_info], "a traceback for an outage"
+        assert await held.request({"n": 2.5}) == {"n": 2.5}
         # New sessions are refused, and promptly (a closed port fails at once).
         assert await refused_with(host, port, UNAVAILABLE) < 1
         # A session ending now cannot be released in Redis: logged, nothing breaks.
@@ -97,7 +114,7 @@ async def test_a_redis_outage_refuses_new_sessions_and_keys_and_recovers(own_red
     messages = [record.getMessage() for record in caplog.records]
     assert any("Session store unavailable, refusing 127.0.0.1" in m for m in messages)
     assert any("Could not release the session in the store" in m for m in messages)
-    assert any("not checked, key store unavailable" in m for m in messages)
+    assert any("not checked" in m and "replied ERR_UNAVAILABLE" in m for m in messages)
     assert sum("Cannot renew session leases" in m for m in messages) == 1
     # Every failure was an expected StoreUnavailable: no traceback at ERROR anywhere.
     assert not [r for r in caplog.records if r.exc_info and r.levelno >= logging.ERROR], messages
@@ -128,3 +145,41 @@ async def test_a_redis_refusing_writes_is_unavailable_too(own_redis, make_server
         async with await Wire.connect(host, port) as wire:
             assert await wire.request({"ok": 1}) == {"ok": 1}
     admin.close()
+
+
+async def test_a_server_started_while_redis_is_down_says_so_once_then_serves(own_redis, make_server, caplog):
+    """The start line alone would look normal: one warning says the store cannot be
+    reached (and what clients get meanwhile); once Redis is up, sessions are admitted."""
+    caplog.set_level(logging.INFO)
+    own_redis.stop()
+    server = make_server(store=own_redis.url)
+
+    @server.add_handler()
+    async def echo(client, packet):
+        await client.send(packet)
+
+    async with serving(server) as (host, port):
+        with trio.fail_after(10):
+            while not any("cannot be reached" in r.getMessage() for r in caplog.records):
+                await trio.sleep(0.05)
+        assert await refused_with(host, port, UNAVAILABLE) < 5
+        own_redis.start()
+        async with await Wire.connect(host, port) as wire:
+            assert await wire.request({"back": True}) == {"back": True}
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and "cannot be reached" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0].getMessage() and not warnings[0].exc_info
+    assert "ERR_UNAVAILABLE" in warnings[0].getMessage() and "RedisSessionStore" in warnings[0].getMessage()
+
+
+async def test_a_server_whose_store_is_up_gives_no_such_warning(redis_server, make_server, caplog):
+    caplog.set_level(logging.INFO)
+    server = make_server(store=redis_server.url)
+
+    @server.add_handler()
+    async def echo(client, packet):
+        await client.send(packet)
+
+    async with serving(server) as (host, port):
+        async with await Wire.connect(host, port) as wire:
+            assert await wire.request({"up": True}) == {"up": True}
+    assert not [r for r in caplog.records if "cannot be reached" in r.getMessage()]

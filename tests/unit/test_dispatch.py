@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from asyncapy.domain.dispatch import Dispatcher, Handler, HandlerFailed
-from asyncapy.domain.errors import StopPropagation
+from asyncapy.domain.errors import ERR_INTERNAL, ERR_UNAVAILABLE, StopPropagation, StoreUnavailable
 from asyncapy.domain.filtering import Filter
 
 PACKET = {"foo": "bar"}
@@ -270,6 +270,56 @@ async def test_a_raising_filter_is_handler_failed_and_nothing_else_runs(asynchro
     assert log == ["zero"]
     assert type(info.value.__cause__) is LookupError
     assert info.value.handler is guarded and info.value.group == 3
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+async def test_a_store_out_of_reach_in_a_filter_is_err_unavailable_and_nothing_else_runs(asynchronous):
+    """An API-key check that could not be made: "retry later", not "your key is bad"
+    (the next handler of the group, unguarded, does not run either), not a bug."""
+    log: list = []
+    guarded = Handler(recorder(log, "guarded"), [Raising(StoreUnavailable("Redis is unreachable"), asynchronous)])
+    dispatcher = dispatcher_with((0, guarded), (0, Handler(recorder(log, "fallback"))))
+    with pytest.raises(HandlerFailed) as info:
+        await dispatcher.dispatch(FakeClient(), PACKET)
+    assert log == []
+    failure = info.value
+    assert failure.unavailable is True and failure.code == ERR_UNAVAILABLE
+    assert str(failure) == "a filter of handler guarded (group 0) needed a store, which is unavailable: Redis is unreachable"
+
+
+@pytest.mark.parametrize("sole", [True, False])
+async def test_a_store_out_of_reach_in_a_handler_is_err_unavailable(sole):
+    """``await client.get_sessions()`` (or ``keys.aget``) in a handler during an outage."""
+
+    async def asks_the_store(client, packet):
+        raise StoreUnavailable("Redis is unreachable")
+
+    handler = Handler(asks_the_store)
+    pairs = [(0, handler)] if sole else [(0, Handler(recorder([], "first"), [Pass(False)])), (0, handler)]
+    dispatcher = dispatcher_with(*pairs)
+    assert (dispatcher.sole is not None) is sole
+    with pytest.raises(HandlerFailed) as info:
+        await dispatcher.dispatch(FakeClient(), PACKET)
+    assert info.value.code == ERR_UNAVAILABLE and info.value.unavailable
+    assert str(info.value).startswith("handler ") and "Redis is unreachable" in str(info.value)
+
+
+async def test_any_other_failure_is_err_internal():
+    dispatcher = dispatcher_with((0, Handler(recorder([], "failing", fail))))
+    with pytest.raises(HandlerFailed) as info:
+        await dispatcher.dispatch(FakeClient(), PACKET)
+    assert info.value.code == ERR_INTERNAL and not info.value.unavailable
+    assert str(info.value).endswith("(group 0) raised")
+
+
+async def test_stop_propagation_from_a_filter_still_stops_quietly():
+    log: list = []
+    dispatcher = dispatcher_with(
+        (0, Handler(recorder(log, "stopped"), [Raising(StopPropagation())])),
+        (1, Handler(recorder(log, "later"))),
+    )
+    assert await dispatcher.dispatch(FakeClient(), PACKET) == 0
+    assert log == []
 
 
 async def test_base_exceptions_are_not_wrapped():
