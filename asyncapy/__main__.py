@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 from . import __version__
 from asyncapy.adapters.memory import MemorySessionStore
 
-from .cli import CommandError, HelpFormatter, OneLineParser, import_object
+from .cli import CommandError, HelpFormatter, OneLineParser, UsageError, import_object
 from .cli import keys as keys_command
 from .cli import send as send_command
 from .config import ConfigError, load_config, validate
@@ -36,13 +36,15 @@ _TLS_SETTINGS = frozenset({"certfile", "keyfile", "cafile"})
 
 
 def load_app(spec: str) -> Server:
-    """Import ``MODULE:ATTR`` (from the current directory too) and return the Server."""
-    try:
-        app = import_object(spec, "app")
-    except CommandError as exc:
-        raise SystemExit(f"asyncapy: {exc}") from None
+    """Import ``MODULE:ATTR`` (from the current directory too) and return the Server.
+
+    :raises UsageError: (exit status 2) for a bad spec, a missing module or attribute,
+        or an object that is not a Server; :class:`CommandError` (1) when the module
+        fails while importing.
+    """
+    app = import_object(spec, "app")
     if not isinstance(app, Server):
-        raise SystemExit(f"asyncapy: {spec} is {app!r}, not an asyncapy Server")
+        raise UsageError(f"{spec} is {app!r}, not an asyncapy Server")
     return app
 
 
@@ -258,6 +260,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as exc:
         print(f"asyncapy: {exc}", file=sys.stderr)
         return 2
+    except CommandError as exc:  # the app could not be loaded (UsageError: 2)
+        print(f"asyncapy: {exc.message}", file=sys.stderr)
+        return exc.status
     except OSError as exc:
         print(f"asyncapy: {exc}", file=sys.stderr)
         return 1

@@ -34,6 +34,27 @@ class ProtocolViolation(ConnectionError):
     """The server sent bytes that are not AsyncAProto 22 packets."""
 
 
+def _tls_failure(exc: ssl.SSLError, hostname: str, port: int) -> ssl.SSLError:
+    """``exc``, a failed TLS handshake, with a hint when the server may speak plain TCP.
+
+    A plain-TCP server answers a ClientHello with bytes that are not TLS (or closes):
+    ``WRONG_VERSION_NUMBER``, or an EOF, which alone tell a newcomer nothing. A failed
+    certificate check is about the certificate, and is returned as it is. The result
+    is still an :class:`ssl.SSLError` (same errno, reason and library), so code that
+    catches that keeps working.
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return exc
+    detail = exc.reason or exc.strerror or str(exc) or type(exc).__name__
+    hinted = type(exc)(
+        exc.errno,
+        f"TLS handshake with {hostname}:{port} failed ({detail}); if the server speaks "
+        "plain TCP (a server without a certificate does), pass tls=False",
+    )
+    hinted.reason, hinted.library = exc.reason, exc.library
+    return hinted
+
+
 class _ClientBase:
     """Settings, encoding and parsing shared by both clients."""
 
@@ -163,6 +184,9 @@ class Client(_ClientBase):
         if self.tls:
             try:
                 sock = self._tls_context().wrap_socket(sock, server_hostname=hostname)
+            except ssl.SSLError as exc:
+                sock.close()
+                raise _tls_failure(exc, hostname, port) from None
             except BaseException:
                 sock.close()
                 raise
@@ -244,7 +268,7 @@ class AsyncClient(_ClientBase):
             if isinstance(exc, trio.BrokenResourceError) and isinstance(exc.__cause__, ssl.SSLError):
                 # Like the blocking Client: the ssl error itself (certificate verification
                 # failed, host name mismatch...), not trio's cause-less wrapper.
-                raise exc.__cause__ from None
+                raise _tls_failure(exc.__cause__, hostname, port) from None
             raise
         self._reset_framer()
         self.stream = stream

@@ -23,7 +23,8 @@ ERR_INTERNAL = "ERR_INTERNAL"
 """A handler (or one of its filters) raised; the traceback goes to the log only."""
 
 ERR_UNAVAILABLE = "ERR_UNAVAILABLE"
-"""The shared session store could not be reached to admit a new session."""
+"""A store could not be reached: to admit a new session (which is then closed), or
+for a packet's dispatch (an API-key check, ``get_sessions()``), which goes no further."""
 
 ALL_CODES = (
     ERR_REQUEST_MALFORMED,

@@ -53,6 +53,12 @@ kernel) and the live sessions of 127.0.0.1 in *both* workers: 1, 2, 3, 4, then t
 fifth connection is refused with ``ERR_SESSION_LIMIT_REACHED``, whichever worker
 accepted it.
 
+While Redis is down, a new connection is refused with ``ERR_UNAVAILABLE``, and so is a
+packet on an open connection, with a key (the key cannot be checked) or without (the
+handler's ``get_sessions()`` cannot count): "retry later", with one warning line in
+the server's log each. The connection stays open; the same request succeeds once
+Redis is back.
+
 Without Redis, ``python -m examples.scaleout`` (or ``asyncapy run
 examples.scaleout:app``) serves one process with everything in memory;
 ``python -m examples.scaleout`` then issues a key at start and prints it, since no

@@ -20,6 +20,15 @@ importing this package does not import them, importing ``contracts`` (or ``plugi
 does.
 """
 
+import sys
+
+if "pytest" in sys.modules:
+    # Under pytest, have it rewrite the asserts of the contract suites (as it does in
+    # test files), so that a store failing one shows the values that differ, not a
+    # bare AssertionError. It must be registered before the module is imported, and
+    # importing pytest here only when it is already loaded keeps it a test dependency.
+    sys.modules["pytest"].register_assert_rewrite("asyncapy.testing.contracts")
+
 from .client import TestClient, open_test_client
 from .serving import open_test_server
 

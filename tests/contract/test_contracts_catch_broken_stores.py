@@ -195,3 +195,40 @@ def _collected(contract) -> int:
                     size *= len(mark.args[1])
             total += size
     return total
+
+
+BROKEN_USER_STORE = '''
+import pytest
+from asyncapy.adapters.memory import MemoryKeyStore
+from asyncapy.testing.contracts import KeyStoreContract
+
+class StampingStore(MemoryKeyStore):
+    """Adds a field of its own to the metadata it moves."""
+
+    async def replace(self, old_key, new_key):
+        metadata = await self.get(old_key)
+        await self.delete(old_key)
+        await self.put(new_key, {**metadata, "moved": True})
+
+class TestStamping(KeyStoreContract):
+    @pytest.fixture
+    def store(self):
+        return StampingStore()
+'''
+
+
+def test_a_contract_failure_shows_the_values_that_differ(pytester):
+    """In a user's own pytest run (a fresh process, as theirs is), the contracts'
+    asserts are rewritten like a test file's: the failure names the values, not a bare
+    ``AssertionError`` inside an ``ExceptionGroup``."""
+    pytester.makepyfile(test_broken_adapter=BROKEN_USER_STORE)
+    pytester.makeini("[pytest]\n")
+    result = pytester.runpytest_subprocess(
+        "-q", "-p", "no:cacheprovider", "-k", "test_replace_moves_metadata"
+    )
+    output = result.stdout.str()
+    assert result.ret == 1, output
+    assert "1 failed" in output, output
+    # pytest's rewritten assert: both values, and what differs between them.
+    assert "AssertionError: assert {'owner': 'al" in output, output
+    assert "Left contains 1 more item:" in output and "{'moved': True}" in output, output
