@@ -151,11 +151,12 @@ def test_bad_config_key_is_named(tmp_path):
         ("no_such_module_here:app", "cannot import"),
         ("tests.e2e.cli_app:not_a_server", "not an asyncapy Server"),
         ("examples.echo", "MODULE:ATTR"),
+        ("hello", "MODULE:ATTR"),
     ],
 )
 def test_bad_app_spec_prints_one_line_and_fails(spec, message):
     result = run("run", spec)
-    assert result.returncode != 0
+    assert result.returncode == 2  # bad input, as docs/cli.md promises
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

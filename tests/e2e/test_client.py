@@ -233,3 +233,25 @@ async def test_mismatched_layout_is_refused_not_misread(closing_echo):
             # The client reads the 4-byte reply as an 8-byte Content-Length: unframeable.
             with pytest.raises(ProtocolViolation, match="Content-Length"):
                 await client.receive()
+
+
+async def test_tls_against_a_plain_server_says_to_pass_tls_false(closing_echo):
+    """The clients' default (TLS) against a plain-TCP server: still an ``ssl.SSLError``
+    (code that catches it keeps working), but one that says what to do."""
+    import ssl
+
+    def blocking(port):
+        with Client(timeout=5) as client:
+            client.connect("127.0.0.1", port)
+
+    async with serving(closing_echo()) as (host, port):
+        with pytest.raises(ssl.SSLError) as blocking_error:
+            await in_thread(lambda: blocking(port))
+        with pytest.raises(ssl.SSLError) as async_error:
+            async with AsyncClient(timeout=5) as client:
+                await client.connect(host, port)
+    for error in (blocking_error.value, async_error.value):
+        message = str(error)
+        assert f"TLS handshake with 127.0.0.1:{port} failed" in message, message
+        assert "pass tls=False" in message, message
+        assert error.reason in ("WRONG_VERSION_NUMBER", "UNEXPECTED_EOF_WHILE_READING", None), error.reason
