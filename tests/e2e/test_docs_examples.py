@@ -242,8 +242,7 @@ async def test_the_readme_client_prints_what_the_readme_says_against_make_run():
     assert promised, "the README says what the client prints"
     from examples.echo import app  # what `make run` serves
 
-    app.port = 0
-    async with serving(app) as (host, port):
+    async with serving(app) as (host, port):  # a free port; restored afterwards
         code = client_code.replace("8081", str(port))
         result = await trio.run_process(
             [sys.executable, "-c", code], cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False
