@@ -22,12 +22,14 @@ does.
 
 import sys
 
-if "pytest" in sys.modules:
+_pytest = sys.modules.get("pytest")
+if _pytest is not None:
     # Under pytest, have it rewrite the asserts of the contract suites (as it does in
     # test files), so that a store failing one shows the values that differ, not a
     # bare AssertionError. It must be registered before the module is imported, and
-    # importing pytest here only when it is already loaded keeps it a test dependency.
-    sys.modules["pytest"].register_assert_rewrite("asyncapy.testing.contracts")
+    # using pytest here only when it is already loaded keeps it a test dependency.
+    _pytest.register_assert_rewrite("asyncapy.testing.contracts")
+del _pytest
 
 from .client import TestClient, open_test_client
 from .serving import open_test_server
