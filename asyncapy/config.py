@@ -18,12 +18,18 @@ from typing import Any, Callable, Mapping, Optional
 import attrs
 
 from asyncapy.domain.framing import DEFAULT_MAX_PACKET_SIZE
-from asyncapy.domain.redaction import MASK, looks_secret, redact
+from asyncapy.domain.redaction import MASK, looks_secret, redact, redact_url
 
 __all__ = ["ConfigError", "Setting", "SETTINGS", "SECTION", "validate", "load_config"]
 
 SECTION = "AsyncAPY"
 """The INI section the server reads."""
+
+
+URL_SETTINGS = frozenset({"store"})
+"""Settings whose values are URLs: shown through
+:func:`~asyncapy.domain.redaction.redact_url`, which takes all that stands before the
+last ``@`` for credentials, however broken the rest is."""
 
 
 class ConfigError(ValueError):
@@ -44,7 +50,7 @@ class ConfigError(ValueError):
         if looks_secret(str(key)):
             value = MASK
         elif isinstance(value, str):
-            value = redact(value)
+            value = redact_url(value) if key in URL_SETTINGS else redact(value)
         shown = redact(repr(value))  # an object's repr may quote a URL too
         because = f" ({reason})" if reason else ""
         super().__init__(f"invalid {key}{where}: {shown}{because}; accepted: {accepted}")

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["MASK", "redact", "looks_secret"]
+__all__ = ["MASK", "redact", "redact_url", "looks_secret"]
 
 MASK = "***"
 """What a hidden credential is replaced by."""
@@ -133,3 +133,28 @@ def redact(text: str) -> str:
     lines = text.split("\n")
     result = "\n".join(_SECRET_PAIR.sub(_mask_pair, _mask_odd_port(_mask_userinfo(line))) for line in lines)
     return text if result == text else result
+
+
+_LEADING_SCHEME = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.\-]*:/*")
+
+
+def redact_url(value: str) -> str:
+    """:func:`redact` for a value known to be meant as a URL (a ``store`` setting).
+
+    :func:`redact` must keep prose readable, so with no scheme it takes only the word
+    before an ``@`` for credentials (``error: mail bob@example.com`` stays as it is).
+    A value that is meant to be a URL has no prose in it: everything before its last
+    ``@`` (after the scheme, when there is one) is user information, blanks and all,
+    so ``:Pw Pw@127.0.0.1`` (a scheme forgotten, a password with a space) becomes
+    ``***@127.0.0.1``.
+    """
+    text = redact(value)
+    at = text.rfind("@")
+    if at < 0:
+        return text
+    scheme = _LEADING_SCHEME.match(text, 0, at)
+    start = scheme.end() if scheme else 0
+    userinfo = text[start:at]
+    if userinfo == MASK or (userinfo.endswith(":" + MASK) and _PLAIN_USER.fullmatch(userinfo[: -len(MASK) - 1])):
+        return text
+    return text[:start] + MASK + text[at:]

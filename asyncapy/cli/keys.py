@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 from asyncapy.domain.errors import StoreUnavailable
 from asyncapy.domain.ports import KeyStore, run_to_completion
-from asyncapy.domain.redaction import redact
+from asyncapy.domain.redaction import redact_url
 
 from ..config import ConfigError
 from ..util import APIKeyFactory, fingerprint
@@ -178,7 +178,7 @@ def open_factory(store: Optional[str], size: Optional[int] = None) -> APIKeyFact
             )
         if scheme not in _URL_SCHEMES:
             raise UsageError(
-                f"--store {redact(store)!r}: the scheme is not one of redis://, rediss://, unix://, sqlite://"
+                f"--store {redact_url(store)!r}: the scheme is not one of redis://, rediss://, unix://, sqlite://"
             )
         try:
             return APIKeyFactory(size if size is not None else 32, store=store)
@@ -199,7 +199,7 @@ def open_factory(store: Optional[str], size: Optional[int] = None) -> APIKeyFact
     if isinstance(target, KeyStore):
         return APIKeyFactory(size if size is not None else 32, store=target)
     raise UsageError(
-        f"--store {redact(store)} is a {type(target).__name__}, not a KeyStore nor an APIKeyFactory"
+        f"--store {redact_url(store)} is a {type(target).__name__}, not a KeyStore nor an APIKeyFactory"
     )
 
 
