@@ -19,15 +19,22 @@ install-test: $(BIN)/python
 run: install
 	$(BIN)/python -m asyncapy run examples.echo:app --host 127.0.0.1 --port 8081
 
-## The integration tests start a real redis-server on a free loopback port.
+## The integration tests start real parts on free loopback ports: redis-server (also as
+## Sentinel: `redis-server --sentinel`, and as Cluster nodes), redis-cli (creates the
+## Cluster) and haproxy (in front of the servers, with PROXY headers).
 ensure-redis:
-	@command -v redis-server >/dev/null 2>&1 || { \
+	@missing=""; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v redis-cli >/dev/null 2>&1 || missing="$$missing redis-tools"; \
+	{ command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ]; } || missing="$$missing haproxy"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "Installing redis-server (Debian package) for the integration tests"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	    echo "Installing$$missing (Debian packages) for the integration tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else \
-	    echo "redis-server is missing: install it (Debian/Ubuntu: sudo apt-get install redis-server)"; exit 1; \
-	  fi; }
+	    echo "Missing for the integration tests:$$missing; install them (Debian/Ubuntu: sudo apt-get install$$missing)"; exit 1; \
+	  fi; \
+	fi
 
 ## Run the whole test suite.
 test: install-test ensure-redis

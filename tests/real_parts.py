@@ -1,0 +1,421 @@
+"""Real Redis Sentinel, Redis Cluster and HAProxy processes on free loopback ports.
+
+What users run in front of and behind several AsyncAPY servers, started by the tests
+themselves the way :mod:`tests.redis_server` starts one ``redis-server``: each helper
+writes its configuration to a temporary directory, starts the processes, waits until
+they are really ready (a Sentinel set that knows its replica and all its sentinels, a
+Cluster whose every node says ``cluster_state:ok``, an HAProxy whose admin socket
+answers), and kills them all on :meth:`stop` (or leaving its ``with`` block).
+
+Never skipped: a machine without a program fails the test with the command that
+installs it (``make test`` and ``.ci/run`` install them themselves on Debian). Sentinel
+needs no package of its own: ``redis-server --sentinel`` is Sentinel.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from typing import Optional, Sequence
+
+import pytest
+
+from tests.redis_server import INSTALL_HINT as REDIS_INSTALL_HINT
+
+__all__ = ["SentinelSet", "RedisCluster", "HAProxy", "free_ports", "require"]
+
+INSTALL_HINTS = {
+    "redis-server": REDIS_INSTALL_HINT,
+    "redis-cli": (
+        "redis-cli is not installed; the Redis Cluster tests create their cluster with it. "
+        "Install it with `apt-get install redis-tools` (Debian/Ubuntu) or run `make test`."
+    ),
+    "haproxy": (
+        "haproxy is not installed; the PROXY protocol tests put a real one in front of the "
+        "servers. Install it with `apt-get install haproxy` (Debian/Ubuntu) or run `make test`, "
+        "which installs it."
+    ),
+}
+
+READY_SECONDS = 30.0
+"""How long a helper waits for its processes to be ready before it gives up."""
+
+
+def require(program: str) -> str:
+    """The path of ``program``; fails the test (never skips) with how to install it."""
+    path = shutil.which(program) or shutil.which(program, path="/usr/sbin:/sbin")
+    if path is None:
+        pytest.fail(INSTALL_HINTS[program], pytrace=False)
+    return path
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int, bus_offset: int = 0) -> list[int]:
+    """``count`` distinct TCP ports that nothing listens on now, on 127.0.0.1; with
+    ``bus_offset``, each ``port + bus_offset`` is free too (a cluster node's bus)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = random.randrange(20000, 65536 - bus_offset)
+        if port in ports or (port + bus_offset) in ports or port - bus_offset in ports:
+            continue
+        if _bindable(port) and (not bus_offset or _bindable(port + bus_offset)):
+            ports.append(port)
+    return ports
+
+
+def _command(port: int, *args: str, timeout: float = 2.0) -> str:
+    """Send one command to the Redis (or Sentinel) on ``port``; its reply, decoded.
+
+    A tiny RESP client, so that the helpers do not depend on the library under test's
+    own Redis client. Bulk strings, integers, statuses and errors are returned as text;
+    arrays as text lines (nested ones flattened), which is all the readiness checks
+    read.
+    """
+    request = f"*{len(args)}\r\n" + "".join(f"${len(arg.encode())}\r\n{arg}\r\n" for arg in args)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request.encode())
+        reader = sock.makefile("rb")
+        return "\n".join(_read_reply(reader))
+
+
+def _read_reply(reader) -> list[str]:
+    line = reader.readline()
+    if not line:
+        raise ConnectionError("connection closed")
+    kind, rest = line[:1], line[1:-2].decode()
+    if kind in (b"+", b":"):
+        return [rest]
+    if kind == b"-":
+        raise RuntimeError(rest)
+    if kind == b"$":
+        if int(rest) < 0:
+            return []
+        data = reader.read(int(rest) + 2)[:-2]
+        return [data.decode()]
+    if kind == b"*":
+        items: list[str] = []
+        for _ in range(max(0, int(rest))):
+            items += _read_reply(reader)
+        return items
+    raise RuntimeError(f"unexpected reply {line!r}")
+
+
+def _info(port: int, section: str) -> dict:
+    text = _command(port, "INFO", section)
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line and not line.startswith("#"))
+
+
+def _wait(what: str, check, processes: Sequence[subprocess.Popen], seconds: float = READY_SECONDS):
+    """Poll ``check()`` until it returns something true; fail with ``what`` if a process
+    died or the time ran out."""
+    deadline = time.monotonic() + seconds
+    last: object = None
+    while time.monotonic() < deadline:
+        for process in processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"{what}: {process.args[0]} exited with {process.returncode}")
+        try:
+            result = check()
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            result, last = None, exc
+        if result:
+            return result
+        time.sleep(0.05)
+    raise RuntimeError(f"{what}: not ready after {seconds:.0f} s (last error: {last!r})")
+
+
+class _Processes:
+    """Processes started in a temporary directory, all killed by :meth:`stop`."""
+
+    def __init__(self, prefix: str) -> None:
+        self.directory = tempfile.mkdtemp(prefix=prefix)
+        self.processes: list[subprocess.Popen] = []
+
+    def spawn(self, args: list[str], log: str) -> subprocess.Popen:
+        with open(os.path.join(self.directory, log), "ab") as output:
+            process = subprocess.Popen(args, cwd=self.directory, stdout=output, stderr=subprocess.STDOUT)
+        self.processes.append(process)
+        return process
+
+    def log(self, name: str) -> str:
+        """The output of one process so far (for failure messages)."""
+        try:
+            with open(os.path.join(self.directory, name), encoding="utf-8", errors="replace") as file:
+                return file.read()[-4000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Kill every process (idempotent) and remove the directory."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+        for process in self.processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                pass
+        self.processes = []
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def _redis_args(binary: str, port: int, *extra: str) -> list[str]:
+    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--protected-mode", "no", *extra]
+
+
+# -- Sentinel ------------------------------------------------------------------------------------
+class SentinelSet(_Processes):
+    """A master, a replica and three sentinels watching them (quorum 2), on loopback.
+
+    ``down-after-milliseconds`` is 1000, so the sentinels agree that a killed master is
+    down about 1 s after it dies and promote the replica a second or two later.
+    :attr:`url` is the ``redis+sentinel://`` store URL of the set.
+    """
+
+    def __init__(self, service: str = "mymaster", down_after_ms: int = 1000) -> None:
+        super().__init__("asyncapy-sentinel-")
+        self.binary = require("redis-server")
+        self.service = service
+        self.down_after_ms = down_after_ms
+        ports = free_ports(5)
+        self.master_port, self.replica_port = ports[0], ports[1]
+        self.sentinel_ports = ports[2:]
+        self.data_processes: dict[int, subprocess.Popen] = {}
+
+    @property
+    def sentinels(self) -> list[tuple[str, int]]:
+        """``[("127.0.0.1", port), ...]`` of the three sentinels (redis-py's form)."""
+        return [("127.0.0.1", port) for port in self.sentinel_ports]
+
+    @property
+    def url(self) -> str:
+        """``redis+sentinel://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3/<service>``."""
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.service}"
+
+    def start(self) -> "SentinelSet":
+        """Start all five processes; return once replication is up and every sentinel
+        knows the replica and the two other sentinels (else a failover could not get
+        its votes)."""
+        try:
+            self.data_processes[self.master_port] = self.spawn(
+                _redis_args(self.binary, self.master_port), f"redis-{self.master_port}.log"
+            )
+            self.data_processes[self.replica_port] = self.spawn(
+                _redis_args(self.binary, self.replica_port, "--replicaof", "127.0.0.1", str(self.master_port)),
+                f"redis-{self.replica_port}.log",
+            )
+            _wait(
+                "Sentinel set: replication",
+                lambda: _info(self.replica_port, "replication").get("master_link_status") == "up",
+                self.processes,
+            )
+            for port in self.sentinel_ports:
+                config = os.path.join(self.directory, f"sentinel-{port}.conf")
+                with open(config, "w", encoding="utf-8") as file:
+                    file.write(
+                        f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {self.directory}\n"
+                        f"sentinel monitor {self.service} 127.0.0.1 {self.master_port} 2\n"
+                        f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+                        f"sentinel failover-timeout {self.service} 10000\n"
+                        f"sentinel parallel-syncs {self.service} 1\n"
+                    )
+                self.spawn([self.binary, config, "--sentinel"], f"sentinel-{port}.log")
+            for port in self.sentinel_ports:
+                _wait(f"Sentinel on port {port}", lambda port=port: self._knows_everyone(port), self.processes)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _knows_everyone(self, port: int) -> bool:
+        replicas = _command(port, "SENTINEL", "REPLICAS", self.service)
+        sentinels = _command(port, "SENTINEL", "SENTINELS", self.service)
+        known = sum(1 for other in self.sentinel_ports if other != port and f"\n{other}\n" in f"\n{sentinels}\n")
+        return f"\n{self.replica_port}\n" in f"\n{replicas}\n" and known == 2
+
+    def master_address(self, sentinel_port: Optional[int] = None) -> tuple[str, int]:
+        """Where a sentinel (the first by default) says the master is now."""
+        reply = _command(sentinel_port or self.sentinel_ports[0], "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+        host, port = reply.splitlines()
+        return host, int(port)
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the data node on ``port`` (the master or the replica): no goodbye, as
+        when its machine dies."""
+        process = self.data_processes[port]
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+
+    def kill_master(self) -> int:
+        """SIGKILL the current master; its port."""
+        port = self.master_address()[1]
+        self.kill(port)
+        return port
+
+
+# -- Cluster -------------------------------------------------------------------------------------
+class RedisCluster(_Processes):
+    """A Redis Cluster of ``masters`` masters (no replicas), created with
+    ``redis-cli --cluster create``; :attr:`url` is its ``redis+cluster://`` store URL."""
+
+    def __init__(self, masters: int = 3, node_timeout_ms: int = 2000) -> None:
+        super().__init__("asyncapy-cluster-")
+        self.binary = require("redis-server")
+        self.cli = require("redis-cli")
+        self.node_timeout_ms = node_timeout_ms
+        self.ports = free_ports(masters, bus_offset=10000)  # each node's bus: port + 10000
+
+    @property
+    def nodes(self) -> list[tuple[str, int]]:
+        """``[("127.0.0.1", port), ...]`` of every node."""
+        return [("127.0.0.1", port) for port in self.ports]
+
+    @property
+    def url(self) -> str:
+        """``redis+cluster://127.0.0.1:P1,127.0.0.1:P2,...``."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+
+    def start(self) -> "RedisCluster":
+        """Start the nodes, assign every slot, and wait until each node says
+        ``cluster_state:ok``."""
+        try:
+            for port in self.ports:
+                self.spawn(
+                    _redis_args(
+                        self.binary, port, "--cluster-enabled", "yes",
+                        "--cluster-config-file", f"nodes-{port}.conf",
+                        "--cluster-node-timeout", str(self.node_timeout_ms),
+                    ),
+                    f"redis-{port}.log",
+                )
+            for port in self.ports:
+                _wait(f"cluster node {port}", lambda port=port: _command(port, "PING") == "PONG", self.processes)
+            created = subprocess.run(
+                [self.cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports), "--cluster-yes"],
+                cwd=self.directory, capture_output=True, text=True, timeout=60,
+            )
+            if created.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed:\n{created.stdout}\n{created.stderr}")
+            for port in self.ports:
+                _wait(f"cluster node {port}", lambda port=port: self.info(port)["cluster_state"] == "ok", self.processes)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def info(self, port: Optional[int] = None) -> dict:
+        """``CLUSTER INFO`` of one node (the first by default), as a dict."""
+        text = _command(port or self.ports[0], "CLUSTER", "INFO")
+        return dict(line.strip().split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+# -- HAProxy -------------------------------------------------------------------------------------
+class HAProxy(_Processes):
+    """HAProxy in TCP mode on a free loopback port, round-robin over ``backends``, with
+    a PROXY header (``send-proxy-v2`` or, with ``proxy_version=1``, ``send-proxy``) on
+    every connection it opens to them. ``proxy_version=0`` sends none.
+
+    No health checks unless ``check`` (they would open connections the backends'
+    tests did not ask for). :attr:`address` is where clients connect.
+    """
+
+    def __init__(
+        self,
+        backends: Sequence[tuple[str, int]],
+        proxy_version: int = 2,
+        check: bool = False,
+        timeout_s: int = 30,
+    ) -> None:
+        if proxy_version not in (0, 1, 2):
+            raise ValueError(f"proxy_version must be 0, 1 or 2, not {proxy_version!r}")
+        if not backends:
+            raise ValueError("HAProxy needs at least one backend")
+        super().__init__("asyncapy-haproxy-")
+        self.binary = require("haproxy")
+        self.backends = list(backends)
+        self.proxy_version = proxy_version
+        self.check = check
+        self.timeout_s = timeout_s
+        self.port = free_ports(1)[0]
+        self.admin_socket = os.path.join(self.directory, "admin.sock")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``("127.0.0.1", port)`` of the frontend."""
+        return ("127.0.0.1", self.port)
+
+    def config(self) -> str:
+        """The configuration file's text."""
+        send = {0: "", 1: " send-proxy", 2: " send-proxy-v2"}[self.proxy_version]
+        check = " check inter 500" if self.check else ""
+        servers = "".join(
+            f"    server s{n} {host}:{port}{send}{check}\n" for n, (host, port) in enumerate(self.backends)
+        )
+        return (
+            "global\n"
+            f"    stats socket {self.admin_socket} mode 600 level admin\n"
+            "    maxconn 1024\n"
+            "defaults\n"
+            "    mode tcp\n"
+            "    timeout connect 2s\n"
+            f"    timeout client {self.timeout_s}s\n"
+            f"    timeout server {self.timeout_s}s\n"
+            "frontend api\n"
+            f"    bind 127.0.0.1:{self.port}\n"
+            "    default_backend servers\n"
+            "backend servers\n"
+            "    balance roundrobin\n"
+            f"{servers}"
+        )
+
+    def start(self) -> "HAProxy":
+        """Check the configuration, start HAProxy in the foreground, and wait until its
+        admin socket answers (probing the frontend would open a backend connection)."""
+        path = os.path.join(self.directory, "haproxy.cfg")
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(self.config())
+        checked = subprocess.run([self.binary, "-c", "-q", "-f", path], capture_output=True, text=True, timeout=30)
+        if checked.returncode != 0:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise RuntimeError(f"haproxy refused its configuration:\n{checked.stdout}{checked.stderr}")
+        try:
+            self.spawn([self.binary, "-db", "-f", path], "haproxy.log")
+            _wait("HAProxy", lambda: "Name: HAProxy" in self.admin("show info"), self.processes)
+        except BaseException:
+            log = self.log("haproxy.log")
+            self.stop()
+            raise RuntimeError(f"HAProxy did not start:\n{log}") from None
+        return self
+
+    def admin(self, command: str) -> str:
+        """One command on the admin socket (``show stat``, ``disable server servers/s0``...)."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(2)
+            sock.connect(self.admin_socket)
+            sock.sendall(command.encode() + b"\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode(errors="replace")
