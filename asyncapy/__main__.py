@@ -24,7 +24,7 @@ from asyncapy.adapters.memory import MemorySessionStore
 from .cli import CommandError, HelpFormatter, OneLineParser, UsageError, import_object
 from .cli import keys as keys_command
 from .cli import send as send_command
-from .config import ConfigError, load_config, validate
+from .config import ConfigError, check_proxy_settings, load_config, validate
 from .logs import configure_server_logging
 from .server import Server
 from .workers import WORKER_COMMAND, run_worker, supervise
@@ -50,7 +50,7 @@ def load_app(spec: str) -> Server:
 
 _SERVER_FLAGS = (
     "host", "port", "store", "config", "certfile", "keyfile", "log_level",
-    "max_protocol_errors", "store_timeout", "log_format",
+    "max_protocol_errors", "store_timeout", "log_format", "trusted_proxies",
 )
 """The ``run`` flags that shape the server, forwarded as they are to every worker.
 Not ``--metrics-port`` and ``--metrics-host``: with workers, the supervisor serves the
@@ -159,6 +159,19 @@ def _add_server_arguments(run: argparse.ArgumentParser) -> None:
         help="address the metrics port binds (default: the app's metrics_host, 127.0.0.1 "
         "unless set)",
     )
+    run.add_argument(
+        "--proxy-protocol",
+        action=argparse.BooleanOptionalAction,
+        help="every connection starts with a PROXY protocol header (v1 or v2) from a trusted "
+        "proxy, and the client's address is the one it names; needs --trusted-proxies (or "
+        "the app's) (default: the app's proxy_protocol, off unless set)",
+    )
+    run.add_argument(
+        "--trusted-proxies",
+        metavar="ADDR[,ADDR...]",
+        help="the proxies whose PROXY headers are believed: IP addresses and CIDR networks, "
+        "IPv4 or IPv6, e.g. 10.0.0.5,10.1.0.0/16,fd00::/8 (default: the app's trusted_proxies)",
+    )
 
 
 def _configure(args: argparse.Namespace) -> Server:
@@ -182,6 +195,8 @@ def _configure(args: argparse.Namespace) -> Server:
         ("log_format", "log_format"),
         ("metrics_port", "metrics_port"),
         ("metrics_host", "metrics_host"),
+        ("proxy_protocol", "proxy_protocol"),
+        ("trusted_proxies", "trusted_proxies"),
     ):
         value = getattr(args, flag)
         if value is not None:  # an absent flag keeps the app's (or the config's) value
@@ -194,6 +209,11 @@ def _configure(args: argparse.Namespace) -> Server:
         # lose it to a --certfile given for a certificate rotation: refused, naming
         # both, before anything is changed.
         app._use_tls_files(tls)
+    check_proxy_settings(  # before anything is changed, as above
+        overrides.get("proxy_protocol", app.proxy_protocol),
+        overrides.get("trusted_proxies", app.trusted_proxies),
+        "the app, --config and the flags",
+    )
     for name, value in overrides.items():
         setattr(app, name, value)
     if tls:
@@ -210,6 +230,8 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
         value = getattr(args, flag)
         if value is not None:
             forwarded += [f"--{flag.replace('_', '-')}", str(value)]
+    if args.proxy_protocol is not None:
+        forwarded.append("--proxy-protocol" if args.proxy_protocol else "--no-proxy-protocol")
     return forwarded
 
 

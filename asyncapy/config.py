@@ -18,9 +18,10 @@ from typing import Any, Callable, Mapping, Optional
 import attrs
 
 from asyncapy.domain.framing import DEFAULT_MAX_PACKET_SIZE
+from asyncapy.domain.proxy import TrustedProxies
 from asyncapy.domain.redaction import MASK, looks_secret, redact, redact_url
 
-__all__ = ["ConfigError", "Setting", "SETTINGS", "SECTION", "validate", "load_config"]
+__all__ = ["ConfigError", "Setting", "SETTINGS", "SECTION", "validate", "load_config", "check_proxy_settings"]
 
 SECTION = "AsyncAPY"
 """The INI section the server reads."""
@@ -158,6 +159,24 @@ def _logging_level(value: Any) -> int:
     raise ValueError(value)
 
 
+def _boolean(value: Any) -> bool:
+    if type(value) is not bool:  # 1 and "yes" are no booleans; a file's "yes" is read as one
+        raise ValueError(value)
+    return value
+
+
+def _trusted_proxies(value: Any) -> TrustedProxies:
+    if isinstance(value, TrustedProxies):
+        return value
+    if not isinstance(value, (str, list, tuple, set, frozenset)):
+        raise ValueError(value)
+    try:
+        return TrustedProxies(value)
+    except ValueError as exc:  # it names the bad entry: an address is no secret
+        entry = exc.args[0] if exc.args else value
+        raise _Refused(f"{entry!r} is no IP address or CIDR network without host bits") from None
+
+
 # -- INI readers: str -> raw value, then the checker above ---------------------------
 def _read_int(text: str) -> Any:
     try:
@@ -193,6 +212,10 @@ def _read_optional(text: str) -> Optional[str]:
 
 def _read_optional_int(text: str) -> Any:
     return _read_int(text) if text else None
+
+
+def _read_boolean(text: str) -> Any:
+    return configparser.ConfigParser.BOOLEAN_STATES.get(text.lower(), text)
 
 
 SETTINGS: Mapping[str, Setting] = {
@@ -310,6 +333,23 @@ SETTINGS: Mapping[str, Setting] = {
             _text,
             _read_text,
         ),
+        Setting(
+            "proxy_protocol",
+            False,
+            "True or False (in a config file also yes/no, on/off, 1/0): whether every "
+            "connection starts with a PROXY protocol header (v1 or v2) from a trusted proxy",
+            _boolean,
+            _read_boolean,
+        ),
+        Setting(
+            "trusted_proxies",
+            TrustedProxies(),
+            "IP addresses and CIDR networks, IPv4 or IPv6 (e.g. 10.0.0.5, 10.0.0.0/8, "
+            "fd00::/8), as a list or one string separated by commas; a network without "
+            "host bits set; no host names",
+            _trusted_proxies,
+            _read_text,
+        ),
     )
 }
 """Every setting, by name: the constructor's parameters and the INI keys alike."""
@@ -351,6 +391,24 @@ def _interpolation_problem(exc: configparser.Error) -> str:
     if isinstance(exc, configparser.InterpolationSyntaxError):
         return "a % not followed by % or ("
     return type(exc).__name__
+
+
+def check_proxy_settings(proxy_protocol: bool, trusted_proxies: TrustedProxies, source: str = "") -> None:
+    """:class:`ConfigError` if ``proxy_protocol`` is on without a trusted proxy.
+
+    The two settings can come from different places (the constructor, a config file,
+    the command line), so this is checked once they are merged. A PROXY header is
+    believed only from a trusted proxy: with none, every connection would be refused.
+    """
+    if proxy_protocol and not trusted_proxies:
+        raise ConfigError(
+            "trusted_proxies",
+            list(trusted_proxies),
+            "at least one proxy's IP address or CIDR network, since proxy_protocol is on "
+            "(a PROXY header is believed only from a trusted proxy, so with none every "
+            "connection would be refused)",
+            source,
+        )
 
 
 def load_config(

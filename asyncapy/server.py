@@ -45,7 +45,7 @@ from asyncapy.domain.framing import Framer
 from asyncapy.domain.ports import SessionRecord, SessionStore
 
 from . import _sockio
-from .config import SETTINGS, ConfigError, load_config, validate
+from .config import SETTINGS, ConfigError, check_proxy_settings, load_config, validate
 from .core import Channel, Client, Packet, Pacer, Session
 from .filters import normalise_address
 from .stores import open_session_store
@@ -161,6 +161,11 @@ class Server:
         ``session_limit`` counts as one client (64: a /64, what one host is
         typically given; 128: each address alone). IPv4 clients are counted by
         address. Handlers still see each client's own address.
+    :param proxy_protocol: every connection starts with a PROXY protocol header (v1
+        or v2, HAProxy's) from a proxy in ``trusted_proxies`` (False).
+    :param trusted_proxies: the proxies whose PROXY headers are believed: IP addresses
+        and CIDR networks, IPv4 or IPv6, as a list or one comma-separated string (none).
+        Required when ``proxy_protocol`` is on.
 
     ``ssl_context`` and the certificate settings (``certfile``, ``keyfile``,
     ``cafile``, from the arguments, a config file or ``asyncapy run``'s flags) are
@@ -198,6 +203,8 @@ class Server:
         max_protocol_errors: int = SETTINGS["max_protocol_errors"].default,
         store_timeout: float = SETTINGS["store_timeout"].default,
         session_limit_ipv6_prefix: int = SETTINGS["session_limit_ipv6_prefix"].default,
+        proxy_protocol: bool = SETTINGS["proxy_protocol"].default,
+        trusted_proxies: Any = SETTINGS["trusted_proxies"].default,
     ) -> None:
         given = dict(
             addr=addr,
@@ -222,6 +229,8 @@ class Server:
             max_protocol_errors=max_protocol_errors,
             store_timeout=store_timeout,
             session_limit_ipv6_prefix=session_limit_ipv6_prefix,
+            proxy_protocol=proxy_protocol,
+            trusted_proxies=trusted_proxies,
         )
         if not isinstance(store, SessionStore):
             given["store"] = store
@@ -256,6 +265,9 @@ class Server:
         self.max_protocol_errors: int = settings["max_protocol_errors"]
         self.store_timeout: float = settings["store_timeout"]
         self.session_limit_ipv6_prefix: int = settings["session_limit_ipv6_prefix"]
+        self.proxy_protocol: bool = settings["proxy_protocol"]
+        self.trusted_proxies = settings["trusted_proxies"]
+        check_proxy_settings(self.proxy_protocol, self.trusted_proxies)
         self._store_spec: Union[None, str, SessionStore] = None
         self.session_lease = settings["session_lease"]
 
@@ -369,6 +381,9 @@ class Server:
         tls = {name: (values.pop(name), source) for name in _TLS_FILES if name in values}
         if tls and self._has_own_tls_context():
             self._use_tls_files(tls)  # raises, before any setting is changed
+        check_proxy_settings(
+            values.get("proxy_protocol", self.proxy_protocol), values.get("trusted_proxies", self.trusted_proxies), source
+        )
         for name, value in values.items():
             setattr(self, name, value)
         if tls:
