@@ -57,11 +57,12 @@ bench: $(BIN)/python ensure-redis
 	$(BIN)/python -m benchmarks.idle_memory
 	$(BIN)/python -m benchmarks.admission
 
-## Fuzz the protocol core (framing, Connection, both codecs; pure code, no sockets) with
-## FUZZ_RUNS inputs; exits non-zero on a finding (saved under fuzz/findings/). Not part
+## Fuzz the protocol core (framing, Connection, both codecs; then the PROXY header parser;
+## pure code, no sockets) with FUZZ_RUNS inputs each; exits non-zero on a finding (saved under fuzz/findings/). Not part
 ## of `make test`; docs/security.md records the runs.
 FUZZ_RUNS ?= 100000
 FUZZ_SEED ?= 1
 .PHONY: fuzz
 fuzz: install
 	$(BIN)/python -m fuzz --runs $(FUZZ_RUNS) --seed $(FUZZ_SEED)
+	$(BIN)/python -m fuzz --target proxy --runs $(FUZZ_RUNS) --seed $(FUZZ_SEED)

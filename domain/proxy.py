@@ -184,7 +184,9 @@ class ProxyParser:
 def _parse_v1(buffer: bytes) -> Union[ProxyHeader, ProxyError, _NeedData]:
     if not V1_PREFIX.startswith(buffer[: len(V1_PREFIX)]):
         return _not_a_header(buffer, V1_PREFIX)
-    # The line ends at the first CR or LF, which must be a CRLF within 107 bytes.
+    # The line ends at the first CR or LF, which must be a CRLF within 107 bytes: a
+    # break at byte 107 or later ends no valid line, so it is not even looked for (and
+    # the reason given cannot depend on how many bytes had come).
     end = _first_line_break(buffer)
     if end < 0:
         if len(buffer) >= V1_MAX_LENGTH:
@@ -193,13 +195,9 @@ def _parse_v1(buffer: bytes) -> Union[ProxyHeader, ProxyError, _NeedData]:
     if buffer[end] == 0x0A:
         return ProxyError("PROXY v1 line ended by a lone LF (CRLF required)")
     if end + 1 >= len(buffer):
-        if end + 2 > V1_MAX_LENGTH:
-            return ProxyError(f"PROXY v1 line without CRLF in its first {V1_MAX_LENGTH} bytes")
         return NEED_DATA  # the CR's LF may come next
     if buffer[end + 1] != 0x0A:
         return ProxyError("PROXY v1 line ended by a lone CR (CRLF required)")
-    if end + 2 > V1_MAX_LENGTH:
-        return ProxyError(f"PROXY v1 line of {end + 2} bytes (at most {V1_MAX_LENGTH})")
     leftover = buffer[end + 2 :]
     try:
         line = buffer[:end].decode("ascii")
@@ -233,8 +231,10 @@ def _parse_v1(buffer: bytes) -> Union[ProxyHeader, ProxyError, _NeedData]:
 
 
 def _first_line_break(buffer: bytes) -> int:
-    cr = buffer.find(b"\r", 0, V1_MAX_LENGTH)
-    lf = buffer.find(b"\n", 0, V1_MAX_LENGTH)
+    """The index of the first CR or LF among the bytes where a CRLF can still end the
+    line within :data:`V1_MAX_LENGTH` bytes; -1 if none."""
+    cr = buffer.find(b"\r", 0, V1_MAX_LENGTH - 1)
+    lf = buffer.find(b"\n", 0, V1_MAX_LENGTH - 1)
     if cr < 0:
         return lf
     return cr if lf < 0 else min(cr, lf)

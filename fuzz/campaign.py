@@ -248,14 +248,15 @@ def _where(exc: BaseException) -> str:
     return where
 
 
-def replay(paths: Sequence[str]) -> int:
-    """Run saved inputs again; print each verdict; 1 if any still fails."""
+def replay(paths: Sequence[str], check=None) -> int:
+    """Run saved inputs again (through ``check``, the protocol oracle's by default);
+    print each verdict; 1 if any still fails."""
     failed = 0
     for path in paths:
         with open(path, "rb") as file:
             data = file.read()
         try:
-            oracle.check(data)
+            (check or oracle.check)(data)
         except Exception as exc:
             failed += 1
             print(f"{path}: FAIL {exc}")
@@ -263,6 +264,18 @@ def replay(paths: Sequence[str]) -> int:
         else:
             print(f"{path}: ok")
     return 1 if failed else 0
+
+
+def _proxy_target():
+    from . import proxy
+
+    return proxy.ProxyCampaign, proxy.check
+
+
+TARGETS = {"protocol": lambda: (Campaign, oracle.check), "proxy": _proxy_target}
+"""``--target`` choices: the campaign class and the check of its saved inputs. The
+PROXY header target (:mod:`fuzz.proxy`) is imported when chosen (it imports this
+module)."""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -274,12 +287,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument("--progress", type=float, default=10.0, help="seconds between progress lines (0: none)")
     parser.add_argument("--replay", nargs="+", metavar="FILE", help="run saved inputs instead of a campaign")
+    parser.add_argument(
+        "--target", choices=sorted(TARGETS), default="protocol", help="what to fuzz (default: protocol)"
+    )
     args = parser.parse_args(argv)
+    campaign_class, check = TARGETS[args.target]()
     if args.replay:
-        return replay(args.replay)
+        return replay(args.replay, check)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
-    campaign = Campaign(args.seed, args.findings or None)
+    campaign = campaign_class(args.seed, args.findings or None)
     summary = campaign.run(args.runs, progress=args.progress or None)
     print(summary.report())
     return 0 if summary.ok else 1

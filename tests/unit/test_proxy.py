@@ -114,7 +114,7 @@ def test_v1_line_of_107_bytes_is_the_longest():
     assert len(worst) == V1_MAX_LENGTH == 107
     assert header(worst).family == "UNKNOWN"
     longer = worst.replace(b"UNKNOWN ", b"UNKNOWN  ")
-    assert "108 bytes" in error(longer)
+    assert f"first {V1_MAX_LENGTH} bytes" in error(longer)  # its CRLF ends at byte 108
     assert f"first {V1_MAX_LENGTH} bytes" in error(b"PROXY UNKNOWN " + b"x" * 93)  # 107, no CRLF
     assert parse(b"PROXY UNKNOWN " + b"x" * 92) is NEED_DATA  # 106: the CRLF may still come
     assert f"first {V1_MAX_LENGTH} bytes" in error(b"PROXY UNKNOWN " + b"x" * 92 + b"\r")
@@ -277,6 +277,9 @@ SAMPLES = [
     b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\rx",
     b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n",
     b"PROXY UNKNOWN " + b"x" * 100,
+    b"PROXY UNKNOWN " + b"x" * 92 + b"\r\n",  # CR at byte 107, LF at 108 (fuzz findings)
+    b"PROXY UNKNOWN " + b"x" * 92 + b"\rx",
+    b"PROXY UNKNOWN " + b"x" * 92 + b"\n",
     b"PROXY TCP4 01.2.3.4 5.6.7.8 1 2\r\n",
     v2(block=inet("127.0.0.2", "127.0.0.1", 50000, 8081)) + b"\x00\x00\x00\x10\x16\x00{}",
     v2(family=2, block=inet("::1", "::2", 1, 2), tlvs=tlv(0x05, b"id")),
