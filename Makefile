@@ -58,8 +58,8 @@ bench: $(BIN)/python ensure-redis
 	$(BIN)/python -m benchmarks.admission
 
 ## Fuzz the protocol core (framing, Connection, both codecs; then the PROXY header parser;
-## pure code, no sockets) with FUZZ_RUNS inputs each; exits non-zero on a finding (saved under fuzz/findings/). Not part
-## of `make test`; docs/security.md records the runs.
+## pure code, no sockets) with FUZZ_RUNS inputs each; exits non-zero on a finding (saved
+## under fuzz/findings/). Not part of `make test`; docs/security.md records the runs.
 FUZZ_RUNS ?= 100000
 FUZZ_SEED ?= 1
 .PHONY: fuzz
