@@ -46,7 +46,7 @@ import json
 import logging
 import re
 import urllib.parse
-from typing import Any, Callable, TypeVar
+from typing import Any, Optional, Sequence
 
 import redis
 import trio
@@ -62,7 +62,6 @@ logger = logging.getLogger("asyncapy.redis")
 DEFAULT_PREFIX = "asyncapy:"
 """Prefix of every Redis key the adapters write."""
 
-T = TypeVar("T")
 
 # Any error of redis-py means the store did not do what was asked: not only a lost
 # connection or a timeout, but a Redis still loading its data, a read-only replica
@@ -188,33 +187,155 @@ def _where(client: redis.Redis) -> str:
     return f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
 
 
+class _Call:
+    """Commands to send back to back in one batch, and their replies (or an error)."""
+
+    __slots__ = ("commands", "replies", "error", "done")
+
+    def __init__(self, commands: Sequence[tuple]) -> None:
+        self.commands = commands
+        self.replies: list = []
+        self.error: Optional[BaseException] = None
+        self.done: Optional[trio.Event] = None
+
+    def result(self) -> list:
+        error = self.error
+        if error is None:
+            return self.replies
+        if isinstance(error, redis.ResponseError):
+            raise StoreUnavailable(f"Redis refused the command: {error}") from error
+        if isinstance(error, (redis.RedisError, OSError)):
+            raise StoreUnavailable(f"Redis is unreachable: {error}") from error
+        raise error
+
+
 class _RedisAdapter:
-    """Calls into redis-py, off the event loop when there is one."""
+    """Calls into redis-py, off the event loop when there is one, in batches.
+
+    The store calls that tasks make in one scheduling round of trio (admissions,
+    releases, key lookups that missed the cache...) are written to Redis together, as
+    one pipeline on one connection, by one worker thread: one thread hop and one round
+    trip for the batch instead of one of each per call. The first call of a round
+    leads: it yields once, so that the other tasks of the round add theirs, then hands
+    the batch to a thread; a batch in flight does not hold the next one back (each
+    takes its own pooled connection). Every call keeps its own reply, and its own
+    error: a script refused by Redis fails that call only. Each call is a command
+    Redis runs atomically (a Lua script, or a MULTI/EXEC block), so batching changes
+    no call's meaning; calls are neither reordered nor retried.
+    """
 
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self.redis = client
         self.prefix = prefix
         pool_size = getattr(client.connection_pool, "max_connections", 16) or 16
         self._limiter = trio.CapacityLimiter(min(int(pool_size), 64))
+        self._pending: Optional[list[_Call]] = None
+        self._scripts: dict[str, str] = {}
+        self.batches = 0
+        """Batches sent (round trips), for benchmarks."""
+        self.calls = 0
+        """Calls sent in them."""
 
-    def _guarded(self, function: Callable[..., T], *args: Any) -> T:
-        # redis-py's messages name the host and port, not the password; redact() all
-        # the same, since the message goes to logs and the terminal.
+    def _script(self, source: str) -> Any:
+        script = self.redis.register_script(source)
+        self._scripts[script.sha] = source
+        return script
+
+    # -- the thread's side ------------------------------------------------------------
+    def _send(self, batch: list[_Call]) -> None:
+        """Run ``batch`` on one pooled connection: one write, then every reply."""
+        self.batches += 1
+        self.calls += len(batch)
+        pool = self.redis.connection_pool
         try:
-            return function(*args)
+            conn = pool.get_connection()
         except _FAILURES as exc:
-            if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)):
-                raise StoreUnavailable(f"Redis is unreachable: {redact(str(exc))}") from exc
-            raise StoreUnavailable(f"Redis refused the command: {redact(str(exc))}") from exc
+            for call in batch:
+                call.error = exc
+            return
+        try:
+            commands = [command for call in batch for command in call.commands]
+            conn.send_packed_command(conn.pack_commands(commands))
+            reload: list[_Call] = []
+            for call in batch:
+                for _ in call.commands:
+                    try:
+                        call.replies.append(conn.read_response())
+                    except redis.ResponseError as exc:
+                        if isinstance(exc, redis.exceptions.NoScriptError) and len(call.commands) == 1:
+                            reload.append(call)  # Redis restarted: its script cache is empty
+                        elif call.error is None:
+                            call.error = exc
+            if reload:
+                self._reload(conn, reload)
+        except _FAILURES as exc:
+            conn.disconnect()
+            for call in batch:
+                if call.error is None and len(call.replies) < len(call.commands):
+                    call.error = exc
+        finally:
+            pool.release(conn)
 
-    async def _call(self, function: Callable[..., T], *args: Any) -> T:
+    def _reload(self, conn: Any, calls: list[_Call]) -> None:
+        shas = list(dict.fromkeys(call.commands[0][1] for call in calls))
+        commands = [("SCRIPT", "LOAD", self._scripts[sha]) for sha in shas]
+        commands += [call.commands[0] for call in calls]
+        conn.send_packed_command(conn.pack_commands(commands))
+        for _ in shas:
+            conn.read_response()
+        for call in calls:
+            call.replies = []
+            try:
+                call.replies.append(conn.read_response())
+            except redis.ResponseError as exc:
+                call.error = exc
+
+    # -- the caller's side -------------------------------------------------------------
+    async def _run(self, *commands: tuple) -> list:
+        """The replies of ``commands``, sent back to back in the current batch."""
+        call = _Call(commands)
         if not _offload():  # a script, the CLI, or a synchronous API call: just block
-            return self._guarded(function, *args)
-        return await trio.to_thread.run_sync(self._guarded, function, *args, limiter=self._limiter)
+            self._send([call])
+            return call.result()
+        batch = self._pending
+        if batch is not None:
+            call.done = trio.Event()
+            batch.append(call)
+            with trio.CancelScope(shield=True):  # as uncancellable as the thread it waits for
+                await call.done.wait()
+            return call.result()
+        batch = self._pending = [call]
+        try:
+            with trio.CancelScope(shield=True):
+                await trio.lowlevel.cancel_shielded_checkpoint()  # the others of this round join
+        finally:
+            if self._pending is batch:
+                self._pending = None
+        try:
+            await trio.to_thread.run_sync(self._send, batch, limiter=self._limiter)
+        except BaseException as exc:  # not Redis failing (those are per call): a bug
+            for other in batch[1:]:
+                other.error = other.error or exc
+            raise
+        finally:
+            for other in batch[1:]:
+                other.done.set()  # type: ignore[union-attr]
+        return call.result()
+
+    async def _command(self, *args: Any) -> Any:
+        """The reply of one command."""
+        return (await self._run(args))[0]
+
+    async def _eval(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """The reply of a registered Lua script."""
+        return (await self._run(("EVALSHA", script.sha, len(keys), *keys, *args)))[0]
 
     async def aclose(self) -> None:
         """Disconnect the pool (idempotent)."""
-        await self._call(self.redis.connection_pool.disconnect)
+        if not _offload():
+            self.redis.connection_pool.disconnect()
+            return
+        await trio.to_thread.run_sync(self.redis.connection_pool.disconnect, limiter=self._limiter)
 
 
 _ADMIT = """
@@ -283,9 +404,9 @@ class RedisSessionStore(_RedisAdapter, SessionStore):
         super().__init__(client, prefix)
         self.lease = float(lease)
         self._lease_ms = int(lease * 1000)
-        self._admit = client.register_script(_ADMIT)
-        self._renew = client.register_script(_RENEW)
-        self._live = client.register_script(_LIVE)
+        self._admit = self._script(_ADMIT)
+        self._renew = self._script(_RENEW)
+        self._live = self._script(_LIVE)
         self._held: dict[str, tuple[SessionRecord, str]] = {}
         self._renewing = trio.Lock()
 
@@ -300,7 +421,7 @@ class RedisSessionStore(_RedisAdapter, SessionStore):
 
     async def admit(self, record: SessionRecord, limit: int) -> bool:
         data = self._dump(record)
-        admitted = await self._call(
+        admitted = await self._eval(
             self._admit, self._keys(record.address), [record.session_id, data, limit, self._lease_ms]
         )
         if admitted:
@@ -310,21 +431,15 @@ class RedisSessionStore(_RedisAdapter, SessionStore):
     async def release(self, record: SessionRecord) -> None:
         self._held.pop(record.session_id, None)
         zset, data = self._keys(record.address)
-
-        def remove() -> None:
-            with self.redis.pipeline(transaction=True) as pipe:
-                pipe.zrem(zset, record.session_id)
-                pipe.hdel(data, record.session_id)
-                pipe.execute()
-
+        remove = (("MULTI",), ("ZREM", zset, record.session_id), ("HDEL", data, record.session_id), ("EXEC",))
         if not _offload():
-            self._guarded(remove)
+            await self._run(*remove)
             return
         async with self._renewing:  # a renewal in flight must not resurrect it
-            await self._call(remove)
+            await self._run(*remove)
 
     async def sessions(self, address: str) -> list[SessionRecord]:
-        rows = await self._call(self._live, self._keys(address), [])
+        rows = await self._eval(self._live, self._keys(address), [])
         records = []
         for row in rows:
             if row is None:
@@ -345,7 +460,7 @@ class RedisSessionStore(_RedisAdapter, SessionStore):
             for record, data in held:
                 keys.extend(self._keys(record.address))
                 args.extend((record.session_id, data))
-            return int(await self._call(self._renew, keys, args))
+            return int(await self._eval(self._renew, keys, args))
 
     async def maintain(self) -> None:
         """Renew leases every ``lease / 3`` seconds, forever (run it in a nursery)."""
@@ -388,7 +503,7 @@ class RedisKeyStore(_RedisAdapter, KeyStore):
 
     def __init__(self, client: redis.Redis, prefix: str = DEFAULT_PREFIX) -> None:
         super().__init__(client, prefix)
-        self._replace = client.register_script(_REPLACE)
+        self._replace = self._script(_REPLACE)
 
     def _name(self, key: str) -> str:
         if type(key) is not str:
@@ -397,33 +512,38 @@ class RedisKeyStore(_RedisAdapter, KeyStore):
         return f"{self.prefix}key:{digest}"
 
     async def put(self, key: str, metadata: Any) -> None:
-        await self._call(self.redis.set, self._name(key), json.dumps(metadata))
+        await self._command("SET", self._name(key), json.dumps(metadata))
 
     async def get(self, key: str) -> Any:
-        raw = await self._call(self.redis.get, self._name(key))
+        raw = await self._command("GET", self._name(key))
         if raw is None:
             raise KeyError(key)
         return json.loads(raw)
 
     async def delete(self, key: str) -> None:
-        if not await self._call(self.redis.delete, self._name(key)):
+        if not await self._command("DEL", self._name(key)):
             raise KeyError(key)
 
     async def contains(self, key: str) -> bool:
         if type(key) is not str:
             return False
-        return bool(await self._call(self.redis.exists, self._name(key)))
+        return bool(await self._command("EXISTS", self._name(key)))
 
     async def update(self, key: str, metadata: Any) -> None:
-        if not await self._call(self._set_existing, self._name(key), json.dumps(metadata)):
+        if await self._command("SET", self._name(key), json.dumps(metadata), "XX") is None:
             raise KeyError(key)
 
-    def _set_existing(self, name: str, value: str) -> bool:
-        return bool(self.redis.set(name, value, xx=True))
-
     async def replace(self, old_key: str, new_key: str) -> None:
-        if not await self._call(self._replace, [self._name(old_key), self._name(new_key)], []):
+        if not await self._eval(self._replace, [self._name(old_key), self._name(new_key)], []):
             raise KeyError(old_key)
+
+    def track(self, cache: Any) -> Any:
+        """Keep ``cache`` (a :class:`~asyncapy.adapters.key_cache.KeyCache`) coherent with
+        the keys in Redis: the :class:`~asyncapy.adapters.redis_tracking.KeyTracker` of
+        :class:`~asyncapy.adapters.key_cache.CachedKeyStore`'s push mode."""
+        from asyncapy.adapters.redis_tracking import KeyTracker
+
+        return KeyTracker(self.redis, f"{self.prefix}key:", cache)
 
     def __repr__(self) -> str:
         return f"RedisKeyStore({_where(self.redis)})"

@@ -15,6 +15,7 @@ traceback (:mod:`asyncapy.cli`); docs/cli.md is the reference.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -26,10 +27,11 @@ from .cli import keys as keys_command
 from .cli import send as send_command
 from .config import ConfigError, check_proxy_settings, load_config, validate
 from .logs import configure_server_logging
+from .stores import STORE_ENV, set_default_store
 from .server import Server
 from .workers import WORKER_COMMAND, run_worker, supervise
 
-__all__ = ["main", "load_app"]
+__all__ = ["main", "load_app", "run_store"]
 
 
 _TLS_SETTINGS = frozenset({"certfile", "keyfile", "cafile"})
@@ -106,8 +108,10 @@ def _add_server_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--store",
         metavar="URL",
-        help="session store: memory:// (this process only) or redis://HOST:PORT/DB "
-        "(shared by every process using it) (default: the app's store, memory unless set)",
+        help="where sessions live, and API keys of every APIKeyFactory() created without "
+        "store=: memory:// (this process only) or redis://HOST:PORT/DB (shared by every "
+        f"process using it) (default: ${STORE_ENV}, else the --config file's store, else "
+        "the app's own, memory unless set)",
     )
     run.add_argument(
         "--config",
@@ -174,20 +178,31 @@ def _add_server_arguments(run: argparse.ArgumentParser) -> None:
     )
 
 
+def run_store(args: argparse.Namespace, config: dict) -> Optional[str]:
+    """The store of this run: ``--store``, else ``ASYNCAPY_STORE``, else the config
+    file's ``store``, else ``None`` (the app's own). It holds the sessions, and is the
+    default store of every ``APIKeyFactory()`` the app creates without ``store=``."""
+    if args.store is not None:
+        return validate("store", args.store, "--store")
+    value = os.environ.get(STORE_ENV)
+    if value:
+        return validate("store", value, STORE_ENV)
+    return config.get("store")
+
+
 def _configure(args: argparse.Namespace) -> Server:
     """The app of ``args``, with the config file's and the flags' overrides applied."""
+    config = load_config(args.config) if args.config else {}
+    store = run_store(args, config)
+    # Before the import: the app's APIKeyFactory() objects are created as it runs.
+    set_default_store(store)
     app = load_app(args.app)
-    overrides: dict = {}
-    sources: dict = {}
-    if args.config:
-        loaded = load_config(args.config)
-        overrides.update(loaded)
-        sources.update(dict.fromkeys(loaded, args.config))
+    overrides: dict = dict(config)
+    sources: dict = dict.fromkeys(config, args.config)
     for flag, name in (
         ("host", "addr"),
         ("port", "port"),
         ("log_level", "logging_level"),
-        ("store", "store"),
         ("max_protocol_errors", "max_protocol_errors"),
         ("store_timeout", "store_timeout"),
         ("certfile", "certfile"),
@@ -203,6 +218,8 @@ def _configure(args: argparse.Namespace) -> Server:
             source = f"--{flag.replace('_', '-')}"
             overrides[name] = validate(name, value, source)
             sources[name] = source
+    if store is not None:  # --store, ASYNCAPY_STORE or the config's (run_store)
+        overrides["store"] = store
     tls = {name: (overrides.pop(name), sources[name]) for name in _TLS_SETTINGS & overrides.keys()}
     if tls and app._has_own_tls_context():
         # An app that built its own ssl_context (client verification, say) must not

@@ -49,6 +49,7 @@ from .config import SETTINGS, ConfigError, check_proxy_settings, load_config, va
 from .core import Channel, Client, Packet, Pacer, Session
 from .filters import normalise_address
 from .stores import open_session_store
+from .util import where_keys_live
 
 __all__ = ["Server"]
 
@@ -567,10 +568,11 @@ class Server:
                     "install gcc python3-dev) and reinstall AsyncAPY to build it"
                 )
             logger.info(
-                "AsyncAPY serving on %s (%s), sessions in %r",
+                "AsyncAPY serving on %s (%s), sessions in %r, API keys in %s",
                 ", ".join(_format_address(a) for a in self.addresses),
                 "TLS" if self.ssl_context else "plain TCP",
                 self.store,
+                where_keys_live(),
             )
             async with trio.open_nursery() as sessions:
                 sessions.start_soon(self._run_session_services)

@@ -5,12 +5,24 @@ sessions or keys live; an object implementing the port is used as it is. Redis
 clients are shared per URL within a process, so a server and the API-key factories of
 one process use one connection pool. A ``sqlite://`` URL names a file of API keys
 (:mod:`asyncapy.adapters.sqlite`): a key store only, sessions are never kept there.
+
+A key store opened from a Redis URL is wrapped in a
+:class:`~asyncapy.adapters.key_cache.CachedKeyStore`: key checks are answered from this
+process's memory, kept coherent by Redis (see docs/guide-scaling-out.md).
+
+The default key store
+---------------------
+``APIKeyFactory()`` without ``store=`` opens :func:`default_store`: the store
+``asyncapy run --store`` names (:func:`set_default_store`, called before the
+application is imported), else the ``ASYNCAPY_STORE`` environment variable, else
+memory. An explicit ``store=`` always wins.
 """
 
 from __future__ import annotations
 
+import os
 import threading
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from asyncapy.adapters.memory import MemoryKeyStore, MemorySessionStore
 from asyncapy.domain.ports import KeyStore, SessionStore
@@ -24,7 +36,19 @@ __all__ = [
     "check_store_url",
     "STORE_ACCEPTED",
     "KEY_STORE_ACCEPTED",
+    "STORE_ENV",
+    "CACHE_SIZE_ENV",
+    "default_store",
+    "set_default_store",
+    "key_cache_size",
 ]
+
+STORE_ENV = "ASYNCAPY_STORE"
+"""The environment variable naming the default store (``asyncapy run``, ``asyncapy
+keys`` and every ``APIKeyFactory()`` without ``store=``)."""
+
+CACHE_SIZE_ENV = "ASYNCAPY_KEY_CACHE_SIZE"
+"""The environment variable giving the default ``cache_size`` of API-key factories."""
 
 STORE_ACCEPTED = (
     "None or 'memory://' (this process only), a redis://, rediss:// or unix:// URL, "
@@ -37,6 +61,9 @@ KEY_STORE_ACCEPTED = (
     "a sqlite:///PATH URL (a file on this machine), or a KeyStore object"
 )
 """What an ``APIKeyFactory``'s ``store`` accepts, for error messages."""
+
+_default: Optional[str] = None
+"""What ``asyncapy run --store`` named, if anything (see :func:`set_default_store`)."""
 
 _clients: dict[str, Any] = {}
 _clients_lock = threading.Lock()
@@ -78,6 +105,49 @@ def redis_client(url: str) -> Any:
         return client
 
 
+def set_default_store(url: Optional[str]) -> None:
+    """Make ``url`` the store of every ``APIKeyFactory()`` created from now on without
+    ``store=`` (``None`` goes back to ``ASYNCAPY_STORE``). ``asyncapy run --store``
+    calls it before importing the application."""
+    global _default
+    _default = None if url is None else validate("store", url)
+
+
+def default_store() -> Optional[str]:
+    """The default store URL: :func:`set_default_store`'s, else ``ASYNCAPY_STORE``'s
+    (validated: ``ConfigError`` naming the variable), else ``None`` (memory)."""
+    if _default is not None:
+        return _default
+    value = os.environ.get(STORE_ENV)
+    if not value:
+        return None
+    if value[:9].lower() == "sqlite://":
+        return value  # a key store only: open_key_store checks it
+    return validate("store", value, STORE_ENV)
+
+
+def key_cache_size(size: Optional[int] = None) -> int:
+    """``size``, or ``ASYNCAPY_KEY_CACHE_SIZE``, or the default; validated: a positive
+    integer, else ``ConfigError`` naming ``cache_size`` (or the variable)."""
+    from asyncapy.adapters.key_cache import DEFAULT_SIZE
+
+    accepted = f"a positive integer: the most API keys cached per process (default {DEFAULT_SIZE})"
+    if size is None:
+        text = os.environ.get(CACHE_SIZE_ENV)
+        if not text:
+            return DEFAULT_SIZE
+        try:
+            size = int(text)
+        except ValueError:
+            raise ConfigError("cache_size", text, accepted, CACHE_SIZE_ENV) from None
+        if size < 1:
+            raise ConfigError("cache_size", text, accepted, CACHE_SIZE_ENV)
+        return size
+    if type(size) is not int or size < 1:
+        raise ConfigError("cache_size", size, accepted)
+    return size
+
+
 def open_session_store(store: Union[None, str, SessionStore], lease: float = 30.0) -> SessionStore:
     """The :class:`SessionStore` that ``store`` names (see :data:`STORE_ACCEPTED`)."""
     if store is None:
@@ -93,10 +163,16 @@ def open_session_store(store: Union[None, str, SessionStore], lease: float = 30.
     return RedisSessionStore(redis_client(store), lease=lease)
 
 
-def open_key_store(store: Union[None, str, KeyStore]) -> KeyStore:
-    """The :class:`KeyStore` that ``store`` names (see :data:`STORE_ACCEPTED`)."""
+def open_key_store(store: Union[None, str, KeyStore], *, cache_size: Optional[int] = None) -> KeyStore:
+    """The :class:`KeyStore` that ``store`` names (see :data:`STORE_ACCEPTED`);
+    ``None`` means :func:`default_store`. A Redis URL opens a
+    :class:`~asyncapy.adapters.redis.RedisKeyStore` behind a coherent cache of
+    ``cache_size`` keys (:func:`key_cache_size`)."""
+    size = key_cache_size(cache_size)
     if store is None:
-        return MemoryKeyStore()
+        store = default_store()
+        if store is None:
+            return MemoryKeyStore()
     if isinstance(store, KeyStore):
         return store
     if not isinstance(store, str):
@@ -114,6 +190,7 @@ def open_key_store(store: Union[None, str, KeyStore]) -> KeyStore:
         raise ConfigError("store", store, KEY_STORE_ACCEPTED, reason=exc.reason) from None
     if memory:
         return MemoryKeyStore()
+    from asyncapy.adapters.key_cache import CachedKeyStore
     from asyncapy.adapters.redis import RedisKeyStore
 
-    return RedisKeyStore(redis_client(store))
+    return CachedKeyStore(RedisKeyStore(redis_client(store)), size=size)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import secrets
 import string
-from typing import Any, Union
+import weakref
+from typing import Any, Optional, Union
 
 import trio
 
@@ -20,7 +21,7 @@ from asyncapy.domain.ports import KeyStore, run_to_completion
 
 from .stores import open_key_store
 
-__all__ = ["APIKeyFactory", "KEY_ALPHABET", "fingerprint"]
+__all__ = ["APIKeyFactory", "KEY_ALPHABET", "fingerprint", "where_keys_live"]
 
 KEY_ALPHABET = string.ascii_letters + string.digits + "-_"
 """The URL-safe alphabet keys are drawn from (the one of base64url)."""
@@ -35,6 +36,22 @@ def fingerprint(key: str) -> str:
     return hashlib.sha256(str(key).encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
+_factories: "weakref.WeakSet[APIKeyFactory]" = weakref.WeakSet()
+
+
+def where_keys_live() -> str:
+    """Where the API keys of this process's factories live, for the startup log:
+    each distinct store once (no credentials), or ``no APIKeyFactory``."""
+    stores = list(dict.fromkeys(_describe(factory.store) for factory in list(_factories)))
+    return "; ".join(stores) if stores else "no APIKeyFactory"
+
+
+def _describe(store: KeyStore) -> str:
+    if isinstance(store, MemoryKeyStore):
+        return "memory (this process only)"
+    return repr(store)
+
+
 class APIKeyFactory:
     """Manage API keys and their metadata.
 
@@ -46,19 +63,30 @@ class APIKeyFactory:
     calls the overridden method in a worker thread so the event loop never blocks.
 
     :param size: the length of issued keys, in characters (default 32, at least 16).
-    :param store: where keys live: ``None`` or ``'memory://'`` for an in-memory store
-        private to this factory, a ``redis://`` URL shared by every process using it,
-        a ``sqlite:///PATH`` URL for a file that survives restarts and is shared by
-        the processes of one machine (``sqlite:///keys.db`` relative to the working
+    :param store: where keys live: ``'memory://'`` for an in-memory store private to
+        this factory, a ``redis://`` URL shared by every process using it, a
+        ``sqlite:///PATH`` URL for a file that survives restarts and is shared by the
+        processes of one machine (``sqlite:///keys.db`` relative to the working
         directory, ``sqlite:////abs/keys.db`` absolute), or any
-        :class:`asyncapy.domain.ports.KeyStore` object (your own adapter).
+        :class:`asyncapy.domain.ports.KeyStore` object (your own adapter). ``None``
+        (the default) is the process's default store: the one ``asyncapy run
+        --store`` names, else the ``ASYNCAPY_STORE`` environment variable, else memory
+        (:func:`asyncapy.stores.default_store`).
+    :param cache_size: with a Redis store, how many keys this process keeps in its
+        coherent cache, present and absent each (keyword-only; a positive integer;
+        default ``ASYNCAPY_KEY_CACHE_SIZE`` or 100000). A Redis URL opens the store
+        behind a :class:`~asyncapy.adapters.key_cache.CachedKeyStore`; a store object
+        is used as it is.
     """
 
-    def __init__(self, size: int = 32, store: Union[None, str, KeyStore] = None) -> None:
+    def __init__(
+        self, size: int = 32, store: Union[None, str, KeyStore] = None, *, cache_size: Optional[int] = None
+    ) -> None:
         if type(size) is not int or size < 16:
             raise ValueError(f"size must be an integer of at least 16, not {size!r}")
         self.size = size
-        self.store: KeyStore = open_key_store(store)
+        self.store: KeyStore = open_key_store(store, cache_size=cache_size)
+        _factories.add(self)
 
     # -- the synchronous API (0.5) ----------------------------------------------------
     def issue(self, metadata: Any = None) -> str:

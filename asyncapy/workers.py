@@ -64,6 +64,7 @@ from .metered import metered_session_store
 from .metrics import Recorder
 from .probes import ProbeServer, Readiness
 from .server import Server, _format_address, _sockname, bind_listeners
+from .util import where_keys_live
 
 __all__ = ["RestartPolicy", "Supervisor", "supervise", "run_worker", "describe_store"]
 
@@ -151,11 +152,12 @@ class Supervisor:
             if getattr(self.app, "metrics_port", None) is not None:
                 await self._bind_metrics()
             logger.info(
-                "AsyncAPY serving on %s (%s) with %d worker processes, sessions in %s",
+                "AsyncAPY serving on %s (%s) with %d worker processes, sessions in %s, API keys in %s",
                 ", ".join(_format_address(a) for a in self.addresses),
                 "TLS" if self.app.ssl_context else "plain TCP",
                 self.workers,
                 describe_store(self.app.store),
+                where_keys_live(),
             )
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:

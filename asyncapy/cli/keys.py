@@ -40,8 +40,7 @@ from . import EXIT_OK, CommandError, HelpFormatter, UsageError, import_object, p
 
 __all__ = ["STORE_ENV", "add_parser", "open_factory", "run"]
 
-STORE_ENV = "ASYNCAPY_STORE"
-"""The environment variable read when ``--store`` is not given."""
+from ..stores import STORE_ENV  # noqa: E402  (re-exported: the variable read when --store is not given)
 
 _URL_SCHEMES = ("redis", "rediss", "unix", "sqlite")
 
