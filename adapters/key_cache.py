@@ -34,9 +34,10 @@ Two ways, chosen by the wrapped store:
   seconds after it was fetched, so a change made elsewhere is seen within ``ttl``.
 
 In both, a change made through this wrapper is seen by this process at once, and an
-answer fetched while a change raced with it is handed to its caller but not kept: the
-cache has an *epoch*, bumped by every invalidation and every link event, and a fetched
-answer is stored only if the epoch did not move while it was in flight.
+answer fetched while a change raced with it is handed to its caller but not kept: a
+key invalidated while its answer is in flight is marked stale, and the cache has an
+*epoch*, bumped by every link event and every flush; a fetched answer is stored only
+if its key was not marked and the epoch did not move while it was in flight.
 
 Threads
 -------
@@ -100,6 +101,8 @@ class KeyCache:
         self._absent: OrderedDict[bytes, float] = OrderedDict()
         self._lock = threading.Lock()
         self._epoch = 0
+        self._fetching: dict[bytes, int] = {}  # fetches in flight, by key
+        self._stale: set[bytes] = set()  # keys invalidated while being fetched
         # Push mode starts untrusted: nothing is served until the tracker's link is up.
         self._up = ttl is not None
         self._valid_until = math.inf if ttl is not None else -math.inf
@@ -134,22 +137,42 @@ class KeyCache:
         return None
 
     # -- filling ----------------------------------------------------------------------
-    def begin(self) -> Optional[tuple[int, float]]:
-        """Call before fetching an answer from the store; pass the result to
-        :meth:`fill`. ``None`` when nothing fetched now may be kept (link down)."""
+    def begin(self, name: bytes) -> Optional[tuple[int, float, bytes]]:
+        """Call before fetching the answer for ``name`` from the store; pass the result
+        to :meth:`fill` (or :meth:`abandon`). ``None`` when nothing fetched now may be
+        kept (the link is down)."""
         if not self._up:
             return None
-        return self._epoch, _monotonic()
+        with self._lock:
+            self._fetching[name] = self._fetching.get(name, 0) + 1
+            return self._epoch, _monotonic(), name
 
-    def fill(self, token: Optional[tuple[int, float]], name: bytes, present: bool, metadata: Optional[str]) -> None:
-        """Keep an answer fetched since :meth:`begin`, unless anything was invalidated
-        (or the link went down) while it was in flight."""
+    def _end(self, token: tuple[int, float, bytes]) -> bool:
+        """Close the fetch of ``token`` (lock held); whether its answer may be kept."""
+        epoch, _, name = token
+        left = self._fetching.pop(name) - 1
+        stale = name in self._stale
+        if left:
+            self._fetching[name] = left
+        elif stale:
+            self._stale.discard(name)
+        return epoch == self._epoch and not stale
+
+    def abandon(self, token: Optional[tuple[int, float, bytes]]) -> None:
+        """The fetch begun with ``token`` failed: nothing to keep."""
+        if token is not None:
+            with self._lock:
+                self._end(token)
+
+    def fill(self, token: Optional[tuple[int, float, bytes]], present: bool, metadata: Optional[str]) -> None:
+        """Keep an answer fetched since :meth:`begin`, unless its key was invalidated
+        (or the link went down, or the store was flushed) while it was in flight."""
         if token is None:
             return
-        epoch, started = token
+        _, started, name = token
         expires = started + self.ttl if self.ttl is not None else math.inf
         with self._lock:
-            if epoch != self._epoch:
+            if not self._end(token):
                 return
             if present:
                 self._absent.pop(name, None)
@@ -166,11 +189,13 @@ class KeyCache:
 
     # -- invalidation (any thread) ----------------------------------------------------
     def invalidate(self, name: bytes) -> None:
-        """Forget the answer for the key whose digest is ``name`` (it changed)."""
+        """Forget the answer for the key whose digest is ``name`` (it changed); an
+        answer for it in flight will not be kept either."""
         with self._lock:
-            self._epoch += 1
             self._present.pop(name, None)
             self._absent.pop(name, None)
+            if name in self._fetching:
+                self._stale.add(name)
 
     def invalidate_all(self) -> None:
         """Forget every answer (the store was emptied, e.g. ``FLUSHDB``)."""
@@ -277,14 +302,17 @@ class CachedKeyStore(KeyStore):
             return answer[0], answer[1], None
         if self._push and self._tracker is None and not BLOCKING.get():
             self._track()  # from async code only: a script or a CLI call starts no thread
-        token = self.cache.begin()
+        token = self.cache.begin(name)
         try:
             metadata = await self.store.get(key)
+            text = json.dumps(metadata)
         except KeyError:
-            self.cache.fill(token, name, False, None)
+            self.cache.fill(token, False, None)
             return False, None, None
-        text = json.dumps(metadata)
-        self.cache.fill(token, name, True, text)
+        except BaseException:
+            self.cache.abandon(token)
+            raise
+        self.cache.fill(token, True, text)
         return True, text, metadata
 
     async def contains(self, key: str) -> bool:

@@ -409,6 +409,7 @@ class RedisSessionStore(_RedisAdapter, SessionStore):
         self._live = self._script(_LIVE)
         self._held: dict[str, tuple[SessionRecord, str]] = {}
         self._renewing = trio.Lock()
+        self._renewal: Optional[trio.Event] = None  # set while a renewal is in flight
 
     def _keys(self, address: str) -> list[str]:
         return [f"{self.prefix}sessions:{address}", f"{self.prefix}session-data:{address}"]
@@ -432,11 +433,12 @@ class RedisSessionStore(_RedisAdapter, SessionStore):
         self._held.pop(record.session_id, None)
         zset, data = self._keys(record.address)
         remove = (("MULTI",), ("ZREM", zset, record.session_id), ("HDEL", data, record.session_id), ("EXEC",))
-        if not _offload():
-            await self._run(*remove)
-            return
-        async with self._renewing:  # a renewal in flight must not resurrect it
-            await self._run(*remove)
+        # A renewal in flight may carry this session in its snapshot: let it land
+        # first, or it would put the session back. Releases never wait for each other
+        # (they batch), and a renewal begun from now on no longer holds this session.
+        while self._renewal is not None and _offload():
+            await self._renewal.wait()
+        await self._run(*remove)
 
     async def sessions(self, address: str) -> list[SessionRecord]:
         rows = await self._eval(self._live, self._keys(address), [])
@@ -460,7 +462,12 @@ class RedisSessionStore(_RedisAdapter, SessionStore):
             for record, data in held:
                 keys.extend(self._keys(record.address))
                 args.extend((record.session_id, data))
-            return int(await self._eval(self._renew, keys, args))
+            self._renewal = landed = trio.Event()
+            try:
+                return int(await self._eval(self._renew, keys, args))
+            finally:
+                self._renewal = None
+                landed.set()
 
     async def maintain(self) -> None:
         """Renew leases every ``lease / 3`` seconds, forever (run it in a nursery)."""

@@ -54,17 +54,16 @@ then, in another terminal, with the bundled client::
 Serve it with ``--host 0.0.0.0`` and call it from another machine to see the admin
 filter at work: ``issue_key`` is then ``unauthorized`` too.
 
-Keys live in memory by default, and die with the process. Set ``ASYNCAPY_STORE`` to a
-Redis URL (``ASYNCAPY_STORE=redis://127.0.0.1:6379/0 asyncapy run
-examples.authenticated:app``) to keep them in Redis, hashed, shared by every process
-using it (see ``examples/scaleout.py``). The variable sets where *keys* live; sessions
-stay where the server's ``store`` (or ``asyncapy run --store``) says.
+Keys live in memory by default, and die with the process. Run it with a Redis store
+(``asyncapy run examples.authenticated:app --store redis://127.0.0.1:6379/0``, or
+``ASYNCAPY_STORE=redis://127.0.0.1:6379/0``) to keep them in Redis, hashed, shared by
+every process using it (see ``examples/scaleout.py``): the factory is created without
+``store=``, so it takes the store of the run, as the sessions do.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 from typing import Optional
@@ -112,12 +111,11 @@ def make_app(store: Optional[str] = None, **settings) -> AuthenticatedAPI:
     """A fresh application: its own keys, its own notes, its own handlers.
 
     :param store: where the keys live (``memory://``, ``redis://...``); by default the
-        value of ``ASYNCAPY_STORE``, or memory when it is unset.
+        process's default store (``asyncapy run --store``, else ``ASYNCAPY_STORE``, else
+        memory).
     :param settings: :class:`~asyncapy.Server` parameters (``port``, ``timeout``...).
     """
-    if store is None:
-        store = os.environ.get(STORE_ENV) or "memory://"
-    keys = APIKeyFactory(store=store)
+    keys = APIKeyFactory(store=store)  # None: the run's store, else ASYNCAPY_STORE, else memory
     app = AuthenticatedAPI(keys, **settings)
 
     async def reply(client: Client, fields: dict) -> None:

@@ -11,11 +11,11 @@ What it shows: an application ready for ``asyncapy run --workers N``.
 - Every reply says which process answered (``pid``) and how many sessions the
   client's address holds *across all workers* (``len(await client.get_sessions())``).
 
-Both stores come from the environment variable ``ASYNCAPY_STORE``: ``memory://``
-(the default: this process only) or a Redis URL such as ``redis://127.0.0.1:6379/0``.
-``asyncapy run --store URL`` overrides the server's *session* store only, not the
-key factory's store, which is the application's own business; so set the variable
-whenever keys must be shared, that is whenever there are several workers.
+Both stores come from one setting: ``asyncapy run --store URL``, or the environment
+variable ``ASYNCAPY_STORE``: ``memory://`` (the default: this process only) or a Redis
+URL such as ``redis://127.0.0.1:6379/0``. The key factory is created without
+``store=``, so it takes the store of the run (``--store``, else ``ASYNCAPY_STORE``),
+like the sessions.
 
 The requests:
 
@@ -31,7 +31,7 @@ Try it with a Redis (``apt-get install redis-server``, or ``docker run -p 6379:6
 redis``)::
 
     export ASYNCAPY_STORE=redis://127.0.0.1:6379/0
-    asyncapy run examples.scaleout:app --workers 2 --store $ASYNCAPY_STORE
+    asyncapy run examples.scaleout:app --workers 2
 
 issue a key from another terminal, into the same Redis (any process may)::
 
@@ -111,7 +111,9 @@ def make_app(store: Optional[str] = None, **settings) -> ScaleOutAPI:
     :param settings: more :class:`~asyncapy.Server` parameters (``port``...).
     """
     url = store_url() if store is None else store
-    keys = APIKeyFactory(store=url)
+    # Without store=, the factory takes the process's default store: the one of
+    # `asyncapy run --store`, else ASYNCAPY_STORE, else memory.
+    keys = APIKeyFactory() if store is None else APIKeyFactory(store=store)
     settings.setdefault("session_limit", SESSION_LIMIT)
     app = ScaleOutAPI(keys, store=url, **settings)
 

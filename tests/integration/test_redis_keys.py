@@ -2,9 +2,9 @@
 
 What only a shared store promises, beyond the key-store contract: keys are stored only
 as SHA-256 digests (the clear key is nowhere in Redis, neither in a key name nor in a
-value), reissuing is one atomic step, and there is no cache: what one factory (one
-process, its own Redis client) issues, updates, reissues or revokes, another sees on its
-very next check.
+value), reissuing is one atomic step, and what one factory (one process, its own Redis
+client) issues, updates, reissues or revokes, another sees on its very next check
+(the coherence of the per-process cache in front of it: test_redis_key_cache.py).
 
 The synchronous tests use the 0.5 API from plain code (no event loop), as an admin
 script would; the async ones use the ``a...`` twins, as the server does.
@@ -118,11 +118,13 @@ async def test_concurrent_reissues_of_one_key_have_exactly_one_winner(redis_url,
 
 
 def test_another_process_sees_every_change_at_once(redis_url):
-    """No cache: factory B (its own client and pool, as in another process) sees what
-    factory A does on its very next check, and the other way round."""
+    """Factory B (its own client and pool, as in another process, and no cache) sees
+    what factory A does on its very next check, and the other way round. (A's cache is
+    not in play either: a script's synchronous checks start no invalidation link, so
+    they go to Redis; the cache's own tests are in test_redis_key_cache.py.)"""
     a = APIKeyFactory(store=redis_url)
     b = APIKeyFactory(store=RedisKeyStore(connect(redis_url)))
-    assert a.store.redis is not b.store.redis
+    assert a.store.store.redis is not b.store.redis
 
     key = a.issue({"user": "dave"})
     assert key in b
