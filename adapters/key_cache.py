@@ -61,7 +61,7 @@ from asyncapy.domain.ports import BLOCKING, KeyStore
 
 __all__ = ["CachedKeyStore", "KeyCache", "DEFAULT_SIZE", "digest"]
 
-DEFAULT_SIZE = 100_000
+DEFAULT_SIZE = 20_000
 """Default bound of each table (present keys, absent keys)."""
 
 _monotonic = time.monotonic

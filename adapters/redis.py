@@ -45,6 +45,7 @@ import hashlib
 import json
 import logging
 import re
+import threading
 import urllib.parse
 from typing import Any, Optional, Sequence
 
@@ -188,15 +189,16 @@ def _where(client: redis.Redis) -> str:
 
 
 class _Call:
-    """Commands to send back to back in one batch, and their replies (or an error)."""
+    """Commands to send back to back, their replies (or an error), and who waits."""
 
-    __slots__ = ("commands", "replies", "error", "done")
+    __slots__ = ("commands", "replies", "error", "task", "token")
 
     def __init__(self, commands: Sequence[tuple]) -> None:
         self.commands = commands
         self.replies: list = []
         self.error: Optional[BaseException] = None
-        self.done: Optional[trio.Event] = None
+        self.task: Any = None
+        self.token: Any = None
 
     def result(self) -> list:
         error = self.error
@@ -209,19 +211,35 @@ class _Call:
         raise error
 
 
+def _wake(calls: list[_Call]) -> None:
+    """In the trio thread: resume the tasks waiting for ``calls``."""
+    for call in calls:
+        trio.lowlevel.reschedule(call.task)
+
+
+def _wait_abort(_: Any) -> Any:
+    # A call sent cannot be taken back (an admission may be made already): the task
+    # waits for its reply even when cancelled, as for a thread it would have started.
+    return trio.lowlevel.Abort.FAILED
+
+
 class _RedisAdapter:
     """Calls into redis-py, off the event loop when there is one, in batches.
 
-    The store calls that tasks make in one scheduling round of trio (admissions,
-    releases, key lookups that missed the cache...) are written to Redis together, as
-    one pipeline on one connection, by one worker thread: one thread hop and one round
-    trip for the batch instead of one of each per call. The first call of a round
-    leads: it yields once, so that the other tasks of the round add theirs, then hands
-    the batch to a thread; a batch in flight does not hold the next one back (each
-    takes its own pooled connection). Every call keeps its own reply, and its own
-    error: a script refused by Redis fails that call only. Each call is a command
-    Redis runs atomically (a Lua script, or a MULTI/EXEC block), so batching changes
-    no call's meaning; calls are neither reordered nor retried.
+    Every store call made from a trio task (admissions, releases, key lookups that
+    missed the cache...) is queued for the adapter's one worker thread, which owns a
+    connection: each time it is free, it takes *every* call queued meanwhile and writes
+    them to Redis as one pipeline, reads the replies, and wakes the waiting tasks with
+    one wakeup of the event loop for the batch. The busier the server, the bigger the
+    batches: one thread hop and one round trip for many calls, instead of one of each
+    per call, and the event loop never blocks on the network. Every call keeps its own
+    reply, and its own error: a script refused by Redis fails that call only. Each
+    call is one command Redis runs atomically (a Lua script, or a MULTI/EXEC block),
+    so batching changes no call's meaning; calls are sent in the order they were
+    made, and never retried.
+
+    Synchronous callers (a script, ``asyncapy keys``) run their call directly on a
+    pooled connection instead.
     """
 
     def __init__(self, client: redis.Redis, prefix: str) -> None:
@@ -229,8 +247,11 @@ class _RedisAdapter:
         self.prefix = prefix
         pool_size = getattr(client.connection_pool, "max_connections", 16) or 16
         self._limiter = trio.CapacityLimiter(min(int(pool_size), 64))
-        self._pending: Optional[list[_Call]] = None
         self._scripts: dict[str, str] = {}
+        self._queue: list[_Call] = []
+        self._queued = threading.Condition(threading.Lock())
+        self._worker: Optional[threading.Thread] = None
+        self._closing = False
         self.batches = 0
         """Batches sent (round trips), for benchmarks."""
         self.calls = 0
@@ -241,18 +262,42 @@ class _RedisAdapter:
         self._scripts[script.sha] = source
         return script
 
-    # -- the thread's side ------------------------------------------------------------
-    def _send(self, batch: list[_Call]) -> None:
-        """Run ``batch`` on one pooled connection: one write, then every reply."""
+    # -- the worker thread ------------------------------------------------------------
+    def _work(self) -> None:
+        pool = self.redis.connection_pool
+        conn = None
+        try:
+            while True:
+                with self._queued:
+                    while not self._queue and not self._closing:
+                        self._queued.wait()
+                    batch, self._queue = self._queue, []
+                if not batch:
+                    return  # closing, and nothing left to send
+                if conn is None:
+                    try:
+                        conn = pool.get_connection()
+                    except _FAILURES as exc:
+                        for call in batch:
+                            call.error = exc
+                if conn is not None:
+                    self._send_on(conn, batch)
+                by_run: dict = {}
+                for call in batch:
+                    by_run.setdefault(call.token, []).append(call)
+                for token, calls in by_run.items():
+                    try:
+                        token.run_sync_soon(_wake, calls)
+                    except trio.RunFinishedError:  # pragma: no cover - the run ended first
+                        pass
+        finally:
+            if conn is not None:
+                pool.release(conn)
+
+    def _send_on(self, conn: Any, batch: list[_Call]) -> None:
+        """Run ``batch`` on ``conn``: one write, then every reply."""
         self.batches += 1
         self.calls += len(batch)
-        pool = self.redis.connection_pool
-        try:
-            conn = pool.get_connection()
-        except _FAILURES as exc:
-            for call in batch:
-                call.error = exc
-            return
         try:
             commands = [command for call in batch for command in call.commands]
             conn.send_packed_command(conn.pack_commands(commands))
@@ -269,12 +314,14 @@ class _RedisAdapter:
             if reload:
                 self._reload(conn, reload)
         except _FAILURES as exc:
-            conn.disconnect()
+            conn.disconnect()  # the next batch reconnects
             for call in batch:
                 if call.error is None and len(call.replies) < len(call.commands):
                     call.error = exc
-        finally:
-            pool.release(conn)
+        except BaseException as exc:  # a bug: fail the calls, never the worker
+            conn.disconnect()
+            for call in batch:
+                call.error = call.error or exc
 
     def _reload(self, conn: Any, calls: list[_Call]) -> None:
         shas = list(dict.fromkeys(call.commands[0][1] for call in calls))
@@ -290,36 +337,35 @@ class _RedisAdapter:
             except redis.ResponseError as exc:
                 call.error = exc
 
+    def _send(self, batch: list[_Call]) -> None:
+        """Run ``batch`` in this thread, on a pooled connection (synchronous callers)."""
+        pool = self.redis.connection_pool
+        try:
+            conn = pool.get_connection()
+        except _FAILURES as exc:
+            for call in batch:
+                call.error = exc
+            return
+        try:
+            self._send_on(conn, batch)
+        finally:
+            pool.release(conn)
+
     # -- the caller's side -------------------------------------------------------------
     async def _run(self, *commands: tuple) -> list:
-        """The replies of ``commands``, sent back to back in the current batch."""
+        """The replies of ``commands``, sent back to back in the next batch."""
         call = _Call(commands)
         if not _offload():  # a script, the CLI, or a synchronous API call: just block
             self._send([call])
             return call.result()
-        batch = self._pending
-        if batch is not None:
-            call.done = trio.Event()
-            batch.append(call)
-            with trio.CancelScope(shield=True):  # as uncancellable as the thread it waits for
-                await call.done.wait()
-            return call.result()
-        batch = self._pending = [call]
-        try:
-            with trio.CancelScope(shield=True):
-                await trio.lowlevel.cancel_shielded_checkpoint()  # the others of this round join
-        finally:
-            if self._pending is batch:
-                self._pending = None
-        try:
-            await trio.to_thread.run_sync(self._send, batch, limiter=self._limiter)
-        except BaseException as exc:  # not Redis failing (those are per call): a bug
-            for other in batch[1:]:
-                other.error = other.error or exc
-            raise
-        finally:
-            for other in batch[1:]:
-                other.done.set()  # type: ignore[union-attr]
+        call.task = trio.lowlevel.current_task()
+        call.token = trio.lowlevel.current_trio_token()
+        with self._queued:
+            self._queue.append(call)
+            if self._worker is None:
+                self._start_worker()
+            self._queued.notify()
+        await trio.lowlevel.wait_task_rescheduled(_wait_abort)
         return call.result()
 
     async def _command(self, *args: Any) -> Any:
@@ -330,11 +376,36 @@ class _RedisAdapter:
         """The reply of a registered Lua script."""
         return (await self._run(("EVALSHA", script.sha, len(keys), *keys, *args)))[0]
 
+    def _start_worker(self) -> None:
+        # (lock held)
+        self._worker = threading.Thread(
+            target=self._work, name=f"asyncapy-redis-{type(self).__name__}", daemon=True
+        )
+        self._worker.start()
+
+    def _stop_worker(self) -> None:
+        """Let the worker send what is queued and end; a later call starts another."""
+        with self._queued:
+            self._closing = True
+            worker = self._worker
+            self._queued.notify()
+        if worker is None or worker is threading.current_thread():
+            return
+        worker.join(5)
+        with self._queued:
+            if self._worker is worker and not worker.is_alive():
+                self._closing = False
+                self._worker = None
+                if self._queue:  # queued after the worker's last look
+                    self._start_worker()
+
     async def aclose(self) -> None:
-        """Disconnect the pool (idempotent)."""
+        """Send what is queued, stop the worker, disconnect the pool (idempotent)."""
         if not _offload():
+            self._stop_worker()
             self.redis.connection_pool.disconnect()
             return
+        await trio.to_thread.run_sync(self._stop_worker, limiter=self._limiter)
         await trio.to_thread.run_sync(self.redis.connection_pool.disconnect, limiter=self._limiter)
 
 

@@ -74,7 +74,7 @@ class APIKeyFactory:
         (:func:`asyncapy.stores.default_store`).
     :param cache_size: with a Redis store, how many keys this process keeps in its
         coherent cache, present and absent each (keyword-only; a positive integer;
-        default ``ASYNCAPY_KEY_CACHE_SIZE`` or 100000). A Redis URL opens the store
+        default ``ASYNCAPY_KEY_CACHE_SIZE`` or 20000). A Redis URL opens the store
         behind a :class:`~asyncapy.adapters.key_cache.CachedKeyStore`; a store object
         is used as it is.
     """

@@ -144,12 +144,23 @@ async def store_level(url: str, pairs: int, rounds: int, tasks: int) -> dict:
     return results
 
 
-# -- (b) end to end -------------------------------------------------------------------------
+# -- (b) end to end ---------------------------------------------------------------------------
+SESSION_LIMIT = 100
+"""The session_limit of the churn servers: above the clients' connections, so nothing
+is refused, but every connection is admitted under a limit (the Lua script's path)."""
+
+KEYS = [f"bench{n:027d}" for n in range(64)]
+"""The API keys of the authenticated echo (32 characters each, one per connection)."""
+
+
 def serve(port: int, store: str) -> None:
-    """The echo server of part (b), run in a child process: ``--serve PORT STORE``."""
+    """The churn echo server of part (b), run in a child process: ``--serve PORT STORE``."""
     from asyncapy import Server
 
-    app = Server(port=port, buf=65536, logging_level="WARNING", store=None if store == "memory" else store)
+    app = Server(
+        port=port, buf=65536, logging_level="WARNING", session_limit=SESSION_LIMIT,
+        store=None if store == "memory" else store,
+    )
 
     @app.add_handler()
     async def echo(client, packet) -> None:
@@ -158,42 +169,133 @@ def serve(port: int, store: str) -> None:
     app.start()
 
 
-def echo_server(store: str) -> contextlib.AbstractContextManager:
-    """The echo application with sessions in ``store``, as its own process; the
-    context yields ``(port, pid)``."""
+def serve_authenticated(port: int, store: str) -> None:
+    """The authenticated echo of part (b): packets pass ``Filters.APIFactory`` (keys in
+    ``store``, sessions too) and are echoed; ``{"stats": 1}`` answers the key cache's
+    counts. Run in a child process: ``--serve-auth PORT STORE``."""
+    from asyncapy import APIKeyFactory, Filters, Packet, Server
+    from asyncapy.domain.ports import run_to_completion
+
+    url = None if store == "memory" else store
+    app = Server(port=port, buf=65536, logging_level="WARNING", store=url)
+    keys = APIKeyFactory(store=url or "memory://")
+    for key in KEYS:
+        run_to_completion(keys.store.put(key, {"user": key[-4:]}))
+
+    @app.add_handler(Filters.Fields(stats=None), group=-1)
+    async def stats(client, packet) -> None:
+        cache = getattr(keys.store, "cache", None)
+        counts = cache.stats() if cache is not None else {}
+        await client.send(Packet(counts, encoding=client.encoding))
+        packet.stop_propagation()
+
+    @app.add_handler(Filters.APIFactory(keys, "key"))
+    async def echo(client, packet) -> None:
+        await client.send(packet)
+
+    app.start()
+
+
+def child(flag: str, store: str) -> contextlib.AbstractContextManager:
+    """A server of part (b) (``flag``: ``--serve`` or ``--serve-auth``) with its
+    store, as its own process; the context yields ``(port, pid)``."""
     return run.process_serving(
-        lambda port: [sys.executable, "-m", "benchmarks.admission", "--serve", str(port), store],
+        lambda port: [sys.executable, "-m", "benchmarks.admission", flag, str(port), store],
         settle=0.3,
         quiet_stderr=False,
     )
 
 
-def end_to_end(url: str, redis_pid: int, rounds: int, seconds: float, clients: int, persistent: bool) -> dict:
-    """{(workload, store): [(loadgen.Result, server CPU s, redis-server CPU s) per round]}.
+def auth_packets(connections: int) -> list:
+    """One request per connection, each carrying its own key."""
+    return [Framer().frame(JSON.encode({"key": KEYS[n], "n": 1}), JSON.code) for n in range(connections)]
 
-    CPU times cover the whole run, warm-up included, so they are divided by the
-    requests of the whole run (``Result.requests`` counts only the measured part):
-    the rate over the run is taken as the measured rate.
+
+def cache_stats(port: int) -> dict:
+    """The key cache's counts of the authenticated server on ``port``."""
+    from asyncapy.client import Client
+
+    with Client(tls=False, timeout=5) as client:
+        client.connect("127.0.0.1", port)
+        return client.request({"stats": 1})
+
+
+def end_to_end(url: str, redis_pid: int, rounds: int, seconds: float, clients: int, connections: int) -> dict:
+    """{workload: ({store: [loadgen.Result per round]}, redis-server CPU s, hit ratio)}.
+
+    Each workload runs a memory server and a Redis server side by side, in slices
+    taken in turn (``benchmarks.run.measure``): a drift of the host hits both alike.
     """
-    workloads = [("churn", True)] + ([("persistent", False)] if persistent else [])
     results: dict = {}
-    with echo_server("memory") as memory, echo_server(url) as redis:
-        servers = {"memory": memory, "redis": redis}
-        for port, _ in servers.values():  # warm up
-            loadgen.run(port, PACKET, clients, 0.5, warmup=0.2, churn=True)
-        for workload, churn in workloads:
-            for index in range(rounds):
-                order = list(servers) if index % 2 == 0 else list(servers)[::-1]
-                for name in order:
-                    port, pid = servers[name]
-                    before = process_cpu(pid), process_cpu(redis_pid), time.perf_counter()
-                    result = loadgen.run(port, PACKET, clients, seconds, churn=churn)
-                    elapsed = time.perf_counter() - before[2]
-                    share = result.seconds / elapsed if elapsed else 0.0  # the measured part
-                    server_cpu = (process_cpu(pid) - before[0]) * share
-                    redis_cpu = (process_cpu(redis_pid) - before[1]) * share
-                    results.setdefault((workload, name), []).append((result, server_cpu, redis_cpu))
+    workloads = [
+        (f"auth echo, {connections} persistent", "--serve-auth", auth_packets(connections), connections, False),
+        (f"churn, {clients} clients, session_limit", "--serve", PACKET, clients, True),
+    ]
+    for title, flag, packet, count, churn in workloads:
+        with child(flag, "memory") as memory, child(flag, url) as redis:
+            before = process_cpu(redis_pid)
+            measured = run.measure({"memory": memory, "redis": redis}, packet, count, rounds, seconds, churn=churn)
+            redis_cpu = process_cpu(redis_pid) - before
+            ratio = None
+            if flag == "--serve-auth":
+                counts = cache_stats(redis[0])
+                looked = counts["hits"] + counts["misses"]
+                ratio = (counts["hits"] / looked if looked else 0.0, looked)
+            results[title] = (measured, redis_cpu, ratio)
     return results
+
+
+# -- (c) revocation propagation and the cache's memory ---------------------------------------
+async def propagation(url: str, count: int) -> list:
+    """Seconds from a revocation's acknowledgement (by another client, as another
+    process would) until a cached factory refuses the key, ``count`` times."""
+    from asyncapy import APIKeyFactory
+    from asyncapy.adapters.redis import RedisKeyStore, connect
+
+    here = APIKeyFactory(store=url)
+    there = APIKeyFactory(store=RedisKeyStore(connect(url)))
+    await here.acontains("warm up")
+    while not here.store.cache.trusted:
+        await trio.sleep(0.01)
+    delays = []
+    for _ in range(count):
+        key = await there.aissue({"user": "bench"})
+        while True:  # until the answer is cached (a check right after the issue may race it)
+            hits = here.store.cache.hits
+            assert await here.acontains(key)
+            if here.store.cache.hits > hits:
+                break
+            await trio.sleep(0.001)
+        await there.arevoke(key)
+        acknowledged = time.perf_counter()
+        while await here.acontains(key):
+            await trio.sleep(0.0001)  # the loop sleeps, as a server's does between packets
+        delays.append(time.perf_counter() - acknowledged)
+    await here.store.aclose()
+    await there.store.aclose()
+    return delays
+
+
+def cache_memory(size: int) -> float:
+    """Bytes a linked :class:`KeyCache` of ``size`` holds when both of its tables are
+    full (present keys with ``{"user": ...}`` metadata, absent keys)."""
+    import gc
+    import tracemalloc
+
+    from asyncapy.adapters.key_cache import KeyCache, digest
+
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    cache = KeyCache(size)
+    cache.link_up(time.monotonic())
+    for n in range(size):
+        cache.fill(cache.begin(digest(f"present-{n}")), True, f'{{"user": "user-{n:08d}"}}')
+        cache.fill(cache.begin(digest(f"absent-{n}")), False, None)
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert len(cache) == 2 * size
+    return float(used)
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -211,51 +313,80 @@ def print_store_table(results: dict, pairs: int, rounds: int) -> None:
         print(f"  {workload:<12} {memory:>15.2f} {redis:>14.1f} {redis / memory:>12.0f}x   {rounds_us}")
 
 
-def print_e2e_table(results: dict, clients: int, seconds: float, rounds: int) -> None:
-    print(f"\n(b) end to end: {clients} clients, {seconds}s per run, median of {rounds} alternating rounds")
-    print("  churn: connect, send, receive, close (rate = connections/s); persistent: requests/s")
-    print("  CPU us/req: CPU time of the server process / of redis-server per request")
+def print_e2e_table(results: dict, seconds: float, rounds: int) -> None:
+    print(f"\n(b) end to end: {seconds}s per round in slices, median of {rounds} rounds")
+    print("  auth echo: every packet checked by Filters.APIFactory, one key per connection (req/s);")
+    print("  churn: connect, send, receive, close (connections/s). CPU us/req: the server process's;")
+    print("  redis CPU us/req: redis-server's over the Redis server's requests")
     print(
-        f"  {'workload':<11} {'store':<7} {'rate':>7} {'p50 ms':>8} {'p99 ms':>8} {'vs memory':>10}"
-        f" {'server CPU':>11} {'redis CPU':>10}   rounds"
+        f"  {'workload':<32} {'store':<7} {'rate':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs memory':>10}"
+        f" {'CPU us/req':>11} {'redis CPU':>10}   rounds"
     )
-    for workload in dict.fromkeys(key[0] for key in results):
-        base = [run[0] for run in results[(workload, "memory")]]
+    for workload, (measured, redis_cpu, hit_ratio) in results.items():
+        base = measured["memory"]
         for name in ("memory", "redis"):
-            runs = [run[0] for run in results[(workload, name)]]
+            runs = measured[name]
             rate = statistics.median(r.rate for r in runs)
             p50 = statistics.median(r.percentile(0.50) for r in runs) * 1000
             p99 = statistics.median(r.percentile(0.99) for r in runs) * 1000
             ratio = statistics.median(r.rate / b.rate for r, b in zip(runs, base) if b.rate)
-            server_cpu = statistics.median(s / r.requests for r, s, _ in results[(workload, name)] if r.requests)
-            redis_cpu = statistics.median(c / r.requests for r, _, c in results[(workload, name)] if r.requests)
+            cpu = statistics.median(r.cpu_per_request for r in runs)
+            requests = sum(r.requests for r in runs)
+            redis_us = f"{redis_cpu / requests * 1e6:>10.1f}" if name == "redis" and requests else f"{'':>10}"
             errors = sum(r.errors for r in runs)
             note = f"  ({errors} errors)" if errors else ""
             print(
-                f"  {workload:<11} {name:<7} {rate:>7.0f} {p50:>8.3f} {p99:>8.3f} {ratio:>10.2f}"
-                f" {server_cpu * 1e6:>11.0f} {redis_cpu * 1e6:>10.0f}   {[round(r.rate) for r in runs]}{note}"
+                f"  {workload:<32} {name:<7} {rate:>8.0f} {p50:>8.3f} {p99:>8.3f} {ratio:>10.2f}"
+                f" {cpu:>11.1f} {redis_us}   {[round(r.rate) for r in runs]}{note}"
             )
+        if hit_ratio is not None:
+            print(f"  {'':<32} key cache hit ratio (Redis server): {hit_ratio[0]:.5f} of {hit_ratio[1]} checks")
+
+
+def print_cache_table(delays: list, memory: float, size: int) -> None:
+    ordered = sorted(delays)
+    print(f"\n(c) the API-key cache in front of Redis")
+    print(
+        f"  revocation propagation over {len(delays)} revocations (acknowledged by another client -> "
+        f"refused here): median {statistics.median(ordered) * 1000:.3f} ms, "
+        f"p90 {ordered[int(0.9 * len(ordered))] * 1000:.3f} ms, worst {ordered[-1] * 1000:.3f} ms"
+    )
+    print(
+        f"  memory at the default bound ({size} present keys with small metadata + {size} absent "
+        f"keys): {memory / 2**20:.1f} MiB ({memory / (2 * size):.0f} bytes an entry)"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=5000, help="admit+release pairs per store-level round (5000)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (5)")
-    parser.add_argument("--seconds", type=float, default=3.0, help="seconds per end-to-end run (3)")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent clients / tasks (8)")
-    parser.add_argument("--persistent", action="store_true", help="also measure persistent connections")
+    parser.add_argument("--seconds", type=float, default=3.0, help="seconds per end-to-end round (3)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients / tasks of the churn (8)")
+    parser.add_argument("--connections", type=int, default=50, help="persistent connections of the auth echo (50)")
+    parser.add_argument("--revocations", type=int, default=200, help="revocations timed (200)")
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "STORE"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve-auth", nargs=2, metavar=("PORT", "STORE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(int(args.serve[0]), args.serve[1])
         return
+    if args.serve_auth:
+        serve_authenticated(int(args.serve_auth[0]), args.serve_auth[1])
+        return
+    if not 0 < args.connections <= len(KEYS):
+        parser.error(f"--connections must be 1 to {len(KEYS)}")
+
+    from asyncapy.adapters.key_cache import DEFAULT_SIZE
 
     print(f"Machine: {describe_machine()}")
     with redis_server() as (url, redis_pid):
         store_results = trio.run(store_level, url, args.pairs, args.rounds, args.clients)
         print_store_table(store_results, args.pairs, args.rounds)
-        e2e_results = end_to_end(url, redis_pid, args.rounds, args.seconds, args.clients, args.persistent)
-        print_e2e_table(e2e_results, args.clients, args.seconds, args.rounds)
+        e2e_results = end_to_end(url, redis_pid, args.rounds, args.seconds, args.clients, args.connections)
+        print_e2e_table(e2e_results, args.seconds, args.rounds)
+        delays = trio.run(propagation, url, args.revocations)
+    print_cache_table(delays, cache_memory(DEFAULT_SIZE), DEFAULT_SIZE)
 
 
 if __name__ == "__main__":

@@ -47,12 +47,13 @@ class Result:
 
 
 class _Conn:
-    __slots__ = ("sock", "received", "started")
+    __slots__ = ("sock", "received", "started", "packet")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, packet: bytes = b"") -> None:
         self.sock = sock
         self.received = 0
         self.started = 0.0
+        self.packet = packet
 
 
 def process_cpu(pid: int) -> float:
@@ -80,19 +81,25 @@ DRAIN_LIMIT = 5.0
 class Driver:
     """``connections`` closed loops on one server, kept open across calls to
     :meth:`drive`, so that a measurement can be cut into short slices interleaved
-    with other servers' without reconnecting for each."""
+    with other servers' without reconnecting for each.
 
-    def __init__(self, port: int, packet: bytes, connections: int, churn: bool = False,
+    ``packet`` is the request of every connection, or a list of requests of one size,
+    one per connection (e.g. each with its own API key)."""
+
+    def __init__(self, port: int, packet, connections: int, churn: bool = False,
                  pid: Optional[int] = None) -> None:
+        packets = packet if isinstance(packet, list) else [packet] * connections
+        if len(packets) != connections or len({len(p) for p in packets}) != 1:
+            raise ValueError("one packet per connection, all of the same size")
         self.port = port
-        self.packet = packet
-        self.reply_size = len(packet)  # echo: the reply is the request
+        self.packet = packets[0]
+        self.reply_size = len(packets[0])  # echo: the reply is the request
         self.churn = churn
         self.pid = pid
         self.selector = selectors.DefaultSelector()
         self.conns = []
-        for _ in range(connections):
-            conn = _Conn(_open(port))
+        for own in packets:
+            conn = _Conn(_open(port), own)
             self.selector.register(conn.sock, selectors.EVENT_READ, conn)
             self.conns.append(conn)
 
@@ -107,7 +114,7 @@ class Driver:
         """Run the closed loops for ``warmup`` + ``seconds`` and count the replies of the
         last ``seconds``; then let the requests in flight finish (not counted), so
         the server is idle when this returns."""
-        packet, reply_size, selector, churn = self.packet, self.reply_size, self.selector, self.churn
+        reply_size, selector, churn = self.reply_size, self.selector, self.churn
         perf = time.perf_counter
         start = perf()
         measure_from = start + warmup
@@ -119,7 +126,7 @@ class Driver:
         cpu_to = None
         for conn in self.conns:
             conn.started = perf()
-            conn.sock.sendall(packet)
+            conn.sock.sendall(conn.packet)
         in_flight = len(self.conns)
         stopping = False
         while in_flight:
@@ -163,7 +170,7 @@ class Driver:
                     conn.started = 0.0  # idle
                 else:
                     conn.started = perf()
-                    conn.sock.sendall(packet)
+                    conn.sock.sendall(conn.packet)
         cpu = float("nan")
         if cpu_from is not None and cpu_to is not None:
             cpu = cpu_to - cpu_from
@@ -187,7 +194,7 @@ def combine(results: list) -> Result:
     )
 
 
-def run(port: int, packet: bytes, connections: int, seconds: float, warmup: float = 0.5,
+def run(port: int, packet, connections: int, seconds: float, warmup: float = 0.5,
         churn: bool = False, pid: Optional[int] = None) -> Result:
     """Drive ``connections`` closed loops sending ``packet`` for ``seconds`` (after
     ``warmup`` unmeasured ones); with ``pid`` (the server's process), also measure its
