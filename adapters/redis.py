@@ -3,17 +3,18 @@
 How a trio server talks to Redis
 --------------------------------
 redis-py's asynchronous client is built on asyncio and cannot run inside trio. These
-adapters therefore use redis-py's *synchronous* client, and every call made from a
-trio task runs in a worker thread (``trio.to_thread.run_sync``) behind a
-:class:`trio.CapacityLimiter` sized to the connection pool: a thread never waits for a
-pool connection while holding a slot another call could use, and the event loop never
-blocks on the network. Called outside any event loop (a script, the ``asyncapy keys``
-command) the same methods run the blocking call directly, so one adapter and one
+adapters therefore use redis-py's *synchronous* client. A call made from a trio task
+is queued for the store's one worker thread, which writes every call queued meanwhile
+to Redis as one pipeline on its own connection and wakes the waiting tasks with one
+wakeup of the event loop (see :class:`_RedisAdapter`): one thread hop and one round
+trip per batch, never per call, and the event loop never blocks on the network.
+Called outside any event loop (a script, the ``asyncapy keys`` command) the same
+methods run the blocking call directly on a pooled connection, so one adapter and one
 connection pool per process serve both the server and synchronous code.
 
-The cost is one thread hop per store call. The server makes store calls once per
-connection (admission, release) and once per renewal period for all of its sessions,
-never per packet; the API-key filter makes one per check.
+The server makes store calls once per connection (admission, release) and once per
+renewal period for all of its sessions, never per packet; the API-key filter makes
+one per key check that misses the process's key cache.
 
 Every check-and-set is a server-side Lua script (``register_script``): admission
 drops expired leases, counts the live ones and admits under the limit in one atomic
@@ -35,8 +36,11 @@ seconds and the next admission for that address drops them.
 API keys
 --------
 A key is stored only as its SHA-256 (``<prefix>key:<hex digest>``), with its metadata
-as JSON. There is no cache: a key issued, reissued, updated or revoked by any process
-is seen by every process on its next check.
+as JSON. :class:`RedisKeyStore` itself caches nothing: every call is a Redis command.
+``APIKeyFactory(store=URL)`` puts it behind a
+:class:`~asyncapy.adapters.key_cache.CachedKeyStore`, which :meth:`RedisKeyStore.track`
+keeps coherent with Redis's client-side-caching invalidations
+(:mod:`asyncapy.adapters.redis_tracking`).
 """
 
 from __future__ import annotations
