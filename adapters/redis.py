@@ -221,12 +221,6 @@ def _wake(calls: list[_Call]) -> None:
         trio.lowlevel.reschedule(call.task)
 
 
-def _wait_abort(_: Any) -> Any:
-    # A call sent cannot be taken back (an admission may be made already): the task
-    # waits for its reply even when cancelled, as for a thread it would have started.
-    return trio.lowlevel.Abort.FAILED
-
-
 class _RedisAdapter:
     """Calls into redis-py, off the event loop when there is one, in batches.
 
@@ -240,7 +234,8 @@ class _RedisAdapter:
     reply, and its own error: a script refused by Redis fails that call only. Each
     call is one command Redis runs atomically (a Lua script, or a MULTI/EXEC block),
     so batching changes no call's meaning; calls are sent in the order they were
-    made, and never retried.
+    made, and never retried. A call cancelled while still queued is withdrawn; one
+    already sent is waited for (its effect in Redis cannot be undone).
 
     Synchronous callers (a script, ``asyncapy keys``) run their call directly on a
     pooled connection instead.
@@ -369,7 +364,19 @@ class _RedisAdapter:
             if self._worker is None:
                 self._start_worker()
             self._queued.notify()
-        await trio.lowlevel.wait_task_rescheduled(_wait_abort)
+
+        def abort(_: Any) -> Any:
+            # A call still queued is withdrawn (a deadline such as the server's
+            # store_timeout works); one sent cannot be taken back (an admission may be
+            # made already), so its task waits for the reply, as for a thread it started.
+            with self._queued:
+                try:
+                    self._queue.remove(call)
+                except ValueError:
+                    return trio.lowlevel.Abort.FAILED
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
         return call.result()
 
     async def _command(self, *args: Any) -> Any:
