@@ -5,8 +5,8 @@ pause ends. Admission runs in worker threads (16 at a time, each blocked up to
 redis-py's 2-second socket timeout), so without a deadline a burst of connections
 queued behind them: 80 connections took 8 s to be answered. With ``store_timeout``,
 every connection is answered ``ERR_UNAVAILABLE`` within ``store_timeout``, or within
-the socket timeout for the few whose command had already been sent, and the server
-serves again as soon as Redis does.
+the socket timeout for those whose command had already been sent (the batch in
+flight), and the server serves again as soon as Redis does.
 """
 
 from __future__ import annotations
@@ -63,5 +63,10 @@ async def test_admissions_a_paused_redis_does_not_answer_are_refused_promptly(ow
     # Logged at most once a second, the rest counted: not 80 lines.
     assert 1 <= len(refusals) < 10
     assert any("no answer within store_timeout (0.5s)" in m for m in refusals)
-    counted = [r.getMessage() for r in caplog.records if "refused with the session store unavailable" in r.getMessage()]
+    # The refusals not logged are counted: in a later refusal's line, or at the end.
+    counted = [
+        r.getMessage()
+        for r in caplog.records
+        if "refused with the session store unavailable" in r.getMessage() or "refused alike since" in r.getMessage()
+    ]
     assert counted or len(refusals) == CONNECTIONS
