@@ -208,10 +208,12 @@ class _Call:
         error = self.error
         if error is None:
             return self.replies
+        # redis-py's messages name the host and port, not the password; redact() all
+        # the same, since the message goes to logs and the terminal.
         if isinstance(error, redis.ResponseError):
-            raise StoreUnavailable(f"Redis refused the command: {error}") from error
+            raise StoreUnavailable(f"Redis refused the command: {redact(str(error))}") from error
         if isinstance(error, (redis.RedisError, OSError)):
-            raise StoreUnavailable(f"Redis is unreachable: {error}") from error
+            raise StoreUnavailable(f"Redis is unreachable: {redact(str(error))}") from error
         raise error
 
 

@@ -46,6 +46,7 @@ from typing import Any, Optional
 import redis
 
 from asyncapy.adapters.key_cache import KeyCache
+from asyncapy.domain.redaction import redact
 
 __all__ = ["KeyTracker", "INVALIDATION_CHANNEL"]
 
@@ -130,7 +131,7 @@ class KeyTracker:
                     logger.warning(
                         "API-key cache off: invalidation link to Redis lost (%s); keys are "
                         "checked in Redis until it is back",
-                        exc,
+                        redact(str(exc)),
                     )
             else:
                 return  # stopped, or the cache is gone
