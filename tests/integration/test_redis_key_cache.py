@@ -233,8 +233,10 @@ async def test_redis_restarted_empty_never_lets_an_old_key_through(own_redis, ca
     assert len(here.store.cache) == 0
     with pytest.raises(StoreUnavailable):
         await here.acontains(key)
-    # ...and the API-key filter refuses, without crashing.
-    assert await Filters.APIFactory(here, "key")._lookup(key) is False
+    # ...and the API-key filter lets nothing through: the packet is answered
+    # ERR_UNAVAILABLE (the filter raises StoreUnavailable), never passed.
+    with pytest.raises(StoreUnavailable):
+        await Filters.APIFactory(here, "key").check(None, {"key": key})
 
     own_redis.start()  # the same port, no data
     await until(lambda: here.store.cache.trusted)
