@@ -568,11 +568,11 @@ class Server:
                     "install gcc python3-dev) and reinstall AsyncAPY to build it"
                 )
             logger.info(
-                "AsyncAPY serving on %s (%s), sessions in %r, API keys in %s",
+                "AsyncAPY serving on %s (%s), sessions in %r%s",
                 ", ".join(_format_address(a) for a in self.addresses),
                 "TLS" if self.ssl_context else "plain TCP",
                 self.store,
-                where_keys_live(),
+                where_keys_live(", API keys in "),
             )
             async with trio.open_nursery() as sessions:
                 sessions.start_soon(self._run_session_services)

@@ -39,11 +39,12 @@ def fingerprint(key: str) -> str:
 _factories: "weakref.WeakSet[APIKeyFactory]" = weakref.WeakSet()
 
 
-def where_keys_live() -> str:
+def where_keys_live(prefix: str = "") -> str:
     """Where the API keys of this process's factories live, for the startup log:
-    each distinct store once (no credentials), or ``no APIKeyFactory``."""
+    ``prefix`` and each distinct store once (no credentials), or ``""`` when the
+    process has no ``APIKeyFactory``."""
     stores = list(dict.fromkeys(_describe(factory.store) for factory in list(_factories)))
-    return "; ".join(stores) if stores else "no APIKeyFactory"
+    return prefix + "; ".join(stores) if stores else ""
 
 
 def _describe(store: KeyStore) -> str:

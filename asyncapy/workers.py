@@ -152,12 +152,12 @@ class Supervisor:
             if getattr(self.app, "metrics_port", None) is not None:
                 await self._bind_metrics()
             logger.info(
-                "AsyncAPY serving on %s (%s) with %d worker processes, sessions in %s, API keys in %s",
+                "AsyncAPY serving on %s (%s) with %d worker processes, sessions in %s%s",
                 ", ".join(_format_address(a) for a in self.addresses),
                 "TLS" if self.app.ssl_context else "plain TCP",
                 self.workers,
                 describe_store(self.app.store),
-                where_keys_live(),
+                where_keys_live(", API keys in "),
             )
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
