@@ -6,15 +6,22 @@
  * ZiProto is the MessagePack subset of nil, bool, int (64 bits), float, str, bin,
  * array and map:
  *
- *   decode(error, max_depth, data) -> dict
+ *   decode(error, over_error, max_depth, max_units, data) -> dict
  *       Parses one whole ZiProto value from a bytes-like object, which must be a map.
  *       Raises ``error`` (the codec's CodecError) with a message for anything else:
- *       a value that is not a map, and what is not a value at all: truncated or trailing bytes, the
- *       unused type byte 0xc1, any MessagePack extension type (ZiProto has none), a
- *       string that is not UTF-8, an unhashable map key, containers nested deeper
- *       than max_depth (the top level is 1). Arrays become lists, or tuples where they
- *       are map keys (so that they can be); maps become dicts (a repeated key keeps
- *       its last value); bin becomes bytes; float32 and float64 become float.
+ *       a value that is not a map, and what is not a value at all: truncated or
+ *       trailing bytes, the unused type byte 0xc1, any MessagePack extension type
+ *       (ZiProto has none), a string that is not UTF-8, an array or a map used as a
+ *       map key (keys are scalars: a container key would decode to a tuple, whose
+ *       hash has no secret and can be made to collide), containers nested deeper
+ *       than max_depth (the top level is 1). Raises ``over_error`` (a subclass of
+ *       ``error``) when the payload holds more than max_units elements (every value
+ *       counts one: containers, map keys, array items). Arrays become lists; maps
+ *       become dicts (a repeated key keeps its last value); bin becomes bytes;
+ *       float32 and float64 become float.
+ *
+ *   decode_units(error, over_error, max_depth, max_units, data) -> (dict, units)
+ *       The same, with the count of elements decoded.
  *
  *   encode(fallback, max_depth, obj) -> bytes
  *       Writes the smallest representation of every value, as the reference
@@ -28,6 +35,10 @@
  *       value with msgspec instead, which accepts or refuses it exactly as before.
  *
  * JSON:
+ *
+ *   json_nests_beyond(max_depth, data) -> bool
+ *       Whether the brackets of a JSON text nest deeper than max_depth outside its
+ *       strings: for a text that parsed, the depth of its value, in one pass.
  *
  *   encode_json(fallback, max_depth, obj) -> bytes
  *       What ``json.dumps(obj).encode("ascii")`` gives, byte for byte: ", " and ": "
@@ -55,7 +66,15 @@ typedef struct {
     const unsigned char *end;
     const unsigned char *start;
     int max_depth;
+    Py_ssize_t units_left;  /* values still allowed (see max_units) */
+    int over;               /* set when they ran out */
 } Decoder;
+
+/* A payload at least this long is decoded with the cyclic garbage collector paused:
+ * a collection walks every container allocated so far, and a payload of a million
+ * arrays made it run often enough to cost five times the decoding itself. The
+ * containers are still counted, so the first collection after it walks them once. */
+#define GC_PAUSE_AT (64 * 1024)
 
 /* Short ASCII strings (keys above all, and repeated values) are looked up in a small
  * direct-mapped cache before one is made: a hit costs a hash and a compare of up to
@@ -174,33 +193,38 @@ take(Decoder *d, Py_ssize_t n)
     return s;
 }
 
-static PyObject *decode_value(Decoder *d, int depth, int as_key);
+static PyObject *decode_value(Decoder *d, int depth);
+
+/* fixmap, fixarray, array 16/32, map 16/32 */
+static inline int
+is_container_op(unsigned char op)
+{
+    return (op >= 0x80 && op <= 0x9f) || (op >= 0xdc && op <= 0xdf);
+}
 
 static PyObject *
-decode_array(Decoder *d, Py_ssize_t n, int depth, int as_key)
+decode_array(Decoder *d, Py_ssize_t n, int depth)
 {
     if (depth > d->max_depth) return malformed(d, "the payload nests too deeply");
     /* Every element takes a byte at least: a count the rest cannot hold is a lie,
      * refused before anything is allocated for it. */
     if (n > d->end - d->p) return truncated();
-    PyObject *seq = as_key ? PyTuple_New(n) : PyList_New(n);
+    PyObject *seq = PyList_New(n);
     if (seq == NULL) return NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = decode_value(d, depth + 1, as_key);
+        PyObject *item = decode_value(d, depth + 1);
         if (item == NULL) {
             Py_DECREF(seq);
             return NULL;
         }
-        if (as_key) PyTuple_SET_ITEM(seq, i, item);
-        else PyList_SET_ITEM(seq, i, item);
+        PyList_SET_ITEM(seq, i, item);
     }
     return seq;
 }
 
 static PyObject *
-decode_map(Decoder *d, Py_ssize_t n, int depth, int as_key)
+decode_map(Decoder *d, Py_ssize_t n, int depth)
 {
-    if (as_key) return malformed(d, "map keys must be hashable");
     if (depth > d->max_depth) return malformed(d, "the payload nests too deeply");
     if (n > (d->end - d->p) / 2) return truncated();
 #if PY_VERSION_HEX < 0x030D0000
@@ -210,9 +234,15 @@ decode_map(Decoder *d, Py_ssize_t n, int depth, int as_key)
 #endif
     if (map == NULL) return NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *key = decode_value(d, depth + 1, 1);
+        /* A key is a scalar: an array or a map there is refused before it is
+         * decoded (see the header comment). */
+        if (d->p < d->end && is_container_op(*d->p)) {
+            malformed(d, "a map key is an array or a map; keys must be scalars");
+            goto error;
+        }
+        PyObject *key = decode_value(d, depth + 1);
         if (key == NULL) goto error;
-        PyObject *value = decode_value(d, depth + 1, 0);
+        PyObject *value = decode_value(d, depth + 1);
         if (value == NULL) {
             Py_DECREF(key);
             goto error;
@@ -235,15 +265,19 @@ error:
 }
 
 static PyObject *
-decode_value(Decoder *d, int depth, int as_key)
+decode_value(Decoder *d, int depth)
 {
     const unsigned char *s;
     if (d->p >= d->end) return truncated();
+    if (--d->units_left < 0) {
+        d->over = 1;
+        return malformed(d, "the payload holds more elements than allowed");
+    }
     unsigned char op = *d->p++;
     if (op <= 0x7f) return PyLong_FromLong(op);
     if (op >= 0xe0) return PyLong_FromLong((long)(int8_t)op);
-    if (op <= 0x8f) return decode_map(d, op & 0x0f, depth, as_key);
-    if (op <= 0x9f) return decode_array(d, op & 0x0f, depth, as_key);
+    if (op <= 0x8f) return decode_map(d, op & 0x0f, depth);
+    if (op <= 0x9f) return decode_array(d, op & 0x0f, depth);
     if (op <= 0xbf) {
         Py_ssize_t n = op & 0x1f;
         if ((s = take(d, n)) == NULL) return NULL;
@@ -292,12 +326,12 @@ decode_value(Decoder *d, int depth, int as_key)
     case 0xdc: case 0xdd: {
         Py_ssize_t width = op == 0xdc ? 2 : 4;
         if ((s = take(d, width)) == NULL) return NULL;
-        return decode_array(d, width == 2 ? load16(s) : (Py_ssize_t)load32(s), depth, as_key);
+        return decode_array(d, width == 2 ? load16(s) : (Py_ssize_t)load32(s), depth);
     }
     case 0xde: case 0xdf: {
         Py_ssize_t width = op == 0xde ? 2 : 4;
         if ((s = take(d, width)) == NULL) return NULL;
-        return decode_map(d, width == 2 ? load16(s) : (Py_ssize_t)load32(s), depth, as_key);
+        return decode_map(d, width == 2 ? load16(s) : (Py_ssize_t)load32(s), depth);
     }
     case 0xc1:
         d->p--;
@@ -330,22 +364,32 @@ depth_argument(PyObject *arg)
     return max_depth;
 }
 
-/* decode(error, max_depth, data): the map ``data`` holds. Anything else raises
- * ``error`` (the codec's CodecError) with "malformed ZiProto: <what>", or "ZiProto
- * payload is a <type>, not a map". */
+/* The map ``data`` holds, decoding at most max_units values; *units is set to the
+ * count decoded. Anything else raises ``error`` (the codec's CodecError) with
+ * "malformed ZiProto: <what>" or "ZiProto payload is a <type>, not a map", or
+ * ``over_error`` when the values ran out. */
 static PyObject *
-ziproto_decode(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+decode_counted(PyObject *const *args, Py_ssize_t nargs, const char *usage, Py_ssize_t *units)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "decode(error, max_depth, data) takes 3 arguments");
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "%s takes 5 arguments", usage);
         return NULL;
     }
-    long max_depth = depth_argument(args[1]);
+    long max_depth = depth_argument(args[2]);
     if (max_depth < 0) return NULL;
+    Py_ssize_t max_units = PyLong_AsSsize_t(args[3]);
+    if (max_units == -1 && PyErr_Occurred()) return NULL;
+    if (max_units < 0) {
+        PyErr_SetString(PyExc_ValueError, "max_units must be at least 0");
+        return NULL;
+    }
     Py_buffer view;
-    if (PyObject_GetBuffer(args[2], &view, PyBUF_SIMPLE) < 0) return NULL;
-    Decoder d = {view.buf, (const unsigned char *)view.buf + view.len, view.buf, (int)max_depth};
-    PyObject *result = decode_value(&d, 1, 0);
+    if (PyObject_GetBuffer(args[4], &view, PyBUF_SIMPLE) < 0) return NULL;
+    Decoder d = {view.buf, (const unsigned char *)view.buf + view.len, view.buf,
+                 (int)max_depth, max_units, 0};
+    int gc_paused = view.len >= GC_PAUSE_AT ? PyGC_Disable() : 0;
+    PyObject *result = decode_value(&d, 1);
+    if (gc_paused) PyGC_Enable();
     if (result != NULL && d.p != d.end) {
         Py_CLEAR(result);
         malformed(&d, "trailing bytes after the value");
@@ -360,7 +404,12 @@ ziproto_decode(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             Py_XDECREF(value);
             Py_XDECREF(traceback);
             if (text == NULL) return NULL;
-            PyErr_Format(args[0], "malformed ZiProto: %U", text);
+            if (d.over) {
+                PyErr_Format(args[1], "malformed ZiProto: more than %zd elements (byte %zd)",
+                             max_units, (Py_ssize_t)(d.p - d.start));
+            } else {
+                PyErr_Format(args[0], "malformed ZiProto: %U", text);
+            }
             Py_DECREF(text);
         }
         return NULL;
@@ -370,7 +419,35 @@ ziproto_decode(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(result);
         return NULL;
     }
+    *units = max_units - d.units_left;
     return result;
+}
+
+/* decode(error, over_error, max_depth, max_units, data): the map ``data`` holds. */
+static PyObject *
+ziproto_decode(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t units;
+    return decode_counted(args, nargs, "decode(error, over_error, max_depth, max_units, data)", &units);
+}
+
+/* decode_units(error, over_error, max_depth, max_units, data): (map, values decoded). */
+static PyObject *
+ziproto_decode_units(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t units;
+    PyObject *map = decode_counted(
+        args, nargs, "decode_units(error, over_error, max_depth, max_units, data)", &units);
+    if (map == NULL) return NULL;
+    PyObject *count = PyLong_FromSsize_t(units);
+    if (count == NULL) {
+        Py_DECREF(map);
+        return NULL;
+    }
+    PyObject *pair = PyTuple_Pack(2, map, count);
+    Py_DECREF(map);
+    Py_DECREF(count);
+    return pair;
 }
 
 /* ------------------------------------------------------------------ encoding */
@@ -805,13 +882,61 @@ json_encode(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return encode_with(json_value, "encode_json(fallback, max_depth, obj)", args, nargs);
 }
 
+/* ------------------------------------------------------------------ JSON nesting */
+
+/* json_nests_beyond(max_depth, data) -> bool: whether the brackets of a JSON text,
+ * outside its strings, nest deeper than max_depth (the top-level object is 1). For a
+ * text that parsed, that is the depth of what it decoded to: one pass over the
+ * bytes instead of a walk of every container built. */
+static PyObject *
+json_nests_beyond(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "json_nests_beyond(max_depth, data) takes 2 arguments");
+        return NULL;
+    }
+    long max_depth = depth_argument(args[0]);
+    if (max_depth < 0) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0) return NULL;
+    const unsigned char *p = view.buf, *end = p + view.len;
+    long depth = 0;
+    int beyond = 0;
+    while (p < end) {
+        unsigned char c = *p++;
+        if (c == '"') {
+            while (p < end) {
+                c = *p++;
+                if (c == '\\') {
+                    if (p < end) p++;
+                } else if (c == '"') {
+                    break;
+                }
+            }
+        } else if (c == '[' || c == '{') {
+            if (++depth > max_depth) {
+                beyond = 1;
+                break;
+            }
+        } else if (c == ']' || c == '}') {
+            depth--;
+        }
+    }
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(beyond);
+}
+
 /* ------------------------------------------------------------------ module */
 
 static PyMethodDef methods[] = {
     {"decode", (PyCFunction)(void (*)(void))ziproto_decode, METH_FASTCALL,
-     "decode(error, max_depth, data) -> dict: the ZiProto map data holds; raises error if none."},
+     "decode(error, over_error, max_depth, max_units, data) -> dict: the ZiProto map data holds; raises error if none."},
+    {"decode_units", (PyCFunction)(void (*)(void))ziproto_decode_units, METH_FASTCALL,
+     "decode_units(error, over_error, max_depth, max_units, data) -> (dict, int): the map and its count of values."},
     {"encode", (PyCFunction)(void (*)(void))ziproto_encode, METH_FASTCALL,
      "encode(fallback, max_depth, obj) -> bytes: ZiProto; fallback(obj) for what it does not handle."},
+    {"json_nests_beyond", (PyCFunction)(void (*)(void))json_nests_beyond, METH_FASTCALL,
+     "json_nests_beyond(max_depth, data) -> bool: whether a JSON text's brackets nest deeper than max_depth."},
     {"encode_json", (PyCFunction)(void (*)(void))json_encode, METH_FASTCALL,
      "encode_json(fallback, max_depth, obj) -> bytes: json.dumps(obj), ASCII; fallback(obj) for what it does not handle."},
     {NULL, NULL, 0, NULL},

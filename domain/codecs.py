@@ -29,18 +29,26 @@ Why these engines:
   handing anything else to msgspec. For JSON it encodes the exact built-in types
   into bytes directly, byte for byte as ``json.dumps``, handing anything else to the
   standard library. Either way, both engines give the same bytes, values and verdicts.
+
+Decoding is bounded, whatever the payload (see :mod:`domain.limits`): at most
+:data:`~domain.limits.MAX_ELEMENTS` elements a packet (``decode_units`` takes a lower
+limit and says how many were built), ZiProto map keys are scalars (an array or a map
+as a key is refused before it is built: it would decode to a tuple, whose hash can be
+made to collide), and a large payload is decoded with the cyclic garbage collector
+paused, which otherwise walks every container built so far, again and again.
 """
 
 from __future__ import annotations
 
+import gc
 import json
-from datetime import datetime
 from functools import partial
 from typing import Any, Mapping
 
 import msgspec
 
-from .errors import CodecError
+from .errors import CodecError, TooManyElements
+from .limits import MAX_ELEMENTS
 
 __all__ = ["Codec", "JSON", "ZIPROTO", "CODECS_BY_CODE", "CODECS_BY_NAME", "codec_named"]
 
@@ -107,11 +115,13 @@ class JsonCodec(Codec):
         accelerator = None if pure else _speedups
         self.accelerated = accelerator is not None
         """True when this codec encodes on the C accelerator."""
+        self._nests_beyond = None
         if accelerator is not None:
             # Straight to C, as ZiProtoCodec does; the class's encode() (the standard
             # library's encoder) takes what the accelerator does not.
             stdlib_path = partial(JsonCodec.encode, self)
             self.encode = partial(accelerator.encode_json, stdlib_path, MAX_DEPTH)  # type: ignore[method-assign]
+            self._nests_beyond = partial(accelerator.json_nests_beyond, MAX_DEPTH)
 
     def encode(self, obj: Mapping[Any, Any]) -> bytes:
         try:
@@ -122,6 +132,29 @@ class JsonCodec(Codec):
             raise CodecError(f"cannot encode as JSON: {exc}") from None
 
     def decode(self, data: bytes) -> dict:
+        if len(data) >= _GC_PAUSE_AT:
+            return self.decode_units(data, MAX_ELEMENTS)[0]
+        return self._parse(data)
+
+    def decode_units(self, data: bytes, max_elements: int) -> tuple[dict, int]:
+        """``(decode(data), elements)``, refusing (:class:`TooManyElements`) a payload
+        of more than ``max_elements`` elements before it is parsed.
+
+        JSON elements are counted from the bytes, without parsing (:func:`json_elements`):
+        exact for a payload with no empty container and none of ``[{,:`` in its
+        strings, an upper bound otherwise."""
+        elements = json_elements(data)
+        if elements > max_elements:
+            raise TooManyElements(f"JSON payload holds more than {max_elements} elements")
+        if len(data) < _GC_PAUSE_AT or not gc.isenabled():
+            return self._parse(data), elements
+        gc.disable()
+        try:
+            return self._parse(data), elements
+        finally:
+            gc.enable()
+
+    def _parse(self, data: bytes) -> dict:
         try:
             obj = self._fast_decode(data)
         except ValueError:
@@ -132,7 +165,9 @@ class JsonCodec(Codec):
             raise CodecError("JSON payload is nested too deeply") from None
         if type(obj) is not dict:
             raise CodecError(f"JSON payload is a {type(obj).__name__}, not an object")
-        if _could_nest_beyond(data, _JSON_OPENERS) and _depth_exceeds(obj, MAX_DEPTH):
+        if _could_nest_beyond(data, _JSON_OPENERS) and (
+            self._nests_beyond(data) if self._nests_beyond is not None else _depth_exceeds(obj, MAX_DEPTH)
+        ):
             raise CodecError(f"JSON payload nests deeper than {MAX_DEPTH}")
         return obj
 
@@ -163,7 +198,6 @@ everything accepted can also be encoded back (an echo never fails for depth)."""
 # bound) those bytes is one C-speed pass, so only a payload that could exceed the
 # limit pays for the iterative depth walk.
 _JSON_OPENERS = bytes(b for b in range(256) if b not in b"[{")
-_ZIPROTO_OPENERS = bytes(b for b in range(256) if not (0x80 <= b <= 0x9F or 0xDC <= b <= 0xDF))
 
 
 def _could_nest_beyond(data: bytes, non_openers: bytes) -> bool:
@@ -188,25 +222,135 @@ def _depth_exceeds(obj: Any, limit: int) -> bool:
 
 _CONTAINERS = (dict, list, tuple)
 
-# msgspec decodes the MessagePack timestamp extension (type -1) itself, into a
-# datetime, without calling ext_hook, whatever ext opcode carries it (fixext 4/8,
-# ext 8/16/32). Every such header is followed by the type byte 0xff, so one memchr for
-# 0xff rules most payloads out; only those holding the byte get the iterative search.
+_GC_PAUSE_AT = 64 * 1024
+"""Payloads at least this long are decoded with the cyclic garbage collector paused
+(the accelerator's ``GC_PAUSE_AT`` too). A collection walks every container
+allocated so far; a payload of a million empty arrays made it run often enough to
+cost five times the decoding itself. The containers still count, so the first
+collection after the decode walks them once."""
 
-def _holds_datetime(obj: Any) -> bool:
-    stack = [obj]
-    while stack:
-        item = stack.pop()
-        kind = type(item)
-        if kind is dict:
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif kind is list or kind is tuple:
-            stack.extend(item)
-        elif isinstance(item, datetime):
-            return True
-    return False
+def json_elements(data: bytes) -> int:
+    """The elements of a JSON payload as :mod:`domain.limits` counts them, from its
+    bytes alone: one, plus each ``[``, ``{``, ``,`` and ``:`` (a C-speed pass).
 
+    Every element but the first is announced by one of those bytes (an array's first
+    item by its ``[``, the next ones by ``,``; an object's key likewise, its value by
+    ``:``); an empty container and those bytes inside strings make it an upper bound."""
+    return 1 + len(data) - len(data.translate(None, b"[{,:"))
+
+
+# ZiProto type bytes, for the scanner below: how many bytes follow the type byte
+# before the next value for a fixed-size scalar...
+_FIXED = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8,
+          0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}
+# ...and the width of the length of a sized one: (width, is_str).
+_SIZED = {0xC4: (1, False), 0xC5: (2, False), 0xC6: (4, False),
+          0xD9: (1, True), 0xDA: (2, True), 0xDB: (4, True)}
+
+
+def _is_container(op: int) -> bool:
+    return 0x80 <= op <= 0x9F or 0xDC <= op <= 0xDF
+
+
+def scan_ziproto(data: bytes, max_depth: int, max_elements: int) -> int:
+    """Check a ZiProto payload as the accelerator decodes it, building nothing, and
+    count its elements; raise :class:`CodecError` (:class:`TooManyElements` past
+    ``max_elements``) at the first fault the accelerator would stop at.
+
+    The msgspec engine runs it before msgspec, which would decode a container map key
+    into a tuple (quadratic under colliding hashes) and has no element limit: one
+    pass over the bytes that allocates nothing, so what msgspec then builds is
+    bounded. It takes the accelerator's steps in the accelerator's order (so the two
+    engines give one verdict, an element limit included): per value, the end of the
+    payload, the element count, the type byte; per container, the depth, then the
+    item count against the bytes left; per map key, that it is not a container.
+    """
+    end = len(data)
+    p = 0
+    elements = 0
+    remaining: list[int] = []  # items (map: keys and values) left in each open container
+    maps: list[bool] = []
+    while True:
+        if maps and maps[-1] and remaining[-1] % 2 == 0 and p < end and _is_container(data[p]):
+            raise CodecError(f"malformed ZiProto: a map key is an array or a map; keys must be scalars (byte {p})")
+        if p >= end:
+            raise CodecError("malformed ZiProto: the payload is truncated")
+        elements += 1
+        if elements > max_elements:
+            raise TooManyElements(f"malformed ZiProto: more than {max_elements} elements (byte {p})")
+        op = data[p]
+        p += 1
+        count = -1  # items of a container opened here
+        is_map = False
+        if op <= 0x7F or op >= 0xE0:
+            pass
+        elif op <= 0x8F:
+            count, is_map = op & 0x0F, True
+        elif op <= 0x9F:
+            count = op & 0x0F
+        elif op <= 0xBF:
+            p = _take_str(data, p, op & 0x1F)
+        elif op in _FIXED:
+            p += _FIXED[op]
+            if p > end:
+                raise CodecError("malformed ZiProto: the payload is truncated")
+        elif op in _SIZED:
+            width, is_str = _SIZED[op]
+            if p + width > end:
+                raise CodecError("malformed ZiProto: the payload is truncated")
+            size = int.from_bytes(data[p : p + width], "big")
+            p += width
+            if is_str:
+                p = _take_str(data, p, size)
+            elif p + size > end:
+                raise CodecError("malformed ZiProto: the payload is truncated")
+            else:
+                p += size
+        elif 0xDC <= op <= 0xDF:
+            width = 2 if op in (0xDC, 0xDE) else 4
+            if p + width > end:
+                raise CodecError("malformed ZiProto: the payload is truncated")
+            count, is_map = int.from_bytes(data[p : p + width], "big"), op >= 0xDE
+            p += width
+        elif op == 0xC1:
+            raise CodecError(f"malformed ZiProto: 0xc1 is not a type byte (byte {p - 1})")
+        else:
+            raise CodecError(f"malformed ZiProto: a MessagePack extension type, which is not part of ZiProto (byte {p - 1})")
+        if count >= 0:
+            if len(remaining) + 1 > max_depth:
+                raise CodecError(f"malformed ZiProto: the payload nests too deeply (byte {p})")
+            if count > ((end - p) // 2 if is_map else end - p):
+                raise CodecError("malformed ZiProto: the payload is truncated")
+            if count:
+                remaining.append(count * 2 if is_map else count)
+                maps.append(is_map)
+                continue
+        # A value is complete: it fills a slot of the container around it, which may
+        # complete that container in turn.
+        while remaining:
+            remaining[-1] -= 1
+            if remaining[-1]:
+                break
+            remaining.pop()
+            maps.pop()
+        else:
+            break
+    if p != end:
+        raise CodecError(f"malformed ZiProto: trailing bytes after the value (byte {p})")
+    if not 0x80 <= data[0] <= 0x8F and data[0] not in (0xDE, 0xDF):
+        raise CodecError("ZiProto payload is not a map")
+    return elements
+
+
+def _take_str(data: bytes, p: int, size: int) -> int:
+    end = p + size
+    if end > len(data):
+        raise CodecError("malformed ZiProto: the payload is truncated")
+    try:
+        data[p:end].decode("utf-8")
+    except UnicodeDecodeError:
+        raise CodecError(f"malformed ZiProto: a string is not valid UTF-8 (byte {end})") from None
+    return end
 
 try:
     from . import _speedups
@@ -228,8 +372,10 @@ class ZiProtoCodec(Codec):
     the plain built-in types (``dict``, ``list``, ``tuple``, ``str``, ``bytes``,
     ``int``, ``float``, ``bool``, ``None``); anything else it hands to msgspec, which
     encodes (or refuses) it as it always did. Where the accelerator is not built,
-    msgspec does all of it, with the checks done after decoding. ``pure=True`` makes a
-    codec that never uses the accelerator (the tests compare the two).
+    msgspec does all of it, after :func:`scan_ziproto` has checked the payload with the
+    accelerator's rules (msgspec alone would build container keys as tuples, and has
+    no element limit). ``pure=True`` makes a codec that never uses the accelerator
+    (the tests compare the two).
     """
 
     name = "ziproto"
@@ -246,7 +392,10 @@ class ZiProtoCodec(Codec):
             # The class's encode() (msgspec) takes what the accelerator does not.
             msgspec_path = partial(ZiProtoCodec.encode, self)
             self.encode = partial(accelerator.encode, msgspec_path, MAX_DEPTH)  # type: ignore[method-assign]
-            self.decode = partial(accelerator.decode, CodecError, MAX_DEPTH)  # type: ignore[method-assign]
+            self.decode = partial(  # type: ignore[method-assign]
+                accelerator.decode, CodecError, TooManyElements, MAX_DEPTH, MAX_ELEMENTS
+            )
+            self._decode_units = partial(accelerator.decode_units, CodecError, TooManyElements, MAX_DEPTH)
 
     def encode(self, obj: Mapping[Any, Any]) -> bytes:
         try:
@@ -255,18 +404,33 @@ class ZiProtoCodec(Codec):
             raise CodecError(f"cannot encode as ZiProto: {exc}") from None
 
     def decode(self, data: bytes) -> dict:
+        return self.decode_units(data, MAX_ELEMENTS)[0]
+
+    def decode_units(self, data: bytes, max_elements: int) -> tuple[dict, int]:
+        """``(decode(data), elements)``, refusing (:class:`TooManyElements`) a payload
+        of more than ``max_elements`` elements: the accelerator stops building at the
+        first element past the limit; msgspec is not called until
+        :func:`scan_ziproto` has counted them (and checked the map keys)."""
+        if self.accelerated:
+            return self._decode_units(max_elements, data)
+        elements = scan_ziproto(data, MAX_DEPTH, max_elements)
+        if len(data) >= _GC_PAUSE_AT and gc.isenabled():
+            gc.disable()
+            try:
+                return self._msgspec_map(data), elements
+            finally:
+                gc.enable()
+        return self._msgspec_map(data), elements
+
+    def _msgspec_map(self, data: bytes) -> dict:
         try:
             obj = self._msgspec_decode(data)
         except CodecError:
             raise
         except (msgspec.DecodeError, RecursionError, TypeError, ValueError) as exc:
             raise CodecError(f"malformed ZiProto: {exc}") from None
-        if type(obj) is not dict:
+        if type(obj) is not dict:  # pragma: no cover - scan_ziproto refused it already
             raise CodecError(f"ZiProto payload is a {type(obj).__name__}, not a map")
-        if b"\xff" in data and _holds_datetime(obj):
-            raise CodecError("MessagePack extension type -1 is not part of ZiProto")
-        if _could_nest_beyond(data, _ZIPROTO_OPENERS) and _depth_exceeds(obj, MAX_DEPTH):
-            raise CodecError(f"ZiProto payload nests deeper than {MAX_DEPTH}")
         return obj
 
 

@@ -55,3 +55,14 @@ class StoreUnavailable(RuntimeError):
     Adapters raise it (and only it) for connectivity failures, so that the server can
     fail closed with ``ERR_UNAVAILABLE`` instead of crashing or admitting blindly.
     """
+
+
+class TooManyElements(CodecError):
+    """A payload holds more elements than its decoder was allowed to build.
+
+    A :class:`CodecError` like any other verdict on a payload (``ERR_REQUEST_MALFORMED``)
+    when the limit was :data:`~domain.limits.MAX_ELEMENTS`, the fixed cap of a packet;
+    :class:`~domain.connection.Connection` tells it apart when the limit was lower
+    because the process's :class:`~domain.limits.PacketMemory` had no more room
+    (``ERR_PACKET_TOO_LARGE``).
+    """

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from asyncapy.domain import codecs
 from asyncapy.domain.codecs import MAX_DEPTH, ZIPROTO, ZiProtoCodec
-from asyncapy.domain.errors import CodecError
+from asyncapy.domain.errors import CodecError, TooManyElements
+from asyncapy.domain.limits import MAX_ELEMENTS
 
 from .test_codecs import INT_MIN, UINT_MAX, ziproto_maps, ziproto_values
 
@@ -38,10 +39,13 @@ def test_the_accelerator_is_built():
     assert not PURE.accelerated
 
 
-def verdict(codec: ZiProtoCodec, data: bytes):
-    """("ok", value) or ("error", None): what ``codec`` makes of ``data``."""
+def verdict(codec: ZiProtoCodec, data: bytes, max_elements: int = MAX_ELEMENTS):
+    """("ok", (value, elements)), ("too many", None) or ("error", None): what ``codec``
+    makes of ``data`` when it may decode ``max_elements`` elements."""
     try:
-        return "ok", codec.decode(data)
+        return "ok", codec.decode_units(data, max_elements)
+    except TooManyElements:
+        return "too many", None
     except CodecError:
         return "error", None
 
@@ -74,8 +78,8 @@ def same_value(a, b) -> bool:
     return True
 
 
-def assert_agree(data: bytes) -> None:
-    fast, pure = verdict(ZIPROTO, data), verdict(PURE, data)
+def assert_agree(data: bytes, max_elements: int = MAX_ELEMENTS) -> None:
+    fast, pure = verdict(ZIPROTO, data, max_elements), verdict(PURE, data, max_elements)
     assert fast[0] == pure[0], (data.hex(), fast, pure)
     assert same_value(fast[1], pure[1]), (data.hex(), fast, pure)
 
@@ -196,12 +200,101 @@ def test_both_engines_draw_the_nesting_limit_at_the_same_depth(opener, depth):
     assert verdict(ZIPROTO, data)[0] == ("ok" if depth <= MAX_DEPTH else "error")
 
 
-def test_nesting_inside_a_map_key_counts_too():
-    data = b"\x81" + b"\x91" * (MAX_DEPTH) + b"\x01" + b"\x02"
-    assert_agree(data)
+@pytest.mark.parametrize(
+    "key",
+    [b"\x90", b"\x91\x01", b"\x80", b"\x81\xa1a\x01", b"\xdc\x00\x01\x01", b"\xdd\x00\x00\x00\x00",
+     b"\xde\x00\x00", b"\xdf\x00\x00\x00\x01\x01\x02", b"\x91" * MAX_DEPTH + b"\x01"],
+    ids=["fixarray-empty", "fixarray", "fixmap-empty", "fixmap", "array16", "array32", "map16", "map32", "deep"],
+)
+@pytest.mark.parametrize("where", ["top", "nested-map", "in-array", "second-key"])
+def test_both_engines_refuse_a_container_as_a_map_key(key, where):
+    # A container key would decode to a tuple, whose hash has no secret: refused as
+    # soon as its type byte is seen, wherever the map is.
+    data = {
+        "top": b"\x81" + key + b"\x02",
+        "nested-map": b"\x81\xa1a\x81" + key + b"\x02",
+        "in-array": b"\x81\xa1a\x92\x01\x81" + key + b"\x02",
+        "second-key": b"\x82\x01\x02" + key + b"\x03",
+    }[where]
     assert verdict(ZIPROTO, data)[0] == "error"
-    shallow = b"\x81" + b"\x91" * 3 + b"\x01" + b"\x02"
-    assert ZIPROTO.decode(shallow) == {(((1,),),): 2}
+    assert_agree(data)
+
+
+def test_a_container_key_is_refused_before_anything_after_it_is_read():
+    # A thousand colliding keys would cost a million comparisons: the first is refused.
+    data = b"\xde\x03\xe8" + b"\x92\x01\x02\x01" * 1000
+    with pytest.raises(CodecError, match=r"keys must be scalars \(byte 3\)"):
+        ZIPROTO.decode(data)
+    with pytest.raises(CodecError, match=r"keys must be scalars \(byte 3\)"):
+        PURE.decode(data)
+
+
+@pytest.mark.parametrize(
+    "key", [b"\xa1k", b"\x01", b"\xff", b"\xcb" + bytes(8), b"\xc2", b"\xc3", b"\xc0", b"\xc4\x01z", b"\xd3" + bytes(8)],
+    ids=["str", "int", "negative", "float", "false", "true", "nil", "bin", "int64"],
+)
+def test_scalar_keys_of_every_type_are_kept(key):
+    data = b"\x81" + key + b"\x02"
+    assert verdict(ZIPROTO, data)[0] == "ok"
+    assert_agree(data)
+
+
+# -- the element limit ----------------------------------------------------------------
+@PROPERTY
+@given(ziproto_maps)
+def test_both_engines_count_the_same_elements_and_stop_at_the_same_one(obj):
+    data = PURE.encode(obj)
+    status, (value, elements) = verdict(ZIPROTO, data)
+    assert status == "ok" and verdict(PURE, data)[1][1] == elements
+    assert elements == count_elements(obj)
+    assert_agree(data, elements)  # exactly enough
+    assert verdict(ZIPROTO, data, elements - 1)[0] == "too many"
+    assert_agree(data, elements - 1)
+
+
+def count_elements(obj) -> int:
+    """What the limit counts, from the value: every value, key and item, once."""
+    count, stack = 0, [obj]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if type(item) is dict:
+            stack.extend(item)
+            stack.extend(item.values())
+        elif type(item) is list:
+            stack.extend(item)
+    return count
+
+
+@FUZZ
+@given(st.binary(max_size=200), st.integers(0, 40))
+def test_both_engines_judge_arbitrary_bytes_alike_under_any_element_limit(data, limit):
+    assert_agree(b"\x81\xa1a" + data, limit)
+    assert_agree(data, limit)
+
+
+@pytest.mark.parametrize(
+    "filler", [b"\x90", b"\x80", b"\x01", b"\xe0", b"\xc0"], ids=["arrays", "maps", "ints", "negative", "nil"]
+)
+def test_max_elements_is_the_most_one_packet_decodes_to(filler):
+    # {"a": [filler, ...]}: the map, its key, the array and its items.
+    items = MAX_ELEMENTS - 3
+    data = b"\x81\xa1a\xdd" + items.to_bytes(4, "big") + filler * items
+    assert verdict(ZIPROTO, data)[0] == "ok"
+    over = b"\x81\xa1a\xdd" + (items + 1).to_bytes(4, "big") + filler * (items + 1)
+    assert verdict(ZIPROTO, over)[0] == "too many"
+    with pytest.raises(CodecError, match=f"more than {MAX_ELEMENTS} elements"):
+        ZIPROTO.decode(over)
+    if filler == b"\x90":  # the msgspec engine is slow at this size: one filler is enough
+        assert verdict(PURE, data)[0] == "ok" and verdict(PURE, over)[0] == "too many"
+
+
+def test_an_element_limit_stops_the_decoder_where_it_is_crossed():
+    data = b"\x81\xa1a\xdd\x00\x10\x00\x00" + b"\x90" * 0x100000
+    with pytest.raises(TooManyElements, match=r"more than 100 elements \(byte 105\)"):
+        ZIPROTO.decode_units(data, 100)
+    with pytest.raises(TooManyElements, match=r"more than 100 elements \(byte 105\)"):
+        PURE.decode_units(data, 100)
 
 
 @pytest.mark.parametrize(
