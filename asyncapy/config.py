@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import attrs
 
-from asyncapy.domain.framing import DEFAULT_MAX_PACKET_SIZE
+from asyncapy.domain.limits import DEFAULT_PACKET_MEMORY, SERVER_MAX_PACKET_SIZE
 from asyncapy.domain.proxy import TrustedProxies
 from asyncapy.domain.redaction import MASK, looks_secret, redact, redact_url
 
@@ -245,9 +245,16 @@ SETTINGS: Mapping[str, Setting] = {
         Setting("session_limit", 0, "an integer of at least 0 (0 = no limit)", _integer(0), _read_int),
         Setting(
             "max_packet_size",
-            DEFAULT_MAX_PACKET_SIZE,
+            SERVER_MAX_PACKET_SIZE,
             "an integer of at least 2 (bytes of Content-Length)",
             _integer(2),
+            _read_int,
+        ),
+        Setting(
+            "max_packet_memory",
+            DEFAULT_PACKET_MEMORY,
+            "an integer of at least 0 (bytes that packets above 16 KiB may hold at once)",
+            _integer(0),
             _read_int,
         ),
         Setting("encoding", "json", "'json' or 'ziproto'", _choice("json", "ziproto"), _read_text),

@@ -324,6 +324,7 @@ class Channel:
         """Write held and deferred replies, then close the stream (idempotent). Each
         step gets one second: a peer that stopped reading cannot hold the connection
         open."""
+        self.connection.close()  # what it held of the server's packet memory
         if self.closed:
             return
         self.deferring = False

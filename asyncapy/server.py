@@ -42,6 +42,7 @@ from asyncapy.domain.errors import (
     ERR_UNAVAILABLE,
 )
 from asyncapy.domain.framing import Framer
+from asyncapy.domain.limits import PacketMemory
 from asyncapy.domain.ports import SessionRecord, SessionStore
 
 from . import _sockio
@@ -127,8 +128,14 @@ class Server:
     :param session_limit: live sessions one client may hold (0 = unlimited): an IPv4
         address, or an IPv6 prefix of ``session_limit_ipv6_prefix`` bits.
 
-    :param max_packet_size: largest Content-Length accepted (16 MiB). A larger one is
-        answered ``ERR_PACKET_TOO_LARGE`` from the header alone, and the session closed.
+    :param max_packet_size: largest Content-Length accepted (1 MiB; AsyncAPY 0.5
+        accepted 16 MiB). A larger one is answered ``ERR_PACKET_TOO_LARGE`` from the
+        header alone, and the session closed.
+    :param max_packet_memory: bytes that packets above 16 KiB may hold at once, across
+        all sessions, from their header to the end of their handlers (256 MiB): their
+        buffer, and what they decode to, estimated from their element count. A packet
+        that does not fit is answered ``ERR_PACKET_TOO_LARGE`` before it is buffered or
+        decoded, and the session closed (see docs/security.md).
     :param encoding: encoding of error replies sent before a session's encoding is
         known: ``'json'`` (default) or ``'ziproto'``.
     :param certfile: PEM certificate chain: serve TLS with it.
@@ -191,6 +198,7 @@ class Server:
         session_limit: int = 0,
         *,
         max_packet_size: int = SETTINGS["max_packet_size"].default,
+        max_packet_memory: int = SETTINGS["max_packet_memory"].default,
         encoding: str = "json",
         certfile: Optional[str] = None,
         keyfile: Optional[str] = None,
@@ -219,6 +227,7 @@ class Server:
             byteorder=byteorder,
             session_limit=session_limit,
             max_packet_size=max_packet_size,
+            max_packet_memory=max_packet_memory,
             encoding=encoding,
             certfile=certfile,
             keyfile=keyfile,
@@ -256,6 +265,7 @@ class Server:
         self.byteorder: str = settings["byteorder"]
         self.session_limit: int = settings["session_limit"]
         self.max_packet_size: int = settings["max_packet_size"]
+        self.max_packet_memory: int = settings["max_packet_memory"]
         self.encoding: str = settings["encoding"]
         self.certfile: Optional[str] = settings["certfile"]
         self.keyfile: Optional[str] = settings["keyfile"]
@@ -292,6 +302,8 @@ class Server:
         """The (host, port, ...) socket addresses being served, once started."""
         self._dispatcher = Dispatcher()
         self._pacer = Pacer()  # direct writes since a read, for all sessions (see Pacer)
+        self._packet_memory = PacketMemory(self.max_packet_memory)
+        """What large packets hold, across sessions (see asyncapy.domain.limits)."""
         self._sessions: dict[str, Session] = {}
         self._idle_states: dict[str, _Idle] = {}
         self._stopping: Optional[trio.Event] = None
@@ -703,7 +715,11 @@ class Server:
         return Channel(
             stream,
             Connection(
-                self.header_size, self.byteorder, self.max_packet_size, codec_named(self.encoding)
+                self.header_size,
+                self.byteorder,
+                self.max_packet_size,
+                codec_named(self.encoding),
+                self._packet_memory,
             ),
             self._pacer,
         )
@@ -1030,6 +1046,8 @@ class Server:
                 # arrived: a handler slower than ``timeout`` must not time out the
                 # next read at once.
                 state.last_active = now()
+                if connection.held:  # a large packet's share of max_packet_memory
+                    connection.release()
                 # Only the session feeds the framer: with no whole packet buffered
                 # after this one, the next event is a read.
                 event = connection.next_event() if more else NEED_DATA

@@ -69,7 +69,13 @@ class Codec:
         raise NotImplementedError
 
     def decode(self, data: bytes) -> dict:  # pragma: no cover - abstract
-        """Parse a whole payload into a ``dict``; raise :class:`CodecError` otherwise."""
+        """Parse a whole payload into a ``dict``; raise :class:`CodecError` otherwise
+        (:class:`TooManyElements` past :data:`~domain.limits.MAX_ELEMENTS`)."""
+        raise NotImplementedError
+
+    def decode_units(self, data: bytes, max_elements: int) -> tuple[dict, int]:  # pragma: no cover - abstract
+        """``(decode(data), elements)`` with at most ``max_elements`` elements built:
+        :class:`TooManyElements` past them (see :mod:`domain.limits`)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

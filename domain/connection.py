@@ -4,6 +4,13 @@
 AsyncAProto 22 to each frame: the version and encoding bytes, payload decoding, the
 session's sticky encoding, and the encoding each error reply must be written in.
 The server (a driving adapter) only moves bytes between the socket and this object.
+
+Given a :class:`~domain.limits.PacketMemory` (the server's budget for large packets),
+it also does the accounting of the packets above
+:data:`~domain.limits.FREE_PACKET_SIZE`: it reserves their bytes once their header is
+in (refusing the packet with ``ERR_PACKET_TOO_LARGE`` when they do not fit), gives
+their decoder only the elements that still fit, and holds what they decoded to until
+the server is done with the request (:meth:`Connection.release`).
 """
 
 from __future__ import annotations
@@ -13,8 +20,10 @@ from typing import Any, Mapping, NamedTuple, Optional, Union
 from .codecs import CODECS_BY_CODE, JSON, Codec
 from .errors import (
     ERR_HEADER_INVALID,
+    ERR_PACKET_TOO_LARGE,
     ERR_REQUEST_MALFORMED,
     CodecError,
+    TooManyElements,
 )
 from .framing import (
     DEFAULT_MAX_PACKET_SIZE,
@@ -24,6 +33,7 @@ from .framing import (
     FramingError,
     _NeedData,
 )
+from .limits import ELEMENT_COST, FREE_PACKET_SIZE, MAX_ELEMENTS, STRING_FACTOR, PacketMemory
 
 __all__ = ["Request", "ProtocolError", "Connection", "NEED_DATA", "error_payload"]
 
@@ -62,10 +72,12 @@ class Connection:
     """One session's protocol state.
 
     ``default_codec`` is the codec of error replies sent before the session's encoding
-    is known (the ``encoding`` setting; JSON unless configured otherwise).
+    is known (the ``encoding`` setting; JSON unless configured otherwise). ``memory``
+    is the budget large packets are accounted in (None: no accounting; see the module
+    docstring).
     """
 
-    __slots__ = ("framer", "codec", "default_codec")
+    __slots__ = ("framer", "codec", "default_codec", "memory", "held", "_buffering")
 
     def __init__(
         self,
@@ -73,20 +85,34 @@ class Connection:
         byteorder: str = "big",
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
         default_codec: Codec = JSON,
+        memory: Optional[PacketMemory] = None,
     ) -> None:
         self.framer = Framer(header_size, byteorder, max_packet_size)
         self.codec: Optional[Codec] = None
         """The session's codec, fixed by its first valid packet (None before)."""
         self.default_codec = default_codec
+        self.memory = memory
+        self.held = 0
+        """Bytes of ``memory`` held for the last request handed out (0 for a small
+        one): given back by :meth:`release`, or by the next :meth:`next_event`."""
+        self._buffering = 0
+        """Bytes of ``memory`` reserved for the packet being received."""
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes received from the peer."""
         self.framer.receive_data(data)
 
     def next_event(self) -> Union[Request, ProtocolError, _NeedData]:
-        """The next :class:`Request`, :class:`ProtocolError`, or :data:`NEED_DATA`."""
+        """The next :class:`Request`, :class:`ProtocolError`, or :data:`NEED_DATA`.
+
+        Asking for the next event means the last request is done with: what it held of
+        the memory budget is given back first."""
+        if self.held:
+            self.release()
         frame = self.framer.next_event()
         if frame is NEED_DATA:
+            if self.framer.pending > FREE_PACKET_SIZE and self.memory is not None and not self._buffering:
+                return self._reserve_buffer(self.framer.pending)
             return NEED_DATA
         if type(frame) is FramingError:
             return ProtocolError(
@@ -105,14 +131,84 @@ class Connection:
             )
         if not frame.payload:
             return ProtocolError(ERR_REQUEST_MALFORMED, declared, False, "empty payload")
-        try:
-            fields = declared.decode(frame.payload)
-        except CodecError as exc:
-            return ProtocolError(ERR_REQUEST_MALFORMED, declared, False, str(exc))
+        if self.memory is not None and len(frame.payload) > FREE_PACKET_SIZE - 2:
+            decoded = self._decode_within_budget(frame.payload, declared)
+            if type(decoded) is ProtocolError:
+                return decoded
+            fields = decoded
+        else:
+            try:
+                fields = declared.decode(frame.payload)
+            except CodecError as exc:
+                return ProtocolError(ERR_REQUEST_MALFORMED, declared, False, str(exc))
         codec = self.codec
         if codec is None:
             codec = self.codec = declared
         return _tuple_new(Request, (fields, codec))
+
+    # -- the memory budget ----------------------------------------------------------
+    def release(self) -> None:
+        """Give back what the last request held of the memory budget: the server is
+        done with it (its handlers returned). Idempotent."""
+        if self.held:
+            self.memory.release(self.held)  # type: ignore[union-attr]
+            self.held = 0
+
+    def close(self) -> None:
+        """Give back everything this session holds of the memory budget (the request
+        handed out and a packet being received): the session is over. Idempotent."""
+        self.release()
+        if self._buffering:
+            self.memory.release(self._buffering)  # type: ignore[union-attr]
+            self._buffering = 0
+
+    def _reserve_buffer(self, content_length: int) -> Union[ProtocolError, _NeedData]:
+        if self.memory.reserve(content_length):  # type: ignore[union-attr]
+            self._buffering = content_length
+            return NEED_DATA
+        return self._refuse(content_length, f"{content_length} bytes to buffer")
+
+    def _refuse(self, content_length: int, wanted: str) -> ProtocolError:
+        """``ERR_PACKET_TOO_LARGE`` for a packet the budget cannot hold; the stream
+        cannot be framed past it (its bytes are not read), so the session closes."""
+        self.framer.refuse(ERR_PACKET_TOO_LARGE, content_length)
+        memory = self.memory
+        return ProtocolError(
+            ERR_PACKET_TOO_LARGE,
+            self.codec or self.default_codec,
+            True,
+            f"Content-Length {content_length}: {wanted} do not fit the packet memory budget "
+            f"({memory.used} of {memory.limit} bytes in use)",  # type: ignore[union-attr]
+        )
+
+    def _decode_within_budget(self, payload: bytes, declared: Codec) -> Union[dict, ProtocolError]:
+        """Decode a large payload with only the elements the budget still has room
+        for, and hold what it decoded to (estimated) until :meth:`release`."""
+        memory: PacketMemory = self.memory  # type: ignore[assignment]
+        content_length = len(payload) + 2
+        reserved, self._buffering = self._buffering, 0
+        if not reserved:  # it arrived in one read: nothing reserved while buffering
+            if not memory.reserve(content_length):
+                return self._refuse(content_length, f"{content_length} bytes to buffer")
+            reserved = content_length
+        strings = STRING_FACTOR * content_length
+        room = (memory.free - strings) // ELEMENT_COST
+        limit = max(0, min(MAX_ELEMENTS, room))
+        try:
+            fields, elements = declared.decode_units(payload, limit)
+        except TooManyElements as exc:
+            memory.release(reserved)
+            if limit < MAX_ELEMENTS:
+                memory.refusals += 1
+                return self._refuse(content_length, f"more than {limit} elements to decode")
+            return ProtocolError(ERR_REQUEST_MALFORMED, declared, False, str(exc))
+        except CodecError as exc:
+            memory.release(reserved)
+            return ProtocolError(ERR_REQUEST_MALFORMED, declared, False, str(exc))
+        cost = elements * ELEMENT_COST + strings
+        memory.reserve(cost)  # fits: the decoder was allowed no more
+        self.held = reserved + cost
+        return fields
 
     def encode(self, fields: Mapping[Any, Any], codec: Codec) -> bytes:
         """The bytes of one packet carrying ``fields`` in ``codec``.

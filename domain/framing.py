@@ -117,6 +117,7 @@ class Framer:
         "_error",
         "_eof",
         "_held",
+        "pending",
     )
 
     def __init__(
@@ -140,6 +141,10 @@ class Framer:
         self._eof = False
         self._held: bytes | None = None
         """A received chunk not copied into the buffer yet (see receive_data)."""
+        self.pending = 0
+        """The Content-Length of the packet being buffered, once its header is in:
+        set when :meth:`next_event` returns :data:`NEED_DATA` (0 if the header is
+        not complete yet), so that its memory can be reserved before it arrives."""
 
     # -- receiving -----------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
@@ -212,6 +217,7 @@ class Framer:
         available = len(buffer) - offset
         header_size = self.header_size
         if available < header_size:
+            self.pending = 0
             return NEED_DATA
         (content_length,) = self._length.unpack_from(buffer, offset)
         if content_length < 2:
@@ -222,6 +228,7 @@ class Framer:
             return self._error
         end = offset + header_size + content_length
         if len(buffer) < end:
+            self.pending = content_length
             return NEED_DATA
         _, version, encoding = self._prefix.unpack_from(buffer, offset)
         payload = bytes(buffer[offset + header_size + 2 : end])
@@ -234,6 +241,12 @@ class Framer:
         else:
             self._offset = end
         return _tuple_new(Frame, (version, encoding, payload))
+
+    def refuse(self, code: str, content_length: int) -> None:
+        """Stop framing: from now on :meth:`next_event` returns a :class:`FramingError`
+        with ``code``, as for a Content-Length refused from the header (the caller
+        refused the packet of ``content_length`` for a reason of its own)."""
+        self._error = FramingError(code, content_length)
 
     # -- sending -------------------------------------------------------------------
     def frame(self, payload: bytes, encoding: int, version: int = PROTOCOL_VERSION) -> bytes:

@@ -34,6 +34,7 @@ __all__ = [
     "ELEMENT_COST",
     "STRING_FACTOR",
     "DEFAULT_PACKET_MEMORY",
+    "SERVER_MAX_PACKET_SIZE",
     "PacketMemory",
 ]
 
@@ -55,7 +56,13 @@ STRING_FACTOR = 4
 up to four bytes of a Python string (ASCII in a string that also holds an emoji)."""
 
 DEFAULT_PACKET_MEMORY = 256 * 1024 * 1024
-"""The default budget of :class:`PacketMemory` (256 MiB)."""
+"""The default budget of :class:`PacketMemory` (256 MiB): the server's
+``max_packet_memory``."""
+
+SERVER_MAX_PACKET_SIZE = 1024 * 1024
+"""The server's default ``max_packet_size`` (1 MiB), for an API of small packets.
+AsyncAPY 0.5 accepted 16 MiB (``DEFAULT_MAX_PACKET_SIZE`` of the framer, which the
+bundled clients keep for replies); a server that needs it sets it."""
 
 
 class PacketMemory:
