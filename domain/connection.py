@@ -7,10 +7,11 @@ The server (a driving adapter) only moves bytes between the socket and this obje
 
 Given a :class:`~domain.limits.PacketMemory` (the server's budget for large packets),
 it also does the accounting of the packets above
-:data:`~domain.limits.FREE_PACKET_SIZE`: it reserves their bytes once their header is
-in (refusing the packet with ``ERR_PACKET_TOO_LARGE`` when they do not fit), gives
-their decoder only the elements that still fit, and holds what they decoded to until
-the server is done with the request (:meth:`Connection.release`).
+:data:`~domain.limits.FREE_PACKET_SIZE`: once a header is in, it reserves the packet's
+bytes and what its strings may decode to (refusing the packet with
+``ERR_PACKET_TOO_LARGE`` before it is buffered when they do not fit), gives its
+decoder only the elements that still fit, and holds it all until the server is done
+with the request (:meth:`Connection.release`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ from .framing import (
     _NeedData,
 )
 from .limits import ELEMENT_COST, FREE_PACKET_SIZE, MAX_ELEMENTS, STRING_FACTOR, PacketMemory
+
+_BYTES_CHARGED = 1 + STRING_FACTOR
+"""Per byte of a large packet, charged from its header on: the byte buffered, and
+what its strings may decode to (its elements are charged once decoded)."""
 
 __all__ = ["Request", "ProtocolError", "Connection", "NEED_DATA", "error_payload"]
 
@@ -163,10 +168,11 @@ class Connection:
             self._buffering = 0
 
     def _reserve_buffer(self, content_length: int) -> Union[ProtocolError, _NeedData]:
-        if self.memory.reserve(content_length):  # type: ignore[union-attr]
-            self._buffering = content_length
+        amount = _BYTES_CHARGED * content_length
+        if self.memory.reserve(amount):  # type: ignore[union-attr]
+            self._buffering = amount
             return NEED_DATA
-        return self._refuse(content_length, f"{content_length} bytes to buffer")
+        return self._refuse(content_length, f"{amount} bytes")
 
     def _refuse(self, content_length: int, wanted: str) -> ProtocolError:
         """``ERR_PACKET_TOO_LARGE`` for a packet the budget cannot hold; the stream
@@ -188,12 +194,10 @@ class Connection:
         content_length = len(payload) + 2
         reserved, self._buffering = self._buffering, 0
         if not reserved:  # it arrived in one read: nothing reserved while buffering
-            if not memory.reserve(content_length):
-                return self._refuse(content_length, f"{content_length} bytes to buffer")
-            reserved = content_length
-        strings = STRING_FACTOR * content_length
-        room = (memory.free - strings) // ELEMENT_COST
-        limit = max(0, min(MAX_ELEMENTS, room))
+            reserved = _BYTES_CHARGED * content_length
+            if not memory.reserve(reserved):
+                return self._refuse(content_length, f"{reserved} bytes")
+        limit = min(MAX_ELEMENTS, memory.free // ELEMENT_COST)
         try:
             fields, elements = declared.decode_units(payload, limit)
         except TooManyElements as exc:
@@ -205,7 +209,7 @@ class Connection:
         except CodecError as exc:
             memory.release(reserved)
             return ProtocolError(ERR_REQUEST_MALFORMED, declared, False, str(exc))
-        cost = elements * ELEMENT_COST + strings
+        cost = elements * ELEMENT_COST
         memory.reserve(cost)  # fits: the decoder was allowed no more
         self.held = reserved + cost
         return fields

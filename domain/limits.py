@@ -38,9 +38,12 @@ __all__ = [
     "PacketMemory",
 ]
 
-MAX_ELEMENTS = 1 << 20
-"""Most elements one packet may decode to (1,048,576): about 40 ms of decoding and
-at most about 100 MiB for the worst payloads, whatever ``max_packet_size`` is."""
+MAX_ELEMENTS = 1 << 18
+"""Most elements one packet may decode to (262,144), whatever ``max_packet_size`` is:
+for the worst payloads, about 10 ms of decoding, as much again to encode an echo and
+free it, and at most about 25 MiB. It bounds how long one packet holds the event loop
+(a decoder in C holds the interpreter, so a thread would not help), so that a few
+attackers cannot stall every other session for long."""
 
 FREE_PACKET_SIZE = 16 * 1024
 """Packets whose Content-Length is at most this (16 KiB) take nothing from the

@@ -8,6 +8,13 @@
   (the client sees the connection end, not a reset, even with a request written), and
   the refusals are logged at most once a second, with the count of those not logged.
   A slot freed by a session that ends is taken by the next client.
+* Hostile decoding (issue 17): four attackers sending the worst payloads (colliding
+  map keys, ZiProto and JSON amplification at the element limit and past it) get
+  their error replies or their echoes, while a canary's requests are all answered
+  (no stall of seconds: docs/security.md has the measured round trips) and the
+  server's memory grows by less than 256 MiB. The packet memory budget refuses large
+  packets that do not fit with ERR_PACKET_TOO_LARGE, never small ones, and is whole
+  again once the sessions are gone.
 """
 
 from __future__ import annotations
@@ -22,9 +29,13 @@ import trio
 from asyncapy.config import ConfigError
 from asyncapy.server import Server
 
+from asyncapy.domain.limits import FREE_PACKET_SIZE, MAX_ELEMENTS
+from benchmarks.hostile_decode import attack, frame, payloads
+from fuzz import attacks
+
 from ..conftest import serving
 from .hostile_app import launch, open_file_limit
-from .wire import Wire, json_packet, settle
+from .wire import Wire, json_error, json_packet, settle, zi_error
 
 CLIENTS = 1500
 MiB = 1 << 20
@@ -153,3 +164,91 @@ async def test_refusals_not_yet_logged_are_counted_at_shutdown(make_echo, caplog
 def test_max_connections_is_validated(value):
     with pytest.raises(ConfigError, match="max_connections"):
         Server(max_connections=value)
+
+
+# -- hostile decoding -------------------------------------------------------------------
+def test_attackers_get_their_replies_and_neither_stall_nor_bloat_the_server():
+    running, port = launch(timeout=30)  # the defaults: max_packet_size 1 MiB
+    with running:
+        packets = payloads(1 << 20, MAX_ELEMENTS)
+        # Past the element limit: refused when the decoder reaches it.
+        packets["ziproto past the limit"] = frame(attacks.ziproto_arrays(MAX_ELEMENTS + 6), 1)
+        result = trio.run(attack, port, running.process.pid, packets, 6, 6.0)
+        # Every canary request was answered, in order and intact (attack() checks
+        # each reply); none waited seconds behind the attackers' packets.
+        assert len(result["rtts"]) > 20 and max(result["rtts"]) < 2.0, result["rtts"]
+        replies = result["replies"]
+        outcomes = {kind: {outcome for (k, outcome) in replies if k == kind} for kind in packets}
+        assert outcomes["colliding keys"] == {"ERR_REQUEST_MALFORMED"}
+        assert outcomes["ziproto past the limit"] == {"ERR_REQUEST_MALFORMED"}
+        for kind in ("ziproto [[]...]", "ziproto [{}...]", "json [[]...]", "json [{}...]"):
+            assert outcomes[kind] == {f"echo ({len(packets[kind]) if kind.startswith('ziproto') else len(_json_echo(packets[kind]))} bytes)"}, (kind, outcomes)
+        growth = result["peak"] - result["baseline"]
+        assert growth < 256 * MiB, f"the server grew by {growth / MiB:.0f} MiB"
+        # And it serves as before.
+        async def ask() -> None:
+            async with await Wire.connect("127.0.0.1", port) as wire:
+                assert await wire.request({"after": 1}) == {"after": 1}
+
+        trio.run(ask)
+        assert running.stop() == 0, running.output
+    assert "Traceback" not in running.output
+
+
+def _json_echo(packet: bytes) -> bytes:
+    """The echo of a JSON attack packet: json.dumps writes ", " between items."""
+    return frame(packet[6:].replace(b",", b", ").replace(b'{"a": [', b'{"a": ['), 0)
+
+
+async def test_large_packets_past_the_memory_budget_are_refused_and_small_ones_are_not(make_echo):
+    # 8 MiB of budget: one 1 MiB packet takes 5 MiB of it from its header on (its
+    # bytes, and four times them for the strings it may decode to), so a second one
+    # arriving meanwhile is refused from its header; small packets never count.
+    server = make_echo(max_packet_memory=8 * MiB, buf=65536)
+    memory = server._packet_memory
+    big = json_packet({"blob": "x" * (MiB - 20)})
+    async with serving(server) as (host, port):
+        async with await Wire.connect(host, port) as first, await Wire.connect(host, port) as second:
+            await first.send(big[: MiB // 2])  # half a packet: its bytes are reserved
+            await settle()
+            assert memory.used == 5 * (len(big) - 4)
+            await second.send(big[: MiB // 2])
+            assert await second.read_packet() == json_error("ERR_PACKET_TOO_LARGE")
+            await second.read_eof()
+            async with await Wire.connect(host, port) as small:
+                for n in range(3):
+                    assert (await small.request({"n": n, "pad": "y" * (FREE_PACKET_SIZE - 100)}))["n"] == n
+            await first.send(big[MiB // 2 :])
+            assert await first.read_packet() == big
+        # Both sessions ended (one of them with half a packet in): all given back.
+        await settle()
+        assert memory.used == 0 and memory.refusals == 1 and memory.peak < 8 * MiB
+        async with await Wire.connect(host, port) as third:
+            await third.send(big)
+            assert await third.read_packet() == big
+        await settle()
+        assert memory.used == 0
+
+
+async def test_a_container_map_key_is_malformed_and_the_session_goes_on(make_echo):
+    server = make_echo()
+    async with serving(server) as (host, port):
+        async with await Wire.connect(host, port) as wire:
+            await wire.send(frame(attacks.colliding_keys(2000), 1))
+            assert await wire.read_packet() == zi_error("ERR_REQUEST_MALFORMED")
+            await wire.send(frame(b"\x81\x92\x01\x02\x01", 1))  # {[1, 2]: 1}
+            assert await wire.read_packet() == zi_error("ERR_REQUEST_MALFORMED")
+            await wire.send(frame(b"\x81\x01\x02", 1))  # {1: 2}: a scalar key is fine
+            assert await wire.read_packet() == frame(b"\x81\x01\x02", 1)
+
+
+async def test_the_default_max_packet_size_is_1_mib_and_the_old_one_is_a_setting(make_echo):
+    big = json_packet({"blob": "x" * (2 * MiB)})
+    async with serving(make_echo(buf=65536)) as (host, port):
+        async with await Wire.connect(host, port) as wire:
+            await wire.send(big[:64])
+            assert await wire.read_packet() == json_error("ERR_PACKET_TOO_LARGE")
+    async with serving(make_echo(buf=65536, max_packet_size=16 * MiB)) as (host, port):
+        async with await Wire.connect(host, port) as wire:
+            await wire.send(big)
+            assert await wire.read_packet(timeout=10) == big

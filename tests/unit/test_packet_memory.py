@@ -63,7 +63,8 @@ def test_a_large_packet_reserves_its_bytes_at_its_header_and_its_decoding_once_d
     data = packet(payload)
     conn.receive_data(data[:10])
     assert conn.next_event() is NEED_DATA
-    assert memory.used == MiB + 2  # the Content-Length, from the header alone
+    # From the header alone: the Content-Length, and four times it for strings.
+    assert memory.used == (1 + STRING_FACTOR) * (MiB + 2)
     conn.receive_data(data[10:])
     event = conn.next_event()
     assert type(event) is Request and len(event.fields["a"]) == MiB - 8
@@ -95,14 +96,14 @@ def test_asking_for_the_next_event_gives_the_last_request_back():
 
 
 def test_a_packet_whose_bytes_do_not_fit_is_refused_from_its_header():
-    memory = PacketMemory(MiB)
+    memory = PacketMemory(10 * MiB)
     conn = Connection(memory=memory)
-    data = packet(blob(2 * MiB))
+    data = packet(blob(2 * MiB))  # 10 MiB and 10 bytes to reserve
     conn.receive_data(data[:4096])
     event = conn.next_event()
     assert type(event) is ProtocolError
     assert (event.code, event.close) == (ERR_PACKET_TOO_LARGE, True)
-    assert "packet memory budget" in event.detail and str(2 * MiB + 2) in event.detail
+    assert "packet memory budget" in event.detail and "Content-Length 2097154" in event.detail
     assert memory.used == 0 and memory.refusals == 1
     # Framing is over: the rest of the packet is never looked at.
     conn.receive_data(data[4096:])
@@ -111,12 +112,13 @@ def test_a_packet_whose_bytes_do_not_fit_is_refused_from_its_header():
 
 @pytest.mark.parametrize("codec", [ZIPROTO, JSON], ids=["ziproto", "json"])
 def test_an_amplifying_packet_is_given_only_the_elements_that_fit(codec):
-    # 1 MiB of empty arrays is a million elements: about 100 MiB charged. With 16 MiB
-    # of budget it is refused, having built at most what fits.
-    memory = PacketMemory(16 * MiB)
+    # MAX_ELEMENTS empty arrays: about 25 MiB charged. With 20 MiB of budget the
+    # packet is refused, having built at most what fits. (JSON counts an empty
+    # array twice: its "[" and the "," after it.)
+    memory = PacketMemory(20 * MiB)
     conn = Connection(memory=memory, default_codec=codec)
-    count = MiB - 16
-    payload = arrays(count) if codec is ZIPROTO else b'{"a": [' + b"[]," * (count // 3) + b"[]]}"
+    count = MAX_ELEMENTS - 16
+    payload = arrays(count) if codec is ZIPROTO else b'{"a": [' + b"[]," * (count // 2) + b"[]]}"
     conn.receive_data(packet(payload, codec.code))
     event = conn.next_event()
     assert type(event) is ProtocolError and (event.code, event.close) == (ERR_PACKET_TOO_LARGE, True)
@@ -155,7 +157,7 @@ def test_closing_gives_back_a_packet_half_received():
     memory = PacketMemory(64 * MiB)
     conn = Connection(memory=memory)
     conn.receive_data(packet(blob(MiB))[: MiB // 2])
-    assert conn.next_event() is NEED_DATA and memory.used == MiB + 2
+    assert conn.next_event() is NEED_DATA and memory.used == (1 + STRING_FACTOR) * (MiB + 2)
     conn.close()
     assert memory.used == 0
     conn.close()
@@ -163,12 +165,12 @@ def test_closing_gives_back_a_packet_half_received():
 
 
 def test_sessions_share_one_budget():
-    memory = PacketMemory(6 * MiB)
+    memory = PacketMemory(8 * MiB)
     first, second = Connection(memory=memory), Connection(memory=memory)
     first.receive_data(packet(blob(MiB)))
     assert type(first.next_event()) is Request  # holds 5 MiB and a bit
     second.receive_data(packet(blob(MiB))[:100])
-    assert second.next_event().code == ERR_PACKET_TOO_LARGE  # 1 MiB more to buffer: no room
+    assert second.next_event().code == ERR_PACKET_TOO_LARGE  # 5 MiB more: no room
     first.release()
     third = Connection(memory=memory)
     third.receive_data(packet(blob(MiB)))
