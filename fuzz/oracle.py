@@ -38,6 +38,13 @@ The properties:
     The JSON codec accepts exactly what :func:`json.loads` (what AsyncAPY 0.5 peers
     used) accepts as an object, with equal values. A payload too deep for
     ``json.loads`` is not compared.
+``engines``
+    The accelerated codecs and their pure twins (msgspec and the standard library
+    alone) give one verdict, one value and one element count for every payload, and
+    both refuse it with ``TooManyElements`` one element short.
+``budget``
+    The connection is driven with a packet memory budget (ample, so nothing is
+    refused for it); once it is closed, the budget is whole again.
 ``codec-depth``
     Whether a payload is nested too deeply does not depend on the caller's stack: a
     payload that decodes here decodes 40 frames deeper too, and one that ``json.loads``
@@ -55,7 +62,7 @@ import random
 import zlib
 from typing import Any, Callable, NamedTuple, Optional
 
-from asyncapy.domain.codecs import CODECS_BY_NAME, JSON, MAX_DEPTH, ZIPROTO, Codec
+from asyncapy.domain.codecs import CODECS_BY_NAME, JSON, MAX_DEPTH, ZIPROTO, Codec, JsonCodec, ZiProtoCodec
 from asyncapy.domain.connection import (
     NEED_DATA,
     Connection,
@@ -63,7 +70,11 @@ from asyncapy.domain.connection import (
     Request,
     error_payload,
 )
-from asyncapy.domain.errors import CodecError
+from asyncapy.domain.errors import CodecError, TooManyElements
+from asyncapy.domain.limits import MAX_ELEMENTS, PacketMemory
+
+_PURE = {"json": JsonCodec(pure=True), "ziproto": ZiProtoCodec(pure=True)}
+"""The codecs on msgspec and the standard library alone, for the ``engines`` property."""
 from asyncapy.domain.framing import DEFAULT_MAX_PACKET_SIZE
 
 __all__ = [
@@ -191,8 +202,8 @@ def foreign_value(obj: Any, codec: Codec) -> Optional[str]:
     """A description of the first value in ``obj`` that ``codec`` cannot carry, or None.
 
     JSON: null, booleans, numbers, strings, arrays and objects with string keys.
-    ZiProto: nil, booleans, integers of 64 bits, float64, str, bin, arrays and maps
-    (any of these as keys; an array key decodes as a tuple, being hashable).
+    ZiProto: nil, booleans, integers of 64 bits, float64, str, bin, arrays and maps,
+    with scalar keys only (an array or a map as a key is malformed: protocol.md).
     """
     ziproto = codec is ZIPROTO
     scalars = _ZIPROTO_SCALARS if ziproto else _JSON_SCALARS
@@ -208,8 +219,6 @@ def foreign_value(obj: Any, codec: Codec) -> Optional[str]:
                 stack.append((value, False))
         elif kind is list and not is_key:
             stack.extend((value, False) for value in item)
-        elif kind is tuple and is_key and ziproto:
-            stack.extend((value, True) for value in item)
         elif kind in scalars:
             if ziproto and kind is int and not INT64_MIN <= item <= UINT64_MAX:
                 return f"the integer {item}, beyond 64 bits"
@@ -232,8 +241,33 @@ def _decode_deeper(codec: Codec, payload: bytes, frames: int = 40) -> Any:
     return codec.decode(payload)
 
 
+def _units(codec: Codec, payload: bytes, limit: int) -> tuple:
+    try:
+        obj, elements = codec.decode_units(payload, limit)
+    except TooManyElements:
+        return ("too many",)
+    except CodecError:
+        return ("error",)
+    return ("ok", elements, obj)
+
+
+def check_engines(codec: Codec, payload: bytes) -> None:
+    """The accelerated codec and its pure twin give one verdict, one value and one
+    element count, under the packet limit and one element short of what it holds."""
+    pure = _PURE[codec.name]
+    fast = _units(codec, payload, MAX_ELEMENTS)
+    slow = _units(pure, payload, MAX_ELEMENTS)
+    if fast[:2] != slow[:2] or (fast[0] == "ok" and not same(fast[2], slow[2])):
+        raise Finding("engines", f"{codec.name}: the accelerated engine gives {fast[:2]}, msgspec alone {slow[:2]}")
+    if fast[0] == "ok" and fast[1] > 1:
+        short = fast[1] - 1
+        if _units(codec, payload, short)[0] != "too many" or _units(pure, payload, short)[0] != "too many":
+            raise Finding("engines", f"{codec.name}: {fast[1]} elements decode under a limit of {short}")
+
+
 def check_codec(codec: Codec, payload: bytes, verdicts: list) -> None:
     """Check one payload against one codec (see the module's docstring)."""
+    check_engines(codec, payload)
     try:
         obj = codec.decode(payload)
     except CodecError as exc:
@@ -403,12 +437,23 @@ def _cuts(length: int, config: Config, rng: random.Random) -> list[int]:
 
 def drive(stream: bytes, config: Config, cuts: list[int]) -> tuple[list, Connection]:
     """Feed ``stream`` cut at ``cuts`` to a fresh Connection; return its events."""
+    memory = PacketMemory(1 << 40)  # ample: no packet is refused for it
     connection = Connection(
         config.header_size,
         config.byteorder,
         config.max_packet_size,
         CODECS_BY_NAME[config.default_codec],
+        memory,
     )
+    try:
+        return _drive(connection, stream, cuts)
+    finally:
+        connection.close()
+        if memory.used:
+            raise Finding("budget", f"{memory.used} bytes of packet memory held after the session closed")
+
+
+def _drive(connection: Connection, stream: bytes, cuts: list[int]) -> tuple[list, Connection]:
     framer = connection.framer
     events: list = []
     start = 0

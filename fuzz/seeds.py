@@ -17,6 +17,7 @@ from typing import Any
 from asyncapy.domain.codecs import JSON, ZIPROTO
 from asyncapy.domain.errors import CodecError
 
+from . import attacks
 from .oracle import LAYOUTS, config_byte
 
 __all__ = ["frame", "corpus", "random_packet", "random_value", "TOKENS", "INTERESTING_INTS"]
@@ -106,6 +107,9 @@ JSON_PAYLOADS = [
     _deep_json_objects(990),
     _deep_json_objects(1001),
     b'{"a": ' + b"[" * 100_000,
+    attacks.json_arrays(30_000),
+    attacks.json_objects(30_000),
+    b'{"a": "[{,:[{,:", "b": [[], {}], ":": ","}',  # structural bytes inside strings
 ]
 
 ZIPROTO_PAYLOADS = [
@@ -157,6 +161,16 @@ ZIPROTO_PAYLOADS = [
     _deep_ziproto(5000),
     _deep_ziproto(1001, b"\x81\xa1a", b"\x80"),
     b"\x81\xa1a" + b"\x91" * 100_000,
+    # Issue 17: container keys of every form (tuples whose hash collides), amplification.
+    attacks.colliding_keys(64),
+    b"\x81\xdc\x00\x01\x01\x01",  # array16 as a key
+    b"\x81\xdd\x00\x00\x00\x00\x01",  # array32 as a key
+    b"\x81\xde\x00\x00\x01",  # map16 as a key
+    b"\x81\xa1a\x92\x01\x81\x91\x01\x02",  # a container key, nested
+    b"\x82\x01\x02\x90\x03",  # the second key a container
+    attacks.ziproto_arrays(20_000),
+    attacks.ziproto_maps(20_000),
+    b"\x81\xa1a\xdd\x00\x00\x4e\x20" + b"\xe0" * 20_000,  # negative fixints
 ]
 
 
