@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asyncapy.domain.codecs import JSON, MAX_DEPTH, JsonCodec
-from asyncapy.domain.errors import CodecError
+from asyncapy.domain.errors import CodecError, TooManyElements
+from asyncapy.domain.limits import MAX_ELEMENTS
 
 PURE = JsonCodec(pure=True)
 PROPERTY = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -163,3 +164,60 @@ def test_a_big_payload_and_then_a_small_one():
     big = {"k": ["x" * 1000] * 3000}
     assert JSON.encode(big) == json.dumps(big).encode("ascii")
     assert JSON.encode({"a": 1}) == b'{"a": 1}'
+
+
+# -- decoding: depth on the bytes, the element count ------------------------------------
+def json_verdict(codec: JsonCodec, data: bytes, max_elements: int):
+    try:
+        fields, elements = codec.decode_units(data, max_elements)
+    except TooManyElements:
+        return ("too many",)
+    except CodecError:
+        return ("error",)
+    return ("ok", json.dumps(fields, sort_keys=True, default=repr), elements)
+
+
+brackety_text = st.text(alphabet='[]{},:"\\ ab\u00e9', max_size=12)
+nested = st.recursive(
+    st.none() | st.integers() | brackety_text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(brackety_text, inner, max_size=4),
+    max_leaves=30,
+)
+
+
+@PROPERTY
+@given(st.dictionaries(brackety_text, nested, max_size=5), st.integers(0, 60))
+def test_both_engines_count_and_judge_alike_with_brackets_inside_strings(obj, limit):
+    # The accelerator finds the depth on the bytes (skipping strings, escapes
+    # included); msgspec alone walks the value: one verdict.
+    data = json.dumps(obj).encode()
+    assert json_verdict(JSON, data, limit) == json_verdict(PURE, data, limit)
+    assert json_verdict(JSON, data, 10**9)[0] == "ok"
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1])
+@pytest.mark.parametrize("decoy", [b"", b'"]]]]", ', b'"\\"]]]", ', b'"[[[[", '])
+def test_the_depth_limit_is_the_same_whatever_the_strings_hold(depth, decoy):
+    # depth - 1 nested arrays under the top-level object, and strings of brackets
+    # (escaped quotes too) that must not count.
+    data = b'{"a": [' + decoy + b"[" * (depth - 2) + b"]" * (depth - 2) + b"]}"
+    expected = "ok" if depth <= MAX_DEPTH else "error"
+    assert json_verdict(JSON, data, 10**9)[0] == json_verdict(PURE, data, 10**9)[0] == expected
+
+
+def test_json_elements_are_counted_from_structural_bytes():
+    assert JSON.decode_units(b'{"a": [1, 2], "b": {"c": null}}', 100)[1] == 9
+    assert JSON.decode_units(b"{}", 100)[1] == 2  # an empty container: an upper bound
+    with pytest.raises(TooManyElements, match="more than 8 elements"):
+        JSON.decode_units(b'{"a": [1, 2], "b": {"c": null}}', 8)
+
+
+def test_past_max_elements_a_json_payload_is_refused_before_it_is_parsed():
+    items = MAX_ELEMENTS // 2
+    data = b'{"a": [' + b"[]," * items + b"[]]}"  # 2 elements an empty array
+    with pytest.raises(TooManyElements, match=f"more than {MAX_ELEMENTS} elements"):
+        JSON.decode(data)
+    with pytest.raises(TooManyElements):
+        PURE.decode(data)
+    fits = b'{"a": [' + b"[]," * (items - 3) + b"[]]}"
+    assert len(JSON.decode(fits)["a"]) == len(PURE.decode(fits)["a"]) == items - 2
