@@ -712,6 +712,7 @@ class Server:
 
     # -- one connection ---------------------------------------------------------------
     def _new_channel(self, stream: trio.abc.Stream) -> Channel:
+        self._packet_memory.limit = self.max_packet_memory  # as set since (load_config, --config)
         return Channel(
             stream,
             Connection(

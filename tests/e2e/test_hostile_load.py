@@ -252,3 +252,17 @@ async def test_the_default_max_packet_size_is_1_mib_and_the_old_one_is_a_setting
         async with await Wire.connect(host, port) as wire:
             await wire.send(big)
             assert await wire.read_packet(timeout=10) == big
+
+
+async def test_max_packet_memory_from_a_config_file_applies(make_echo, tmp_path):
+    ini = tmp_path / "app.ini"
+    ini.write_text("[AsyncAPY]\nmax_packet_memory = 0\n")
+    server = make_echo(buf=65536)
+    server.config = str(ini)
+    server.load_config()  # as `asyncapy run --config` does, after the app built it
+    assert server.max_packet_memory == 0
+    async with serving(server) as (host, port):
+        async with await Wire.connect(host, port) as wire:
+            assert await wire.request({"small": "x" * 100}) == {"small": "x" * 100}
+            await wire.send(json_packet({"large": "x" * (FREE_PACKET_SIZE + 1)}))
+            assert await wire.read_packet() == json_error("ERR_PACKET_TOO_LARGE")
