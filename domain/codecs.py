@@ -140,7 +140,20 @@ class JsonCodec(Codec):
     def decode(self, data: bytes) -> dict:
         if len(data) >= _GC_PAUSE_AT:
             return self.decode_units(data, MAX_ELEMENTS)[0]
-        return self._parse(data)
+        # _parse() inlined: a small payload's decode is one Python frame, as before.
+        try:
+            obj = self._fast_decode(data)
+        except ValueError:
+            obj = self._compatible_decode(data)
+        except RecursionError:
+            raise CodecError("JSON payload is nested too deeply") from None
+        if type(obj) is not dict:
+            raise CodecError(f"JSON payload is a {type(obj).__name__}, not an object")
+        if _could_nest_beyond(data, _JSON_OPENERS) and (
+            self._nests_beyond(data) if self._nests_beyond is not None else _depth_exceeds(obj, MAX_DEPTH)
+        ):
+            raise CodecError(f"JSON payload nests deeper than {MAX_DEPTH}")
+        return obj
 
     def decode_units(self, data: bytes, max_elements: int) -> tuple[dict, int]:
         """``(decode(data), elements)``, refusing (:class:`TooManyElements`) a payload
