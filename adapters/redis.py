@@ -72,19 +72,29 @@ DEFAULT_PREFIX = "asyncapy:"
 # connection or a timeout, but a Redis still loading its data, a read-only replica
 # after a failover, OOM, a failed AUTH... The callers treat them all alike: refuse
 # the session (ERR_UNAVAILABLE), fail the key check closed, retry the renewal later.
-_FAILURES = (redis.RedisError, OSError)
+_FAILURES = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
 
 
 DB_MAX = 2**31 - 1
 """The highest database number a URL may name (Redis's own bound on ``databases``)."""
 
 URL_FORMS = (
-    "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], rediss://... (the same over TLS) or "
-    "unix://[[USER]:PASSWORD@]/PATH[?db=DB], with PORT from 1 to 65535 and DB from 0 to "
+    "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], rediss://... (the same over TLS), "
+    "unix://[[USER]:PASSWORD@]/PATH[?db=DB], "
+    "redis+sentinel://[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...]/SERVICE[/DB][?wait_replicas=N] "
+    "(the sentinels; port 26379 by default) or "
+    "redis+cluster://[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...] (some nodes of a Redis Cluster; "
+    "port 6379 by default), with PORT from 1 to 65535 and DB from 0 to "
     f"{DB_MAX} (a server's 'databases' setting may allow fewer; 16 by default), and "
-    "/ ? # @ % in a user name or password percent-encoded"
+    "/ ? # @ % , in a user name or password percent-encoded"
 )
 """The URLs :func:`connect` accepts, for error messages."""
+
+SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
+"""The URL schemes of Redis stores."""
+
+SENTINEL_PORT = 26379
+CLUSTER_PORT = 6379
 
 _DIGITS = re.compile(r"[0-9]+")
 
@@ -95,11 +105,91 @@ def _database(text: str, where: str) -> int:
     return int(text)
 
 
+class _Multi:
+    """The parts of a ``redis+sentinel://`` or ``redis+cluster://`` URL."""
+
+    __slots__ = ("scheme", "username", "password", "hosts", "service", "db", "wait_replicas")
+
+    def __init__(self) -> None:
+        self.scheme = ""
+        self.username: Optional[str] = None
+        self.password: Optional[str] = None
+        self.hosts: list[tuple[str, int]] = []
+        self.service = ""
+        self.db = 0
+        self.wait_replicas = 0
+
+
+def _parse_multi(url: str) -> _Multi:
+    """Split a Sentinel or Cluster URL, or say (``ValueError``, never quoting the URL,
+    which may hold a password) which part is wrong. redis-py has no URL form for
+    either: several hosts are not a URL's authority, so this parser is ours."""
+    parts = _Multi()
+    scheme, _, rest = url.partition("://")
+    parts.scheme = scheme.lower()
+    if "#" in rest:
+        raise ValueError("a '#' in the URL: percent-encode it (%23) in a password")
+    rest, _, query = rest.partition("?")
+    authority, slash, path = rest.partition("/")
+    credentials, at, hosts = authority.rpartition("@")
+    if "@" in path or "@" in query:
+        raise ValueError("an '@' after the hosts: percent-encode / ? # @ in a user name or password")
+    if at:
+        user, colon, password = credentials.partition(":")
+        parts.username = urllib.parse.unquote(user) or None
+        parts.password = urllib.parse.unquote(password) if colon else None
+        if parts.password is None and parts.username is not None:
+            # redis://PASSWORD@host is redis-py's reading of a lone credential; the same here
+            parts.password, parts.username = parts.username, None
+    default = SENTINEL_PORT if parts.scheme == "redis+sentinel" else CLUSTER_PORT
+    if not hosts:
+        raise ValueError("no HOST[:PORT] before the path")
+    for entry in hosts.split(","):
+        if entry.startswith("["):  # [IPv6]:PORT
+            host, bracket, port = entry[1:].partition("]")
+            if not bracket or (port and not port.startswith(":")):
+                raise ValueError("an IPv6 host not written [ADDRESS]:PORT")
+            port = port[1:]
+        else:
+            host, _, port = entry.partition(":")
+        if not host or any(c in host for c in " []"):
+            raise ValueError("an empty or malformed host in the host list")
+        if port == "":
+            number = default
+        elif _DIGITS.fullmatch(port) and 1 <= int(port) <= 65535:
+            number = int(port)
+        else:
+            raise ValueError("a port that is not a number from 1 to 65535")
+        parts.hosts.append((host, number))
+    segments = [urllib.parse.unquote(segment) for segment in path.split("/")] if slash else []
+    if parts.scheme == "redis+sentinel":
+        if not segments or not segments[0]:
+            raise ValueError("the service name is missing: redis+sentinel://HOSTS/SERVICE")
+        parts.service = segments[0]
+        if len(segments) > 2:
+            raise ValueError("more than /SERVICE/DB after the hosts")
+        if len(segments) == 2 and segments[1]:
+            parts.db = _database(segments[1], "the path")
+    elif segments not in ([], [""]):
+        raise ValueError("a path in a redis+cluster:// URL: a cluster has database 0 only")
+    if query:
+        for name, values in urllib.parse.parse_qs(query, keep_blank_values=True).items():
+            if name != "wait_replicas" or parts.scheme != "redis+sentinel":
+                raise ValueError(f"an unknown query parameter {name!r}")
+            if not _DIGITS.fullmatch(values[0]) or int(values[0]) > 100:
+                raise ValueError("wait_replicas is not an integer from 0 to 100")
+            parts.wait_replicas = int(values[0])
+    return parts
+
+
 def _check_parts(url: str) -> None:
     scheme, separator, _ = url.partition("://")
     scheme = scheme.lower()
-    if not separator or scheme not in ("redis", "rediss", "unix"):
-        raise ValueError("the scheme is not redis://, rediss:// or unix://")
+    if not separator or scheme not in SCHEMES:
+        raise ValueError("the scheme is not redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://")
+    if scheme in ("redis+sentinel", "redis+cluster"):
+        _parse_multi(url)
+        return
     parts = urllib.parse.urlparse(url)
     if "#" in url:
         raise ValueError("a '#' in the URL: percent-encode it (%23) in a password")
@@ -159,17 +249,161 @@ def check_url(url: str) -> None:
     anything connects. The message says which part is wrong and never quotes the URL,
     which may hold a password.
     """
-    _pool(url)
+    if url.partition("://")[0].lower() in ("redis+sentinel", "redis+cluster"):
+        _parse_multi(url)
+    else:
+        _pool(url)
 
 
-def connect(url: str, max_connections: int = 16, timeout: float = 2.0) -> redis.Redis:
+def wait_replicas(url: str) -> int:
+    """The ``wait_replicas`` of a ``redis+sentinel://`` URL (0 for any other URL): how
+    many replicas must confirm each API-key write (Redis ``WAIT``)."""
+    if url.partition("://")[0].lower() != "redis+sentinel":
+        return 0
+    return _parse_multi(url).wait_replicas
+
+
+def connect(url: str, max_connections: int = 16, timeout: float = 2.0) -> Any:
     """A redis-py client for ``url`` with a bounded, health-checked connection pool.
 
     ``timeout`` bounds connecting and every command, so an unreachable Redis turns
     into :class:`StoreUnavailable` promptly instead of a hung thread. A ``url`` that
     :func:`check_url` refuses is a :class:`ValueError` (no connection is attempted).
+
+    A ``redis+sentinel://`` URL gives a client of the service's master as the
+    sentinels name it *now*: each new connection asks them (redis-py's
+    ``Sentinel.master_for``), so after a failover the next connection goes to the new
+    master. A ``redis+cluster://`` URL gives a :class:`ClusterClient`. Neither
+    connects before its first command, like the others.
     """
+    scheme = url.partition("://")[0].lower()
+    if scheme == "redis+cluster":
+        parts = _parse_multi(url)
+        return ClusterClient(
+            parts.hosts, username=parts.username, password=parts.password,
+            max_connections=max_connections, timeout=timeout, location=_location(parts),
+        )
+    if scheme == "redis+sentinel":
+        from redis.sentinel import Sentinel
+
+        parts = _parse_multi(url)
+        sentinels = Sentinel(
+            parts.hosts,
+            # The sentinels themselves are asked without credentials (theirs are not
+            # the data nodes'); the URL's user and password are the master's.
+            sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout},
+        )
+        client = sentinels.master_for(
+            parts.service,
+            db=parts.db,
+            username=parts.username,
+            password=parts.password,
+            max_connections=max_connections,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=15,
+            retry_on_timeout=False,
+        )
+        client.asyncapy_location = _location(parts)
+        return client
     return redis.Redis(connection_pool=_pool(url, max_connections, timeout))
+
+
+def _location(parts: _Multi) -> str:
+    """A Sentinel or Cluster URL rebuilt without its credentials, for logs."""
+    hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in parts.hosts)
+    if parts.scheme == "redis+sentinel":
+        return f"redis+sentinel://{hosts}/{parts.service}/{parts.db}"
+    return f"redis+cluster://{hosts}"
+
+
+class ClusterClient:
+    """The nodes of a Redis Cluster, and which one serves each hash slot.
+
+    A thin layer over redis-py's ``RedisCluster``, used only for what it knows well
+    (discovering the nodes and the slot map, one connection pool per node): the stores
+    send their calls themselves, each to the pool of the node serving its slot, so the
+    batching of :class:`_RedisAdapter` works per node. Created without connecting (the
+    slot map is fetched on first use, and again after a ``MOVED`` reply or a lost
+    node), so a server can start while the cluster is down, as with one node.
+
+    :param hosts: ``[(host, port), ...]``, any nodes of the cluster (more than one,
+        so that one down node does not stop the discovery).
+    """
+
+    def __init__(
+        self,
+        hosts: Sequence[tuple[str, int]],
+        *,
+        username: Optional[str] = None,
+        password: Optional[str] = None,
+        max_connections: int = 16,
+        timeout: float = 2.0,
+        location: str = "redis+cluster://?",
+    ) -> None:
+        self.hosts = list(hosts)
+        self.location = location
+        """The cluster's URL without credentials, for logs."""
+        self.max_connections = max_connections
+        self._kwargs = dict(
+            username=username, password=password, socket_timeout=timeout,
+            socket_connect_timeout=timeout, health_check_interval=15, retry_on_timeout=False,
+        )
+        self._lock = threading.Lock()
+        self._cluster: Any = None
+        self._stale = False
+
+    def _client(self) -> Any:
+        with self._lock:
+            cluster = self._cluster
+            if cluster is None:
+                from redis.cluster import ClusterNode, RedisCluster
+
+                cluster = self._cluster = RedisCluster(
+                    startup_nodes=[ClusterNode(host, port) for host, port in self.hosts],
+                    max_connections=self.max_connections,
+                    **self._kwargs,
+                )
+                self._stale = False
+            elif self._stale:
+                self._stale = False
+                cluster.nodes_manager.initialize()
+            return cluster
+
+    def stale(self) -> None:
+        """The slot map may be wrong (a ``MOVED`` reply, a node lost): fetch it again
+        before the next routing."""
+        self._stale = True
+
+    @staticmethod
+    def slot(key: Optional[str]) -> int:
+        """The hash slot of ``key`` (its ``{tag}`` if it has one); a call without a key
+        goes to the node of slot 0's... any master would do."""
+        from redis.crc import key_slot
+
+        return key_slot((key or "").encode())
+
+    def node_client(self, key: str) -> redis.Redis:
+        """The redis-py client of the master serving ``key``'s slot now."""
+        cluster = self._client()
+        node = cluster.nodes_manager.get_node_from_slot(self.slot(key))
+        return cluster.get_redis_connection(node)
+
+    def pool(self, key: str) -> Any:
+        """The connection pool of the master serving ``key``'s slot now."""
+        return self.node_client(key).connection_pool
+
+    def disconnect(self) -> None:
+        """Close every node's connections."""
+        with self._lock:
+            cluster = self._cluster
+        if cluster is not None:
+            for node in list(cluster.nodes_manager.nodes_cache.values()):
+                if node.redis_connection is not None:
+                    node.redis_connection.connection_pool.disconnect()
+
+    def __repr__(self) -> str:
+        return f"ClusterClient({self.location})"
 
 
 def _offload() -> bool:
@@ -184,8 +418,12 @@ def _offload() -> bool:
     return True
 
 
-def _where(client: redis.Redis) -> str:
-    """``redis://host:port/db`` of a client, without credentials, for logs."""
+def _where(client: Any) -> str:
+    """``redis://host:port/db`` of a client (or its Sentinel or Cluster URL), without
+    credentials, for logs."""
+    location = getattr(client, "location", None) or getattr(client, "asyncapy_location", None)
+    if isinstance(location, str):
+        return location
     kwargs = client.connection_pool.connection_kwargs
     if "path" in kwargs:
         return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
@@ -195,10 +433,13 @@ def _where(client: redis.Redis) -> str:
 class _Call:
     """Commands to send back to back, their replies (or an error), and who waits."""
 
-    __slots__ = ("commands", "replies", "error", "task", "token")
+    __slots__ = ("commands", "key", "replies", "error", "task", "token")
 
-    def __init__(self, commands: Sequence[tuple]) -> None:
+    def __init__(self, commands: Sequence[tuple], key: Optional[str] = None) -> None:
         self.commands = commands
+        self.key = key
+        """A Redis key the commands touch: which Cluster node they go to (all of a
+        call's keys share one hash slot)."""
         self.replies: list = []
         self.error: Optional[BaseException] = None
         self.task: Any = None
@@ -212,15 +453,17 @@ class _Call:
         # the same, since the message goes to logs and the terminal.
         if isinstance(error, redis.ResponseError):
             raise StoreUnavailable(f"Redis refused the command: {redact(str(error))}") from error
-        if isinstance(error, (redis.RedisError, OSError)):
+        if isinstance(error, _FAILURES):
             raise StoreUnavailable(f"Redis is unreachable: {redact(str(error))}") from error
         raise error
 
 
 def _wake(calls: list[_Call]) -> None:
-    """In the trio thread: resume the tasks waiting for ``calls``."""
+    """In the trio thread: resume the tasks waiting for ``calls`` (a task waiting for
+    several calls is named by the first of them only)."""
     for call in calls:
-        trio.lowlevel.reschedule(call.task)
+        if call.task is not None:
+            trio.lowlevel.reschedule(call.task)
 
 
 class _RedisAdapter:
@@ -241,13 +484,26 @@ class _RedisAdapter:
 
     Synchronous callers (a script, ``asyncapy keys``) run their call directly on a
     pooled connection instead.
+
+    With a Redis Cluster (a :class:`ClusterClient`), each call goes to the master
+    serving its key's slot: the worker splits a batch by node and keeps one connection
+    per node, so a batch is still one write per node, the round trips overlapping. A
+    call answered ``MOVED`` was not run: the slot map is fetched again and the call
+    sent once more, to the node named.
     """
 
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+    def __init__(self, client: Any, prefix: str) -> None:
         self.redis = client
         self.prefix = prefix
-        pool_size = getattr(client.connection_pool, "max_connections", 16) or 16
-        self._limiter = trio.CapacityLimiter(min(int(pool_size), 64))
+        self.cluster = isinstance(client, ClusterClient)
+        """Whether the store is a Redis Cluster (keys laid out with hash tags)."""
+        if self.cluster and ("{" in prefix or "}" in prefix):
+            raise ValueError("a prefix for a Redis Cluster must not hold { or }: the stores add the hash tags")
+        pool_size = client.max_connections if self.cluster else getattr(client.connection_pool, "max_connections", 16)
+        self._limiter = trio.CapacityLimiter(min(int(pool_size or 16), 64))
+        self.outages = 0
+        """Batches that failed to reach Redis (counted by the worker): a renewal loop
+        renews early after one, since a failover may have lost recent leases."""
         self._scripts: dict[str, str] = {}
         self._queue: list[_Call] = []
         self._queued = threading.Condition(threading.Lock())
@@ -259,14 +515,65 @@ class _RedisAdapter:
         """Calls sent in them."""
 
     def _script(self, source: str) -> Any:
-        script = self.redis.register_script(source)
+        script = _Script(source)
         self._scripts[script.sha] = source
         return script
 
+    def _pool_for(self, call: _Call) -> Any:
+        if self.cluster:
+            return self.redis.pool(call.key)
+        return self.redis.connection_pool
+
+    def _dispatch(self, batch: list[_Call], conns: dict) -> None:
+        """Send ``batch``: each call on the connection (kept in ``conns``, by pool) of
+        the node serving it; with a Cluster, a call redirected by ``MOVED`` is sent
+        once more after the slot map is fetched again."""
+        for attempt in (0, 1):
+            groups: dict[int, tuple[Any, list[_Call]]] = {}
+            for call in batch:
+                try:
+                    pool = self._pool_for(call)
+                except _FAILURES as exc:
+                    call.error = exc
+                    continue
+                groups.setdefault(id(pool), (pool, []))[1].append(call)
+            for key, (pool, calls) in groups.items():
+                held = conns.get(key)
+                if held is None:
+                    try:
+                        held = conns[key] = (pool, pool.get_connection())
+                    except _FAILURES as exc:
+                        self.outages += 1
+                        if self.cluster:
+                            self.redis.stale()
+                        for call in calls:
+                            call.error = exc
+                        continue
+                self._send_on(held[1], calls)
+            if not self.cluster:
+                return
+            if any(isinstance(call.error, _FAILURES) and not isinstance(call.error, redis.ResponseError) for call in batch):
+                self.redis.stale()  # a node lost: maybe failed over
+            moved = [call for call in batch if isinstance(call.error, redis.exceptions.MovedError)]
+            if not moved or attempt:
+                return
+            self.redis.stale()
+            for call in moved:
+                call.error, call.replies = None, []
+            batch = moved
+
+    @staticmethod
+    def _release(conns: dict) -> None:
+        for pool, conn in conns.values():
+            try:
+                pool.release(conn)
+            except Exception:  # pragma: no cover - a pool replaced by a new slot map
+                conn.disconnect()
+        conns.clear()
+
     # -- the worker thread ------------------------------------------------------------
     def _work(self) -> None:
-        pool = self.redis.connection_pool
-        conn = None
+        conns: dict = {}
         try:
             while True:
                 with self._queued:
@@ -275,14 +582,7 @@ class _RedisAdapter:
                     batch, self._queue = self._queue, []
                 if not batch:
                     return  # closing, and nothing left to send
-                if conn is None:
-                    try:
-                        conn = pool.get_connection()
-                    except _FAILURES as exc:
-                        for call in batch:
-                            call.error = exc
-                if conn is not None:
-                    self._send_on(conn, batch)
+                self._dispatch(batch, conns)
                 by_run: dict = {}
                 for call in batch:
                     by_run.setdefault(call.token, []).append(call)
@@ -292,8 +592,7 @@ class _RedisAdapter:
                     except trio.RunFinishedError:  # pragma: no cover - the run ended first
                         pass
         finally:
-            if conn is not None:
-                pool.release(conn)
+            self._release(conns)
 
     def _send_on(self, conn: Any, batch: list[_Call]) -> None:
         """Run ``batch`` on ``conn``: one write, then every reply."""
@@ -315,7 +614,8 @@ class _RedisAdapter:
             if reload:
                 self._reload(conn, reload)
         except _FAILURES as exc:
-            conn.disconnect()  # the next batch reconnects
+            conn.disconnect()  # the next batch reconnects (to a new master, if one was named)
+            self.outages += 1
             for call in batch:
                 if call.error is None and len(call.replies) < len(call.commands):
                     call.error = exc
@@ -339,55 +639,57 @@ class _RedisAdapter:
                 call.error = exc
 
     def _send(self, batch: list[_Call]) -> None:
-        """Run ``batch`` in this thread, on a pooled connection (synchronous callers)."""
-        pool = self.redis.connection_pool
+        """Run ``batch`` in this thread, on pooled connections (synchronous callers)."""
+        conns: dict = {}
         try:
-            conn = pool.get_connection()
-        except _FAILURES as exc:
-            for call in batch:
-                call.error = exc
-            return
-        try:
-            self._send_on(conn, batch)
+            self._dispatch(batch, conns)
         finally:
-            pool.release(conn)
+            self._release(conns)
 
     # -- the caller's side -------------------------------------------------------------
-    async def _run(self, *commands: tuple) -> list:
-        """The replies of ``commands``, sent back to back in the next batch."""
-        call = _Call(commands)
+    async def _run(self, *commands: tuple, key: Optional[str] = None) -> list:
+        """The replies of ``commands``, sent back to back in the next batch (with a
+        Cluster, to the node serving ``key``)."""
+        call = _Call(commands, key)
+        await self._run_calls([call])
+        return call.result()
+
+    async def _run_calls(self, calls: list[_Call]) -> None:
+        """Send ``calls`` in one batch and wait until all are answered; each keeps its
+        replies or its error (read them with :meth:`_Call.result`)."""
         if not _offload():  # a script, the CLI, or a synchronous API call: just block
-            self._send([call])
-            return call.result()
-        call.task = trio.lowlevel.current_task()
-        call.token = trio.lowlevel.current_trio_token()
+            self._send(calls)
+            return
+        token = trio.lowlevel.current_trio_token()
+        for call in calls:
+            call.token = token
+        calls[0].task = trio.lowlevel.current_task()  # woken once, with the batch
         with self._queued:
-            self._queue.append(call)
+            self._queue.extend(calls)
             if self._worker is None:
                 self._start_worker()
             self._queued.notify()
 
         def abort(_: Any) -> Any:
-            # A call still queued is withdrawn (a deadline such as the server's
-            # store_timeout works); one sent cannot be taken back (an admission may be
-            # made already), so its task waits for the reply, as for a thread it started.
+            # Calls still queued are withdrawn (a deadline such as the server's
+            # store_timeout works); once sent they cannot be taken back (an admission may
+            # be made already), so the task waits for the replies, as for a thread.
             with self._queued:
-                try:
-                    self._queue.remove(call)
-                except ValueError:
+                if not all(call in self._queue for call in calls):
                     return trio.lowlevel.Abort.FAILED
+                for call in calls:
+                    self._queue.remove(call)
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
-        return call.result()
 
     async def _command(self, *args: Any) -> Any:
-        """The reply of one command."""
-        return (await self._run(args))[0]
+        """The reply of one command (its first argument after the name is its key)."""
+        return (await self._run(args, key=args[1] if len(args) > 1 else None))[0]
 
     async def _eval(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """The reply of a registered Lua script."""
-        return (await self._run(("EVALSHA", script.sha, len(keys), *keys, *args)))[0]
+        return (await self._run(("EVALSHA", script.sha, len(keys), *keys, *args), key=keys[0] if keys else None))[0]
 
     def _start_worker(self) -> None:
         # (lock held)
@@ -412,14 +714,30 @@ class _RedisAdapter:
                 if self._queue:  # queued after the worker's last look
                     self._start_worker()
 
+    def _disconnect(self) -> None:
+        if self.cluster:
+            self.redis.disconnect()
+        else:
+            self.redis.connection_pool.disconnect()
+
     async def aclose(self) -> None:
         """Send what is queued, stop the worker, disconnect the pool (idempotent)."""
         if not _offload():
             self._stop_worker()
-            self.redis.connection_pool.disconnect()
+            self._disconnect()
             return
         await trio.to_thread.run_sync(self._stop_worker, limiter=self._limiter)
-        await trio.to_thread.run_sync(self.redis.connection_pool.disconnect, limiter=self._limiter)
+        await trio.to_thread.run_sync(self._disconnect, limiter=self._limiter)
+
+
+class _Script:
+    """A Lua script known by its SHA-1 (``EVALSHA``; reloaded on ``NOSCRIPT``)."""
+
+    __slots__ = ("source", "sha")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
 
 
 _ADMIT = """
@@ -496,6 +814,8 @@ class RedisSessionStore(_RedisAdapter, SessionStore):
         self._renewal: Optional[trio.Event] = None  # set while a renewal is in flight
 
     def _keys(self, address: str) -> list[str]:
+        if self.cluster:  # one address's two keys in one slot: {address} is their hash tag
+            return [f"{self.prefix}sessions:{{{address}}}", f"{self.prefix}session-data:{{{address}}}"]
         return [f"{self.prefix}sessions:{address}", f"{self.prefix}session-data:{address}"]
 
     @staticmethod
@@ -522,7 +842,7 @@ class RedisSessionStore(_RedisAdapter, SessionStore):
         # (they batch), and a renewal begun from now on no longer holds this session.
         while self._renewal is not None and _offload():
             await self._renewal.wait()
-        await self._run(*remove)
+        await self._run(*remove, key=zset)
 
     async def sessions(self, address: str) -> list[SessionRecord]:
         rows = await self._eval(self._live, self._keys(address), [])
@@ -541,24 +861,45 @@ class RedisSessionStore(_RedisAdapter, SessionStore):
             held = list(self._held.values())
             if not held:
                 return 0
-            keys: list[str] = []
-            args: list[Any] = [self._lease_ms]
+            # One script per hash slot (a Cluster runs a script on one slot only); with
+            # one node, all of them in one script. Either way one batch, one round trip
+            # (per node).
+            groups: dict[int, tuple[list[str], list[Any]]] = {}
             for record, data in held:
-                keys.extend(self._keys(record.address))
+                zset, hash_ = self._keys(record.address)
+                slot = self.redis.slot(zset) if self.cluster else 0
+                keys, args = groups.setdefault(slot, ([], [self._lease_ms]))
+                keys.extend((zset, hash_))
                 args.extend((record.session_id, data))
+            calls = [
+                _Call((("EVALSHA", self._renew.sha, len(keys), *keys, *args),), keys[0])
+                for keys, args in groups.values()
+            ]
             self._renewal = landed = trio.Event()
             try:
-                return int(await self._eval(self._renew, keys, args))
+                await self._run_calls(calls)
             finally:
                 self._renewal = None
                 landed.set()
+            return sum(int(call.result()[0]) for call in calls)
 
     async def maintain(self) -> None:
         """Renew leases every ``lease / 3`` seconds, forever (run it in a nursery)."""
         period = self.lease / 3
         failing = False
+        renewed_at = trio.current_time()
+        seen = self.outages
         while True:
-            await trio.sleep(period)
+            # Renew every period, and within a second of the store coming back after an
+            # outage: after a Sentinel failover the new master may lack the leases of
+            # the last instants (asynchronous replication); renewing puts them back, so
+            # that session_limit holds there again.
+            await trio.sleep(min(period, 1.0))
+            due = trio.current_time() - renewed_at >= period
+            if not (due or failing or self.outages != seen):
+                continue
+            seen = self.outages
+            renewed_at = trio.current_time()
             try:
                 await self.renew()
             except StoreUnavailable as exc:
@@ -588,22 +929,55 @@ return 1
 class RedisKeyStore(_RedisAdapter, KeyStore):
     """API keys in Redis, stored as SHA-256 digests, metadata as JSON.
 
+    With a Redis Cluster every key lives in one hash slot (the tag ``{key}``:
+    ``<prefix>{key}:<digest>``), so that a reissue stays one atomic ``RENAME`` and
+    one node's tracking sees every change; keys are few and their checks are answered
+    from each process's cache, so one slot carries them easily.
+
     :param client: a redis-py client (see :func:`connect`).
     :param prefix: prefix of the Redis keys.
+    :param wait_replicas: after each write (issue, update, reissue, revoke), wait
+        until this many replicas have it (Redis ``WAIT``, up to ``wait_timeout``
+        seconds), else fail with :class:`StoreUnavailable`, the write made on the
+        master but not confirmed: what a failover could lose (0: do not wait).
+    :param wait_timeout: seconds to wait for the replicas (1).
     """
 
-    def __init__(self, client: redis.Redis, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(
+        self, client: Any, prefix: str = DEFAULT_PREFIX, *, wait_replicas: int = 0, wait_timeout: float = 1.0
+    ) -> None:
         super().__init__(client, prefix)
+        if type(wait_replicas) is not int or wait_replicas < 0:
+            raise ValueError(f"wait_replicas must be an integer of at least 0, not {wait_replicas!r}")
+        if type(wait_timeout) not in (int, float) or not wait_timeout > 0:
+            raise ValueError(f"wait_timeout must be a number of seconds above 0, not {wait_timeout!r}")
+        self.wait_replicas = wait_replicas
+        self.wait_timeout = float(wait_timeout)
         self._replace = self._script(_REPLACE)
+        self._names = f"{prefix}{{key}}:" if self.cluster else f"{prefix}key:"
 
     def _name(self, key: str) -> str:
         if type(key) is not str:
             raise KeyError(key)
         digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-        return f"{self.prefix}key:{digest}"
+        return self._names + digest
+
+    async def _write(self, *command: Any) -> Any:
+        """The reply of a write, confirmed by ``wait_replicas`` replicas if asked."""
+        if not self.wait_replicas:
+            return (await self._run(command, key=self._names))[0]
+        replies = await self._run(
+            command, ("WAIT", self.wait_replicas, int(self.wait_timeout * 1000)), key=self._names
+        )
+        if replies[1] < self.wait_replicas:
+            raise StoreUnavailable(
+                f"the API-key write was made on the Redis master but confirmed by {replies[1]} of "
+                f"{self.wait_replicas} replicas within {self.wait_timeout:g}s: a failover now could lose it"
+            )
+        return replies[0]
 
     async def put(self, key: str, metadata: Any) -> None:
-        await self._command("SET", self._name(key), json.dumps(metadata))
+        await self._write("SET", self._name(key), json.dumps(metadata))
 
     async def get(self, key: str) -> Any:
         raw = await self._command("GET", self._name(key))
@@ -612,7 +986,7 @@ class RedisKeyStore(_RedisAdapter, KeyStore):
         return json.loads(raw)
 
     async def delete(self, key: str) -> None:
-        if not await self._command("DEL", self._name(key)):
+        if not await self._write("DEL", self._name(key)):
             raise KeyError(key)
 
     async def contains(self, key: str) -> bool:
@@ -621,11 +995,12 @@ class RedisKeyStore(_RedisAdapter, KeyStore):
         return bool(await self._command("EXISTS", self._name(key)))
 
     async def update(self, key: str, metadata: Any) -> None:
-        if await self._command("SET", self._name(key), json.dumps(metadata), "XX") is None:
+        if await self._write("SET", self._name(key), json.dumps(metadata), "XX") is None:
             raise KeyError(key)
 
     async def replace(self, old_key: str, new_key: str) -> None:
-        if not await self._eval(self._replace, [self._name(old_key), self._name(new_key)], []):
+        old, new = self._name(old_key), self._name(new_key)
+        if not await self._write("EVALSHA", self._replace.sha, 2, old, new):
             raise KeyError(old_key)
 
     def track(self, cache: Any) -> Any:
@@ -634,7 +1009,45 @@ class RedisKeyStore(_RedisAdapter, KeyStore):
         :class:`~asyncapy.adapters.key_cache.CachedKeyStore`'s push mode."""
         from asyncapy.adapters.redis_tracking import KeyTracker
 
-        return KeyTracker(self.redis, f"{self.prefix}key:", cache)
+        if self.cluster:
+            cluster = self.redis
+            tag = self._names
+
+            def locate() -> Any:
+                cluster.stale()  # the slot map of now, not of the last failure
+                return cluster.node_client(tag)
+
+            return KeyTracker(locate, self._names, cache, verify=_still_serving(cluster.slot(tag)))
+        if hasattr(self.redis, "asyncapy_location"):  # Sentinel: the master of now
+            pool = self.redis.connection_pool
+            return KeyTracker(
+                self.redis, self._names, cache,
+                verify=lambda client, link: tuple(pool.get_master_address()) == (link.host, link.port),
+            )
+        return KeyTracker(self.redis, self._names, cache)
 
     def __repr__(self) -> str:
         return f"RedisKeyStore({_where(self.redis)})"
+
+
+def _still_serving(slot: int) -> Any:
+    """A check for a Cluster key tracker: does the node its link is on still serve the
+    keys' slot? ``CLUSTER SLOTS`` asked of that node, on one of its pooled connections
+    (the link itself is subscribed and can ask nothing)."""
+
+    def verify(client: redis.Redis, link: Any) -> bool:
+        pool = client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_command("CLUSTER", "SLOTS")
+            ranges = conn.read_response()
+        finally:
+            pool.release(conn)
+        for row in ranges:
+            if int(row[0]) <= slot <= int(row[1]):
+                host, port = row[2][0], int(row[2][1])
+                host = host.decode() if isinstance(host, bytes) else host
+                return (host, port) == (link.host, link.port)
+        return False
+
+    return verify

@@ -32,6 +32,17 @@ has been delivered before it: the thread then lets the cache answer from memory 
 * A silent network cut: no pong; the cache stops answering ``window`` seconds after the
   last proof, and after ``dead_after`` seconds without a reply the link is declared
   lost and rebuilt, as above.
+
+Following a failover
+--------------------
+With Redis Sentinel the link is on whichever node the sentinels name master when it
+connects; with a Redis Cluster, on the master serving the keys' hash slot (every API
+key lives in that one slot). A master killed breaks the link at once, and the thread
+reconnects to the node named *then*: the new master. A master cut off from the others
+but alive would keep the link up while the writes go to its successor, so every
+``recheck`` seconds (1) the thread also asks (``verify``) whether its node is still
+the one: the sentinels' master, or the node serving the slot (a slot moved by a
+resharding too). If not, the link is rebuilt, the cache dropped first, as above.
 """
 
 from __future__ import annotations
@@ -41,7 +52,7 @@ import logging
 import threading
 import time
 import weakref
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 import redis
 
@@ -76,26 +87,35 @@ class KeyTracker:
     Started by its constructor; :meth:`close` stops it. The thread holds the cache only
     weakly: a cache nobody uses any more ends its tracker too.
 
-    :param client: the redis-py client (its connection settings are reused).
+    :param client: the redis-py client (its connection settings are reused), or a
+        function returning the client of the node to link to now (called at each link).
     :param prefix: the key-name prefix to track, e.g. ``asyncapy:key:``; each name's
         remainder is the key's SHA-256 in hex.
     :param cache: the cache to invalidate.
     :param interval: seconds between pings (0.05).
     :param window: seconds the cache may answer after a ping is answered (0.25).
     :param dead_after: seconds without a reply to a ping before the link is rebuilt (1).
+    :param verify: ``verify(client, link_connection)``, called every ``recheck``
+        seconds: false (or an error) when the link's node is no longer the one to
+        track (a failover, a resharding); the link is then rebuilt.
+    :param recheck: seconds between two ``verify`` calls (1).
     """
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: Union[redis.Redis, Callable[[], redis.Redis]],
         prefix: str,
         cache: KeyCache,
         *,
         interval: float = 0.05,
         window: float = 0.25,
         dead_after: float = 1.0,
+        verify: Optional[Callable[[Any, Any], bool]] = None,
+        recheck: float = 1.0,
     ) -> None:
         self.client = client
+        self.verify = verify
+        self.recheck = recheck
         self.prefix = prefix.encode()
         self.interval = interval
         self.window = window
@@ -118,7 +138,7 @@ class KeyTracker:
             before = self.links
             try:
                 self._serve_link()
-            except (redis.RedisError, OSError, _LinkLost) as exc:
+            except (redis.RedisError, redis.exceptions.RedisClusterException, OSError, _LinkLost) as exc:
                 if self._stop.is_set():
                     return
                 cache = self._cache()
@@ -142,7 +162,8 @@ class KeyTracker:
                 return
 
     def _serve_link(self) -> None:
-        conn = self._conn = _connection(self.client, self.dead_after)
+        client = self.client if isinstance(self.client, redis.Redis) else self.client()
+        conn = self._conn = _connection(client, self.dead_after)
         conn.connect()
         since = time.monotonic()
         conn.send_command("CLIENT", "ID")
@@ -170,9 +191,15 @@ class KeyTracker:
         del cache
         pings: collections.deque = collections.deque()
         next_ping = time.monotonic()
+        next_check = next_ping + self.recheck
         start = len(self.prefix)
         while not self._stop.is_set():
             now = time.monotonic()
+            if self.verify is not None and now >= next_check:
+                if not self.verify(client, conn):
+                    raise _LinkLost("Redis named another node for the keys (a failover or a resharding)")
+                next_check = time.monotonic() + self.recheck
+                now = time.monotonic()
             if now >= next_ping:
                 conn.send_command("PING", check_health=False)
                 pings.append(now)

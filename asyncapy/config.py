@@ -265,8 +265,10 @@ SETTINGS: Mapping[str, Setting] = {
             "store",
             None,
             "nothing or 'memory://' (this process only), or a Redis URL: "
-            "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], rediss://... (TLS) or "
-            "unix://[[USER]:PASSWORD@]/PATH[?db=DB]",
+            "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], rediss://... (TLS), "
+            "unix://[[USER]:PASSWORD@]/PATH[?db=DB], "
+            "redis+sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB] (Redis Sentinel) or "
+            "redis+cluster://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...] (Redis Cluster)",
             lambda value: _store_url(value),
             _read_optional,
         ),

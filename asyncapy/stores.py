@@ -51,13 +51,14 @@ CACHE_SIZE_ENV = "ASYNCAPY_KEY_CACHE_SIZE"
 """The environment variable giving the default ``cache_size`` of API-key factories."""
 
 STORE_ACCEPTED = (
-    "None or 'memory://' (this process only), a redis://, rediss:// or unix:// URL, "
-    "or a store object implementing the port"
+    "None or 'memory://' (this process only), a redis://, rediss://, unix://, "
+    "redis+sentinel:// or redis+cluster:// URL, or a store object implementing the port"
 )
 """What a ``store`` setting accepts, for error messages."""
 
 KEY_STORE_ACCEPTED = (
-    "None or 'memory://' (this process only), a redis://, rediss:// or unix:// URL, "
+    "None or 'memory://' (this process only), a redis://, rediss://, unix://, "
+    "redis+sentinel:// or redis+cluster:// URL, "
     "a sqlite:///PATH URL (a file on this machine), or a KeyStore object"
 )
 """What an ``APIKeyFactory``'s ``store`` accepts, for error messages."""
@@ -79,8 +80,10 @@ def check_store_url(url: str) -> None:
         return
     if not separator:
         raise ValueError("no SCHEME:// at its start")
-    if scheme not in ("redis", "rediss", "unix"):
-        raise ValueError("the scheme is not memory://, redis://, rediss:// or unix://")
+    if scheme not in ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster"):
+        raise ValueError(
+            "the scheme is not memory://, redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://"
+        )
     from asyncapy.adapters.redis import check_url
 
     check_url(url)
@@ -191,6 +194,7 @@ def open_key_store(store: Union[None, str, KeyStore], *, cache_size: Optional[in
     if memory:
         return MemoryKeyStore()
     from asyncapy.adapters.key_cache import CachedKeyStore
-    from asyncapy.adapters.redis import RedisKeyStore
+    from asyncapy.adapters.redis import RedisKeyStore, wait_replicas
 
-    return CachedKeyStore(RedisKeyStore(redis_client(store)), size=size)
+    client = redis_client(store)  # validated: wait_replicas() cannot fail now
+    return CachedKeyStore(RedisKeyStore(client, wait_replicas=wait_replicas(store)), size=size)

@@ -351,7 +351,11 @@ def describe_store(store: Any) -> str:
     URL never reaches the log; other stores are named by their class.
     """
     name = type(store).__name__
-    pool = getattr(getattr(store, "redis", None), "connection_pool", None)
+    client = getattr(store, "redis", None)
+    location = getattr(client, "location", None) or getattr(client, "asyncapy_location", None)
+    if isinstance(location, str):  # a Sentinel or Cluster store: its URL without credentials
+        return f"{name} at {location}"
+    pool = getattr(client, "connection_pool", None)
     settings = getattr(pool, "connection_kwargs", None)
     if not isinstance(settings, dict):
         return name

@@ -44,6 +44,39 @@ def redis_url(redis_server) -> str:
     return redis_server.url
 
 
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A real three-master Redis Cluster for the whole test session (tests/real_parts.py)."""
+    from tests.real_parts import RedisCluster
+
+    with RedisCluster().start() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_url(redis_cluster) -> str:
+    """The ``redis+cluster://`` URL of the session's cluster, every master emptied."""
+    redis_cluster.flush()
+    return redis_cluster.url
+
+
+@pytest.fixture(scope="session")
+def sentinel_set():
+    """A real Sentinel set (master, replica, three sentinels) for the session; tests that
+    kill its master start their own (:class:`tests.real_parts.SentinelSet`)."""
+    from tests.real_parts import SentinelSet
+
+    with SentinelSet().start() as sentinels:
+        yield sentinels
+
+
+@pytest.fixture
+def sentinel_url(sentinel_set) -> str:
+    """The ``redis+sentinel://`` URL of the session's set, its master emptied."""
+    sentinel_set.flush()
+    return sentinel_set.url
+
+
 @pytest.fixture
 def writable_waits(monkeypatch) -> list:
     """The descriptors (numbers) of the sockets direct writes (``asyncapy._sockio``)

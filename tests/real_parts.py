@@ -274,6 +274,10 @@ class SentinelSet(_Processes):
         self.kill(port)
         return port
 
+    def flush(self) -> None:
+        """Delete every key on the master (the replica follows)."""
+        _command(self.master_address()[1], "FLUSHALL")
+
 
 # -- Cluster -------------------------------------------------------------------------------------
 class RedisCluster(_Processes):
@@ -324,6 +328,70 @@ class RedisCluster(_Processes):
             self.stop()
             raise
         return self
+
+    def flush(self) -> None:
+        """Delete every key on every node."""
+        for port in self.ports:
+            _command(port, "FLUSHALL")
+
+    def _masters(self) -> dict[int, tuple[str, list[tuple[int, int]]]]:
+        """``{port: (node id, [(first slot, last slot), ...])}`` of every master, from
+        ``CLUSTER NODES`` (a bulk text: one line per node)."""
+        masters = {}
+        for line in _command(self.ports[0], "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            if len(fields) < 8 or "master" not in fields[2].split(","):
+                continue
+            port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+            ranges = []
+            for text in fields[8:]:
+                if text.startswith("["):
+                    continue  # a slot being migrated
+                first, _, last = text.partition("-")
+                ranges.append((int(first), int(last or first)))
+            masters[port] = (fields[0], ranges)
+        return masters
+
+    def owner(self, slot: int) -> int:
+        """The port of the master serving ``slot``."""
+        for port, (_, ranges) in self._masters().items():
+            if any(first <= slot <= last for first, last in ranges):
+                return port
+        raise RuntimeError(f"no master serves slot {slot}")
+
+    def move_slot(self, slot: int, to_port: int) -> None:
+        """Move ``slot`` and its keys to the master on ``to_port`` (a resharding of one
+        slot, the steps ``redis-cli --cluster reshard`` takes), and wait until every
+        node agrees."""
+        masters = self._masters()
+        source = self.owner(slot)
+        if source == to_port:
+            return
+        source_id, target_id = masters[source][0], masters[to_port][0]
+        _command(to_port, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", source_id)
+        _command(source, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", target_id)
+        while True:
+            keys = [k for k in _command(source, "CLUSTER", "GETKEYSINSLOT", str(slot), "100").splitlines() if k]
+            if not keys:
+                break
+            _command(source, "MIGRATE", "127.0.0.1", str(to_port), "", "0", "5000", "KEYS", *keys)
+        for port in [to_port, source] + [p for p in self.ports if p not in (to_port, source)]:
+            _command(port, "CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
+        _wait(
+            f"slot {slot} on {to_port}",
+            lambda: all(self._owner_seen_by(port, slot) == to_port for port in self.ports),
+            self.processes,
+        )
+
+    def _owner_seen_by(self, port: int, slot: int) -> int:
+        for line in _command(port, "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            if len(fields) >= 8 and "master" in fields[2]:
+                for text in fields[8:]:
+                    first, _, last = text.partition("-")
+                    if not text.startswith("[") and int(first) <= slot <= int(last or first):
+                        return int(fields[1].split("@")[0].rsplit(":", 1)[1])
+        return 0
 
     def info(self, port: Optional[int] = None) -> dict:
         """``CLUSTER INFO`` of one node (the first by default), as a dict."""

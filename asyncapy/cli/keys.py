@@ -42,7 +42,7 @@ __all__ = ["STORE_ENV", "add_parser", "open_factory", "run"]
 
 from ..stores import STORE_ENV  # noqa: E402  (re-exported: the variable read when --store is not given)
 
-_URL_SCHEMES = ("redis", "rediss", "unix", "sqlite")
+_URL_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster", "sqlite")
 
 _STORE_HINT = (
     "pass --store redis://HOST:PORT/DB or --store sqlite:///keys.db (the store your "
@@ -85,7 +85,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
             "--store",
             metavar="STORE",
             default=os.environ.get(STORE_ENV) or None,
-            help="where the keys live: a redis://, rediss://, unix:// or sqlite:///PATH URL, or MODULE:ATTR "
+            help="where the keys live: a redis://, rediss://, unix://, redis+sentinel://, redis+cluster:// "
+            "or sqlite:///PATH URL, or MODULE:ATTR "
             "naming a KeyStore or an APIKeyFactory (imported from the current directory "
             f"too); memory:// is refused (default: ${STORE_ENV}; required if unset)",
         )
@@ -177,7 +178,8 @@ def open_factory(store: Optional[str], size: Optional[int] = None) -> APIKeyFact
             )
         if scheme not in _URL_SCHEMES:
             raise UsageError(
-                f"--store {redact_url(store)!r}: the scheme is not one of redis://, rediss://, unix://, sqlite://"
+                f"--store {redact_url(store)!r}: the scheme is not one of redis://, rediss://, unix://, "
+                "redis+sentinel://, redis+cluster://, sqlite://"
             )
         try:
             return APIKeyFactory(size if size is not None else 32, store=store)
