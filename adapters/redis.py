@@ -550,6 +550,12 @@ class _RedisAdapter:
                             call.error = exc
                         continue
                 self._send_on(held[1], calls)
+                if any(isinstance(c.error, _FAILURES) and not isinstance(c.error, redis.ResponseError) for c in calls):
+                    # Back to the pool, and a fresh one for the next batch: the pool's
+                    # get_connection() connects where the pool says (with Sentinel, the
+                    # master the sentinels name now), a reused one where it was.
+                    del conns[key]
+                    pool.release(held[1])
             if not self.cluster:
                 return
             if any(isinstance(call.error, _FAILURES) and not isinstance(call.error, redis.ResponseError) for call in batch):
