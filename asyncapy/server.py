@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import configparser
 import errno
-import functools
 import logging
 import math
 import os
@@ -45,26 +44,26 @@ from asyncapy.domain.framing import Framer
 from asyncapy.domain.limits import PacketMemory
 from asyncapy.domain.ports import SessionRecord, SessionStore
 
-from . import _sockio
 from .config import SETTINGS, ConfigError, check_proxy_settings, load_config, validate
-from .core import Channel, Client, Packet, Pacer, Session
-from .filters import normalise_address
+from .core import Client, Packet, Session
 from .stores import open_session_store
+from .transport import (
+    transport_of,
+    STREAM_ERRORS,
+    Channel,
+    Pacer,
+    Refusals,
+    close_at_once,
+    linger_close,
+    peer_address,
+    read_now,
+    receive_waiting,
+)
 from .util import where_keys_live
 
 __all__ = ["Server"]
 
 logger = logging.getLogger("asyncapy.server")
-
-LINGER_SECONDS = 2.0
-"""How long a refused connection is drained after its error reply, at most."""
-
-MAX_LINGERING = 256
-"""Refused connections (past ``session_limit`` or ``max_connections``, or with the store
-unavailable) closing lingering at once, at most. They hold no ``max_connections`` slot,
-so a flood of them from one address cannot lock other addresses out; this bounds the
-descriptors they hold instead. Past it, a refused connection gets its reply and is
-closed at once (a client still sending may then see a reset instead of the reply)."""
 
 LOG_BURST = 10
 """Protocol-error warnings (and, apart, handler tracebacks) one session logs per
@@ -95,9 +94,6 @@ ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, er
 
 ACCEPT_RETRY_SECONDS = 0.1
 """How long the accept loop waits after one of :data:`ACCEPT_CAPACITY_ERRNOS`."""
-
-_READ_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
-
 
 class Server:
     """An AsyncAProto 22 server.
@@ -312,8 +308,8 @@ class Server:
         """Connections accepted and being served (refused ones not counted)."""
         self._refusals_unlogged = 0
         self._refusal_logged_at = -math.inf
-        self._lingering = 0
-        """Refused connections closing lingering now (at most :data:`MAX_LINGERING`)."""
+        self._refusals = Refusals()
+        """The lingering closes of refused connections (bounded)."""
         self._limit_log = _LogLimit(1, REFUSED_LOG_INTERVAL)
         self._unavailable_log = _LogLimit(1, REFUSED_LOG_INTERVAL)
 
@@ -732,7 +728,7 @@ class Server:
                 await self._refuse_connection(stream)
                 return
             try:
-                address = _peer_address(stream)
+                address = peer_address(stream)
             except OSError:
                 return  # the client is gone already
             self._connections += 1
@@ -754,11 +750,7 @@ class Server:
             finally:
                 release_slot()
         finally:
-            sock = _sockio.raw_socket_of(stream)
-            if sock is not None:
-                sock.close()  # plain TCP: idempotent and immediate, no checkpoint
-            else:
-                await trio.aclose_forcefully(stream)
+            await close_at_once(stream)
 
     async def _handshake(self, stream: trio.SSLStream, address: str) -> bool:
         """Complete the TLS handshake of a new connection within :attr:`timeout`;
@@ -771,7 +763,7 @@ class Server:
             try:
                 await stream.do_handshake()
                 return True
-            except _READ_ERRORS as exc:
+            except STREAM_ERRORS as exc:
                 cause = exc.__cause__ or exc
                 reason = str(cause) or type(cause).__name__
         logger.info("TLS handshake with %s failed: %s", address, reason)
@@ -786,11 +778,11 @@ class Server:
         self._refusals_unlogged += 1
         if time.monotonic() - self._refusal_logged_at >= REFUSAL_LOG_INTERVAL:
             try:
-                address = _peer_address(stream)
+                address = peer_address(stream)
             except OSError:
                 address = "a client gone already"
             self._log_refusals(f": refused a connection from {address}")
-        await self._close_refused(_transport_of(stream), b"")
+        await self._refusals.close(transport_of(stream), b"")
 
     def _log_refusals(self, latest: str) -> None:
         count = self._refusals_unlogged
@@ -883,7 +875,7 @@ class Server:
         reason = "closed"
         try:
             reason = await self._serve_session(client, channel, state)
-        except _READ_ERRORS:
+        except STREAM_ERRORS:
             reason = "connection lost"
         except Exception:
             reason = "internal error"
@@ -920,7 +912,7 @@ class Server:
         connection = channel.connection
         framer = connection.framer
         stream = channel.stream
-        fd = channel.fd  # read directly (see asyncapy._sockio), or None: the stream
+        fd = channel.fd  # read directly (see asyncapy.transport), or None: the stream
         pacer = channel.pacer
         # Chosen once per session: without handler_timeout, a packet costs no scope.
         if self.handler_timeout is None:
@@ -951,7 +943,7 @@ class Server:
                         return "server shutting down"
                     state.waiting = True
                     if fd is not None:
-                        # A read yields first (see _sockio.receive). Once the round
+                        # A read yields first (see asyncapy.transport). Once the round
                         # is over, this session's deferred reply is written with the
                         # round's others before the read, and if the next request
                         # is there already, the server is busy: defer the reply to
@@ -960,10 +952,10 @@ class Server:
                         pacer.unyielded = 0
                         if channel.deferred:
                             pacer.flush()
-                        data = _sockio.read_now(fd, buf)
+                        data = read_now(fd, buf)
                         if data is None:
                             channel.deferring = False
-                            data = await _sockio.receive_waiting(fd, buf)
+                            data = await receive_waiting(fd, buf)
                         else:
                             # Not on a session's first read: a client that writes
                             # its request with the connect says nothing of the load.
@@ -992,7 +984,7 @@ class Server:
                         await dispatch(client, Packet._received(event.fields, codec, client))
                     except HandlerFailed as failure:
                         cause = failure.__cause__
-                        if isinstance(cause, _READ_ERRORS):
+                        if isinstance(cause, STREAM_ERRORS):
                             return "connection lost while replying"
                         logs = state.logs or state.start_logs()
                         if logs.failures.allow():
@@ -1040,7 +1032,7 @@ class Server:
                         # the packet, so close lingering or the reply dies in a reset.
                         reply = channel.take_pending() + reply
                         channel.closed = True
-                        await _linger_close(stream, reply)
+                        await linger_close(stream, reply)
                         return event.code if event.close else "too many protocol errors"
                     await channel.send(reply)
                 # The idle clock starts once the packet is handled, not when it
@@ -1063,17 +1055,11 @@ class Server:
                 return "connection lost"  # a deferred reply's write failed
             return f"the client read no reply for {self.timeout}s"
         logger.debug("(%s) No complete packet for %ss: timing out", session_id, self.timeout)
-        reply = connection.error_bytes(ERR_TIMED_OUT)
-        if isinstance(stream, trio.SocketStream):
-            # A client still sending (a packet trickling in) would turn a plain close
-            # into a TCP reset, which can destroy the reply before the client reads
-            # it: close lingering, as on a framing error.
-            reply = channel.take_pending() + reply
-            channel.closed = True
-            await _linger_close(stream, reply)
-            return "timed out"
-        with trio.move_on_after(1):
-            await channel.send(reply)
+        # A client still sending (a packet trickling in) would turn a plain close into
+        # a TCP reset, which can destroy the reply before the client reads it: close
+        # lingering, as on a framing error.
+        channel.closed = True
+        await linger_close(stream, channel.take_pending() + connection.error_bytes(ERR_TIMED_OUT))
         return "timed out"
 
     async def _dispatch_within_deadline(self, client: Client, packet: Packet) -> None:
@@ -1174,26 +1160,7 @@ class Server:
         data = Framer(self.header_size, self.byteorder, self.max_packet_size).frame(
             JSON.encode(error_payload(code)), JSON.code
         )
-        await self._close_refused(stream, data)
-
-    async def _close_refused(self, stream: trio.abc.Stream, data: bytes) -> None:
-        """Send ``data`` to a refused connection and close it lingering, unless
-        :data:`MAX_LINGERING` refused connections linger already: then send and let
-        the caller close it at once. Refused connections hold no ``max_connections``
-        slot, so this is what bounds the descriptors a flood of them holds."""
-        if self._lingering >= MAX_LINGERING:
-            with trio.move_on_after(LINGER_SECONDS):
-                try:
-                    if data:
-                        await stream.send_all(data)
-                except _READ_ERRORS:
-                    pass
-            return
-        self._lingering += 1
-        try:
-            await _linger_close(stream, data)
-        finally:
-            self._lingering -= 1
+        await self._refusals.close(stream, data)
 
     async def _sessions_of(self, address: str) -> list[Session]:
         records = await self.store.sessions(session_group(address, self.session_limit_ipv6_prefix))
@@ -1385,45 +1352,6 @@ def raise_open_file_limit() -> Optional[int]:
 
 
 _open_file_limit_raised = False
-
-
-async def _linger_close(stream: trio.abc.Stream, data: bytes) -> None:
-    """Send ``data``, shut the write side, drain what the client already sent (for at
-    most :data:`LINGER_SECONDS`), then close: the reply is not destroyed by a reset."""
-    with trio.move_on_after(LINGER_SECONDS):
-        try:
-            if data:
-                await stream.send_all(data)
-            if isinstance(stream, trio.abc.HalfCloseableStream):
-                await stream.send_eof()
-            while await stream.receive_some(65536):
-                pass
-        except _READ_ERRORS:
-            pass
-    await trio.aclose_forcefully(stream)
-
-
-def _transport_of(stream: trio.abc.Stream) -> trio.SocketStream:
-    """The TCP stream under ``stream`` (itself, or what an SSLStream wraps)."""
-    while not hasattr(stream, "socket"):
-        stream = stream.transport_stream  # SSLStream
-    return stream
-
-
-def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType:
-    return _transport_of(stream).socket
-
-
-def _peer_address(stream: trio.abc.Stream) -> str:
-    return _canonical_address(_socket_of(stream).getpeername()[0])
-
-
-@functools.lru_cache(maxsize=4096)
-def _canonical_address(host: str) -> str:
-    """The client address sessions are keyed by (IPv4-mapped IPv6 as plain IPv4);
-    cached, as parsing an address costs more than the rest of an accept."""
-    parsed = normalise_address(host)
-    return str(parsed) if parsed is not None else host
 
 
 def _sockname(listener: Any) -> tuple:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from asyncapy import _sockio
+from asyncapy import transport
 from asyncapy.server import Server
 from asyncapy.testing.serving import open_test_server
 
@@ -79,14 +79,14 @@ def sentinel_url(sentinel_set) -> str:
 
 @pytest.fixture
 def writable_waits(monkeypatch) -> list:
-    """The descriptors (numbers) of the sockets direct writes (``asyncapy._sockio``)
+    """The descriptors (numbers) of the sockets direct writes (``asyncapy.transport``)
     waited on for room, once per wait: proof that a test made a write partial."""
     waits: list = []
-    real = _sockio.wait_writable
+    real = transport.wait_writable
 
     async def counting(sock):
         waits.append(sock.fileno())
         await real(sock)
 
-    monkeypatch.setattr(_sockio, "wait_writable", counting)
+    monkeypatch.setattr(transport, "wait_writable", counting)
     return waits

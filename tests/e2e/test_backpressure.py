@@ -20,7 +20,7 @@ import logging
 import pytest
 import trio
 
-from asyncapy.core import HOLD_LIMIT
+from asyncapy.transport import HOLD_LIMIT
 
 from ..conftest import serving
 from .hostile_app import launch, rss_bytes

@@ -1,4 +1,4 @@
-"""Replies deferred to the next scheduling round on a busy server (``asyncapy.core.Pacer``),
+"""Replies deferred to the next scheduling round on a busy server (``asyncapy.transport.Pacer``),
 against a real server: every reply arrives, whole and in order, on every connection,
 and none waits longer than a round, whatever its handler does next."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import trio
 
-from asyncapy.core import Pacer
+from asyncapy.transport import Pacer
 
 from ..conftest import serving
 from .wire import Wire, json_packet, zi_packet

@@ -1,4 +1,4 @@
-"""Direct reads and writes (``asyncapy._sockio``) end to end, against a real server.
+"""Direct reads and writes (``asyncapy.transport``) end to end, against a real server.
 
 On a plain TCP connection the server reads and writes with ``os.read``/``os.write``
 on the socket's descriptor; a write the kernel takes at once does not yield, so the
@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional
 import trio
 
 from asyncapy import Packet
-from asyncapy.core import WRITES_PER_YIELD
+from asyncapy.transport import WRITES_PER_YIELD
 from asyncapy.server import Server
 
 from ..conftest import serving

@@ -30,6 +30,7 @@ import trio
 
 from asyncapy import Client, Packet, Server
 from asyncapy import server as server_module
+from asyncapy import transport
 from asyncapy.__main__ import _build_parser, _configure, main
 from asyncapy.adapters.memory import MemorySessionStore
 from asyncapy.client import AsyncClient
@@ -282,7 +283,7 @@ async def test_a_burst_of_refusals_from_one_address_does_not_lock_out_another(ma
                     refused.append(wire)
                     await wire.send(json_packet({"n": n}))
                     assert await wire.read_packet() == json_error("ERR_SESSION_LIMIT_REACHED")
-                assert server._lingering == 60 and server._connections == 1
+                assert server._refusals.lingering == 60 and server._connections == 1
                 async with await connect_from("127.0.0.3", host, port) as other:
                     assert await other.request({"other": 1}) == {"other": 1}
             finally:
@@ -291,7 +292,7 @@ async def test_a_burst_of_refusals_from_one_address_does_not_lock_out_another(ma
 
 
 async def test_lingering_refusals_are_bounded(make_echo, monkeypatch):
-    monkeypatch.setattr(server_module, "MAX_LINGERING", 3)
+    monkeypatch.setattr(transport, "MAX_LINGERING", 3)
     server = make_echo(session_limit=1)
     async with serving(server) as (host, port):
         async with await Wire.connect(host, port) as holder:
@@ -302,7 +303,7 @@ async def test_lingering_refusals_are_bounded(make_echo, monkeypatch):
                     wire = await Wire.connect(host, port)
                     refused.append(wire)
                     assert await wire.read_packet() == json_error("ERR_SESSION_LIMIT_REACHED")
-                    assert server._lingering == min(n + 1, 3)
+                    assert server._refusals.lingering == min(n + 1, 3)
                 # Past the bound, the reply and an immediate close: no lingering.
                 for wire in refused[3:]:
                     await wire.read_eof(timeout=1)

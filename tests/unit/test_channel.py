@@ -3,7 +3,7 @@
 import pytest
 import trio
 
-from asyncapy.core import HOLD_LIMIT, Channel
+from asyncapy.transport import HOLD_LIMIT, Channel
 from asyncapy.domain.connection import Connection
 
 

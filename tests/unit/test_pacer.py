@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from asyncapy.core import HOLD_LIMIT, Channel, Pacer
+from asyncapy.transport import HOLD_LIMIT, Channel, Pacer
 from asyncapy.domain.connection import Connection
 
 
@@ -190,7 +190,7 @@ async def test_a_second_flusher_of_one_pacer_just_waits():
 async def test_a_handler_that_only_sends_yields_while_its_replies_are_deferred():
     """Deferred (and held) sends count towards WRITES_PER_YIELD as writes do: a loop of
     small sends that never reaches the kernel still lets other tasks in."""
-    from asyncapy.core import WRITES_PER_YIELD
+    from asyncapy.transport import WRITES_PER_YIELD
 
     pacer = Pacer()
     ours, peer = await tcp_pair()

@@ -1,7 +1,7 @@
-"""``asyncapy._sockio``: direct ``os.read``/``os.write`` on a plain TCP connection.
+"""``asyncapy.transport``'s direct ``os.read``/``os.write`` on a plain TCP connection.
 
 Every test runs over a real, connected loopback TCP connection (what the server gets
-from its listener): ``ours`` is the accepted side, the one handed to ``_sockio``;
+from its listener): ``ours`` is the accepted side, the one read and written directly;
 ``peer`` is the connecting side, playing the client. Small socket buffers make a
 multi-MiB write impossible in one system call, so the partial-write path runs.
 """
@@ -22,7 +22,7 @@ import pytest
 import trio
 import trio.testing
 
-from asyncapy import _sockio
+from asyncapy import transport
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="direct I/O is POSIX only (os.read/os.write on sockets)")
 
@@ -30,6 +30,26 @@ MiB = 1 << 20
 SMALL_BUFFER = 4096
 """Asked of SO_SNDBUF/SO_RCVBUF (Linux doubles it, and has a floor): a few KiB."""
 
+
+
+async def read(sock, max_bytes: int) -> bytes:
+    """A read as the server's session loop makes it: a checkpoint, then
+    :func:`~asyncapy.transport.read_now`, and only if nothing has arrived,
+    :func:`~asyncapy.transport.receive_waiting`."""
+    await trio.lowlevel.checkpoint()
+    data = transport.read_now(sock, max_bytes)
+    if data is None:
+        data = await transport.receive_waiting(sock, max_bytes)
+    return data
+
+
+async def write(sock, data) -> None:
+    """A write as :class:`~asyncapy.transport.Channel` makes it:
+    :func:`~asyncapy.transport.write_now`, then
+    :func:`~asyncapy.transport.write_rest` for what the kernel did not take."""
+    sent = transport.write_now(sock, data)
+    if sent < len(data):
+        await transport.write_rest(sock, data, sent)
 
 @asynccontextmanager
 async def tcp_pair(
@@ -84,28 +104,28 @@ async def read_available(stream: trio.SocketStream, wait: float = 0.2) -> bytes:
 # -- raw_socket_of ----------------------------------------------------------------------
 async def test_raw_socket_of_a_plain_socket_stream_is_its_socket():
     async with tcp_pair() as (ours, peer):
-        assert _sockio.raw_socket_of(ours) is ours.socket
-        assert _sockio.raw_socket_of(peer) is peer.socket
+        assert transport.raw_socket_of(ours) is ours.socket
+        assert transport.raw_socket_of(peer) is peer.socket
 
 
 async def test_raw_socket_of_tls_and_in_memory_streams_is_none():
     left, right = trio.testing.memory_stream_pair()
-    assert _sockio.raw_socket_of(left) is None
-    assert _sockio.raw_socket_of(right) is None
+    assert transport.raw_socket_of(left) is None
+    assert transport.raw_socket_of(right) is None
     async with tcp_pair() as (ours, _peer):
         # Built, never handshaken: what the server's SSLListener hands out.
         tls = trio.SSLStream(ours, ssl.create_default_context(), server_hostname="localhost")
-        assert _sockio.raw_socket_of(tls) is None
+        assert transport.raw_socket_of(tls) is None
 
 
-# -- receive ----------------------------------------------------------------------------
+# -- reading ----------------------------------------------------------------------------
 async def test_receive_returns_what_the_peer_sent_at_most_max_bytes_at_a_time():
     async with tcp_pair() as (ours, peer):
         await peer.send_all(b"0123456789")
         with trio.fail_after(10):
             await trio.lowlevel.wait_readable(ours.socket)
-            assert await _sockio.receive(ours.socket, 4) == b"0123"
-            assert await _sockio.receive(ours.socket, 100) == b"456789"
+            assert await read(ours.socket, 4) == b"0123"
+            assert await read(ours.socket, 100) == b"456789"
 
 
 async def test_receive_waits_for_data_that_is_not_there_yet():
@@ -113,7 +133,7 @@ async def test_receive_waits_for_data_that_is_not_there_yet():
         got = []
 
         async def reader():
-            got.append(await _sockio.receive(ours.socket, 100))
+            got.append(await read(ours.socket, 100))
 
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
@@ -131,12 +151,12 @@ async def test_receive_returns_empty_bytes_at_end_of_stream():
         with trio.fail_after(10):
             received = b""
             while True:
-                data = await _sockio.receive(ours.socket, 100)
+                data = await read(ours.socket, 100)
                 if not data:
                     break
                 received += data
             assert received == b"last"
-            assert await _sockio.receive(ours.socket, 100) == b""  # and stays at the end
+            assert await read(ours.socket, 100) == b""  # and stays at the end
 
 
 async def test_receive_is_a_checkpoint_even_when_data_is_already_waiting():
@@ -145,13 +165,13 @@ async def test_receive_is_a_checkpoint_even_when_data_is_already_waiting():
         with trio.fail_after(10):
             await trio.lowlevel.wait_readable(ours.socket)
         with trio.testing.assert_checkpoints():
-            assert await _sockio.receive(ours.socket, 100) == b"ready"
+            assert await read(ours.socket, 100) == b"ready"
         # At end of stream too.
         await peer.send_eof()
         with trio.fail_after(10):
             await trio.lowlevel.wait_readable(ours.socket)
         with trio.testing.assert_checkpoints():
-            assert await _sockio.receive(ours.socket, 100) == b""
+            assert await read(ours.socket, 100) == b""
 
 
 async def test_a_cancelled_receive_consumes_nothing():
@@ -161,9 +181,9 @@ async def test_a_cancelled_receive_consumes_nothing():
             await trio.lowlevel.wait_readable(ours.socket)
         with trio.CancelScope() as scope:
             scope.cancel()
-            await _sockio.receive(ours.socket, 100)
+            await read(ours.socket, 100)
         assert scope.cancelled_caught
-        assert await _sockio.receive(ours.socket, 100) == b"keep"
+        assert await read(ours.socket, 100) == b"keep"
 
 
 # -- send -------------------------------------------------------------------------------
@@ -171,8 +191,8 @@ async def test_send_the_kernel_takes_whole_is_not_a_checkpoint():
     async with tcp_pair() as (ours, peer):
         data = b"reply" * 200
         with trio.testing.assert_no_checkpoints():
-            await _sockio.send(ours.socket, data)
-            await _sockio.send(ours.socket, b"")  # nothing to write: nothing done
+            await write(ours.socket, data)
+            await write(ours.socket, b"")  # nothing to write: nothing done
         with trio.fail_after(10):
             received = b""
             while len(received) < len(data):
@@ -201,7 +221,7 @@ async def test_send_of_many_times_the_socket_buffers_to_a_slow_reader_arrives_wh
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(slow_reader)
                 with trio.testing.assert_checkpoints():  # it had to wait: it yielded
-                    await _sockio.send(ours.socket, payload)
+                    await write(ours.socket, payload)
         assert len(received) == len(payload)
         assert bytes(received) == payload
         assert writable_waits, "the payload went out in one write: the test proves nothing"
@@ -210,8 +230,8 @@ async def test_send_of_many_times_the_socket_buffers_to_a_slow_reader_arrives_wh
 
 async def test_send_accepts_a_bytearray_and_a_memoryview():
     async with tcp_pair() as (ours, peer):
-        await _sockio.send(ours.socket, bytearray(b"ab"))
-        await _sockio.send(ours.socket, memoryview(b"xcdx")[1:3])
+        await write(ours.socket, bytearray(b"ab"))
+        await write(ours.socket, memoryview(b"xcdx")[1:3])
         with trio.fail_after(10):
             received = b""
             while len(received) < 4:
@@ -228,7 +248,7 @@ async def test_cancelled_while_waiting_for_room_propagates_and_leaves_a_prefix_o
 
                 async def writer():
                     with scope:
-                        await _sockio.send(ours.socket, payload)
+                        await write(ours.socket, payload)
 
                 nursery.start_soon(writer)
                 await trio.testing.wait_all_tasks_blocked()  # the peer reads nothing
@@ -253,7 +273,7 @@ async def test_a_bad_descriptor_is_a_closed_resource():
     fd = os.open(os.devnull, os.O_RDONLY)
     os.close(fd)
     with pytest.raises(trio.ClosedResourceError) as caught:
-        await _sockio.send(Gone(fd), b"x")
+        await write(Gone(fd), b"x")
     assert isinstance(caught.value.__cause__, OSError)
     assert caught.value.__cause__.errno == errno.EBADF
 
@@ -265,9 +285,9 @@ async def test_send_and_receive_on_a_socket_closed_before_the_call_raise_closed(
         await ours.aclose()
         assert sock.fileno() == -1
         with pytest.raises(trio.ClosedResourceError):
-            await _sockio.send(sock, b"x")
+            await write(sock, b"x")
         with pytest.raises(trio.ClosedResourceError):
-            await _sockio.receive(sock, 100)
+            await read(sock, 100)
         with trio.fail_after(10):
             assert await peer.receive_some(100) == b""  # nothing was written
 
@@ -279,7 +299,7 @@ async def test_a_send_waiting_for_room_is_woken_closed_when_another_task_closes_
 
         async def writer():
             with pytest.raises(trio.ClosedResourceError):
-                await _sockio.send(ours.socket, payload)
+                await write(ours.socket, payload)
             outcome.append("closed")
 
         with trio.fail_after(10):
@@ -297,7 +317,7 @@ async def test_a_receive_waiting_for_data_is_woken_closed_when_another_task_clos
 
         async def reader():
             with pytest.raises(trio.ClosedResourceError):
-                await _sockio.receive(ours.socket, 100)
+                await read(ours.socket, 100)
             outcome.append("closed")
 
         with trio.fail_after(10):
@@ -317,11 +337,11 @@ async def test_an_old_socket_never_touches_a_new_connection_that_reuses_its_desc
         old = old_ours.socket
         old_fd = old.fileno()
         # Used as a session uses it, both ways, before it is closed.
-        await _sockio.send(old, b"ping")
+        await write(old, b"ping")
         await old_peer.send_all(b"pong")
         with trio.fail_after(10):
             assert await old_peer.receive_some(100) == b"ping"
-            assert await _sockio.receive(old, 100) == b"pong"
+            assert await read(old, 100) == b"pong"
         await old_ours.aclose()
         async with tcp_pair() as (ours, peer):
             dup = None
@@ -341,9 +361,9 @@ async def test_an_old_socket_never_touches_a_new_connection_that_reuses_its_desc
                 with trio.fail_after(10):
                     await trio.lowlevel.wait_readable(reused.socket)
                 with pytest.raises(trio.ClosedResourceError):
-                    await _sockio.receive(old, 100)
+                    await read(old, 100)
                 with pytest.raises(trio.ClosedResourceError):
-                    await _sockio.send(old, b"stale bytes")
+                    await write(old, b"stale bytes")
             finally:
                 if dup is not None:
                     os.close(dup)
@@ -360,7 +380,7 @@ async def test_receive_after_a_peer_reset_raises_broken():
         with trio.fail_after(10):
             await trio.lowlevel.wait_readable(ours.socket)  # the reset has arrived
             with pytest.raises(trio.BrokenResourceError) as caught:
-                await _sockio.receive(ours.socket, 100)
+                await read(ours.socket, 100)
         assert isinstance(caught.value.__cause__, ConnectionResetError)
 
 
@@ -372,9 +392,9 @@ async def test_data_sent_before_a_reset_is_read_then_the_reset_is_broken():
             await trio.lowlevel.wait_readable(ours.socket)
         reset_by(peer)
         with trio.fail_after(10):
-            assert await _sockio.receive(ours.socket, 100) == b"before"
+            assert await read(ours.socket, 100) == b"before"
             with pytest.raises(trio.BrokenResourceError):
-                await _sockio.receive(ours.socket, 100)
+                await read(ours.socket, 100)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the errno a reset gives is Linux's here")
@@ -386,7 +406,7 @@ async def test_send_after_a_peer_reset_raises_broken_every_time():
         causes = []
         for _ in range(3):
             with pytest.raises(trio.BrokenResourceError) as caught:
-                await _sockio.send(ours.socket, b"x" * 1000)
+                await write(ours.socket, b"x" * 1000)
             causes.append(caught.value.__cause__.errno)
         # The reset itself first, then a pipe broken for good: never "closed", since
         # the socket is still open on our side.
@@ -401,7 +421,7 @@ async def test_a_reset_while_send_waits_for_room_raises_broken():
 
         async def writer():
             with pytest.raises(trio.BrokenResourceError):
-                await _sockio.send(ours.socket, payload)
+                await write(ours.socket, payload)
             outcome.append("broken")
 
         with trio.fail_after(10):
