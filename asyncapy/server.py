@@ -1,99 +1,52 @@
-"""``Server``: configuration, handler registration, the trio accept loop, and sessions.
+"""``Server``: the public server: settings, handler registration, hooks, and running.
 
 The server is a driving adapter around the pure core: for each connection it reads
 bytes, feeds them to a :class:`asyncapy.domain.connection.Connection`, hands every decoded
 request to the :class:`asyncapy.domain.dispatch.Dispatcher`, and writes what comes back. No
-protocol rule lives here; what lives here is I/O policy: admission, idle timeouts,
-lingering closes, TLS, logging, signals and graceful shutdown.
+protocol rule lives here, and no serving machinery either: this module holds what an
+application configures and calls (settings and their validation, registration,
+``setup``/``shutdown``/``session_ended``, ``start``/``serve``/``request_shutdown``,
+signals), and composes the machinery that does the I/O:
+
+* :mod:`asyncapy.listening`: listeners, the accept loop, each connection's way in
+  (``max_connections``, TLS handshake), the open-file limit;
+* :mod:`asyncapy.sessions`: admission, the session loop, release, the shutdown's drain;
+* :mod:`asyncapy.session_state`: what each session shares with the idle reaper;
+* :mod:`asyncapy.transport`: reads, writes, the lingering close.
 """
 
 from __future__ import annotations
 
 import configparser
-import errno
 import logging
-import math
 import os
 import signal
 import socket
 import ssl
-import time
 import uuid
 from typing import Any, Callable, Optional, Sequence, Union
 
 import trio
 
-try:
-    import resource
-except ImportError:  # pragma: no cover - Windows has no open-file rlimit
-    resource = None  # type: ignore[assignment]
-
 from asyncapy.domain import codecs
-from asyncapy.domain.addresses import session_group
-from asyncapy.domain.codecs import JSON, codec_named
-from asyncapy.domain.connection import NEED_DATA, Connection, ProtocolError, Request, error_payload
-from asyncapy.domain.dispatch import Dispatcher, Handler, HandlerFailed
-from asyncapy.domain.errors import (
-    StoreUnavailable,
-    ERR_INTERNAL,
-    ERR_SESSION_LIMIT_REACHED,
-    ERR_TIMED_OUT,
-    ERR_UNAVAILABLE,
-)
-from asyncapy.domain.framing import Framer
-from asyncapy.domain.limits import PacketMemory
-from asyncapy.domain.ports import SessionRecord, SessionStore
+from asyncapy.domain.dispatch import Dispatcher, Handler
+from asyncapy.domain.errors import StoreUnavailable
+from asyncapy.domain.ports import SessionStore
 
 from .config import SETTINGS, ConfigError, check_proxy_settings, load_config, validate
-from .core import Client, Packet, Session
+from .core import Client, Session
+from .listening import Listening, format_address, sockname
+from .sessions import Sessions
 from .stores import open_session_store
-from .transport import (
-    transport_of,
-    STREAM_ERRORS,
-    Channel,
-    Pacer,
-    Refusals,
-    close_at_once,
-    linger_close,
-    peer_address,
-    read_now,
-    receive_waiting,
-)
+from .transport import Channel
 from .util import where_keys_live
 
 __all__ = ["Server"]
 
 logger = logging.getLogger("asyncapy.server")
 
-LOG_BURST = 10
-"""Protocol-error warnings (and, apart, handler tracebacks) one session logs per
-:data:`LOG_INTERVAL`; the rest are counted, and the count is logged with the next
-line let through, or when the session ends."""
-
-LOG_INTERVAL = 10.0
-"""Seconds of the window :data:`LOG_BURST` counts lines in."""
-
-REFUSED_LOG_INTERVAL = 1.0
-"""Seconds between two log lines about connections refused for ``session_limit`` or
-for an unavailable store (each kind apart); the lines carry the count of those not
-logged."""
-
 _TLS_FILES = ("certfile", "keyfile", "cafile")
 
-FD_MARGIN = 100
-"""File descriptors a server process needs beside its connections (listeners, the
-event loop, store connections, logs, what handlers open): the open-file limit must
-exceed ``max_connections`` by this much, or it, not ``max_connections``, caps them."""
-
-REFUSAL_LOG_INTERVAL = 1.0
-"""Seconds between two warnings about connections refused past ``max_connections``:
-a flood of them logs one line per interval, with the count of those not logged."""
-
-ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-"""accept() failures that mean "out of descriptors or memory for now": retried."""
-
-ACCEPT_RETRY_SECONDS = 0.1
-"""How long the accept loop waits after one of :data:`ACCEPT_CAPACITY_ERRNOS`."""
 
 class Server:
     """An AsyncAProto 22 server.
@@ -297,21 +250,10 @@ class Server:
         self.addresses: list[tuple] = []
         """The (host, port, ...) socket addresses being served, once started."""
         self._dispatcher = Dispatcher()
-        self._pacer = Pacer()  # direct writes since a read, for all sessions (see Pacer)
-        self._packet_memory = PacketMemory(self.max_packet_memory)
-        """What large packets hold, across sessions (see asyncapy.domain.limits)."""
-        self._sessions: dict[str, Session] = {}
-        self._idle_states: dict[str, _Idle] = {}
-        self._stopping: Optional[trio.Event] = None
-        self._idle: Optional[trio.Event] = None
-        self._connections = 0
-        """Connections accepted and being served (refused ones not counted)."""
-        self._refusals_unlogged = 0
-        self._refusal_logged_at = -math.inf
-        self._refusals = Refusals()
-        """The lingering closes of refused connections (bounded)."""
-        self._limit_log = _LogLimit(1, REFUSED_LOG_INTERVAL)
-        self._unavailable_log = _LogLimit(1, REFUSED_LOG_INTERVAL)
+        self._sessions = Sessions(self)
+        """The serving machinery's sessions (see :mod:`asyncapy.sessions`)."""
+        self._listening = Listening(self, self._sessions)
+        """The serving machinery's listeners (see :mod:`asyncapy.listening`)."""
 
     # -- the session store ------------------------------------------------------------
     # Properties, so that assigning a URL (as `asyncapy run --config` and load_config()
@@ -456,20 +398,6 @@ class Server:
         further. A server that does not override it pays nothing for it.
         """
 
-    async def _call_session_ended(self, client: Client, reason: str) -> None:
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + self.shutdown_grace
-            try:
-                await self.session_ended(client, reason)
-            except Exception:
-                logger.exception("(%s) session_ended() raised", client.session.session_id)
-        if scope.cancelled_caught:
-            logger.warning(
-                "(%s) session_ended() ran past shutdown_grace (%ss): cancelled",
-                client.session.session_id,
-                self.shutdown_grace,
-            )
-
     async def run_sync_task(
         self,
         sync_fn: Callable,
@@ -526,7 +454,8 @@ class Server:
 
     async def _watch_signals(self, signals: Any, everything: trio.CancelScope) -> None:
         async for signum in signals:
-            if self._stopping is not None and self._stopping.is_set():
+            stopping = self._sessions.stopping
+            if stopping is not None and stopping.is_set():
                 logger.warning("Second %s: stopping now", signal.Signals(signum).name)
                 everything.cancel()
                 return
@@ -540,8 +469,9 @@ class Server:
     def request_shutdown(self) -> None:
         """Begin a graceful shutdown: stop accepting, let in-flight handlers finish
         (within :attr:`shutdown_grace`), close sessions, run :meth:`shutdown`."""
-        if self._stopping is not None:
-            self._stopping.set()
+        stopping = self._sessions.stopping
+        if stopping is not None:
+            stopping.set()
 
     async def serve(
         self,
@@ -561,12 +491,13 @@ class Server:
         known (even port 0) before any worker starts and no worker can lose a race
         to bind it. The server owns them from then on and closes them when it stops.
         """
-        self._stopping = trio.Event()
-        self._check_open_file_limit()
+        sessions, listening = self._sessions, self._listening
+        sessions.stopping = trio.Event()
+        listening.check_open_file_limit()
         await self.setup()
         try:
-            listeners = await self._open_listeners(sockets)
-            self.addresses = [_sockname(listener) for listener in listeners]
+            listeners = await listening.open(sockets)
+            self.addresses = [sockname(listener) for listener in listeners]
             if not codecs.ACCELERATED:
                 logger.warning(
                     "The codecs' C accelerator (domain/_speedups.c) is not built: "
@@ -577,31 +508,24 @@ class Server:
                 )
             logger.info(
                 "AsyncAPY serving on %s (%s), sessions in %r%s",
-                ", ".join(_format_address(a) for a in self.addresses),
-                "TLS" if self.ssl_context else "plain TCP",
+                ", ".join(format_address(a) for a in self.addresses),
+                "TLS" if listening.ssl_context else "plain TCP",
                 self.store,
                 where_keys_live(", API keys in "),
             )
-            async with trio.open_nursery() as sessions:
-                sessions.start_soon(self._run_session_services)
-                sessions.start_soon(self._check_store)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sessions.run_services)
+                nursery.start_soon(self._check_store)
                 accepting = trio.CancelScope()
-                sessions.start_soon(self._accept, listeners, sessions, accepting)
+                nursery.start_soon(listening.accept, listeners, nursery, accepting)
                 task_status.started(self.addresses)
-                await self._stopping.wait()
+                await sessions.stopping.wait()
                 accepting.cancel()
-                await self._drain()
-                sessions.cancel_scope.cancel()
+                await sessions.drain()
+                nursery.cancel_scope.cancel()
         finally:
-            if self._refusals_unlogged:
-                self._log_refusals("")
-            for log, what in (
-                (self._limit_log, "refused for session_limit"),
-                (self._unavailable_log, "refused with the session store unavailable"),
-            ):
-                if log.suppressed:
-                    logger.warning("%d more connection(s) %s, not logged", log.suppressed, what)
-                    log.suppressed = 0
+            listening.log_refusals()
+            sessions.report_refusals()
             with trio.CancelScope(shield=True):
                 try:
                     await self.shutdown()
@@ -624,568 +548,20 @@ class Server:
         except Exception as exc:  # the store's own bug: the sessions will show it too
             logger.warning("The session store %r failed a first read: %r", self.store, exc)
 
-    def _check_open_file_limit(self) -> None:
-        """Raise the open-file limit (once per process) and warn if it caps connections
-        below :attr:`max_connections`: every connection is a file descriptor, and past
-        the limit ``accept()`` fails, which no client would understand."""
-        limit = raise_open_file_limit()
-        if limit is None or limit >= self.max_connections + FD_MARGIN:
-            return
-        logger.warning(
-            "The open-file limit (%d, the hard limit allows no more) caps this process at "
-            "about %d connections, below max_connections=%d: raise the hard limit "
-            "(ulimit -Hn; LimitNOFILE= in a systemd unit; docker run --ulimit nofile=N:N) "
-            "or lower max_connections",
-            limit,
-            max(limit - FD_MARGIN, 0),
-            self.max_connections,
-        )
-
-    async def _open_listeners(self, sockets: Optional[Sequence[socket.socket]] = None) -> list:
-        if sockets is None:
-            listeners = await bind_listeners(self.addr, self.port)
-        else:
-            listeners = [_listener_of(sock) for sock in sockets]
-            if not listeners:
-                raise ValueError("serve(sockets=...) needs at least one listening socket")
-        if self.ssl_context is not None:
-            listeners = [
-                trio.SSLListener(listener, self.ssl_context, https_compatible=False)
-                for listener in listeners
-            ]
-        return listeners
-
-    async def _accept(
-        self, listeners: list, sessions: trio.Nursery, accepting: trio.CancelScope
-    ) -> None:
-        with accepting:
-            try:
-                async with trio.open_nursery() as loops:
-                    for listener in listeners:
-                        loops.start_soon(self._accept_from, listener, sessions)
-            finally:
-                with trio.CancelScope(shield=True):
-                    for listener in listeners:
-                        await trio.aclose_forcefully(listener)
-
-    async def _accept_from(self, listener: trio.abc.Listener, sessions: trio.Nursery) -> None:
-        """Accept connections on ``listener`` and serve each in a task of ``sessions``.
-
-        What ``trio.serve_listeners`` does, less the forced close it wraps every
-        connection in (a cancelled checkpoint, a scheduling round per connection):
-        :meth:`_handle_connection` closes its own. Running out of descriptors (or
-        memory) is logged and retried after :data:`ACCEPT_RETRY_SECONDS`, as there.
-        """
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                logger.error(
-                    "accept returned %s (%s); retrying in %ss",
-                    errno.errorcode[exc.errno],
-                    os.strerror(exc.errno),
-                    ACCEPT_RETRY_SECONDS,
-                )
-                await trio.sleep(ACCEPT_RETRY_SECONDS)
-            else:
-                sessions.start_soon(self._handle_connection, stream)
-
-    async def _drain(self) -> None:
-        """Stop reading on every session; give in-flight handlers the grace period."""
-        for state in list(self._idle_states.values()):
-            if state.waiting:
-                state.cancel()
-        if not self._sessions:
-            return
-        logger.info("Waiting up to %ss for %d session(s)", self.shutdown_grace, len(self._sessions))
-        self._idle = trio.Event()
-        with trio.move_on_after(self.shutdown_grace):
-            await self._idle.wait()
-        if self._sessions:
-            logger.warning("Grace period over: closing %d busy session(s)", len(self._sessions))
-
-    # -- one connection ---------------------------------------------------------------
+    # -- what a Client asks of its server (see asyncapy.core) -------------------------------
     def _new_channel(self, stream: trio.abc.Stream) -> Channel:
-        self._packet_memory.limit = self.max_packet_memory  # as set since (load_config, --config)
-        return Channel(
-            stream,
-            Connection(
-                self.header_size,
-                self.byteorder,
-                self.max_packet_size,
-                codec_named(self.encoding),
-                self._packet_memory,
-            ),
-            self._pacer,
-        )
-
-    async def _handle_connection(self, stream: trio.abc.Stream) -> None:
-        """Serve one accepted connection, and close it however that ends."""
-        try:
-            if self._connections >= self.max_connections:
-                await self._refuse_connection(stream)
-                return
-            try:
-                address = peer_address(stream)
-            except OSError:
-                return  # the client is gone already
-            self._connections += 1
-            held = True
-
-            def release_slot() -> None:
-                # Refused after all (session_limit, store): its lingering close must
-                # not hold a max_connections slot, or refusals of one address would
-                # lock out every other.
-                nonlocal held
-                if held:
-                    held = False
-                    self._connections -= 1
-
-            try:
-                if type(stream) is trio.SSLStream and not await self._handshake(stream, address):
-                    return
-                await self._serve_stream(stream, address, release_slot=release_slot)
-            finally:
-                release_slot()
-        finally:
-            await close_at_once(stream)
-
-    async def _handshake(self, stream: trio.SSLStream, address: str) -> bool:
-        """Complete the TLS handshake of a new connection within :attr:`timeout`;
-        False (logged) if it failed or did not finish in time.
-
-        Before admission, so a client that never finishes its handshake, or fails
-        mutual TLS, takes no ``session_limit`` slot and causes no store write."""
-        reason = f"not finished within timeout ({self.timeout}s)"
-        with trio.move_on_after(self.timeout):
-            try:
-                await stream.do_handshake()
-                return True
-            except STREAM_ERRORS as exc:
-                cause = exc.__cause__ or exc
-                reason = str(cause) or type(cause).__name__
-        logger.info("TLS handshake with %s failed: %s", address, reason)
-        return False
-
-    async def _refuse_connection(self, stream: trio.abc.Stream) -> None:
-        """Close a connection past :attr:`max_connections` at once: no session, no store,
-        no TLS handshake, no reply (no error code fits), just a lingering close of the
-        TCP connection, so a client that already wrote a request sees the connection
-        end rather than a reset. The warning is rate-limited: a flood is one line a
-        second."""
-        self._refusals_unlogged += 1
-        if time.monotonic() - self._refusal_logged_at >= REFUSAL_LOG_INTERVAL:
-            try:
-                address = peer_address(stream)
-            except OSError:
-                address = "a client gone already"
-            self._log_refusals(f": refused a connection from {address}")
-        await self._refusals.close(transport_of(stream), b"")
-
-    def _log_refusals(self, latest: str) -> None:
-        count = self._refusals_unlogged
-        if latest:
-            count -= 1  # the one being refused is told apart
-        more = f"; {count} more refused since the last such warning" if count else ""
-        logger.warning(
-            "max_connections (%d) reached%s%s", self.max_connections, latest, more
-        )
-        self._refusals_unlogged = 0
-        self._refusal_logged_at = time.monotonic()
-
-    async def _serve_stream(
-        self,
-        stream: trio.abc.Stream,
-        address: str,
-        *,
-        release_slot: Callable[[], None] = lambda: None,
-        task_status: Any = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Serve one session on ``stream``, a connection from ``address``: admission,
-        the session, its release. Every session takes this one path: the accept loop's
-        with the socket's peer address, :func:`asyncapy.testing.open_test_client`'s with
-        an in-memory stream and the address the test chose.
-
-        ``task_status.started(admitted)`` is called once admission is decided (an
-        admitted session is registered by then), so ``await nursery.start(...)``
-        returns once the session counts towards ``session_limit`` and
-        :meth:`~asyncapy.core.Client.get_sessions`.
-
-        ``release_slot`` is called when the connection is refused, before its
-        lingering close: the accept loop's frees the ``max_connections`` slot.
-
-        The store gets :attr:`store_timeout` seconds to answer the admission; past
-        them, or when it fails, the client is answered ``ERR_UNAVAILABLE``.
-        """
-        session_id = uuid.uuid4()
-        group = session_group(address, self.session_limit_ipv6_prefix)
-        record = SessionRecord(str(session_id), group, time.time(), self.server_id)
-        admitted = False
-        failure: Optional[str] = None
-        traceback = False
-        with trio.move_on_after(self.store_timeout) as deadline:
-            try:
-                admitted = await self.store.admit(record, self.session_limit)
-            except StoreUnavailable as exc:
-                failure = str(exc)
-            except Exception:
-                failure = "the store failed"
-                traceback = True
-        if deadline.cancelled_caught:
-            failure = f"no answer within store_timeout ({self.store_timeout}s)"
-        if failure is not None:
-            log = self._unavailable_log
-            if log.allow():
-                logger.error(
-                    "(%s) Session store unavailable, refusing %s: %s%s",
-                    session_id,
-                    address,
-                    failure,
-                    log.take_suppressed("refused alike"),
-                    exc_info=traceback,
-                )
-            task_status.started(False)
-            release_slot()
-            await self._refuse(stream, ERR_UNAVAILABLE)
-            return
-        if not admitted:
-            log = self._limit_log
-            if log.allow():
-                logger.warning(
-                    "(%s) %s already holds %d session(s): limit reached%s",
-                    session_id,
-                    address if group == address else f"{address} (as {group})",
-                    self.session_limit,
-                    log.take_suppressed("refused for session_limit"),
-                )
-            task_status.started(False)
-            release_slot()
-            await self._refuse(stream, ERR_SESSION_LIMIT_REACHED)
-            return
-        channel = self._new_channel(stream)
-        client = Client(address, self, stream, None, self.encoding)
-        client._channel = channel
-        session = client.session = Session(session_id, client, record.date, self.server_id)
-        self._sessions[record.session_id] = session
-        state = self._idle_states[record.session_id] = _Idle(trio.current_time(), channel)
-        task_status.started(True)
-        logger.info("(%s) Session started for %s", session_id, address)
-        reason = "closed"
-        try:
-            reason = await self._serve_session(client, channel, state)
-        except STREAM_ERRORS:
-            reason = "connection lost"
-        except Exception:
-            reason = "internal error"
-            logger.exception("(%s) Unexpected error serving the session", session_id)
-        except trio.Cancelled:
-            reason = "cancelled"  # busy past shutdown_grace, or a second signal
-            raise
-        finally:
-            self._idle_states.pop(record.session_id, None)
-            if state.logs is not None:
-                state.logs.report(session_id)
-            with trio.CancelScope(shield=True):
-                await channel.aclose()
-                with trio.move_on_after(self.store_timeout) as deadline:
-                    try:
-                        await self.store.release(record)
-                    except Exception:
-                        logger.warning("(%s) Could not release the session in the store", session_id, exc_info=True)
-                if deadline.cancelled_caught:
-                    logger.warning(
-                        "(%s) The session store did not release the session within "
-                        "store_timeout (%ss); its lease expires by itself",
-                        session_id,
-                        self.store_timeout,
-                    )
-            del self._sessions[record.session_id]
-            logger.info("(%s) Session ended: %s", session_id, reason)
-            if type(self).session_ended is not Server.session_ended:
-                await self._call_session_ended(client, reason)
-            if self._idle is not None and not self._sessions:
-                self._idle.set()
-
-    async def _serve_session(self, client: Client, channel: Channel, state: "_Idle") -> str:
-        connection = channel.connection
-        framer = connection.framer
-        stream = channel.stream
-        fd = channel.fd  # read directly (see asyncapy.transport), or None: the stream
-        pacer = channel.pacer
-        # Chosen once per session: without handler_timeout, a packet costs no scope.
-        if self.handler_timeout is None:
-            dispatch = self._dispatcher.dispatch
-        else:
-            dispatch = self._dispatch_within_deadline
-        stopping = self._stopping
-        buf = self.buf
-        session_id = client.session.session_id
-        debug = logger.isEnabledFor(logging.DEBUG)
-        now = trio.lowlevel.current_clock().current_time  # trio.current_time, minus a hop
-        # One cancel scope for the whole session, not one per read. A shutdown cancels
-        # it only while the session waits for bytes; the reaper (see _reap_idle) then,
-        # or when the session's writes have been blocked for ``timeout`` (state.stuck).
-        # A handler that is neither waiting nor writing is never cancelled here.
-        first_read = True
-        errors = 0  # protocol errors in a row (reset by every request)
-        max_errors = self.max_protocol_errors
-        with state.scope:
-            event = connection.next_event()
-            while True:
-                if event is NEED_DATA:
-                    if channel.holding:
-                        await channel.flush()
-                    if channel.closed:
-                        return "closed by a handler"
-                    if stopping.is_set():
-                        return "server shutting down"
-                    state.waiting = True
-                    if fd is not None:
-                        # A read yields first (see asyncapy.transport). Once the round
-                        # is over, this session's deferred reply is written with the
-                        # round's others before the read, and if the next request
-                        # is there already, the server is busy: defer the reply to
-                        # it too (see Pacer). If not, wait, and write it at once.
-                        await trio.lowlevel.checkpoint()
-                        pacer.unyielded = 0
-                        if channel.deferred:
-                            pacer.flush()
-                        data = read_now(fd, buf)
-                        if data is None:
-                            channel.deferring = False
-                            data = await receive_waiting(fd, buf)
-                        else:
-                            # Not on a session's first read: a client that writes
-                            # its request with the connect says nothing of the load.
-                            channel.deferring = not first_read
-                        first_read = False
-                    else:
-                        data = await stream.receive_some(buf)
-                    state.waiting = False
-                    if state.cancelled:
-                        break  # cancelled just as bytes arrived: it still counts
-                    if not data:
-                        return "client closed the connection"
-                    framer.receive_data(data)
-                    event = connection.next_event()
-                    continue
-                # More pipelined packets already here? Then gather the replies and
-                # write them together once the batch is handled.
-                more = channel.holding = framer.complete_buffered()
-                if type(event) is Request:
-                    errors = 0
-                    codec = event.codec
-                    client.encoding = codec.name
-                    if debug:
-                        logger.debug("(%s) Packet of %d field(s) in %s", session_id, len(event.fields), codec.name)
-                    try:
-                        await dispatch(client, Packet._received(event.fields, codec, client))
-                    except HandlerFailed as failure:
-                        cause = failure.__cause__
-                        if isinstance(cause, STREAM_ERRORS):
-                            return "connection lost while replying"
-                        logs = state.logs or state.start_logs()
-                        if logs.failures.allow():
-                            suppressed = logs.failures.take_suppressed("handler failures not logged")
-                            if failure.unavailable:  # an outage, not a bug: one line
-                                logger.warning(
-                                    "(%s) %s: replied %s%s", session_id, failure, failure.code, suppressed
-                                )
-                            else:
-                                logger.error("(%s) %s%s", session_id, failure, suppressed, exc_info=cause)
-                        if not channel.closed:
-                            await channel.send(connection.error_bytes(failure.code))
-                    if channel.closed:
-                        return "closed by a handler"
-                else:
-                    assert type(event) is ProtocolError
-                    errors += 1
-                    logs = state.logs or state.start_logs()
-                    if logs.errors.allow():
-                        logger.warning(
-                            "(%s) %s: %s%s",
-                            session_id,
-                            event.code,
-                            event.detail,
-                            logs.errors.take_suppressed("protocol errors not logged"),
-                        )
-                    reply = connection.error_bytes(event.code, event.codec)
-                    close = event.close
-                    if errors == max_errors:
-                        logger.warning(
-                            "(%s) %d protocol errors in a row (max_protocol_errors): "
-                            "closing the session",
-                            session_id,
-                            errors,
-                        )
-                        close = True
-                    if close:
-                        if channel.writing or channel.interrupted:
-                            # A deferred reply is still being written (or was cut
-                            # short): the error reply cannot follow it on the wire.
-                            channel.closed = True
-                            await trio.aclose_forcefully(stream)
-                            return event.code if event.close else "too many protocol errors"
-                        # Framing is lost: the client may still be sending the rest of
-                        # the packet, so close lingering or the reply dies in a reset.
-                        reply = channel.take_pending() + reply
-                        channel.closed = True
-                        await linger_close(stream, reply)
-                        return event.code if event.close else "too many protocol errors"
-                    await channel.send(reply)
-                # The idle clock starts once the packet is handled, not when it
-                # arrived: a handler slower than ``timeout`` must not time out the
-                # next read at once.
-                state.last_active = now()
-                if connection.held:  # a large packet's share of max_packet_memory
-                    connection.release()
-                # Only the session feeds the framer: with no whole packet buffered
-                # after this one, the next event is a read.
-                event = connection.next_event() if more else NEED_DATA
-        if stopping.is_set():
-            return "server shutting down"
-        if state.stuck or channel.writing or channel.interrupted:
-            # Cancelled in the middle of a write, perhaps, or another task's (a
-            # deferred reply's) is under way or was cut short: no reply can follow.
-            channel.closed = True
-            await trio.aclose_forcefully(stream)
-            if channel.interrupted and not state.stuck:
-                return "connection lost"  # a deferred reply's write failed
-            return f"the client read no reply for {self.timeout}s"
-        logger.debug("(%s) No complete packet for %ss: timing out", session_id, self.timeout)
-        # A client still sending (a packet trickling in) would turn a plain close into
-        # a TCP reset, which can destroy the reply before the client reads it: close
-        # lingering, as on a framing error.
-        channel.closed = True
-        await linger_close(stream, channel.take_pending() + connection.error_bytes(ERR_TIMED_OUT))
-        return "timed out"
-
-    async def _dispatch_within_deadline(self, client: Client, packet: Packet) -> None:
-        """Dispatch under :attr:`handler_timeout` (the session loop's ``dispatch`` when
-        it is set). Past the deadline, the running handler is cancelled and logged,
-        and the client gets ``ERR_INTERNAL``; if it was cancelled while writing, part
-        of a reply may be on the wire already, so the session is closed instead."""
-        with trio.move_on_after(self.handler_timeout) as deadline:
-            await self._dispatcher.dispatch(client, packet)
-        if not deadline.cancelled_caught:
-            return
-        name = client.handler.name if client.handler is not None else "?"
-        channel = client._writer()
-        session_id = client.session.session_id
-        if channel.interrupted and not channel.closed:
-            logger.warning(
-                "(%s) Handler %s ran past handler_timeout (%ss) while writing: "
-                "cancelled, and the session closed",
-                session_id,
-                name,
-                self.handler_timeout,
-            )
-            channel.closed = True
-            await trio.aclose_forcefully(channel.stream)
-            return
-        logger.warning(
-            "(%s) Handler %s ran past handler_timeout (%ss): cancelled",
-            session_id,
-            name,
-            self.handler_timeout,
-        )
-        if not channel.closed:
-            await channel.send(channel.connection.error_bytes(ERR_INTERNAL))
-
-    async def _run_session_services(self) -> None:
-        """Run, until cancelled, what live sessions need beside them: the store's upkeep
-        (lease renewals) and the idle reaper. :meth:`serve` runs it in its session
-        nursery; the test client of :mod:`asyncapy.testing`, which serves sessions
-        without serve(), in its own."""
-        async with trio.open_nursery() as services:
-            services.start_soon(self.store.maintain)
-            services.start_soon(self._reap_idle)
-            services.start_soon(self._pacer.run)
-
-    def _ready_for_streams(self) -> None:
-        """Make sessions servable without :meth:`serve` (the test client of
-        :mod:`asyncapy.testing`): they check a shutdown event, which serve() creates
-        on each start. Keep a live one (a serve() of this server is running); replace
-        a set one, left by a serve() that ended, or every new session would end at once."""
-        if self._stopping is None or self._stopping.is_set():
-            self._stopping = trio.Event()
-
-    async def _reap_idle(self) -> None:
-        """Time out sessions that waited ``timeout`` seconds for a complete packet, and
-        those whose replies made no progress for ``timeout`` seconds.
-
-        One task for every session, waking every ``timeout / 8`` seconds (at most 1 s,
-        at least 50 ms): a session costs nothing per packet for its timeout but the
-        time stamp above, and times out at most one interval late.
-
-        A client that pipelines requests and never reads its replies is never waiting
-        for bytes: the server stops reading from it while a reply cannot be written
-        (that is the backpressure that bounds its memory), so the session sits in a
-        write. The reaper sees that write in progress (its channel is busy) and closes
-        the session once every look for ``timeout`` seconds found one, with no byte of
-        it taken by the client in between: such a client would otherwise hold its
-        connection, and a ``max_connections`` slot, forever. A client that reads a long
-        reply slowly is not cut, however long the reply takes, as long as it takes some
-        of it every ``timeout`` seconds (as nginx's ``send_timeout``). That progress is
-        seen on plain TCP connections (``Channel.written``); on TLS ones, a write that
-        lasts ``timeout`` seconds counts as stuck. The cost is the reaper's, never a
-        packet's.
-        """
-        while True:
-            timeout = self.timeout
-            await trio.sleep(max(0.05, min(1.0, timeout / 8)))
-            now = trio.current_time()
-            cutoff = now - timeout
-            for state in self._idle_states.values():
-                if state.waiting:
-                    if state.last_active <= cutoff:
-                        state.cancel()
-                elif state.channel.writing:
-                    written = state.channel.written
-                    if state.writing_seen is None or written != state.written_seen:
-                        # Writing, and (on a plain TCP connection, where it can be
-                        # seen) the client took bytes since the last look: not stuck.
-                        state.writing_seen = now
-                        state.written_seen = written
-                    elif state.writing_seen <= cutoff:
-                        state.stuck = True
-                        state.cancel()
-                    continue
-                state.writing_seen = None
-
-    async def _refuse(self, stream: trio.abc.Stream, code: str) -> None:
-        """Reply ``code`` in JSON (no encoding is known yet), then close lingering."""
-        data = Framer(self.header_size, self.byteorder, self.max_packet_size).frame(
-            JSON.encode(error_payload(code)), JSON.code
-        )
-        await self._refusals.close(stream, data)
+        return self._sessions.new_channel(stream)
 
     async def _sessions_of(self, address: str) -> list[Session]:
-        records = await self.store.sessions(session_group(address, self.session_limit_ipv6_prefix))
-        local = self._sessions
-        return [
-            local.get(r.session_id)
-            or Session(uuid.UUID(r.session_id), None, r.date, r.server_id)
-            for r in records
-        ]
+        return await self._sessions.sessions_of(address)
+
+    def _session_ended_overridden(self) -> bool:
+        """True if this server's class overrides :meth:`session_ended` (else it is
+        never called: a server that does not override it pays nothing for it)."""
+        return type(self).session_ended is not Server.session_ended
 
     def __repr__(self) -> str:
         return f"Server(addr={self.addr!r}, port={self.port!r})"
-
-
-async def bind_listeners(addr: str, port: int) -> list[trio.SocketListener]:
-    """Listen on ``addr``:``port`` (one listener per address it resolves to).
-
-    A failure is an :class:`OSError` whose message names the address, which the
-    command line prints as its one error line. :class:`Server` and the supervisor of
-    ``asyncapy run --workers`` bind through here, so both fail the same way.
-    """
-    try:
-        return await trio.open_tcp_listeners(port, host=addr)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot listen on {addr}:{port}: {exc.strerror or exc}") from exc
 
 
 def tls_conflict(name: str, value: Any, source: str) -> ConfigError:
@@ -1208,158 +584,3 @@ def tls_conflict(name: str, value: Any, source: str) -> ConfigError:
         "certfile, keyfile and cafile only, without ssl_context",
         source,
     )
-
-
-def _listener_of(sock: socket.socket) -> trio.SocketListener:
-    """A trio listener accepting on ``sock``, an already listening stdlib socket."""
-    if sock.type != socket.SOCK_STREAM:
-        raise ValueError(f"serve(sockets=...) needs listening TCP sockets, not {sock!r}")
-    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-
-
-class _Idle:
-    """A session's idle-timeout state, read by :meth:`Server._reap_idle`."""
-
-    __slots__ = (
-        "scope", "cancelled", "waiting", "last_active", "channel", "writing_seen", "written_seen", "stuck",
-        "logs",
-    )
-
-    def __init__(self, now: float, channel: Channel) -> None:
-        self.scope = trio.CancelScope()
-        self.cancelled = False
-        """Set with the scope's cancellation by :meth:`cancel` (a plain attribute: the
-        session loop reads it after every read, and ``scope.cancel_called`` is a
-        property that reads the clock)."""
-        self.waiting = False
-        self.last_active = now
-        self.channel = channel
-        self.writing_seen: Optional[float] = None
-        """When the reaper first found the session writing, in a run of looks that all
-        did (and, on plain TCP, found no more bytes written); None when the last look
-        found no write."""
-        self.written_seen = 0
-        """``channel.written`` at the last look that found a write going on."""
-        self.stuck = False
-        """Set by the reaper when it cancels the session for a write that never ends."""
-        self.logs: Optional[_SessionLogs] = None
-        """The session's log rate limits, made on its first error (see :meth:`start_logs`)."""
-
-    def start_logs(self) -> "_SessionLogs":
-        """The session's log rate limits, made now: a session that never errs pays
-        nothing for them."""
-        self.logs = _SessionLogs()
-        return self.logs
-
-    def cancel(self) -> None:
-        """Cancel the session's scope (the reaper's and the shutdown's way)."""
-        self.cancelled = True
-        self.scope.cancel()
-
-
-class _LogLimit:
-    """At most ``burst`` log lines per ``interval`` seconds; the rest are counted.
-
-    Used on error paths only. A fixed window: the first ``burst`` lines of each
-    window are let through (:meth:`allow` is True), the others counted in
-    :attr:`suppressed`, which the next line let through reports
-    (:meth:`take_suppressed`), and which whoever owns the limit reports when it is
-    done with it."""
-
-    __slots__ = ("burst", "interval", "window_start", "used", "suppressed")
-
-    def __init__(self, burst: int, interval: float) -> None:
-        self.burst = burst
-        self.interval = interval
-        self.window_start = -math.inf
-        self.used = 0
-        self.suppressed = 0
-
-    def allow(self) -> bool:
-        """True if a line may be logged now; else the line is counted as suppressed."""
-        now = time.monotonic()
-        if now - self.window_start >= self.interval:
-            self.window_start = now
-            self.used = 0
-        if self.used < self.burst:
-            self.used += 1
-            return True
-        self.suppressed += 1
-        return False
-
-    def take_suppressed(self, what: str) -> str:
-        """``' (N more WHAT since)'`` for the suppressed lines, then forget them; ``''``
-        if there were none."""
-        count = self.suppressed
-        if not count:
-            return ""
-        self.suppressed = 0
-        return f" ({count} more {what} since)"
-
-
-class _SessionLogs:
-    """One session's log rate limits: protocol-error warnings and handler tracebacks,
-    :data:`LOG_BURST` of each per :data:`LOG_INTERVAL`. A client that sends garbage
-    (or trips a handler) in a loop would otherwise write megabytes of log a second."""
-
-    __slots__ = ("errors", "failures")
-
-    def __init__(self) -> None:
-        self.errors = _LogLimit(LOG_BURST, LOG_INTERVAL)
-        self.failures = _LogLimit(LOG_BURST, LOG_INTERVAL)
-
-    def report(self, session_id: Any) -> None:
-        """Log what was suppressed and never reported, once the session ends."""
-        if self.errors.suppressed or self.failures.suppressed:
-            logger.warning(
-                "(%s) Not logged (rate limit): %d protocol error(s), %d handler failure(s)",
-                session_id,
-                self.errors.suppressed,
-                self.failures.suppressed,
-            )
-
-
-def raise_open_file_limit() -> Optional[int]:
-    """Raise this process's soft limit on open files to its hard limit (once per
-    process; later calls only read it) and return the soft limit, or None where there
-    is no such limit (Windows).
-
-    Every connection is a file descriptor, and soft limits are often 1024, where hard
-    ones allow far more: a server that did not raise its own would refuse clients at
-    ``accept()`` long before :attr:`Server.max_connections`. The event loop uses
-    epoll/kqueue, never ``select()``, so descriptors past 1024 are no problem.
-    """
-    global _open_file_limit_raised
-    if resource is None:  # pragma: no cover
-        return None
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if _open_file_limit_raised or soft == resource.RLIM_INFINITY:
-        return soft if soft != resource.RLIM_INFINITY else None
-    _open_file_limit_raised = True
-    # An unlimited hard limit is still capped by the kernel (fs.nr_open on Linux,
-    # kern.maxfilesperproc on macOS), which refuses a larger soft limit: try less.
-    targets = (hard,) if hard != resource.RLIM_INFINITY else (1 << 20, 1 << 16, 10240)
-    for target in targets:
-        if target <= soft:
-            break
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):
-            continue
-        logger.debug("Raised the open-file limit from %d to %d", soft, target)
-        return target
-    return soft
-
-
-_open_file_limit_raised = False
-
-
-def _sockname(listener: Any) -> tuple:
-    while not hasattr(listener, "socket"):
-        listener = listener.transport_listener
-    return listener.socket.getsockname()
-
-
-def _format_address(address: tuple) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

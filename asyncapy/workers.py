@@ -59,11 +59,12 @@ import attrs
 import trio
 
 from . import worker_metrics
+from .listening import bind_listeners, format_address, sockname
 from .logs import configure_server_logging
 from .metered import metered_session_store
 from .metrics import Recorder
 from .probes import ProbeServer, Readiness
-from .server import Server, _format_address, _sockname, bind_listeners
+from .server import Server
 from .util import where_keys_live
 
 __all__ = ["RestartPolicy", "Supervisor", "supervise", "run_worker", "describe_store"]
@@ -148,12 +149,12 @@ class Supervisor:
         self._stopping = trio.Event()
         self._listeners = await bind_listeners(self.app.addr, self.app.port)
         try:
-            self.addresses = [_sockname(listener) for listener in self._listeners]
+            self.addresses = [sockname(listener) for listener in self._listeners]
             if getattr(self.app, "metrics_port", None) is not None:
                 await self._bind_metrics()
             logger.info(
                 "AsyncAPY serving on %s (%s) with %d worker processes, sessions in %s%s",
-                ", ".join(_format_address(a) for a in self.addresses),
+                ", ".join(format_address(a) for a in self.addresses),
                 "TLS" if self.app.ssl_context else "plain TCP",
                 self.workers,
                 describe_store(self.app.store),
@@ -195,7 +196,7 @@ class Supervisor:
         await self.probes.bind()
         logger.info(
             "Metrics of every worker on %s (/metrics, /healthz, /readyz)",
-            ", ".join(f"http://{_format_address(a)}" for a in self.probes.addresses),
+            ", ".join(f"http://{format_address(a)}" for a in self.probes.addresses),
         )
 
     # -- signals -----------------------------------------------------------------------

@@ -3,7 +3,7 @@
 A test client is one session of a :class:`~asyncapy.server.Server`, exactly as a TCP
 client's would be: the server admits it (``session_limit``, the session store), frames
 its bytes, decodes them, runs filters and groups, sends error replies and times it
-out, through the same code as for a socket (``Server._serve_stream``). Only the
+out, through the same code as for a socket (:meth:`asyncapy.sessions.Sessions.serve`). Only the
 transport differs: an in-memory stream pair (:func:`trio.testing.memory_stream_pair`)
 that behaves like a TCP connection: writes never block, either side can shut its
 write side (half-close) and still read, writing to a closed peer raises
@@ -82,8 +82,8 @@ async def open_test_client(
     failure: Optional[BaseException] = None
     try:
         async with trio.open_nursery() as nursery:
-            server._ready_for_streams()
-            nursery.start_soon(server._run_session_services)
+            server._sessions.ready()
+            nursery.start_soon(server._sessions.run_services)
             client._nursery = nursery
             try:
                 yield client
@@ -203,7 +203,7 @@ class TestClient(_ClientBase):
 
     async def _serve(self, stream: trio.abc.Stream, *, task_status: Any) -> None:
         try:
-            await self._server._serve_stream(stream, self._address, task_status=task_status)
+            await self._server._sessions.serve(stream, self._address, task_status=task_status)
         finally:
             self._session_over.set()
 

@@ -1,4 +1,4 @@
-"""The server's own accept loop (``Server._accept_from``): it retries when the process
+"""The server's own accept loop (``Listening.accept_from``, :mod:`asyncapy.listening`): it retries when the process
 runs out of descriptors, lets other errors through, and every accepted connection is
 closed however its session ends, even one cancelled before it was admitted."""
 
@@ -10,7 +10,7 @@ import logging
 import pytest
 import trio
 
-from asyncapy.server import ACCEPT_RETRY_SECONDS
+from asyncapy.listening import ACCEPT_RETRY_SECONDS
 from asyncapy.domain.ports import SessionRecord
 from asyncapy.adapters.memory import MemorySessionStore
 from tests.conftest import serving
@@ -46,12 +46,12 @@ async def test_out_of_descriptors_is_logged_and_retried(make_server, caplog):
     async def fake_handle(stream) -> None:
         served.append(stream)
 
-    server._handle_connection = fake_handle
+    server._listening.handle_connection = fake_handle
     ours, theirs = trio.testing.memory_stream_pair()
     listener = _FlakyListener([OSError(errno.EMFILE, "Too many open files")], [ours])
     with caplog.at_level(logging.ERROR, logger="asyncapy.server"):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(server._accept_from, listener, nursery)
+            nursery.start_soon(server._listening.accept_from, listener, nursery)
             with trio.fail_after(5):
                 while not served:
                     await trio.sleep(0.01)
@@ -67,7 +67,7 @@ async def test_other_accept_errors_are_not_swallowed(make_server):
     listener = _FlakyListener([OSError(errno.EINVAL, "Invalid argument")], [])
     with pytest.raises(ExceptionGroup) as raised:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(server._accept_from, listener, nursery)
+            nursery.start_soon(server._listening.accept_from, listener, nursery)
     [error] = raised.value.exceptions
     assert isinstance(error, OSError) and error.errno == errno.EINVAL
 
@@ -92,13 +92,13 @@ async def test_a_connection_cancelled_before_admission_is_still_closed(make_serv
     server = make_server(shutdown_grace=0.1)
     server.store = store
     accepted: list = []
-    serve_stream = server._serve_stream
+    serve_stream = server._sessions.serve
 
     async def recording(stream, address, **kwargs):
         accepted.append(stream)  # also keeps the socket from being collected
         await serve_stream(stream, address, **kwargs)
 
-    server._serve_stream = recording
+    server._sessions.serve = recording
     async with serving(server) as (host, port):
         wire = await Wire.connect(host, port)
         with trio.fail_after(5):

@@ -91,10 +91,10 @@ async def test_the_session_of_a_client_that_never_reads_pauses_with_bounded_buff
         try:
             sent = await push_until_blocked(hog, packet * (65536 // len(packet)))
             assert sent < TOTAL // 2
-            [session] = server._sessions.values()
+            [session] = server._sessions.live.values()
             channel = session.client._channel
             assert channel.writing  # paused on a write...
-            assert not server._idle_states[str(session.session_id)].waiting  # ...not reading
+            assert not server._sessions.states[str(session.session_id)].waiting  # ...not reading
             assert len(channel._pending) < HOLD_LIMIT
             assert channel.connection.framer.buffered <= server.buf + len(packet)
         finally:
@@ -119,6 +119,6 @@ async def test_a_client_that_stops_reading_is_closed_after_timeout(make_echo, ca
         async with await Wire.connect(host, port) as normal:
             assert await normal.request({"n": 1}) == {"n": 1}
         with trio.fail_after(2):
-            while server._sessions:
+            while server._sessions.live:
                 await trio.sleep(0.05)
     assert any("read no reply for 1s" in r.getMessage() for r in caplog.records)

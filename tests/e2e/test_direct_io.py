@@ -82,7 +82,7 @@ def _transport(stream: trio.abc.Stream) -> trio.SocketStream:
 def session_of(server: Server, wire: Wire):
     """The server's live session of the client ``wire`` (None if there is none)."""
     local = _transport(wire.stream).socket.getsockname()
-    for session in list(server._sessions.values()):
+    for session in list(server._sessions.live.values()):
         if _transport(session.client._stream).socket.getpeername() == local:
             return session
     return None
@@ -464,7 +464,7 @@ async def test_a_handler_broadcasting_to_many_sessions_lets_another_session_in(m
         if "broadcast" in packet:
             os.write(control["other_fd"], json_packet({"bystander": 1}))
             members_now = [
-                s.client for s in server._sessions.values()
+                s.client for s in server._sessions.live.values()
                 if s.client is not client and s.client is not control["other"]
             ]
             for n in range(rounds):

@@ -106,7 +106,7 @@ async def test_handler_timeout_in_the_middle_of_a_write_closes_that_session_only
             for n in range(3):
                 await ask_bystander(good, n)
             with trio.fail_after(3):
-                while server._connections > 1:
+                while server._listening.connections > 1:
                     await trio.sleep(0.05)
             await ask_bystander(good, 3)
     assert any("while writing" in r.getMessage() for r in caplog.records)
@@ -136,7 +136,7 @@ async def test_handler_closing_its_client_mid_propagation_disturbs_no_one(make_s
                     await closing.read_eof()
                 await ask_bystander(good, n)
             await settle()
-            assert len(server._sessions) == 1  # the closed ones were released
+            assert len(server._sessions.live) == 1  # the closed ones were released
     assert seen == ["bystander"] * 5  # group 1 never saw a closed session's packet
 
 

@@ -127,7 +127,7 @@ async def test_past_max_connections_new_connections_are_closed_at_once(make_echo
             [first] = refusals()
             assert first.levelno == logging.WARNING
             assert "127.0.0.1" in first.getMessage() and "more" not in first.getMessage()
-            assert server._connections == 5 and len(server._sessions) == 5
+            assert server._listening.connections == 5 and len(server._sessions.live) == 5
             # A second later, the next refusal is logged, counting the nine left out.
             await trio.sleep(1.05)
             async with await Wire.connect(host, port) as refused:
@@ -205,7 +205,7 @@ async def test_large_packets_past_the_memory_budget_are_refused_and_small_ones_a
     # bytes, and four times them for the strings it may decode to), so a second one
     # arriving meanwhile is refused from its header; small packets never count.
     server = make_echo(max_packet_memory=8 * MiB, buf=65536)
-    memory = server._packet_memory
+    memory = server._sessions.packet_memory
     big = json_packet({"blob": "x" * (MiB - 20)})
     async with serving(server) as (host, port):
         async with await Wire.connect(host, port) as first, await Wire.connect(host, port) as second:

@@ -29,7 +29,7 @@ import pytest
 import trio
 
 from asyncapy import Client, Packet, Server
-from asyncapy import server as server_module
+from asyncapy import session_state
 from asyncapy import transport
 from asyncapy.__main__ import _build_parser, _configure, main
 from asyncapy.adapters.memory import MemorySessionStore
@@ -230,7 +230,7 @@ async def test_a_client_that_never_finishes_its_handshake_takes_no_session_slot(
     async with serving(server) as (host, port):
         stalled = [await Wire.connect(host, port) for _ in range(3)]  # TCP only, no ClientHello
         await settle()
-        assert store.admissions == 0 and len(server._sessions) == 0
+        assert store.admissions == 0 and len(server._sessions.live) == 0
         async with AsyncClient(tls=True, cafile=tls_files["cafile"], timeout=5) as client:
             await client.connect(host, port)
             assert await client.request({"served": True}) == {"served": True}
@@ -283,7 +283,7 @@ async def test_a_burst_of_refusals_from_one_address_does_not_lock_out_another(ma
                     refused.append(wire)
                     await wire.send(json_packet({"n": n}))
                     assert await wire.read_packet() == json_error("ERR_SESSION_LIMIT_REACHED")
-                assert server._refusals.lingering == 60 and server._connections == 1
+                assert server._sessions.refusals.lingering == 60 and server._listening.connections == 1
                 async with await connect_from("127.0.0.3", host, port) as other:
                     assert await other.request({"other": 1}) == {"other": 1}
             finally:
@@ -303,7 +303,7 @@ async def test_lingering_refusals_are_bounded(make_echo, monkeypatch):
                     wire = await Wire.connect(host, port)
                     refused.append(wire)
                     assert await wire.read_packet() == json_error("ERR_SESSION_LIMIT_REACHED")
-                    assert server._refusals.lingering == min(n + 1, 3)
+                    assert server._sessions.refusals.lingering == min(n + 1, 3)
                 # Past the bound, the reply and an immediate close: no lingering.
                 for wire in refused[3:]:
                     await wire.read_eof(timeout=1)
@@ -353,7 +353,7 @@ async def test_200000_pipelined_empty_packets_close_the_session_after_max_protoc
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     lines, size = log_size(warnings)
     # LOG_BURST warnings, the closing line, and the count of what was left out.
-    assert lines == server_module.LOG_BURST + 2, [r.getMessage() for r in warnings]
+    assert lines == session_state.LOG_BURST + 2, [r.getMessage() for r in warnings]
     assert size < 3000
     assert "100 protocol errors in a row (max_protocol_errors): closing the session" in warnings[-2].getMessage()
     assert "Not logged (rate limit): 90 protocol error(s), 0 handler failure(s)" in warnings[-1].getMessage()
@@ -375,8 +375,8 @@ async def test_protocol_error_warnings_are_rate_limited_per_session(make_echo, c
             elapsed = trio.current_time() - started
     assert replies == packets
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    windows = int(elapsed // server_module.LOG_INTERVAL) + 1
-    assert len(warnings) <= server_module.LOG_BURST * windows + 1, len(warnings)
+    windows = int(elapsed // session_state.LOG_INTERVAL) + 1
+    assert len(warnings) <= session_state.LOG_BURST * windows + 1, len(warnings)
     told = [r.getMessage() for r in warnings if "ERR_REQUEST_MALFORMED" in r.getMessage()]
     [summary] = [r.getMessage() for r in warnings if "Not logged (rate limit)" in r.getMessage()]
     # Every error is accounted for: logged, counted in a later line, or in the summary.
@@ -400,7 +400,7 @@ async def test_handler_tracebacks_are_rate_limited_per_session(make_server, capl
                 nursery.start_soon(send_and_close, wire, json_packet({"n": 1}) * packets)
                 assert await read_replies(wire, json_error("ERR_INTERNAL")) == packets
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert 1 <= len(errors) <= server_module.LOG_BURST * 2
+    assert 1 <= len(errors) <= session_state.LOG_BURST * 2
     assert all(r.exc_info for r in errors)  # those logged keep their traceback
     [summary] = [r.getMessage() for r in caplog.records if "Not logged (rate limit)" in r.getMessage()]
     assert "0 protocol error(s)" in summary
@@ -459,7 +459,7 @@ async def test_session_limit_over_real_ipv6_loopback(make_echo):
     async with serving(server, host="::1") as (host, port):
         async with await Wire.connect(host, port) as first:
             assert await first.request({"v6": 1}) == {"v6": 1}
-            [session] = server._sessions.values()
+            [session] = server._sessions.live.values()
             assert session.client.address == "::1"
             assert [r.address for r in await server.store.sessions("::/64")] == ["::/64"]
             async with await Wire.connect(host, port) as second:

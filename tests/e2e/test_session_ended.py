@@ -60,7 +60,7 @@ async def test_a_client_closing_ends_its_session_once_closed_and_released():
     async with serving(server) as (host, port):
         async with await Wire.connect(host, port) as wire:
             assert await wire.request({"n": 1}) == {"n": 1}
-            [session] = server._sessions.values()
+            [session] = server._sessions.live.values()
         await wait_ended(server, 1)
     assert server.ended == [(str(session.session_id), "client closed the connection", True, False)]
 
@@ -156,7 +156,7 @@ async def test_a_server_without_the_hook_does_not_call_it(monkeypatch):
     async def spy(client, reason):
         called.append(reason)
 
-    monkeypatch.setattr(server, "_call_session_ended", spy)
+    monkeypatch.setattr(server._sessions, "_call_session_ended", spy)
     async with serving(server) as (host, port):
         async with await Wire.connect(host, port) as wire:
             assert await wire.request({"n": 1}) == {"n": 1}

@@ -51,7 +51,7 @@ async def test_stalled_headers_do_not_slow_a_normal_client_and_are_timed_out(mak
                         asked = trio.current_time()
                         assert await normal.request({"n": n}) == {"n": n}
                         assert trio.current_time() - asked < 1.0
-                assert len(server._sessions) >= STALLED  # they were all still there
+                assert len(server._sessions.live) >= STALLED  # they were all still there
 
                 # Every stalled connection is timed out: the error reply, then EOF. The
                 # tricklers' too, though they keep sending: the server's close lingers,
@@ -67,7 +67,7 @@ async def test_stalled_headers_do_not_slow_a_normal_client_and_are_timed_out(mak
                 assert trio.current_time() - opened < 4
                 nursery.cancel_scope.cancel()
             with trio.fail_after(2):
-                while server._sessions:
+                while server._sessions.live:
                     await trio.sleep(0.05)
         finally:
             for wire in stalled:

@@ -333,7 +333,7 @@ async def test_sessions_are_released_when_the_block_ends():
         await client.connect()
         assert len(await server.store.sessions("10.0.0.1")) == 1
     assert await server.store.sessions("10.0.0.1") == []
-    assert server._sessions == {}
+    assert server._sessions.live == {}
 
 
 # -- encodings ---------------------------------------------------------------------------
@@ -466,7 +466,7 @@ async def test_an_error_in_the_block_propagates_as_itself_and_cancels_the_sessio
             await started.wait()
             raise AssertionError("the test failed")
     assert trio.current_time() - begin < 1  # no grace period for a failed test
-    assert server._sessions == {}
+    assert server._sessions.live == {}
 
 
 async def test_leaving_the_block_lets_an_in_flight_handler_finish():
@@ -501,7 +501,7 @@ async def test_a_server_that_served_and_stopped_can_be_tested_again():
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
         server.request_shutdown()
-    assert server._stopping is not None and server._stopping.is_set()
+    assert server._sessions.stopping is not None and server._sessions.stopping.is_set()
     async with open_test_client(server) as client:
         assert await client.request({"again": 1}) == {"again": 1}
 

@@ -1,0 +1,301 @@
+"""Listening: the listeners, their accept loops, and each accepted connection's way in.
+
+One connection's whole path, in :meth:`Listening.handle_connection`, reads top down::
+
+    accept -> a max_connections slot (or a refusal) -> the peer's address
+           -> TLS handshake (when serving TLS)
+           -> the session: admission, the session loop, release (asyncapy.sessions)
+           -> close
+
+Listeners are plain TCP: TLS is layered on each connection here, once the connection
+has a slot, so that whatever must be read before TLS (a proxy's header) has its place
+in that path, and a refusal past ``max_connections`` never costs a TLS object. Also
+here: binding (shared with ``asyncapy run --workers``' supervisor) and the process's
+open-file limit, which caps connections as surely as ``max_connections`` does.
+
+Log lines go to the ``asyncapy.server`` logger, as the rest of the serving machinery's.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import socket
+import ssl
+import time
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import trio
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - Windows has no open-file rlimit
+    resource = None  # type: ignore[assignment]
+
+from .transport import STREAM_ERRORS, close_at_once, peer_address
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .sessions import Sessions
+
+__all__ = ["Listening", "bind_listeners", "raise_open_file_limit", "sockname", "format_address"]
+
+logger = logging.getLogger("asyncapy.server")
+
+FD_MARGIN = 100
+"""File descriptors a server process needs beside its connections (listeners, the
+event loop, store connections, logs, what handlers open): the open-file limit must
+exceed ``max_connections`` by this much, or it, not ``max_connections``, caps them."""
+
+REFUSAL_LOG_INTERVAL = 1.0
+"""Seconds between two warnings about connections refused past ``max_connections``:
+a flood of them logs one line per interval, with the count of those not logged."""
+
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+"""accept() failures that mean "out of descriptors or memory for now": retried."""
+
+ACCEPT_RETRY_SECONDS = 0.1
+"""How long the accept loop waits after one of :data:`ACCEPT_CAPACITY_ERRNOS`."""
+
+
+class Listening:
+    """The listeners of one server and the connections they accept, up to the moment
+    each becomes a session of ``sessions``.
+
+    ``server`` is the :class:`~asyncapy.server.Server` whose settings these are (not
+    imported: the server composes this, not the other way round). They are read when
+    they are used, as they may change until the server serves; the TLS context is
+    taken once, when the listeners open."""
+
+    def __init__(self, server: Any, sessions: "Sessions") -> None:
+        self.server = server
+        self.sessions = sessions
+        self.connections = 0
+        """Connections accepted and being served (refused ones not counted)."""
+        self.ssl_context: Optional[ssl.SSLContext] = None
+        """The TLS context connections are served with (None: plain TCP), from
+        :meth:`open`."""
+        self._refusals_unlogged = 0
+        self._refusal_logged_at = -math.inf
+
+    # -- listeners and the accept loop -------------------------------------------------
+    def check_open_file_limit(self) -> None:
+        """Raise the open-file limit (once per process) and warn if it caps connections
+        below ``max_connections``: every connection is a file descriptor, and past
+        the limit ``accept()`` fails, which no client would understand."""
+        max_connections = self.server.max_connections
+        limit = raise_open_file_limit()
+        if limit is None or limit >= max_connections + FD_MARGIN:
+            return
+        logger.warning(
+            "The open-file limit (%d, the hard limit allows no more) caps this process at "
+            "about %d connections, below max_connections=%d: raise the hard limit "
+            "(ulimit -Hn; LimitNOFILE= in a systemd unit; docker run --ulimit nofile=N:N) "
+            "or lower max_connections",
+            limit,
+            max(limit - FD_MARGIN, 0),
+            max_connections,
+        )
+
+    async def open(self, sockets: Optional[Sequence[socket.socket]] = None) -> list:
+        """The listeners to accept on: ``sockets`` (already listening), or new ones
+        bound to the server's ``addr`` and ``port``. Takes the server's TLS context
+        for the connections they accept."""
+        server = self.server
+        if sockets is None:
+            listeners = await bind_listeners(server.addr, server.port)
+        else:
+            listeners = [listener_of(sock) for sock in sockets]
+            if not listeners:
+                raise ValueError("serve(sockets=...) needs at least one listening socket")
+        self.ssl_context = server.ssl_context
+        return listeners
+
+    async def accept(self, listeners: list, sessions: trio.Nursery, accepting: trio.CancelScope) -> None:
+        """Accept on every listener until ``accepting`` is cancelled, serving each
+        connection in a task of ``sessions``; the listeners are closed on the way out."""
+        with accepting:
+            try:
+                async with trio.open_nursery() as loops:
+                    for listener in listeners:
+                        loops.start_soon(self.accept_from, listener, sessions)
+            finally:
+                with trio.CancelScope(shield=True):
+                    for listener in listeners:
+                        await trio.aclose_forcefully(listener)
+
+    async def accept_from(self, listener: trio.abc.Listener, sessions: trio.Nursery) -> None:
+        """Accept connections on ``listener`` and serve each in a task of ``sessions``.
+
+        What ``trio.serve_listeners`` does, less the forced close it wraps every
+        connection in (a cancelled checkpoint, a scheduling round per connection):
+        :meth:`handle_connection` closes its own. Running out of descriptors (or
+        memory) is logged and retried after :data:`ACCEPT_RETRY_SECONDS`, as there.
+        """
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                logger.error(
+                    "accept returned %s (%s); retrying in %ss",
+                    errno.errorcode[exc.errno],
+                    os.strerror(exc.errno),
+                    ACCEPT_RETRY_SECONDS,
+                )
+                await trio.sleep(ACCEPT_RETRY_SECONDS)
+            else:
+                sessions.start_soon(self.handle_connection, stream)
+
+    # -- one connection's way in ---------------------------------------------------------
+    async def handle_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve one accepted connection, and close it however that ends."""
+        try:
+            if self.connections >= self.server.max_connections:
+                await self.refuse(stream)
+                return
+            try:
+                address = peer_address(stream)
+            except OSError:
+                return  # the client is gone already
+            self.connections += 1
+            held = True
+
+            def release_slot() -> None:
+                # Refused after all (session_limit, store): its lingering close must
+                # not hold a max_connections slot, or refusals of one address would
+                # lock out every other.
+                nonlocal held
+                if held:
+                    held = False
+                    self.connections -= 1
+
+            try:
+                if self.ssl_context is not None:
+                    stream = trio.SSLStream(stream, self.ssl_context, server_side=True, https_compatible=False)
+                    if not await self.handshake(stream, address):
+                        return
+                await self.sessions.serve(stream, address, release_slot=release_slot)
+            finally:
+                release_slot()
+        finally:
+            await close_at_once(stream)
+
+    async def handshake(self, stream: trio.SSLStream, address: str) -> bool:
+        """Complete the TLS handshake of a new connection within the server's
+        ``timeout``; False (logged) if it failed or did not finish in time.
+
+        Before admission, so a client that never finishes its handshake, or fails
+        mutual TLS, takes no ``session_limit`` slot and causes no store write."""
+        timeout = self.server.timeout
+        reason = f"not finished within timeout ({timeout}s)"
+        with trio.move_on_after(timeout):
+            try:
+                await stream.do_handshake()
+                return True
+            except STREAM_ERRORS as exc:
+                cause = exc.__cause__ or exc
+                reason = str(cause) or type(cause).__name__
+        logger.info("TLS handshake with %s failed: %s", address, reason)
+        return False
+
+    async def refuse(self, stream: trio.abc.Stream) -> None:
+        """Close a connection past ``max_connections`` at once: no session, no store,
+        no TLS handshake, no reply (no error code fits), just a lingering close of the
+        TCP connection, so a client that already wrote a request sees the connection
+        end rather than a reset. The warning is rate-limited: a flood is one line a
+        second."""
+        self._refusals_unlogged += 1
+        if time.monotonic() - self._refusal_logged_at >= REFUSAL_LOG_INTERVAL:
+            try:
+                address = peer_address(stream)
+            except OSError:
+                address = "a client gone already"
+            self.log_refusals(f": refused a connection from {address}")
+        await self.sessions.refusals.close(stream, b"")
+
+    def log_refusals(self, latest: str = "") -> None:
+        """Log the refusals past ``max_connections`` not logged yet (with ``latest``,
+        the one being refused); with no ``latest``, only if there are any (when the
+        server stops)."""
+        count = self._refusals_unlogged
+        if not latest and not count:
+            return
+        if latest:
+            count -= 1  # the one being refused is told apart
+        more = f"; {count} more refused since the last such warning" if count else ""
+        logger.warning("max_connections (%d) reached%s%s", self.server.max_connections, latest, more)
+        self._refusals_unlogged = 0
+        self._refusal_logged_at = time.monotonic()
+
+
+async def bind_listeners(addr: str, port: int) -> list[trio.SocketListener]:
+    """Listen on ``addr``:``port`` (one listener per address it resolves to).
+
+    A failure is an :class:`OSError` whose message names the address, which the
+    command line prints as its one error line. :class:`~asyncapy.server.Server` and
+    the supervisor of ``asyncapy run --workers`` bind through here, so both fail the
+    same way.
+    """
+    try:
+        return await trio.open_tcp_listeners(port, host=addr)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {addr}:{port}: {exc.strerror or exc}") from exc
+
+
+def listener_of(sock: socket.socket) -> trio.SocketListener:
+    """A trio listener accepting on ``sock``, an already listening stdlib socket."""
+    if sock.type != socket.SOCK_STREAM:
+        raise ValueError(f"serve(sockets=...) needs listening TCP sockets, not {sock!r}")
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+def sockname(listener: Any) -> tuple:
+    """The socket address ``listener`` accepts on (through any wrapping listener)."""
+    while not hasattr(listener, "socket"):
+        listener = listener.transport_listener
+    return listener.socket.getsockname()
+
+
+def format_address(address: tuple) -> str:
+    """``host:port``, or ``[host]:port`` for an IPv6 host."""
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def raise_open_file_limit() -> Optional[int]:
+    """Raise this process's soft limit on open files to its hard limit (once per
+    process; later calls only read it) and return the soft limit, or None where there
+    is no such limit (Windows).
+
+    Every connection is a file descriptor, and soft limits are often 1024, where hard
+    ones allow far more: a server that did not raise its own would refuse clients at
+    ``accept()`` long before :attr:`Server.max_connections
+    <asyncapy.server.Server.max_connections>`. The event loop uses epoll/kqueue, never
+    ``select()``, so descriptors past 1024 are no problem.
+    """
+    global _open_file_limit_raised
+    if resource is None:  # pragma: no cover
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if _open_file_limit_raised or soft == resource.RLIM_INFINITY:
+        return soft if soft != resource.RLIM_INFINITY else None
+    _open_file_limit_raised = True
+    # An unlimited hard limit is still capped by the kernel (fs.nr_open on Linux,
+    # kern.maxfilesperproc on macOS), which refuses a larger soft limit: try less.
+    targets = (hard,) if hard != resource.RLIM_INFINITY else (1 << 20, 1 << 16, 10240)
+    for target in targets:
+        if target <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            continue
+        logger.debug("Raised the open-file limit from %d to %d", soft, target)
+        return target
+    return soft
+
+
+_open_file_limit_raised = False
