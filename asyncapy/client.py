@@ -56,7 +56,12 @@ def _tls_failure(exc: ssl.SSLError, hostname: str, port: int) -> ssl.SSLError:
 
 
 class _ClientBase:
-    """Settings, encoding and parsing shared by both clients."""
+    """Settings, encoding and parsing shared by both clients.
+
+    Its ``__init__`` is both clients' (neither overrides it), so
+    ``inspect.signature``, ``help()`` and editors show every parameter of
+    :class:`Client` and :class:`AsyncClient`; what each adds is declared at class
+    level, not set in an ``__init__`` of its own."""
 
     def __init__(
         self,
@@ -167,10 +172,8 @@ class Client(_ClientBase):
     - ``max_packet_size``: largest reply Content-Length accepted (16 MiB).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.sock: Optional[socket.socket] = None
-        """The connected (possibly TLS-wrapped) socket."""
+    sock: Optional[socket.socket] = None
+    """The connected (possibly TLS-wrapped) socket, once :meth:`connect` returned."""
 
     def connect(self, hostname: str, port: int) -> None:
         """Open the connection (and the TLS session) to ``hostname:port``."""
@@ -242,10 +245,8 @@ class Client(_ClientBase):
 class AsyncClient(_ClientBase):
     """The trio twin of :class:`Client`: the same parameters, methods as coroutines."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.stream: Optional[trio.abc.Stream] = None
-        """The connected trio stream."""
+    stream: Optional[trio.abc.Stream] = None
+    """The connected trio stream, once :meth:`connect` returned."""
 
     def _deadline(self) -> trio.CancelScope:
         return trio.fail_after(self.timeout) if self.timeout is not None else trio.CancelScope()
