@@ -45,9 +45,11 @@ keeps coherent with Redis's client-side-caching invalidations
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import re
 import threading
 import urllib.parse
@@ -56,6 +58,7 @@ from typing import Any, Optional, Sequence
 import redis
 import trio
 
+from asyncapy.adapters.resp import INCOMPLETE, Replies, pack
 from asyncapy.domain.errors import StoreUnavailable
 from asyncapy.domain.ports import BLOCKING, KeyStore, SessionRecord, SessionStore
 from asyncapy.domain.redaction import redact
@@ -466,6 +469,237 @@ def _wake(calls: list[_Call]) -> None:
             trio.lowlevel.reschedule(call.task)
 
 
+# -- what both transports share: how replies and failures reach the calls -------------------
+def _answer(call: _Call, reply: Any, reload: list[_Call]) -> None:
+    """Give ``call`` the next of its replies: a value, or the :class:`redis.ResponseError`
+    Redis answered in its place (a script it no longer knows goes to ``reload``)."""
+    if isinstance(reply, redis.ResponseError):
+        if isinstance(reply, redis.exceptions.NoScriptError) and len(call.commands) == 1:
+            reload.append(call)  # Redis restarted: its script cache is empty
+        elif call.error is None:
+            call.error = reply
+    else:
+        call.replies.append(reply)
+
+
+def _fail(batch: list[_Call], exc: BaseException) -> None:
+    """``exc`` for every call of ``batch`` not answered whole."""
+    for call in batch:
+        if call.error is None and len(call.replies) < len(call.commands):
+            call.error = exc
+
+
+def _lost(call: _Call) -> bool:
+    """Whether ``call`` failed to reach Redis (not refused by it)."""
+    return isinstance(call.error, _FAILURES) and not isinstance(call.error, redis.ResponseError)
+
+
+def _native(client: Any) -> bool:
+    """Whether ``client``'s batches can go through :class:`_TrioLink`: one Redis node
+    reached with redis-py's own plain connection classes (TCP or Unix socket). Sentinel
+    (a master that moves), Cluster (one connection per node, ``MOVED``), TLS (an
+    ``SSLSocket`` needs its own non-blocking dance) and a connection class of the
+    user's keep the worker thread and redis-py's I/O."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is None or isinstance(client, ClusterClient) or hasattr(client, "asyncapy_location"):
+        return False
+    return pool.connection_class in (redis.Connection, redis.UnixDomainSocketConnection)
+
+
+class _TrioLink:
+    """The trio transport: one adapter's batches written and read in the trio thread.
+
+    The same batches as the worker thread's (:class:`_RedisAdapter`), on one connection
+    redis-py opened and authenticated in a worker thread (``pool.get_connection()``,
+    once, and again only after a failure): its socket is then non-blocking and used
+    here, the commands packed by :func:`asyncapy.adapters.resp.pack` and the replies read
+    by :class:`~asyncapy.adapters.resp.Replies`. A system task of the run (the sender)
+    takes every call queued while the previous batch was out, so batching is what it
+    was; what goes is the handoff to a thread and the wakeup of the event loop back
+    (two context switches and a lock per batch), and redis-py's per-command Python
+    work.
+
+    Calls stay queued, and can be withdrawn, until the sender takes them: while it
+    connects or checks an idle connection too. A batch taken is answered, failed by
+    the socket timeout of the pool (``socket_timeout``), or failed when the run ends.
+    """
+
+    def __init__(self, adapter: _RedisAdapter, token: Any) -> None:
+        self.adapter = adapter
+        self.token = token
+        self.queue: list[_Call] = []
+        self.done = False
+        self._closing = False
+        self._closed = trio.Event()
+        self._task: Any = None
+        self._parked = False
+        pool = adapter.redis.connection_pool
+        self._pool = pool
+        kwargs = pool.connection_kwargs
+        self._timeout = kwargs.get("socket_timeout") or math.inf
+        self._check_every = kwargs.get("health_check_interval") or 0
+        self._encoding = (kwargs.get("encoding") or "utf-8", kwargs.get("encoding_errors") or "strict")
+        self._decode = kwargs.get("decode_responses", False)
+        self._conn: Any = None
+        self._sock: Any = None
+        self._replies = Replies()
+        self._used = 0.0
+
+    def submit(self, calls: list[_Call]) -> None:
+        """Queue ``calls`` (in the trio thread) and wake the sender if it waits."""
+        self.queue.extend(calls)
+        if self._parked:
+            self._parked = False
+            trio.lowlevel.reschedule(self._task)
+
+    async def close(self) -> None:
+        """Let the sender answer what is queued, then end and disconnect."""
+        self._closing = True
+        if self._parked:
+            self._parked = False
+            trio.lowlevel.reschedule(self._task)
+        await self._closed.wait()
+
+    async def run(self) -> None:
+        """The sender: one batch at a time, each time every call queued meanwhile."""
+        self._task = trio.lowlevel.current_task()
+        try:
+            while True:
+                if not self.queue:
+                    if self._closing:
+                        return
+                    self._parked = True
+                    await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.SUCCEEDED)
+                    continue
+                if not await self._ready():
+                    continue
+                if not self.queue:  # all withdrawn while connecting
+                    continue
+                batch, self.queue = self.queue, []
+                await self._exchange(batch)
+                _wake(batch)
+        finally:
+            self._parked = False
+            self._drop()
+            self.done = True
+            self._closed.set()
+
+    # -- the connection ----------------------------------------------------------------
+    async def _ready(self) -> bool:
+        """A connection to send on: the one held, checked with a ``PING`` after
+        ``health_check_interval`` seconds idle (as redis-py would), or a new one. On
+        failure the calls queued fail, and ``False``."""
+        if self._sock is not None and self._check_every and trio.current_time() - self._used > self._check_every:
+            try:
+                with trio.fail_after(self._timeout):
+                    await self._write(pack([("PING",)]))
+                    await self._reply()
+            except (trio.TooSlowError, *_FAILURES):
+                self._drop()
+        if self._sock is not None:
+            return True
+        try:
+            conn = await trio.to_thread.run_sync(self._pool.get_connection, limiter=self.adapter._limiter)
+        except _FAILURES as exc:
+            self.adapter.outages += 1
+            batch, self.queue = self.queue, []
+            _fail(batch, exc)
+            _wake(batch)
+            return False
+        sock = conn._sock
+        sock.setblocking(False)
+        self._conn, self._sock = conn, sock
+        self._replies = Replies(self._decoder() if self._decode else None)
+        self._used = trio.current_time()
+        return True
+
+    def _decoder(self) -> Any:
+        encoding, errors = self._encoding
+        return lambda value: value.decode(encoding, errors)
+
+    def _drop(self) -> None:
+        """Close the connection; the next batch opens another (after a failure, mid-batch
+        bytes would confuse the next batch's replies)."""
+        conn, sock = self._conn, self._sock
+        self._conn = self._sock = None
+        if conn is None:
+            return
+        with contextlib.suppress(Exception):
+            trio.lowlevel.notify_closing(sock)
+        with contextlib.suppress(Exception):
+            conn.disconnect()
+        with contextlib.suppress(Exception):
+            self._pool.release(conn)
+
+    # -- one batch -------------------------------------------------------------------
+    async def _exchange(self, batch: list[_Call]) -> None:
+        adapter = self.adapter
+        adapter.batches += 1
+        adapter.calls += len(batch)
+        encoding, errors = self._encoding
+        try:
+            with trio.move_on_after(self._timeout) as deadline:
+                await self._write(pack([command for call in batch for command in call.commands], encoding, errors))
+                reload: list[_Call] = []
+                for call in batch:
+                    for _ in call.commands:
+                        _answer(call, await self._reply(), reload)
+                if reload:
+                    shas, commands = adapter._reload_commands(reload)
+                    await self._write(pack(commands, encoding, errors))
+                    for _ in shas:
+                        reply = await self._reply()
+                        if isinstance(reply, redis.ResponseError):
+                            raise reply
+                    for call in reload:
+                        reply = await self._reply()
+                        if isinstance(reply, redis.ResponseError):
+                            call.error = reply
+                        else:
+                            call.replies = [reply]
+            if deadline.cancelled_caught:
+                raise redis.TimeoutError("Timeout reading from socket")
+            self._used = trio.current_time()
+        except _FAILURES as exc:
+            self._drop()
+            if not isinstance(exc, redis.ResponseError):
+                adapter.outages += 1
+            _fail(batch, exc)
+        except BaseException as exc:  # the run ends (Cancelled), or a bug: fail the calls
+            self._drop()
+            for call in batch:
+                call.error = call.error or exc
+            if isinstance(exc, (trio.Cancelled, KeyboardInterrupt)):
+                _wake(batch)
+                raise
+
+    async def _write(self, data: bytes) -> None:
+        sock = self._sock
+        view = memoryview(data)
+        while view:
+            try:
+                sent = sock.send(view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+                continue
+            view = view[sent:]
+
+    async def _reply(self) -> Any:
+        replies = self._replies
+        while True:
+            reply = replies.next()
+            if reply is not INCOMPLETE:
+                return reply
+            await trio.lowlevel.wait_readable(self._sock)
+            try:
+                data = self._sock.recv(65536)
+            except BlockingIOError:
+                continue
+            if not data:
+                raise redis.ConnectionError("Connection closed by server.")
+            replies.feed(data)
+
+
 class _RedisAdapter:
     """Calls into redis-py, off the event loop when there is one, in batches.
 
@@ -513,6 +747,11 @@ class _RedisAdapter:
         """Batches sent (round trips), for benchmarks."""
         self.calls = 0
         """Calls sent in them."""
+        self.native = _native(client)
+        """Whether batches go through the trio transport (:class:`_TrioLink`: one Redis
+        node, redis-py's plain TCP or Unix socket connection) rather than the
+        worker thread."""
+        self._link: Optional[_TrioLink] = None
 
     def _script(self, source: str) -> Any:
         script = _Script(source)
@@ -550,7 +789,7 @@ class _RedisAdapter:
                             call.error = exc
                         continue
                 self._send_on(held[1], calls)
-                if any(isinstance(c.error, _FAILURES) and not isinstance(c.error, redis.ResponseError) for c in calls):
+                if any(_lost(call) for call in calls):
                     # Back to the pool, and a fresh one for the next batch: the pool's
                     # get_connection() connects where the pool says (with Sentinel, the
                     # master the sentinels name now), a reused one where it was.
@@ -558,7 +797,7 @@ class _RedisAdapter:
                     pool.release(held[1])
             if not self.cluster:
                 return
-            if any(isinstance(call.error, _FAILURES) and not isinstance(call.error, redis.ResponseError) for call in batch):
+            if any(_lost(call) for call in batch):
                 self.redis.stale()  # a node lost: maybe failed over
             moved = [call for call in batch if isinstance(call.error, redis.exceptions.MovedError)]
             if not moved or attempt:
@@ -611,38 +850,36 @@ class _RedisAdapter:
             for call in batch:
                 for _ in call.commands:
                     try:
-                        call.replies.append(conn.read_response())
+                        reply = conn.read_response()
                     except redis.ResponseError as exc:
-                        if isinstance(exc, redis.exceptions.NoScriptError) and len(call.commands) == 1:
-                            reload.append(call)  # Redis restarted: its script cache is empty
-                        elif call.error is None:
-                            call.error = exc
+                        reply = exc
+                    _answer(call, reply, reload)
             if reload:
-                self._reload(conn, reload)
+                shas, commands = self._reload_commands(reload)
+                conn.send_packed_command(conn.pack_commands(commands))
+                for _ in shas:
+                    conn.read_response()
+                for call in reload:
+                    try:
+                        call.replies = [conn.read_response()]
+                    except redis.ResponseError as exc:
+                        call.error = exc
         except _FAILURES as exc:
             conn.disconnect()  # the next batch reconnects (to a new master, if one was named)
             self.outages += 1
-            for call in batch:
-                if call.error is None and len(call.replies) < len(call.commands):
-                    call.error = exc
+            _fail(batch, exc)
         except BaseException as exc:  # a bug: fail the calls, never the worker
             conn.disconnect()
             for call in batch:
                 call.error = call.error or exc
 
-    def _reload(self, conn: Any, calls: list[_Call]) -> None:
+    def _reload_commands(self, calls: list[_Call]) -> tuple[list[str], list[tuple]]:
+        """The scripts ``calls`` need loaded again (a Redis restarted, or ``SCRIPT FLUSH``):
+        one ``SCRIPT LOAD`` each, then the calls once more."""
         shas = list(dict.fromkeys(call.commands[0][1] for call in calls))
         commands = [("SCRIPT", "LOAD", self._scripts[sha]) for sha in shas]
         commands += [call.commands[0] for call in calls]
-        conn.send_packed_command(conn.pack_commands(commands))
-        for _ in shas:
-            conn.read_response()
-        for call in calls:
-            call.replies = []
-            try:
-                call.replies.append(conn.read_response())
-            except redis.ResponseError as exc:
-                call.error = exc
+        return shas, commands
 
     def _send(self, batch: list[_Call]) -> None:
         """Run ``batch`` in this thread, on pooled connections (synchronous callers)."""
@@ -667,27 +904,44 @@ class _RedisAdapter:
             self._send(calls)
             return
         token = trio.lowlevel.current_trio_token()
-        for call in calls:
-            call.token = token
         calls[0].task = trio.lowlevel.current_task()  # woken once, with the batch
-        with self._queued:
-            self._queue.extend(calls)
-            if self._worker is None:
-                self._start_worker()
-            self._queued.notify()
+        link = self._trio_link(token) if self.native else None
+        if link is not None:  # the trio transport: queued in this thread, no lock
+            link.submit(calls)
+        else:
+            for call in calls:
+                call.token = token
+            with self._queued:
+                self._queue.extend(calls)
+                if self._worker is None:
+                    self._start_worker()
+                self._queued.notify()
 
         def abort(_: Any) -> Any:
             # Calls still queued are withdrawn (a deadline such as the server's
             # store_timeout works); once sent they cannot be taken back (an admission may
             # be made already), so the task waits for the replies, as for a thread.
             with self._queued:
-                if not all(call in self._queue for call in calls):
+                queue = self._queue if link is None else link.queue
+                if not all(call in queue for call in calls):
                     return trio.lowlevel.Abort.FAILED
                 for call in calls:
-                    self._queue.remove(call)
+                    queue.remove(call)
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _trio_link(self, token: Any) -> Optional[_TrioLink]:
+        """This trio run's link (started on first use), or ``None`` while another run,
+        in another thread, still has one: that rare case uses the worker thread."""
+        link = self._link
+        if link is not None and not link.done:
+            if link.token is token:
+                return link
+            return None
+        link = self._link = _TrioLink(self, token)
+        trio.lowlevel.spawn_system_task(link.run, name=f"asyncapy-redis-{type(self).__name__}")
+        return link
 
     async def _command(self, *args: Any) -> Any:
         """The reply of one command (its first argument after the name is its key)."""
@@ -732,6 +986,9 @@ class _RedisAdapter:
             self._stop_worker()
             self._disconnect()
             return
+        link = self._link
+        if link is not None and link.token is trio.lowlevel.current_trio_token():
+            await link.close()
         await trio.to_thread.run_sync(self._stop_worker, limiter=self._limiter)
         await trio.to_thread.run_sync(self._disconnect, limiter=self._limiter)
 
