@@ -3,14 +3,33 @@
 How a trio server talks to Redis
 --------------------------------
 redis-py's asynchronous client is built on asyncio and cannot run inside trio. These
-adapters therefore use redis-py's *synchronous* client. A call made from a trio task
-is queued for the store's one worker thread, which writes every call queued meanwhile
-to Redis as one pipeline on its own connection and wakes the waiting tasks with one
-wakeup of the event loop (see :class:`_RedisAdapter`): one thread hop and one round
-trip per batch, never per call, and the event loop never blocks on the network.
-Called outside any event loop (a script, the ``asyncapy keys`` command) the same
-methods run the blocking call directly on a pooled connection, so one adapter and one
-connection pool per process serve both the server and synchronous code.
+adapters use redis-py's *synchronous* client, and one batching front for both ways
+the bytes travel (see :class:`_RedisAdapter`): a call made from a trio task is queued;
+every call queued while the previous batch was out goes to Redis as one pipeline, one
+write and one round trip, and a call still queued can be withdrawn (a deadline such as
+the server's ``store_timeout``). The batch then travels by one of two transports:
+
+* **one Redis node** (``redis://``, ``unix://``): in the trio thread itself
+  (:class:`_TrioLink`). redis-py opens and authenticates the connection (in a worker
+  thread, once, and again after a failure: its handshake, its URL options), then the
+  batches are written and read on that socket, non-blocking, with a RESP packer and
+  reply parser of our own (:mod:`asyncapy.adapters.resp`). No thread handoff per batch
+  and no wakeup of the event loop from another thread: with connection churn under
+  ``session_limit`` that handoff, its context switches and redis-py's per-command
+  Python work were half of a connection's CPU time (``benchmarks/admission.py``);
+* **Sentinel, Cluster, TLS** (``redis+sentinel://``, ``redis+cluster://``,
+  ``rediss://``) and connection classes of the user's: the store's one worker thread,
+  with redis-py's own I/O, and one wakeup of the event loop per batch. There redis-py
+  does more than move bytes (asking the sentinels where the master is on every new
+  connection, routing by hash slot and following ``MOVED``, TLS), and those deployments
+  have a network round trip between the processes and Redis that dwarfs the handoff.
+
+Both transports give each call its replies or its error by the same rules (a script
+Redis forgot is loaded again, a failure fails the calls not answered whole), and a
+batch sent is waited for, up to the connection's socket timeout. Called outside any
+event loop (a script, the ``asyncapy keys`` command) the same methods run the blocking
+call directly on a pooled connection, so one adapter and one connection pool per
+process serve both the server and synchronous code.
 
 The server makes store calls once per connection (admission, release) and once per
 renewal period for all of its sessions, never per packet; the API-key filter makes
@@ -701,20 +720,23 @@ class _TrioLink:
 
 
 class _RedisAdapter:
-    """Calls into redis-py, off the event loop when there is one, in batches.
+    """Store calls in batches, off the event loop's back: the batching front.
 
     Every store call made from a trio task (admissions, releases, key lookups that
-    missed the cache...) is queued for the adapter's one worker thread, which owns a
-    connection: each time it is free, it takes *every* call queued meanwhile and writes
-    them to Redis as one pipeline, reads the replies, and wakes the waiting tasks with
-    one wakeup of the event loop for the batch. The busier the server, the bigger the
-    batches: one thread hop and one round trip for many calls, instead of one of each
-    per call, and the event loop never blocks on the network. Every call keeps its own
-    reply, and its own error: a script refused by Redis fails that call only. Each
-    call is one command Redis runs atomically (a Lua script, or a MULTI/EXEC block),
-    so batching changes no call's meaning; calls are sent in the order they were
-    made, and never retried. A call cancelled while still queued is withdrawn; one
-    already sent is waited for (its effect in Redis cannot be undone).
+    missed the cache...) is queued; each time the connection is free, *every* call
+    queued meanwhile is written to Redis as one pipeline, the replies read, and the
+    waiting tasks woken. The busier the server, the bigger the batches: one round trip
+    for many calls. Every call keeps its own reply, and its own error: a script refused
+    by Redis fails that call only. Each call is one command Redis runs atomically (a
+    Lua script, or a MULTI/EXEC block), so batching changes no call's meaning; calls
+    are sent in the order they were made, and never retried. A call cancelled while
+    still queued is withdrawn; one already sent is waited for (its effect in Redis
+    cannot be undone).
+
+    Two transports carry the batches (see the module's docstring): with one Redis node,
+    :class:`_TrioLink`, in the trio thread (:attr:`native`); otherwise the adapter's one
+    worker thread, which owns a connection and wakes the tasks with one wakeup of the
+    event loop per batch.
 
     Synchronous callers (a script, ``asyncapy keys``) run their call directly on a
     pooled connection instead.

@@ -1,6 +1,7 @@
 """Store calls batched per scheduling round (adapters/redis.py ``_RedisAdapter``): the
-calls tasks make in one round go to Redis as one pipelined round trip from one worker
-thread, each keeping its own reply and its own failure, and admission stays exact.
+calls tasks make in one round go to Redis as one pipelined round trip (from the trio
+thread for one node, from one worker thread otherwise), each keeping its own reply and
+its own failure, and admission stays exact.
 """
 
 from __future__ import annotations
@@ -110,3 +111,66 @@ async def test_an_unreachable_redis_fails_every_call_of_the_batch(own_redis):
         for _ in range(5):
             nursery.start_soon(admit)
     assert len(failures) == 5 and all("unreachable" in str(f) for f in failures)
+
+
+# -- the trio transport (one node): no worker thread ------------------------------------
+async def test_one_node_is_served_from_the_trio_thread(sessions):
+    assert sessions.native
+    first = record()
+    assert await sessions.admit(first, 5)
+    before = sessions.batches
+    assert await sessions.admit(record(), 5)
+    await sessions.release(first)
+    assert sessions.batches - before == 2  # one round trip each, sequentially
+    assert sessions._worker is None  # no thread was started
+
+
+async def test_a_call_queued_behind_a_stalled_batch_is_withdrawn_when_cancelled(sessions, redis_url):
+    assert await sessions.admit(record(), 0)  # connected, scripts loaded
+    control = redis.Redis.from_url(redis_url)
+    control.execute_command("CLIENT", "PAUSE", 600, "ALL")
+    sent, withdrawn = record(), record()
+    results: dict = {}
+
+    async def admit(r: SessionRecord, key: str) -> None:
+        results[key] = await sessions.admit(r, 0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(admit, sent, "sent")
+        await trio.sleep(0.05)  # the first batch is out, unanswered
+        with trio.move_on_after(0.1) as deadline:
+            await admit(withdrawn, "withdrawn")
+    assert deadline.cancelled_caught and results == {"sent": True}
+    ids = {r.session_id for r in await sessions.sessions(ADDRESS)}
+    assert sent.session_id in ids and withdrawn.session_id not in ids
+    control.close()
+
+
+async def test_a_store_closed_serves_again_in_the_same_run(redis_url):
+    store = RedisSessionStore(connect(redis_url), lease=30)
+    assert await store.admit(record(), 0)
+    await store.aclose()
+    assert await store.admit(record(), 0)
+    await store.aclose()
+
+
+async def test_a_restarted_redis_fails_the_batch_then_serves_again(own_redis):
+    store = RedisSessionStore(connect(own_redis.url), lease=30)
+    assert store.native and await store.admit(record(), 0)
+    own_redis.stop()
+    with pytest.raises(StoreUnavailable, match="unreachable"):
+        await store.admit(record(), 0)
+    own_redis.start()
+    assert await store.admit(record(), 0)  # reconnected; its scripts loaded again
+    await store.aclose()
+
+
+def test_sentinel_cluster_and_custom_connections_keep_the_worker_thread(redis_url):
+    class Custom(redis.Connection):
+        pass
+
+    custom = redis.Redis(connection_pool=redis.ConnectionPool.from_url(redis_url, connection_class=Custom))
+    assert not RedisSessionStore(custom).native
+    assert not RedisSessionStore(connect("redis+sentinel://127.0.0.1:1/mymaster")).native
+    assert not RedisSessionStore(connect("redis+cluster://127.0.0.1:1")).native
+    assert RedisSessionStore(connect("unix:///tmp/no-such-redis.sock")).native  # redis-py's Unix socket class
