@@ -684,13 +684,15 @@ class _TrioLink:
             if not isinstance(exc, redis.ResponseError):
                 adapter.outages += 1
             _fail(batch, exc)
-        except BaseException as exc:  # the run ends (Cancelled), or a bug: fail the calls
+        except (trio.Cancelled, KeyboardInterrupt):  # the run ends
+            self._drop()
+            _fail(batch, redis.ConnectionError("the event loop closed with the call in flight"))
+            _wake(batch)
+            raise
+        except BaseException as exc:  # a bug: fail the calls, never the sender
             self._drop()
             for call in batch:
                 call.error = call.error or exc
-            if isinstance(exc, (trio.Cancelled, KeyboardInterrupt)):
-                _wake(batch)
-                raise
 
     async def _write(self, data: bytes) -> None:
         sock = self._sock

@@ -99,6 +99,8 @@ class Replies:
             reply, self._position = self._parse(self._buffer, self._position)
         except _Incomplete:
             return INCOMPLETE
+        except ValueError:  # a length or a number that is not one: not Redis speaking
+            raise redis.InvalidResponse("Protocol Error: a malformed reply") from None
         return reply
 
     def _parse(self, buffer: bytes, position: int) -> tuple[Any, int]:

@@ -80,8 +80,9 @@ def test_decoded_replies_with_decode_responses():
     assert [replies.next(), replies.next(), replies.next()] == ["abc", "OK", INCOMPLETE]
 
 
-def test_an_unknown_type_is_a_protocol_error():
+@pytest.mark.parametrize("data", [b"?what\r\n", b":12x\r\n", b"$abc\r\n", b"\r\n"])
+def test_an_unknown_type_or_a_malformed_number_is_a_protocol_error(data):
     replies = Replies()
-    replies.feed(b"?what\r\n")
+    replies.feed(data)
     with pytest.raises(redis.InvalidResponse):
         replies.next()
