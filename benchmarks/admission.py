@@ -7,7 +7,7 @@ nothing at all per packet. This measures that cost twice:
 (a) **store level**: ``admit`` + ``release`` pairs awaited one after another in one
     trio task, :class:`~asyncapy.adapters.memory.MemorySessionStore` against
     :class:`~asyncapy.adapters.redis.RedisSessionStore`, then the same number of pairs spread
-    over 8 concurrent tasks (the worker threads overlap their round trips). Reported
+    over 8 concurrent tasks (their calls share batches and round trips). Reported
     as microseconds per pair (one connection's admission and release), the median of
     several alternating rounds.
 (b) **end to end**: two echo servers in their own processes, one with
