@@ -138,7 +138,12 @@ class KeyTracker:
             before = self.links
             try:
                 self._serve_link()
-            except (redis.RedisError, redis.exceptions.RedisClusterException, OSError, _LinkLost) as exc:
+            except Exception as exc:
+                # Any failure, expected (a Redis error, a lost socket) or not (redis-py
+                # reading a connection that close() just tore down from another thread
+                # raises AttributeError), means one thing: the cache can no longer be
+                # told of changes. Stopping, that is the end; otherwise the cache is
+                # dropped and the link made again, so no failure leaves it trusted.
                 if self._stop.is_set():
                     return
                 cache = self._cache()

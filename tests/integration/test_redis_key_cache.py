@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -390,3 +391,32 @@ async def test_a_subclass_overriding_contains_is_the_source_of_truth(redis_url):
         assert await client.request({"key": banned}) == {"ok": False}
         assert await client.request({"key": "magic-key-not-in-any-store"}) == {"ok": True}
     await keys.store.aclose()
+
+
+def test_closing_a_tracker_while_it_reads_ends_its_thread_quietly(redis_url):
+    """close() tears the link's connection down from another thread, in the middle of
+    the tracker's read: redis-py then fails with whatever it meets (an AttributeError
+    on a buffer already gone), and the thread must end without an unhandled exception
+    (the suite turns one into an error: pyproject.toml's filterwarnings)."""
+    from asyncapy.adapters.key_cache import KeyCache
+    from asyncapy.adapters.redis_tracking import KeyTracker
+
+    client = redis.Redis.from_url(redis_url)
+    failures: list = []
+    previous = threading.excepthook
+    threading.excepthook = lambda args: failures.append(args.exc_value)
+    try:
+        for attempt in range(300):
+            cache = KeyCache(size=10)
+            tracker = KeyTracker(client, "asyncapy:key:", cache, interval=0.0001)
+            deadline = time.monotonic() + 2
+            while tracker.links == 0 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert tracker.links == 1
+            time.sleep(attempt % 7 * 0.0003)  # anywhere in its ping-and-read loop
+            tracker.close()
+            assert not tracker.running
+    finally:
+        threading.excepthook = previous
+        client.close()
+    assert failures == []
