@@ -77,7 +77,7 @@ from typing import Any, Optional, Sequence
 import redis
 import trio
 
-from asyncapy.adapters.resp import INCOMPLETE, Replies, pack
+from .resp import INCOMPLETE, Replies, pack
 from asyncapy.domain.errors import StoreUnavailable
 from asyncapy.domain.ports import BLOCKING, KeyStore, SessionRecord, SessionStore
 from asyncapy.domain.redaction import redact
@@ -1294,7 +1294,7 @@ class RedisKeyStore(_RedisAdapter, KeyStore):
         """Keep ``cache`` (a :class:`~asyncapy.adapters.key_cache.KeyCache`) coherent with
         the keys in Redis: the :class:`~asyncapy.adapters.redis_tracking.KeyTracker` of
         :class:`~asyncapy.adapters.key_cache.CachedKeyStore`'s push mode."""
-        from asyncapy.adapters.redis_tracking import KeyTracker
+        from .redis_tracking import KeyTracker
 
         if self.cluster:
             cluster = self.redis

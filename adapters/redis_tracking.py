@@ -56,7 +56,7 @@ from typing import Any, Callable, Optional, Union
 
 import redis
 
-from asyncapy.adapters.key_cache import KeyCache
+from .key_cache import KeyCache
 from asyncapy.domain.redaction import redact
 
 __all__ = ["KeyTracker", "INVALIDATION_CHANNEL"]

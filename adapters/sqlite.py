@@ -10,10 +10,8 @@ It is also the worked example of the custom key store guide
 (``docs/guide-custom-key-store.md``): small enough to read in one sitting, and it
 passes the same contract suite as every bundled store
 (``tests/contract/test_sqlite_key_store.py``). Copy it as the template of a
-PostgreSQL, DynamoDB or Vault adapter of your own::
-
-    from asyncapy import APIKeyFactory
-    from asyncapy.adapters.sqlite import SQLiteKeyStore
+PostgreSQL, DynamoDB or Vault adapter of your own. In an application
+(``APIKeyFactory`` from :mod:`asyncapy`, ``SQLiteKeyStore`` from this module)::
 
     keys = APIKeyFactory(store=SQLiteKeyStore("keys.db"))   # or store="sqlite:///keys.db"
     key = keys.issue({"user": "alice"})       # in a script: no event loop needed
