@@ -3,6 +3,8 @@
 One connection's whole path, in :meth:`Listening.handle_connection`, reads top down::
 
     accept -> a max_connections slot (or a refusal) -> the peer's address
+           -> with proxy_protocol: the peer trusted (or refused), the PROXY header's
+              client address in its place (asyncapy.proxying)
            -> TLS handshake (when serving TLS)
            -> the session: admission, the session loop, release (asyncapy.sessions)
            -> close
@@ -34,6 +36,7 @@ try:
 except ImportError:  # pragma: no cover - Windows has no open-file rlimit
     resource = None  # type: ignore[assignment]
 
+from .proxying import ProxyGate, gate_for
 from .transport import STREAM_ERRORS, close_at_once, peer_address
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,6 +79,9 @@ class Listening:
         self.ssl_context: Optional[ssl.SSLContext] = None
         """The TLS context connections are served with (None: plain TCP), from
         :meth:`open`."""
+        self.proxy_gate: Optional[ProxyGate] = None
+        """With ``proxy_protocol`` on, what reads each connection's PROXY header (see
+        :mod:`asyncapy.proxying`), from :meth:`open`; None otherwise."""
         self._refusals_unlogged = 0
         self._refusal_logged_at = -math.inf
 
@@ -101,7 +107,7 @@ class Listening:
     async def open(self, sockets: Optional[Sequence[socket.socket]] = None) -> list:
         """The listeners to accept on: ``sockets`` (already listening), or new ones
         bound to the server's ``addr`` and ``port``. Takes the server's TLS context
-        for the connections they accept."""
+        and PROXY protocol settings for the connections they accept."""
         server = self.server
         if sockets is None:
             listeners = await bind_listeners(server.addr, server.port)
@@ -110,6 +116,12 @@ class Listening:
             if not listeners:
                 raise ValueError("serve(sockets=...) needs at least one listening socket")
         self.ssl_context = server.ssl_context
+        self.proxy_gate = gate_for(server)
+        if self.proxy_gate is not None:
+            logger.info(
+                "PROXY protocol on: every connection starts with a PROXY header from a trusted proxy (%s)",
+                ", ".join(self.proxy_gate.trusted),
+            )
         return listeners
 
     async def accept(self, listeners: list, sessions: trio.Nursery, accepting: trio.CancelScope) -> None:
@@ -160,6 +172,10 @@ class Listening:
                 address = peer_address(stream)
             except OSError:
                 return  # the client is gone already
+            gate = self.proxy_gate
+            if gate is not None and not gate.trusts(address):
+                await self.sessions.refusals.close(stream, b"")  # no slot held, no reply
+                return
             self.connections += 1
             held = True
 
@@ -173,6 +189,11 @@ class Listening:
                     self.connections -= 1
 
             try:
+                if gate is not None:
+                    client = await gate.client_address(stream, address)  # before TLS
+                    if client is None:
+                        return
+                    address = client
                 if self.ssl_context is not None:
                     stream = trio.SSLStream(stream, self.ssl_context, server_side=True, https_compatible=False)
                     if not await self.handshake(stream, address):
@@ -219,7 +240,9 @@ class Listening:
     def log_refusals(self, latest: str = "") -> None:
         """Log the refusals past ``max_connections`` not logged yet (with ``latest``,
         the one being refused); with no ``latest``, only if there are any (when the
-        server stops)."""
+        server stops, with those of the PROXY protocol's refusals)."""
+        if not latest and self.proxy_gate is not None:
+            self.proxy_gate.report()
         count = self._refusals_unlogged
         if not latest and not count:
             return
