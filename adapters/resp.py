@@ -1,4 +1,4 @@
-"""RESP, the Redis protocol, for the trio transport of :mod:`asyncapy.adapters.redis`.
+"""RESP, the Redis protocol, for the trio transport of :mod:`asyncapy.adapters.redis_trio_link`.
 
 redis-py connects and authenticates (its handshake, its URL options); the batches of
 store calls are then written and read on that socket by the trio thread itself, with

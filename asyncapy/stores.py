@@ -72,7 +72,7 @@ _clients_lock = threading.Lock()
 
 def check_store_url(url: str) -> None:
     """Refuse (:class:`ValueError`) a ``url`` that names no store: the scheme, then the
-    Redis URL's parts (:func:`asyncapy.adapters.redis.check_url`). The message says what
+    Redis URL's parts (:func:`asyncapy.adapters.redis_urls.check_url`). The message says what
     is wrong without quoting ``url``, which may carry a password."""
     scheme, separator, _ = url.partition("://")
     scheme = scheme.lower()
@@ -84,7 +84,7 @@ def check_store_url(url: str) -> None:
         raise ValueError(
             "the scheme is not memory://, redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://"
         )
-    from asyncapy.adapters.redis import check_url
+    from asyncapy.adapters.redis_urls import check_url
 
     check_url(url)
 
@@ -99,7 +99,7 @@ def redis_client(url: str) -> Any:
     with _clients_lock:
         client = _clients.get(url)
         if client is None:
-            from asyncapy.adapters.redis import connect
+            from asyncapy.adapters.redis_urls import connect
 
             try:
                 client = _clients[url] = connect(url)
@@ -194,7 +194,8 @@ def open_key_store(store: Union[None, str, KeyStore], *, cache_size: Optional[in
     if memory:
         return MemoryKeyStore()
     from asyncapy.adapters.key_cache import CachedKeyStore
-    from asyncapy.adapters.redis import RedisKeyStore, wait_replicas
+    from asyncapy.adapters.redis import RedisKeyStore
+    from asyncapy.adapters.redis_urls import wait_replicas
 
     client = redis_client(store)  # validated: wait_replicas() cannot fail now
     return CachedKeyStore(RedisKeyStore(client, wait_replicas=wait_replicas(store)), size=size)

@@ -189,7 +189,7 @@ def open_factory(store: Optional[str], size: Optional[int] = None) -> APIKeyFact
             if scheme == "sqlite":
                 accepted = exc.accepted  # the sqlite:// URL forms
             else:
-                from asyncapy.adapters.redis import URL_FORMS as accepted
+                from asyncapy.adapters.redis_urls import URL_FORMS as accepted
             because = f" ({exc.reason})" if exc.reason else ""
             raise UsageError(f"invalid --store {exc.value!r}{because}; accepted: {accepted}") from None
     target = _import_store(store)

@@ -3,7 +3,7 @@
 * over **fakeredis** (in-process, with Lua scripting through ``lupa``: the
   ``fakeredis[lua]`` extra), for fast unit runs;
 * over a **real redis-server** (the session-scoped ``redis_server`` fixture, emptied
-  before each test), through :func:`asyncapy.adapters.redis.connect`, the client the server
+  before each test), through :func:`asyncapy.adapters.redis_urls.connect`, the client the server
   itself uses: the admission and renewal scripts run in the real Lua engine, with
   the real ``TIME``, and the stores go through the thread hop and the bounded pool.
 

@@ -1,4 +1,4 @@
-"""Store calls batched per scheduling round (adapters/redis.py ``_RedisAdapter``): the
+"""Store calls batched per scheduling round (adapters/redis_batching.py ``_RedisAdapter``): the
 calls tasks make in one round go to Redis as one pipelined round trip (from the trio
 thread for one node, from one worker thread otherwise), each keeping its own reply and
 its own failure, and admission stays exact.

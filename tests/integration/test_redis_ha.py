@@ -173,7 +173,7 @@ async def test_cluster_keys_reissued_revoked_and_resharded_are_seen_by_every_pro
 
     # Move the keys' slot to another master: the trackers move with it, and a
     # revocation made on the new owner is seen (within the tracker's 1 s recheck).
-    from asyncapy.adapters.redis import ClusterClient
+    from asyncapy.adapters.redis_cluster import ClusterClient
 
     slot = ClusterClient.slot("asyncapy:{key}:")
     before = redis_cluster.owner(slot)

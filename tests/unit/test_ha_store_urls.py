@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from asyncapy.adapters.redis import ClusterClient, _parse_multi, check_url, connect, wait_replicas
+from asyncapy.adapters.redis_cluster import ClusterClient
+from asyncapy.adapters.redis_urls import _parse_multi, check_url, connect, wait_replicas
 from asyncapy.config import ConfigError, validate
 from asyncapy.stores import open_key_store, open_session_store
 

@@ -1,0 +1,361 @@
+"""The batching front of the Redis stores: every call queued meanwhile, one round trip.
+
+redis-py's asynchronous client is built on asyncio and cannot run inside trio. The
+stores use redis-py's *synchronous* client, and one batching front for both ways the
+bytes travel (:class:`_RedisAdapter`, the base of both stores): a call made from a trio
+task is queued; every call queued while the previous batch was out goes to Redis as one
+pipeline, one write and one round trip, and a call still queued can be withdrawn (a
+deadline such as the server's ``store_timeout``). The batch then travels by one of two
+transports:
+
+* **one Redis node** (``redis://``, ``unix://``): in the trio thread itself
+  (:class:`~asyncapy.adapters.redis_trio_link._TrioLink`, which says why);
+* **Sentinel, Cluster, TLS** (``redis+sentinel://``, ``redis+cluster://``,
+  ``rediss://``) and connection classes of the user's: the store's one worker thread,
+  here, with redis-py's own I/O, and one wakeup of the event loop per batch. There
+  redis-py does more than move bytes (asking the sentinels where the master is on
+  every new connection, routing by hash slot and following ``MOVED``, TLS), and those
+  deployments have a network round trip between the processes and Redis that dwarfs
+  the handoff.
+
+Both transports give each call its replies or its error by the same rules
+(:mod:`asyncapy.adapters.redis_calls`), and a batch sent is waited for, up to the
+connection's socket timeout. Called outside any event loop (a script, the ``asyncapy
+keys`` command) the same methods run the blocking call directly on a pooled
+connection, so one adapter and one connection pool per process serve both the server
+and synchronous code.
+
+This module knows nothing of sessions or keys: the stores
+(:mod:`asyncapy.adapters.redis`) build their commands and Lua scripts, and hand them
+here as calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from typing import Any, Optional, Sequence
+
+import redis
+import trio
+
+from .redis_calls import _FAILURES, _answer, _Call, _fail, _lost, _offload, _wake
+from .redis_cluster import ClusterClient
+from .redis_trio_link import _TrioLink
+
+def _native(client: Any) -> bool:
+    """Whether ``client``'s batches can go through :class:`_TrioLink`: one Redis node
+    reached with redis-py's own plain connection classes (TCP or Unix socket). Sentinel
+    (a master that moves), Cluster (one connection per node, ``MOVED``), TLS (an
+    ``SSLSocket`` needs its own non-blocking dance) and a connection class of the
+    user's keep the worker thread and redis-py's I/O."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is None or isinstance(client, ClusterClient) or hasattr(client, "asyncapy_location"):
+        return False
+    return pool.connection_class in (redis.Connection, redis.UnixDomainSocketConnection)
+
+
+class _Script:
+    """A Lua script known by its SHA-1 (``EVALSHA``; reloaded on ``NOSCRIPT``)."""
+
+    __slots__ = ("source", "sha")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+class _RedisAdapter:
+    """Store calls in batches, off the event loop's back: the batching front.
+
+    Every store call made from a trio task (admissions, releases, key lookups that
+    missed the cache...) is queued; each time the connection is free, *every* call
+    queued meanwhile is written to Redis as one pipeline, the replies read, and the
+    waiting tasks woken. The busier the server, the bigger the batches: one round trip
+    for many calls. Every call keeps its own reply, and its own error: a script refused
+    by Redis fails that call only. Each call is one command Redis runs atomically (a
+    Lua script, or a MULTI/EXEC block), so batching changes no call's meaning; calls
+    are sent in the order they were made, and never retried. A call cancelled while
+    still queued is withdrawn; one already sent is waited for (its effect in Redis
+    cannot be undone).
+
+    Two transports carry the batches (see this module's docstring): with one Redis node,
+    :class:`_TrioLink`, in the trio thread (:attr:`native`); otherwise the adapter's one
+    worker thread, which owns a connection and wakes the tasks with one wakeup of the
+    event loop per batch.
+
+    Synchronous callers (a script, ``asyncapy keys``) run their call directly on a
+    pooled connection instead.
+
+    With a Redis Cluster (a :class:`ClusterClient`), each call goes to the master
+    serving its key's slot: the worker splits a batch by node and keeps one connection
+    per node, so a batch is still one write per node, the round trips overlapping. A
+    call answered ``MOVED`` was not run: the slot map is fetched again and the call
+    sent once more, to the node named.
+    """
+
+    def __init__(self, client: Any, prefix: str) -> None:
+        self.redis = client
+        self.prefix = prefix
+        self.cluster = isinstance(client, ClusterClient)
+        """Whether the store is a Redis Cluster (keys laid out with hash tags)."""
+        if self.cluster and ("{" in prefix or "}" in prefix):
+            raise ValueError("a prefix for a Redis Cluster must not hold { or }: the stores add the hash tags")
+        pool_size = client.max_connections if self.cluster else getattr(client.connection_pool, "max_connections", 16)
+        self._limiter = trio.CapacityLimiter(min(int(pool_size or 16), 64))
+        self.outages = 0
+        """Batches that failed to reach Redis (counted by the worker): a renewal loop
+        renews early after one, since a failover may have lost recent leases."""
+        self._scripts: dict[str, str] = {}
+        self._queue: list[_Call] = []
+        self._queued = threading.Condition(threading.Lock())
+        self._worker: Optional[threading.Thread] = None
+        self._closing = False
+        self.batches = 0
+        """Batches sent (round trips), for benchmarks."""
+        self.calls = 0
+        """Calls sent in them."""
+        self.native = _native(client)
+        """Whether batches go through the trio transport (:class:`_TrioLink`: one Redis
+        node, redis-py's plain TCP or Unix socket connection) rather than the
+        worker thread."""
+        self._link: Optional[_TrioLink] = None
+
+    def _script(self, source: str) -> Any:
+        script = _Script(source)
+        self._scripts[script.sha] = source
+        return script
+
+    def _pool_for(self, call: _Call) -> Any:
+        if self.cluster:
+            return self.redis.pool(call.key)
+        return self.redis.connection_pool
+
+    def _dispatch(self, batch: list[_Call], conns: dict) -> None:
+        """Send ``batch``: each call on the connection (kept in ``conns``, by pool) of
+        the node serving it; with a Cluster, a call redirected by ``MOVED`` is sent
+        once more after the slot map is fetched again."""
+        for attempt in (0, 1):
+            groups: dict[int, tuple[Any, list[_Call]]] = {}
+            for call in batch:
+                try:
+                    pool = self._pool_for(call)
+                except _FAILURES as exc:
+                    call.error = exc
+                    continue
+                groups.setdefault(id(pool), (pool, []))[1].append(call)
+            for key, (pool, calls) in groups.items():
+                held = conns.get(key)
+                if held is None:
+                    try:
+                        held = conns[key] = (pool, pool.get_connection())
+                    except _FAILURES as exc:
+                        self.outages += 1
+                        if self.cluster:
+                            self.redis.stale()
+                        for call in calls:
+                            call.error = exc
+                        continue
+                self._send_on(held[1], calls)
+                if any(_lost(call) for call in calls):
+                    # Back to the pool, and a fresh one for the next batch: the pool's
+                    # get_connection() connects where the pool says (with Sentinel, the
+                    # master the sentinels name now), a reused one where it was.
+                    del conns[key]
+                    pool.release(held[1])
+            if not self.cluster:
+                return
+            if any(_lost(call) for call in batch):
+                self.redis.stale()  # a node lost: maybe failed over
+            moved = [call for call in batch if isinstance(call.error, redis.exceptions.MovedError)]
+            if not moved or attempt:
+                return
+            self.redis.stale()
+            for call in moved:
+                call.error, call.replies = None, []
+            batch = moved
+
+    @staticmethod
+    def _release(conns: dict) -> None:
+        for pool, conn in conns.values():
+            try:
+                pool.release(conn)
+            except Exception:  # pragma: no cover - a pool replaced by a new slot map
+                conn.disconnect()
+        conns.clear()
+
+    # -- the worker thread ------------------------------------------------------------
+    def _work(self) -> None:
+        conns: dict = {}
+        try:
+            while True:
+                with self._queued:
+                    while not self._queue and not self._closing:
+                        self._queued.wait()
+                    batch, self._queue = self._queue, []
+                if not batch:
+                    return  # closing, and nothing left to send
+                self._dispatch(batch, conns)
+                by_run: dict = {}
+                for call in batch:
+                    by_run.setdefault(call.token, []).append(call)
+                for token, calls in by_run.items():
+                    try:
+                        token.run_sync_soon(_wake, calls)
+                    except trio.RunFinishedError:  # pragma: no cover - the run ended first
+                        pass
+        finally:
+            self._release(conns)
+
+    def _send_on(self, conn: Any, batch: list[_Call]) -> None:
+        """Run ``batch`` on ``conn``: one write, then every reply."""
+        self.batches += 1
+        self.calls += len(batch)
+        try:
+            commands = [command for call in batch for command in call.commands]
+            conn.send_packed_command(conn.pack_commands(commands))
+            reload: list[_Call] = []
+            for call in batch:
+                for _ in call.commands:
+                    try:
+                        reply = conn.read_response()
+                    except redis.ResponseError as exc:
+                        reply = exc
+                    _answer(call, reply, reload)
+            if reload:
+                shas, commands = self._reload_commands(reload)
+                conn.send_packed_command(conn.pack_commands(commands))
+                for _ in shas:
+                    conn.read_response()
+                for call in reload:
+                    try:
+                        call.replies = [conn.read_response()]
+                    except redis.ResponseError as exc:
+                        call.error = exc
+        except _FAILURES as exc:
+            conn.disconnect()  # the next batch reconnects (to a new master, if one was named)
+            self.outages += 1
+            _fail(batch, exc)
+        except BaseException as exc:  # a bug: fail the calls, never the worker
+            conn.disconnect()
+            for call in batch:
+                call.error = call.error or exc
+
+    def _reload_commands(self, calls: list[_Call]) -> tuple[list[str], list[tuple]]:
+        """The scripts ``calls`` need loaded again (a Redis restarted, or ``SCRIPT FLUSH``):
+        one ``SCRIPT LOAD`` each, then the calls once more."""
+        shas = list(dict.fromkeys(call.commands[0][1] for call in calls))
+        commands = [("SCRIPT", "LOAD", self._scripts[sha]) for sha in shas]
+        commands += [call.commands[0] for call in calls]
+        return shas, commands
+
+    def _send(self, batch: list[_Call]) -> None:
+        """Run ``batch`` in this thread, on pooled connections (synchronous callers)."""
+        conns: dict = {}
+        try:
+            self._dispatch(batch, conns)
+        finally:
+            self._release(conns)
+
+    # -- the caller's side -------------------------------------------------------------
+    async def _run(self, *commands: tuple, key: Optional[str] = None) -> list:
+        """The replies of ``commands``, sent back to back in the next batch (with a
+        Cluster, to the node serving ``key``)."""
+        call = _Call(commands, key)
+        await self._run_calls([call])
+        return call.result()
+
+    async def _run_calls(self, calls: list[_Call]) -> None:
+        """Send ``calls`` in one batch and wait until all are answered; each keeps its
+        replies or its error (read them with :meth:`_Call.result`)."""
+        if not _offload():  # a script, the CLI, or a synchronous API call: just block
+            self._send(calls)
+            return
+        token = trio.lowlevel.current_trio_token()
+        calls[0].task = trio.lowlevel.current_task()  # woken once, with the batch
+        link = self._trio_link(token) if self.native else None
+        if link is not None:  # the trio transport: queued in this thread, no lock
+            link.submit(calls)
+        else:
+            for call in calls:
+                call.token = token
+            with self._queued:
+                self._queue.extend(calls)
+                if self._worker is None:
+                    self._start_worker()
+                self._queued.notify()
+
+        def abort(_: Any) -> Any:
+            # Calls still queued are withdrawn (a deadline such as the server's
+            # store_timeout works); once sent they cannot be taken back (an admission may
+            # be made already), so the task waits for the replies, as for a thread.
+            with self._queued:
+                queue = self._queue if link is None else link.queue
+                if not all(call in queue for call in calls):
+                    return trio.lowlevel.Abort.FAILED
+                for call in calls:
+                    queue.remove(call)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _trio_link(self, token: Any) -> Optional[_TrioLink]:
+        """This trio run's link (started on first use), or ``None`` while another run,
+        in another thread, still has one: that rare case uses the worker thread."""
+        link = self._link
+        if link is not None and not link.done:
+            if link.token is token:
+                return link
+            return None
+        link = self._link = _TrioLink(self, token)
+        trio.lowlevel.spawn_system_task(link.run, name=f"asyncapy-redis-{type(self).__name__}")
+        return link
+
+    async def _command(self, *args: Any) -> Any:
+        """The reply of one command (its first argument after the name is its key)."""
+        return (await self._run(args, key=args[1] if len(args) > 1 else None))[0]
+
+    async def _eval(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """The reply of a registered Lua script."""
+        return (await self._run(("EVALSHA", script.sha, len(keys), *keys, *args), key=keys[0] if keys else None))[0]
+
+    def _start_worker(self) -> None:
+        # (lock held)
+        self._worker = threading.Thread(
+            target=self._work, name=f"asyncapy-redis-{type(self).__name__}", daemon=True
+        )
+        self._worker.start()
+
+    def _stop_worker(self) -> None:
+        """Let the worker send what is queued and end; a later call starts another."""
+        with self._queued:
+            self._closing = True
+            worker = self._worker
+            self._queued.notify()
+        if worker is None or worker is threading.current_thread():
+            return
+        worker.join(5)
+        with self._queued:
+            if self._worker is worker and not worker.is_alive():
+                self._closing = False
+                self._worker = None
+                if self._queue:  # queued after the worker's last look
+                    self._start_worker()
+
+    def _disconnect(self) -> None:
+        if self.cluster:
+            self.redis.disconnect()
+        else:
+            self.redis.connection_pool.disconnect()
+
+    async def aclose(self) -> None:
+        """Send what is queued, stop the worker, disconnect the pool (idempotent)."""
+        if not _offload():
+            self._stop_worker()
+            self._disconnect()
+            return
+        link = self._link
+        if link is not None and link.token is trio.lowlevel.current_trio_token():
+            await link.close()
+        await trio.to_thread.run_sync(self._stop_worker, limiter=self._limiter)
+        await trio.to_thread.run_sync(self._disconnect, limiter=self._limiter)
