@@ -26,7 +26,6 @@ from .cli import CommandError, HelpFormatter, OneLineParser, UsageError, import_
 from .cli import keys as keys_command
 from .cli import send as send_command
 from .config import ConfigError, check_proxy_settings, load_config, validate
-from .logs import configure_server_logging
 from .stores import STORE_ENV, set_default_store
 from .server import Server
 from .workers import WORKER_COMMAND, run_worker, supervise
@@ -258,8 +257,7 @@ def _run(args: argparse.Namespace) -> int:
     if workers < 1:
         raise ConfigError("workers", workers, "an integer of at least 1", "--workers")
     if workers == 1:
-        configure_server_logging(app)  # the log format too (--log-format)
-        app.start()
+        app.start()  # configures logging in app.log_format (--log-format)
         return 0
     if app.session_limit > 0 and isinstance(app.store, MemorySessionStore):
         # Each worker's in-memory store counts only its own sessions: the limit would

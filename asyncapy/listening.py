@@ -76,6 +76,8 @@ class Listening:
         self.sessions = sessions
         self.connections = 0
         """Connections accepted and being served (refused ones not counted)."""
+        self.accepting = False
+        """True while the accept loops run (what ``/readyz`` calls listening)."""
         self.ssl_context: Optional[ssl.SSLContext] = None
         """The TLS context connections are served with (None: plain TCP), from
         :meth:`open`."""
@@ -129,10 +131,12 @@ class Listening:
         connection in a task of ``sessions``; the listeners are closed on the way out."""
         with accepting:
             try:
+                self.accepting = True
                 async with trio.open_nursery() as loops:
                     for listener in listeners:
                         loops.start_soon(self.accept_from, listener, sessions)
             finally:
+                self.accepting = False
                 with trio.CancelScope(shield=True):
                     for listener in listeners:
                         await trio.aclose_forcefully(listener)
@@ -220,6 +224,7 @@ class Listening:
                 cause = exc.__cause__ or exc
                 reason = str(cause) or type(cause).__name__
         logger.info("TLS handshake with %s failed: %s", address, reason)
+        self.server.metrics_recorder.connection("tls_handshake_failed")
         return False
 
     async def refuse(self, stream: trio.abc.Stream) -> None:
@@ -228,6 +233,7 @@ class Listening:
         TCP connection, so a client that already wrote a request sees the connection
         end rather than a reset. The warning is rate-limited: a flood is one line a
         second."""
+        self.server.metrics_recorder.connection("refused_max_connections")
         self._refusals_unlogged += 1
         if time.monotonic() - self._refusal_logged_at >= REFUSAL_LOG_INTERVAL:
             try:

@@ -84,10 +84,12 @@ OUTCOMES = (
     "refused_session_limit",
     "refused_max_connections",
     "store_unavailable",
+    "tls_handshake_failed",
 )
 """The ``outcome`` label of ``asyncapy_connections_total``: admitted as a session;
 refused for the client address's ``session_limit``; closed at once past the process's
-``max_connections``; refused with ``ERR_UNAVAILABLE`` because the session store failed."""
+``max_connections``; refused with ``ERR_UNAVAILABLE`` because the session store failed;
+closed because its TLS handshake failed or did not finish within ``timeout``."""
 
 
 class Timings:
@@ -312,6 +314,7 @@ class Recorder:
         self._connections = self._ended.connections
         self.key_cache = CacheMeter()
         """Counts the API-key cache's hits and misses (hand it to the cache)."""
+        self._key_caches: list = []
 
     # -- the hooks ---------------------------------------------------------------------
     def session_started(self, client: Any = None) -> SessionMeter:
@@ -365,6 +368,14 @@ class Recorder:
         """Count a failed call of store ``operation``."""
         self._store_errors[operation] = self._store_errors.get(operation, 0) + 1
 
+    def watch_key_cache(self, cache: Any) -> None:
+        """Add the counts of ``cache`` (any object with ``hits`` and ``misses``
+        attributes, such as :class:`asyncapy.adapters.key_cache.KeyCache`, which
+        counts them anyway) to the key cache's, read at each snapshot: the cache's
+        look-ups cost nothing more. Watching one cache twice counts it once."""
+        if not any(watched is cache for watched in self._key_caches):
+            self._key_caches.append(cache)
+
     # -- reading -----------------------------------------------------------------------
     @staticmethod
     def _fold(into: Snapshot, meter: SessionMeter) -> None:
@@ -386,8 +397,8 @@ class Recorder:
             sessions=len(self._live),
             received=ended.received,
             sent=ended.sent,
-            cache_hits=self.key_cache.hits,
-            cache_misses=self.key_cache.misses,
+            cache_hits=self.key_cache.hits + sum(c.hits for c in self._key_caches),
+            cache_misses=self.key_cache.misses + sum(c.misses for c in self._key_caches),
             store_errors=dict(self._store_errors),
             handlers={name: t.copy() for name, t in self._handlers.items()},
             store={name: t.copy() for name, t in self._store.items()},
@@ -426,6 +437,9 @@ class NullRecorder(Recorder):
         """Does nothing."""
 
     def handler_ran(self, name: str, seconds: float) -> None:
+        """Does nothing."""
+
+    def watch_key_cache(self, cache: Any) -> None:
         """Does nothing."""
 
 

@@ -33,13 +33,17 @@ from asyncapy.domain.dispatch import Dispatcher, Handler
 from asyncapy.domain.errors import StoreUnavailable
 from asyncapy.domain.ports import SessionStore
 
+from . import logs, worker_metrics
 from .config import SETTINGS, ConfigError, check_proxy_settings, load_config, validate
 from .core import Client, Session
 from .listening import Listening, format_address, sockname
+from .metered import metered_session_store
+from .metrics import NULL_RECORDER, Recorder
+from .probes import ProbeServer, Readiness, RecorderExposition
 from .sessions import Sessions
 from .stores import open_session_store
 from .transport import Channel
-from .util import where_keys_live
+from .util import meter_key_stores, where_keys_live
 
 __all__ = ["Server"]
 
@@ -123,6 +127,16 @@ class Server:
     :param trusted_proxies: the proxies whose PROXY headers are believed: IP addresses
         and CIDR networks, IPv4 or IPv6, as a list or one comma-separated string (none).
         Required when ``proxy_protocol`` is on.
+    :param log_format: how :meth:`configure_logging` writes records: ``'text'`` (the
+        default: ``console_format`` and ``datefmt``) or ``'json'`` (one JSON object a
+        line, with the session id, client address and error code where known; see
+        :mod:`asyncapy.logs`).
+    :param metrics_port: serve ``/metrics`` (Prometheus), ``/healthz`` and ``/readyz``
+        over HTTP on this port while serving (``None``, the default: no such endpoint
+        and nothing counted; 0 picks a free port, see :attr:`probes`). See
+        docs/operations.md.
+    :param metrics_host: the address the metrics port binds (``'127.0.0.1'``): expose
+        it only where the scrapers and probes are.
 
     ``ssl_context`` and the certificate settings (``certfile``, ``keyfile``,
     ``cafile``, from the arguments, a config file or ``asyncapy run``'s flags) are
@@ -163,6 +177,9 @@ class Server:
         session_limit_ipv6_prefix: int = SETTINGS["session_limit_ipv6_prefix"].default,
         proxy_protocol: bool = SETTINGS["proxy_protocol"].default,
         trusted_proxies: Any = SETTINGS["trusted_proxies"].default,
+        log_format: str = SETTINGS["log_format"].default,
+        metrics_port: Optional[int] = SETTINGS["metrics_port"].default,
+        metrics_host: str = SETTINGS["metrics_host"].default,
     ) -> None:
         given = dict(
             addr=addr,
@@ -190,6 +207,9 @@ class Server:
             session_limit_ipv6_prefix=session_limit_ipv6_prefix,
             proxy_protocol=proxy_protocol,
             trusted_proxies=trusted_proxies,
+            log_format=log_format,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
         )
         if not isinstance(store, SessionStore):
             given["store"] = store
@@ -227,6 +247,9 @@ class Server:
         self.session_limit_ipv6_prefix: int = settings["session_limit_ipv6_prefix"]
         self.proxy_protocol: bool = settings["proxy_protocol"]
         self.trusted_proxies = settings["trusted_proxies"]
+        self.log_format: str = settings["log_format"]
+        self.metrics_port: Optional[int] = settings["metrics_port"]
+        self.metrics_host: str = settings["metrics_host"]
         check_proxy_settings(self.proxy_protocol, self.trusted_proxies)
         self._store_spec: Union[None, str, SessionStore] = None
         self.session_lease = settings["session_lease"]
@@ -249,6 +272,15 @@ class Server:
         """Identifies this server process in a shared session store."""
         self.addresses: list[tuple] = []
         """The (host, port, ...) socket addresses being served, once started."""
+        self.metrics_recorder: Recorder = NULL_RECORDER
+        """What this server counts (:mod:`asyncapy.metrics`): a
+        :class:`~asyncapy.metrics.Recorder` when :attr:`metrics_port` is set (or this
+        process is a worker whose supervisor serves metrics), else
+        :data:`~asyncapy.metrics.NULL_RECORDER`, which counts nothing."""
+        self._choose_recorder()
+        self.probes: Optional[ProbeServer] = None
+        """The metrics and probes endpoint while serving with a :attr:`metrics_port`
+        (its ``addresses`` say where it listens), else None."""
         self._dispatcher = Dispatcher()
         self._sessions = Sessions(self)
         """The serving machinery's sessions (see :mod:`asyncapy.sessions`)."""
@@ -282,6 +314,16 @@ class Server:
         spec = self._store_spec
         if isinstance(spec, str) and not spec.lower().startswith("memory://"):
             self._store = open_session_store(spec, self._session_lease)  # the new lease
+
+    # -- metrics -------------------------------------------------------------------
+    def _choose_recorder(self) -> None:
+        """Count (a :class:`~asyncapy.metrics.Recorder`) when someone will read the
+        counts: this server's own endpoint (:attr:`metrics_port`), or the supervisor of
+        ``asyncapy run --workers`` this process works for. A recorder already counting
+        is kept (its counts, and whoever publishes them, stay valid)."""
+        wanted = self.metrics_port is not None or worker_metrics.worker_directory() is not None
+        if wanted and not self.metrics_recorder.enabled:
+            self.metrics_recorder = Recorder()
 
     # -- configuration helpers -------------------------------------------------------
     def _has_own_tls_context(self) -> bool:
@@ -422,12 +464,11 @@ class Server:
         trio.run(self._run_until_signalled)
 
     def configure_logging(self) -> None:
-        """Send log records to the console with :attr:`console_format` and :attr:`datefmt`
-        (unless the application configured logging itself) at :attr:`logging_level`."""
-        logging.basicConfig(
-            format=self.console_format, datefmt=self.datefmt, level=self.logging_level
-        )
-        logging.getLogger("asyncapy").setLevel(self.logging_level)
+        """Send log records to stderr in :attr:`log_format` (text with
+        :attr:`console_format` and :attr:`datefmt`, or JSON lines), unless the
+        application configured logging itself, and set the ``asyncapy`` loggers'
+        level to :attr:`logging_level`."""
+        logs.configure_server_logging(self)
 
     async def _run_until_signalled(
         self,
@@ -494,10 +535,22 @@ class Server:
         sessions, listening = self._sessions, self._listening
         sessions.stopping = trio.Event()
         listening.check_open_file_limit()
+        self._choose_recorder()  # metrics_port may have been set since (--metrics-port)
+        recorder = self.metrics_recorder
+        if recorder.enabled:
+            self.store = metered_session_store(self.store, recorder)
+            meter_key_stores(recorder)
         await self.setup()
         try:
             listeners = await listening.open(sockets)
             self.addresses = [sockname(listener) for listener in listeners]
+            try:
+                probes = self.probes = await self._bind_probes(listening)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    for listener in listeners:
+                        await trio.aclose_forcefully(listener)
+                raise
             if not codecs.ACCELERATED:
                 logger.warning(
                     "The codecs' C accelerator (domain/_speedups.c) is not built: "
@@ -516,6 +569,8 @@ class Server:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sessions.run_services)
                 nursery.start_soon(self._check_store)
+                if probes is not None:
+                    await nursery.start(probes.serve)
                 accepting = trio.CancelScope()
                 nursery.start_soon(listening.accept, listeners, nursery, accepting)
                 task_status.started(self.addresses)
@@ -524,6 +579,7 @@ class Server:
                 await sessions.drain()
                 nursery.cancel_scope.cancel()
         finally:
+            self.probes = None
             listening.log_refusals()
             sessions.report_refusals()
             with trio.CancelScope(shield=True):
@@ -531,6 +587,31 @@ class Server:
                     await self.shutdown()
                 finally:
                     logger.info("AsyncAPY stopped")
+
+    async def _bind_probes(self, listening: Listening) -> Optional[ProbeServer]:
+        """The metrics and probes endpoint, bound (an ``OSError`` naming the address
+        if it cannot be), or None: without a :attr:`metrics_port`, and in a worker
+        of ``asyncapy run --workers``, whose supervisor serves the sum of them all."""
+        if self.metrics_port is None or worker_metrics.worker_directory() is not None:
+            return None
+        sessions = self._sessions
+        readiness = Readiness(
+            listening=lambda: listening.accepting,
+            stopping=lambda: sessions.stopping is not None and sessions.stopping.is_set(),
+            store=self.store,
+        )
+        probes = ProbeServer(
+            RecorderExposition(self.metrics_recorder),
+            readiness,
+            host=self.metrics_host,
+            port=self.metrics_port,
+        )
+        await probes.bind()
+        logger.info(
+            "Metrics and probes on %s (/metrics, /healthz, /readyz)",
+            ", ".join(f"http://{format_address(a)}" for a in probes.addresses),
+        )
+        return probes
 
     async def _check_store(self) -> None:
         """Say at start, in one warning line, that the session store cannot be reached

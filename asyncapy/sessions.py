@@ -44,6 +44,7 @@ from asyncapy.domain.limits import PacketMemory
 from asyncapy.domain.ports import SessionRecord
 
 from .core import Client, Packet, Session
+from .logs import log_context
 from .session_state import SHUTDOWN, STUCK, LogLimit, SessionState, reap_idle
 from .transport import STREAM_ERRORS, Channel, Pacer, Refusals, linger_close, read_now, receive_waiting
 
@@ -136,7 +137,9 @@ class Sessions:
         """
         server = self.server
         store = server.store
+        recorder = server.metrics_recorder
         session_id = uuid.uuid4()
+        log_context(session_id, address)  # every record of this task names the session
         group = session_group(address, server.session_limit_ipv6_prefix)
         record = SessionRecord(str(session_id), group, time.time(), server.server_id)
         admitted = False
@@ -153,6 +156,7 @@ class Sessions:
         if deadline.cancelled_caught:
             failure = f"no answer within store_timeout ({server.store_timeout}s)"
         if failure is not None:
+            recorder.connection("store_unavailable")
             log = self.unavailable_log
             if log.allow():
                 logger.error(
@@ -162,12 +166,14 @@ class Sessions:
                     failure,
                     log.take_suppressed("refused alike"),
                     exc_info=traceback,
+                    extra={"error_code": ERR_UNAVAILABLE},
                 )
             task_status.started(False)
             release_slot()
             await self._refuse(stream, ERR_UNAVAILABLE)
             return
         if not admitted:
+            recorder.connection("refused_session_limit")
             log = self.limit_log
             if log.allow():
                 logger.warning(
@@ -176,6 +182,7 @@ class Sessions:
                     address if group == address else f"{address} (as {group})",
                     server.session_limit,
                     log.take_suppressed("refused for session_limit"),
+                    extra={"error_code": ERR_SESSION_LIMIT_REACHED},
                 )
             task_status.started(False)
             release_slot()
@@ -185,6 +192,8 @@ class Sessions:
         client = Client(address, server, stream, None, server.encoding)
         client._channel = channel
         session = client.session = Session(session_id, client, record.date, server.server_id)
+        recorder.connection("admitted")
+        meter = channel.meter = recorder.session_started(client)
         self.live[record.session_id] = session
         state = self.states[record.session_id] = SessionState(trio.current_time(), channel)
         task_status.started(True)
@@ -219,6 +228,7 @@ class Sessions:
                         server.store_timeout,
                     )
             del self.live[record.session_id]
+            recorder.session_ended(meter)
             logger.info("(%s) Session ended: %s", session_id, reason)
             if server._session_ended_overridden():
                 await self._call_session_ended(client, reason)
@@ -244,6 +254,14 @@ class Sessions:
         stopping = self.stopping
         buf = server.buf
         session_id = client.session.session_id
+        # Metrics (asyncapy.metrics): plain int additions on this session's meter
+        # (a shared, never-read one when they are off), and the dispatch timed only
+        # when they are on.
+        recorder = server.metrics_recorder
+        meter = channel.meter
+        timed = recorder.enabled
+        handler_ran = recorder.handler_ran
+        perf_counter = time.perf_counter
         debug = logger.isEnabledFor(logging.DEBUG)
         now = trio.lowlevel.current_clock().current_time  # trio.current_time, minus a hop
         # One cancel scope for the whole session, not one per read. A shutdown cancels
@@ -290,6 +308,7 @@ class Sessions:
                         break  # cancelled just as bytes arrived: it still counts
                     if not data:
                         return "client closed the connection"
+                    meter.received += len(data)
                     framer.receive_data(data)
                     event = connection.next_event()
                     continue
@@ -298,12 +317,25 @@ class Sessions:
                 more = channel.holding = framer.complete_buffered()
                 if type(event) is Request:
                     errors = 0
+                    meter.requests += 1
                     codec = event.codec
                     client.encoding = codec.name
                     if debug:
                         logger.debug("(%s) Packet of %d field(s) in %s", session_id, len(event.fields), codec.name)
                     try:
-                        await dispatch(client, Packet._received(event.fields, codec, client))
+                        if timed:
+                            # The handler that ran last gets the packet's time (one
+                            # handler answers a packet, mostly); None if none ran.
+                            client.handler = None
+                            started = perf_counter()
+                            try:
+                                await dispatch(client, Packet._received(event.fields, codec, client))
+                            finally:
+                                handler = client.handler
+                                if handler is not None:
+                                    handler_ran(handler.name, perf_counter() - started)
+                        else:
+                            await dispatch(client, Packet._received(event.fields, codec, client))
                     except HandlerFailed as failure:
                         cause = failure.__cause__
                         if isinstance(cause, STREAM_ERRORS):
@@ -313,11 +345,16 @@ class Sessions:
                             suppressed = logs.failures.take_suppressed("handler failures not logged")
                             if failure.unavailable:  # an outage, not a bug: one line
                                 logger.warning(
-                                    "(%s) %s: replied %s%s", session_id, failure, failure.code, suppressed
+                                    "(%s) %s: replied %s%s", session_id, failure, failure.code, suppressed,
+                                    extra={"error_code": failure.code},
                                 )
                             else:
-                                logger.error("(%s) %s%s", session_id, failure, suppressed, exc_info=cause)
+                                logger.error(
+                                    "(%s) %s%s", session_id, failure, suppressed, exc_info=cause,
+                                    extra={"error_code": failure.code},
+                                )
                         if not channel.closed:
+                            recorder.error_reply(failure.code)
                             await channel.send(connection.error_bytes(failure.code))
                     if channel.closed:
                         return "closed by a handler"
@@ -332,6 +369,7 @@ class Sessions:
                             event.code,
                             event.detail,
                             logs.errors.take_suppressed("protocol errors not logged"),
+                            extra={"error_code": event.code},
                         )
                     reply = connection.error_bytes(event.code, event.codec)
                     close = event.close
@@ -352,10 +390,13 @@ class Sessions:
                             return event.code if event.close else "too many protocol errors"
                         # Framing is lost: the client may still be sending the rest of
                         # the packet, so close lingering or the reply dies in a reset.
+                        recorder.error_reply(event.code)
+                        meter.sent += len(reply)  # the held replies were counted already
                         reply = channel.take_pending() + reply
                         channel.closed = True
                         await linger_close(stream, reply)
                         return event.code if event.close else "too many protocol errors"
+                    recorder.error_reply(event.code)
                     await channel.send(reply)
                 # The idle clock starts once the packet is handled, not when it
                 # arrived: a handler slower than ``timeout`` must not time out the
@@ -382,7 +423,10 @@ class Sessions:
         # a TCP reset, which can destroy the reply before the client reads it: close
         # lingering, as on a framing error.
         channel.closed = True
-        await linger_close(stream, channel.take_pending() + connection.error_bytes(ERR_TIMED_OUT))
+        recorder.error_reply(ERR_TIMED_OUT)
+        reply = connection.error_bytes(ERR_TIMED_OUT)
+        meter.sent += len(reply)  # the held replies were counted already
+        await linger_close(stream, channel.take_pending() + reply)
         return "timed out"
 
     async def _dispatch_within_deadline(self, client: Client, packet: Packet) -> None:
@@ -414,13 +458,16 @@ class Sessions:
             session_id,
             name,
             server.handler_timeout,
+            extra={"error_code": ERR_INTERNAL},
         )
         if not channel.closed:
+            server.metrics_recorder.error_reply(ERR_INTERNAL)
             await channel.send(channel.connection.error_bytes(ERR_INTERNAL))
 
     async def _refuse(self, stream: trio.abc.Stream, code: str) -> None:
         """Reply ``code`` in JSON (no encoding is known yet), then close lingering."""
         server = self.server
+        server.metrics_recorder.error_reply(code)
         data = Framer(server.header_size, server.byteorder, server.max_packet_size).frame(
             JSON.encode(error_payload(code)), JSON.code
         )

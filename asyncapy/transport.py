@@ -55,6 +55,7 @@ from trio.lowlevel import wait_readable, wait_writable
 from asyncapy.domain.connection import Connection
 
 from .filters import normalise_address
+from .metrics import SessionMeter
 
 __all__ = [
     "HOLD_LIMIT", "WRITES_PER_YIELD", "LINGER_SECONDS", "MAX_LINGERING", "STREAM_ERRORS",
@@ -90,6 +91,9 @@ STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 """What a read or write raises when the connection is gone (or closed under it)."""
 
 _CLOSED_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK})
+
+_UNMETERED = SessionMeter()
+"""The meter of a channel nobody meters (never read)."""
 
 
 # -- direct reads and writes ---------------------------------------------------------
@@ -281,7 +285,7 @@ class Channel:
 
     __slots__ = (
         "stream", "connection", "socket", "_busy", "_queue", "closed", "holding", "_pending",
-        "interrupted", "pacer", "written", "deferring", "deferred", "fd",
+        "interrupted", "pacer", "written", "deferring", "deferred", "fd", "meter",
     )
 
     def __init__(
@@ -314,6 +318,9 @@ class Channel:
         server's session loop while the server is busy, see :class:`Pacer`)."""
         self.deferred = False
         """True while this channel is queued in ``pacer`` for the next round."""
+        self.meter: SessionMeter = _UNMETERED
+        """The session's :class:`~asyncapy.metrics.SessionMeter`: every send adds its
+        bytes to ``sent`` (set by the session; a shared, unread one until then)."""
 
     async def send(self, data: bytes) -> None:
         """Write ``data`` whole (or hold or defer it, see above);
@@ -321,6 +328,7 @@ class Channel:
         ``trio.BrokenResourceError`` once a write on it failed or was cut short."""
         if self.closed:
             raise trio.ClosedResourceError("the session is closed")
+        self.meter.sent += len(data)
         fd = self.fd
         if fd is not None:
             # Fairness: every WRITES_PER_YIELD-th send with no read between yields,

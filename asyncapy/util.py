@@ -19,9 +19,13 @@ import trio
 from asyncapy.adapters.memory import MemoryKeyStore
 from asyncapy.domain.ports import KeyStore, run_to_completion
 
+from asyncapy.adapters.key_cache import CachedKeyStore
+
+from .metered import metered_key_store
+from .metrics import Recorder
 from .stores import open_key_store
 
-__all__ = ["APIKeyFactory", "KEY_ALPHABET", "fingerprint", "where_keys_live"]
+__all__ = ["APIKeyFactory", "KEY_ALPHABET", "fingerprint", "where_keys_live", "meter_key_stores"]
 
 KEY_ALPHABET = string.ascii_letters + string.digits + "-_"
 """The URL-safe alphabet keys are drawn from (the one of base64url)."""
@@ -45,6 +49,24 @@ def where_keys_live(prefix: str = "") -> str:
     process has no ``APIKeyFactory``."""
     stores = list(dict.fromkeys(_describe(factory.store) for factory in list(_factories)))
     return prefix + "; ".join(stores) if stores else ""
+
+
+def meter_key_stores(recorder: Recorder) -> None:
+    """Time the key stores of this process's factories into ``recorder`` (the server
+    does so when it serves with metrics on), and count their caches' hits and misses.
+
+    A :class:`~asyncapy.adapters.key_cache.CachedKeyStore` is metered inside: the store
+    behind the cache is timed (what a look-up the cache could not answer costs), and
+    the cache's own counts become ``asyncapy_key_cache_hits_total`` and
+    ``_misses_total`` at each scrape. An in-memory store is left as it is: its calls
+    take no time worth a histogram, and ``APIKeyFactory`` reads it directly."""
+    for factory in list(_factories):
+        store = factory.store
+        if isinstance(store, CachedKeyStore):
+            recorder.watch_key_cache(store.cache)
+            store.store = metered_key_store(store.store, recorder)
+        elif not isinstance(store, MemoryKeyStore):
+            factory.store = metered_key_store(store, recorder)
 
 
 def _describe(store: KeyStore) -> str:

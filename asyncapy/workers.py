@@ -60,9 +60,6 @@ import trio
 
 from . import worker_metrics
 from .listening import bind_listeners, format_address, sockname
-from .logs import configure_server_logging
-from .metered import metered_session_store
-from .metrics import Recorder
 from .probes import ProbeServer, Readiness
 from .server import Server
 from .util import where_keys_live
@@ -150,7 +147,7 @@ class Supervisor:
         self._listeners = await bind_listeners(self.app.addr, self.app.port)
         try:
             self.addresses = [sockname(listener) for listener in self._listeners]
-            if getattr(self.app, "metrics_port", None) is not None:
+            if self.app.metrics_port is not None:
                 await self._bind_metrics()
             logger.info(
                 "AsyncAPY serving on %s (%s) with %d worker processes, sessions in %s%s",
@@ -191,7 +188,7 @@ class Supervisor:
             store=self.app.store,
             extra=lambda: None if self._serving else "no worker serving yet",
         )
-        host = getattr(self.app, "metrics_host", "127.0.0.1")
+        host = self.app.metrics_host
         self.probes = ProbeServer(self._metrics, readiness, host=host, port=self.app.metrics_port)
         await self.probes.bind()
         logger.info(
@@ -371,7 +368,6 @@ def supervise(
     app: Server, worker_args: Sequence[str], workers: int, policy: RestartPolicy = RestartPolicy()
 ) -> int:
     """Run a :class:`Supervisor` until it is signalled (blocking); its exit status."""
-    configure_server_logging(app)  # the log format too (--log-format)
     app.configure_logging()
     return trio.run(Supervisor(app, worker_args, workers, policy).run)
 
@@ -397,7 +393,6 @@ def run_worker(app: Server, listen_fds: Sequence[int], control_fd: int) -> None:
     """
     sockets = [socket.socket(fileno=fd) for fd in listen_fds]
     control = socket.socket(fileno=control_fd)
-    configure_server_logging(app)  # the log format too (--log-format)
     app.configure_logging()
     trio.run(_serve_worker, app, sockets, control)
 
@@ -409,7 +404,10 @@ async def _serve_worker(app: Server, sockets: list[socket.socket], control: sock
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stay_in_touch, app, trio.socket.from_stdlib_socket(control), readiness)
         if directory is not None:
-            nursery.start_soon(worker_metrics.publish, _worker_recorder(app), directory)
+            # The server counts into its recorder (a real one: it found the directory
+            # set) and serves no endpoint; the supervisor reads what this publishes.
+            app._choose_recorder()
+            nursery.start_soon(worker_metrics.publish, app.metrics_recorder, directory)
         try:
             await app._run_until_signalled(sockets=sockets, task_status=readiness)
         except Exception as exc:  # re-raised as itself, not inside an ExceptionGroup
@@ -417,21 +415,6 @@ async def _serve_worker(app: Server, sockets: list[socket.socket], control: sock
         nursery.cancel_scope.cancel()
     if failure is not None:
         raise failure
-
-
-def _worker_recorder(app: Server) -> Recorder:
-    """The recorder of a worker whose supervisor serves metrics: ``app.metrics_recorder``
-    (made here if the server has none), with the session store metered into it.
-
-    Until the server counts its sessions itself, a worker's counts are those of its
-    session store (admissions, releases, their timings and failures); the server's
-    own hooks, once wired, count into the same recorder.
-    """
-    recorder = getattr(app, "metrics_recorder", None)
-    if not isinstance(recorder, Recorder) or not recorder.enabled:
-        recorder = app.metrics_recorder = Recorder()
-    app.store = metered_session_store(app.store, recorder)
-    return recorder
 
 
 async def _stay_in_touch(app: Server, control: Any, readiness: _Readiness) -> None:
