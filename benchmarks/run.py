@@ -6,6 +6,11 @@ closed loop, in slices of a quarter of a second taken in turn (see :func:`measur
 so that drift of the machine hits both alike. Only same-run ratios mean anything:
 absolute figures vary from machine to machine and from minute to minute.
 
+``metrics on`` is the same AsyncAPY application with ``--metrics-port 0``: every
+counter, the handler and store histograms, and the endpoint listening (nobody
+scrapes it during the run). Its ratio to AsyncAPY without metrics, in the same run,
+is what metrics cost (docs/operations.md#what-it-costs).
+
 A fourth server, ``trio+codec`` (``--codec``), is context too: the bare trio echo
 that also decodes and re-encodes each payload with AsyncAPY's codecs. It separates
 what the payload's codec costs from what the framework costs.
@@ -91,13 +96,15 @@ def process_serving(argv_for_port, settle: float = 0.2, quiet_stderr: bool = Tru
 def server(name: str, argv: list) -> contextlib.AbstractContextManager:
     """Run server ``name`` (``argv`` from :data:`SERVERS`) as its own process; the
     context yields ``(port, pid)``."""
-    flag = ["--port"] if name == "asyncapy" else []
+    flag = ["--port"] if argv[:2] == ["-m", "asyncapy"] else []
     return process_serving(lambda port: [sys.executable, *argv, *flag, str(port)])
 
 
 SERVERS = {
     "bare trio": ["-m", "benchmarks.bare_trio_echo"],
     "asyncapy": ["-m", "asyncapy", "run", "examples.echo:app", "--log-level", "WARNING"],
+    "metrics on": ["-m", "asyncapy", "run", "examples.echo:app", "--log-level", "WARNING",
+                   "--metrics-port", "0"],
     "uvloop": ["-m", "benchmarks.uvloop_echo"],
     "trio+codec": ["-m", "benchmarks.bare_trio_echo", "--codec"],
 }
@@ -158,6 +165,14 @@ def summarise(results: dict, baseline: str = "bare trio") -> list:
     return rows
 
 
+def metrics_ratio(results: dict) -> float:
+    """The median over rounds of AsyncAPY's rate with metrics on over its rate
+    without (the two measured in turn, slice by slice, in each round)."""
+    return statistics.median(
+        on.rate / off.rate for on, off in zip(results["metrics on"], results["asyncapy"]) if off.rate
+    )
+
+
 def print_table(title: str, rows: list) -> None:
     print(f"\n{title}")
     print(f"  {'server':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6} {'CPU us/req':>10}   rounds (req/s)")
@@ -186,7 +201,7 @@ def main() -> None:
     parser.add_argument("--plot", metavar="PNG", help="also sweep 1/10/50/200 connections and plot")
     args = parser.parse_args()
 
-    names = ["bare trio", "asyncapy"] + (["trio+codec"] if args.codec else []) + (["uvloop"] if args.uvloop else [])
+    names = ["bare trio", "asyncapy", "metrics on"] + (["trio+codec"] if args.codec else []) + (["uvloop"] if args.uvloop else [])
     print(f"Machine: {describe_machine()}")
     print(f"{args.rounds} rounds of {args.seconds}s per server, in {SLICE}s slices taken in turn; "
           "closed loop, one request in flight per connection")
@@ -194,9 +209,11 @@ def main() -> None:
         servers = {name: stack.enter_context(server(name, SERVERS[name])) for name in names}
         worst = float("inf")
         for title, connections, packet in WORKLOADS:
-            rows = summarise(measure(servers, packet, connections, args.rounds, args.seconds))
+            results = measure(servers, packet, connections, args.rounds, args.seconds)
+            rows = summarise(results)
             print_table(f"{title}: {connections} connection(s), {len(packet)}-byte packets", rows)
             worst = min(worst, next(r[4] for r in rows if r[0] == "asyncapy"))
+            print(f"  metrics on / off: {metrics_ratio(results):.3f}")
         if args.churn:
             packet = WORKLOADS[0][2]
             rows = summarise(measure(servers, packet, 8, args.rounds, args.seconds, churn=True))
