@@ -178,6 +178,7 @@ class Listening:
                 return  # the client is gone already
             gate = self.proxy_gate
             if gate is not None and not gate.trusts(address):
+                self.server.metrics_recorder.connection("refused_proxy")
                 await self.sessions.refusals.close(stream, b"")  # no slot held, no reply
                 return
             self.connections += 1
@@ -196,6 +197,7 @@ class Listening:
                 if gate is not None:
                     client = await gate.client_address(stream, address)  # before TLS
                     if client is None:
+                        self.server.metrics_recorder.connection("refused_proxy")
                         return
                     address = client
                 if self.ssl_context is not None:

@@ -85,11 +85,14 @@ OUTCOMES = (
     "refused_max_connections",
     "store_unavailable",
     "tls_handshake_failed",
+    "refused_proxy",
 )
 """The ``outcome`` label of ``asyncapy_connections_total``: admitted as a session;
 refused for the client address's ``session_limit``; closed at once past the process's
 ``max_connections``; refused with ``ERR_UNAVAILABLE`` because the session store failed;
-closed because its TLS handshake failed or did not finish within ``timeout``."""
+closed because its TLS handshake failed or did not finish within ``timeout``; closed
+with ``proxy_protocol`` on, from a peer not in ``trusted_proxies`` or without a valid
+PROXY header in time."""
 
 
 class Timings:

@@ -140,6 +140,7 @@ async def test_a_scrape_counts_exactly_what_the_server_did():
         "refused_max_connections": 0,
         "store_unavailable": 0,
         "tls_handshake_failed": 0,
+        "refused_proxy": 0,
     }
     assert samples[("asyncapy_received_bytes_total", ())] == received
     assert samples[("asyncapy_sent_bytes_total", ())] == sent
@@ -317,3 +318,29 @@ def test_the_command_line_serves_metrics_and_json_logs_with_the_session():
     started = next(e for e in entries if "Session started" in e["message"])
     assert started["session_id"] == warning["session_id"]
     assert started["session_id"] in warning["message"]
+
+
+@pytest.mark.parametrize(
+    "trusted, first_bytes",
+    [("10.0.0.1", b""), ("127.0.0.1", b"GET / HTTP/1.1\r\n\r\n")],
+    ids=["untrusted peer", "no PROXY header"],
+)
+async def test_connections_refused_by_the_proxy_gate_are_counted(trusted, first_bytes):
+    server = _app(proxy_protocol=True, trusted_proxies=trusted)
+    async with serving(server) as (host, port):
+        metrics = _metrics_port(server)
+        async with await Wire.connect(host, port) as wire:
+            if first_bytes:
+                await wire.send(first_bytes)
+            with trio.fail_after(10):  # closed: an EOF, or a reset (its bytes unread)
+                try:
+                    while await wire.stream.receive_some(4096):
+                        pass
+                except trio.BrokenResourceError:
+                    pass
+        with trio.fail_after(5):
+            while (samples := await _scrape(metrics))[
+                ("asyncapy_connections_total", (("outcome", "refused_proxy"),))
+            ] != 1:
+                await trio.sleep(0.02)
+    assert _by(samples, "asyncapy_connections_total", "outcome")["admitted"] == 0
