@@ -21,6 +21,15 @@ from asyncapy.testing.contracts import KeyStoreContract
 from tests.contract.test_redis_stores import fake_client
 
 
+async def linked(store: CachedKeyStore) -> None:
+    """Wait (5 s at most) until ``store``'s tracker has linked to Redis and its cache
+    answers from memory: a first check starts the tracker."""
+    await store.contains("link it")
+    with trio.fail_after(5):
+        while not store.cache.trusted:
+            await trio.sleep(0.005)
+
+
 class TestCachedMemoryKeyStoreWithTTL(KeyStoreContract):
     @pytest.fixture
     def store(self):
@@ -31,10 +40,7 @@ class TestCachedRealRedisKeyStore(KeyStoreContract):
     @pytest.fixture
     async def store(self, redis_url):
         store = CachedKeyStore(RedisKeyStore(connect(redis_url)), size=8)
-        await store.contains("link it")
-        with trio.fail_after(5):
-            while not store.cache.trusted:
-                await trio.sleep(0.005)
+        await linked(store)
         yield store
         await store.aclose()
 

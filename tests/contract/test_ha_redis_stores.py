@@ -12,11 +12,11 @@ failover itself is tested in tests/integration/test_redis_ha.py.
 """
 
 import pytest
-import trio
 
 from asyncapy.adapters.key_cache import CachedKeyStore
 from asyncapy.adapters.redis import RedisKeyStore, RedisSessionStore, connect
 from asyncapy.testing.contracts import KeyStoreContract, SessionStoreContract
+from tests.contract.test_cached_key_stores import linked
 
 
 class TestClusterSessionStore(SessionStoreContract):
@@ -41,10 +41,7 @@ class TestCachedClusterKeyStore(KeyStoreContract):
     @pytest.fixture
     async def store(self, cluster_url):
         store = CachedKeyStore(RedisKeyStore(connect(cluster_url)), size=8)
-        await store.contains("link it")
-        with trio.fail_after(5):
-            while not store.cache.trusted:
-                await trio.sleep(0.005)
+        await linked(store)
         yield store
         await store.aclose()
 
@@ -79,9 +76,6 @@ class TestCachedSentinelKeyStore(KeyStoreContract):
     @pytest.fixture
     async def store(self, sentinel_url):
         store = CachedKeyStore(RedisKeyStore(connect(sentinel_url)), size=8)
-        await store.contains("link it")
-        with trio.fail_after(5):
-            while not store.cache.trusted:
-                await trio.sleep(0.005)
+        await linked(store)
         yield store
         await store.aclose()
