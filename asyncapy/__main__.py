@@ -108,8 +108,9 @@ def _add_server_arguments(run: argparse.ArgumentParser) -> None:
         "--store",
         metavar="URL",
         help="where sessions live, and API keys of every APIKeyFactory() created without "
-        "store=: memory:// (this process only) or redis://HOST:PORT/DB (shared by every "
-        f"process using it) (default: ${STORE_ENV}, else the --config file's store, else "
+        "store=: memory:// (this process only), or redis://HOST:PORT/DB, "
+        "redis+sentinel://HOST:PORT[,...]/SERVICE or redis+cluster://HOST:PORT[,...] "
+        f"(shared by every process using it) (default: ${STORE_ENV}, else the --config file's store, else "
         "the app's own, memory unless set)",
     )
     run.add_argument(
