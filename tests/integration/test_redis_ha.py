@@ -23,11 +23,10 @@ from __future__ import annotations
 import time
 
 import trio
-import trio.testing
 
 from asyncapy import APIKeyFactory
 from tests.e2e.wire import Wire
-from tests.integration.test_redis_processes import HOST, attempt
+from tests.integration.test_redis_processes import HOST, attempt, racing
 from tests.real_parts import RedisCluster, SentinelSet
 
 FAILOVER_BUDGET = 15.0
@@ -108,26 +107,8 @@ async def test_a_cluster_keeps_the_limit_exact_under_a_race(cluster_url, spawn):
     servers = [spawn(cluster_url, session_limit=3, session_lease=30) for _ in range(2)]
     for server in servers:
         await server.serving()
-    go, everyone_answered, hang_up = trio.Event(), trio.Event(), trio.Event()
-    outcomes: list[str] = []
-
-    async def connect(port: int) -> None:
-        await go.wait()
-        outcome, wire = await attempt(port)
-        outcomes.append(outcome)
-        if len(outcomes) == 12:
-            everyone_answered.set()
-        await hang_up.wait()
-        await wire.aclose()
-
-    async with trio.open_nursery() as nursery:
-        for n in range(12):
-            nursery.start_soon(connect, servers[n % 2].port)
-        await trio.testing.wait_all_tasks_blocked()
-        go.set()
-        await everyone_answered.wait()
+    async with racing([server.port for server in servers]) as outcomes:
         assert sorted(outcomes) == ["refused"] * 9 + ["served"] * 3
-        hang_up.set()
     for server in servers:
         assert server.stop() == 0, server.output()
 

@@ -18,6 +18,8 @@ The application is tests/integration/redis_app.py.
 from __future__ import annotations
 
 import re
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
 
 import redis
 import trio
@@ -44,6 +46,35 @@ async def attempt(port: int) -> tuple[str, Wire]:
     return "refused", wire
 
 
+@asynccontextmanager
+async def racing(ports: list[int], count: int = 12) -> AsyncIterator[list[str]]:
+    """``count`` connections let go at the same moment, spread over ``ports`` in turn;
+    inside, every admission is decided (the outcomes of :func:`attempt`) and the
+    admitted sessions are still held; on exit they hang up."""
+    go, everyone_answered, hang_up = trio.Event(), trio.Event(), trio.Event()
+    outcomes: list[str] = []
+
+    async def connect(port: int) -> None:
+        await go.wait()
+        outcome, wire = await attempt(port)
+        outcomes.append(outcome)
+        if len(outcomes) == count:
+            everyone_answered.set()
+        await hang_up.wait()  # hold the sessions until all are decided and counted
+        await wire.aclose()
+
+    async with trio.open_nursery() as nursery:
+        for n in range(count):
+            nursery.start_soon(connect, ports[n % len(ports)])
+        await trio.testing.wait_all_tasks_blocked()
+        go.set()
+        await everyone_answered.wait()
+        try:
+            yield outcomes
+        finally:
+            hang_up.set()
+
+
 def live_sessions(inspector: redis.Redis) -> int:
     """Unexpired leases of 127.0.0.1 in Redis."""
     now = inspector.time()
@@ -63,27 +94,9 @@ async def test_twelve_racing_connections_over_two_processes_get_exactly_three_se
         await server.serving()
     inspector = redis.Redis.from_url(redis_url)
     for race in range(3):
-        go, everyone_answered, hang_up = trio.Event(), trio.Event(), trio.Event()
-        outcomes: list[str] = []
-
-        async def connect(port: int) -> None:
-            await go.wait()
-            outcome, wire = await attempt(port)
-            outcomes.append(outcome)
-            if len(outcomes) == 12:
-                everyone_answered.set()
-            await hang_up.wait()  # hold the sessions until all are decided and counted
-            await wire.aclose()
-
-        async with trio.open_nursery() as nursery:
-            for n in range(12):
-                nursery.start_soon(connect, servers[n % 2].port)
-            await trio.testing.wait_all_tasks_blocked()
-            go.set()
-            await everyone_answered.wait()
+        async with racing([server.port for server in servers]) as outcomes:
             assert sorted(outcomes) == ["refused"] * 9 + ["served"] * 3, f"race {race}"
             assert live_sessions(inspector) == 3
-            hang_up.set()
         await wait_for_live_sessions(inspector, 0)  # each process released its own
     inspector.close()
     started = 0
