@@ -21,7 +21,17 @@ from asyncapy.domain.limits import DEFAULT_PACKET_MEMORY, SERVER_MAX_PACKET_SIZE
 from asyncapy.domain.proxy import TrustedProxies
 from asyncapy.domain.redaction import MASK, looks_secret, redact, redact_url
 
-__all__ = ["ConfigError", "Setting", "SETTINGS", "SECTION", "validate", "load_config", "check_proxy_settings"]
+__all__ = [
+    "ConfigError",
+    "Setting",
+    "SETTINGS",
+    "Settings",
+    "SECTION",
+    "validate",
+    "make_settings",
+    "load_config",
+    "check_proxy_settings",
+]
 
 SECTION = "AsyncAPY"
 """The INI section the server reads."""
@@ -362,6 +372,41 @@ SETTINGS: Mapping[str, Setting] = {
     )
 }
 """Every setting, by name: the constructor's parameters and the INI keys alike."""
+
+
+def _shown(name: str) -> Callable[[Any], str]:
+    """How :class:`Settings`' repr shows setting ``name``'s value: URLs without their
+    credentials."""
+    if name in URL_SETTINGS:
+        return lambda value: repr(redact_url(value)) if isinstance(value, str) else repr(value)
+    return repr
+
+
+Settings = attrs.make_class(
+    "Settings",
+    {name: attrs.field(default=setting.default, repr=_shown(name)) for name, setting in SETTINGS.items()},
+    frozen=True,
+    slots=True,
+    eq=True,
+)
+Settings.__module__ = __name__
+Settings.__doc__ = """A server's settings, validated, as one frozen object: one attribute per
+entry of :data:`SETTINGS` (``settings.timeout``, ``settings.session_limit``...).
+
+Made once by :func:`make_settings` from the constructor's arguments and a config file,
+and handed to every part of the server that reads settings; a change (assigning
+``server.timeout``, :meth:`~asyncapy.server.Server.load_config`) makes a new one. Its
+repr never shows a store URL's password."""
+
+
+def make_settings(values: Mapping[str, Any] = {}, source: str = "", base: Any = None) -> Any:
+    """A :class:`Settings` with ``values`` validated (:class:`ConfigError` naming the
+    first bad one and ``source``), the rest from ``base`` (a :class:`Settings`) or
+    the defaults."""
+    checked = {name: validate(name, value, source) for name, value in values.items()}
+    if base is None:
+        return Settings(**checked)
+    return attrs.evolve(base, **checked)
 
 
 def validate(name: str, value: Any, source: str = "") -> Any:

@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import socket
 import ssl
-import time
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import trio
@@ -36,7 +34,9 @@ try:
 except ImportError:  # pragma: no cover - Windows has no open-file rlimit
     resource = None  # type: ignore[assignment]
 
-from .proxying import ProxyGate, gate_for
+from .logs import LimitedLog
+from .metrics import NULL_RECORDER, Recorder
+from .proxying import ProxyGate
 from .transport import STREAM_ERRORS, close_at_once, peer_address
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -66,14 +66,16 @@ class Listening:
     """The listeners of one server and the connections they accept, up to the moment
     each becomes a session of ``sessions``.
 
-    ``server`` is the :class:`~asyncapy.server.Server` whose settings these are (not
-    imported: the server composes this, not the other way round). They are read when
-    they are used, as they may change until the server serves; the TLS context is
-    taken once, when the listeners open."""
+    :param settings: the server's :class:`~asyncapy.config.Settings` (the server
+        hands new ones when they change before serving).
+    :param sessions: where admitted connections go.
+    :param recorder: where metrics go.
+    """
 
-    def __init__(self, server: Any, sessions: "Sessions") -> None:
-        self.server = server
+    def __init__(self, settings: Any, sessions: "Sessions", *, recorder: Recorder = NULL_RECORDER) -> None:
+        self.settings = settings
         self.sessions = sessions
+        self.recorder = recorder
         self.connections = 0
         """Connections accepted and being served (refused ones not counted)."""
         self.accepting = False
@@ -84,15 +86,14 @@ class Listening:
         self.proxy_gate: Optional[ProxyGate] = None
         """With ``proxy_protocol`` on, what reads each connection's PROXY header (see
         :mod:`asyncapy.proxying`), from :meth:`open`; None otherwise."""
-        self._refusals_unlogged = 0
-        self._refusal_logged_at = -math.inf
+        self.refusal_log = LimitedLog(logger, "refused", 1, REFUSAL_LOG_INTERVAL)
 
     # -- listeners and the accept loop -------------------------------------------------
     def check_open_file_limit(self) -> None:
         """Raise the open-file limit (once per process) and warn if it caps connections
         below ``max_connections``: every connection is a file descriptor, and past
         the limit ``accept()`` fails, which no client would understand."""
-        max_connections = self.server.max_connections
+        max_connections = self.settings.max_connections
         limit = raise_open_file_limit()
         if limit is None or limit >= max_connections + FD_MARGIN:
             return
@@ -106,19 +107,21 @@ class Listening:
             max_connections,
         )
 
-    async def open(self, sockets: Optional[Sequence[socket.socket]] = None) -> list:
+    async def open(
+        self, sockets: Optional[Sequence[socket.socket]] = None, ssl_context: Optional[ssl.SSLContext] = None
+    ) -> list:
         """The listeners to accept on: ``sockets`` (already listening), or new ones
-        bound to the server's ``addr`` and ``port``. Takes the server's TLS context
-        and PROXY protocol settings for the connections they accept."""
-        server = self.server
+        bound to the settings' ``addr`` and ``port``. Their connections are served with
+        ``ssl_context`` (None: plain TCP) and the PROXY protocol settings."""
+        settings = self.settings
         if sockets is None:
-            listeners = await bind_listeners(server.addr, server.port)
+            listeners = await bind_listeners(settings.addr, settings.port)
         else:
             listeners = [listener_of(sock) for sock in sockets]
             if not listeners:
                 raise ValueError("serve(sockets=...) needs at least one listening socket")
-        self.ssl_context = server.ssl_context
-        self.proxy_gate = gate_for(server)
+        self.ssl_context = ssl_context
+        self.proxy_gate = ProxyGate(settings.trusted_proxies, settings.timeout) if settings.proxy_protocol else None
         if self.proxy_gate is not None:
             logger.info(
                 "PROXY protocol on: every connection starts with a PROXY header from a trusted proxy (%s)",
@@ -169,7 +172,7 @@ class Listening:
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         """Serve one accepted connection, and close it however that ends."""
         try:
-            if self.connections >= self.server.max_connections:
+            if self.connections >= self.settings.max_connections:
                 await self.refuse(stream)
                 return
             try:
@@ -178,7 +181,7 @@ class Listening:
                 return  # the client is gone already
             gate = self.proxy_gate
             if gate is not None and not gate.trusts(address):
-                self.server.metrics_recorder.connection("refused_proxy")
+                self.recorder.connection("refused_proxy")
                 await self.sessions.refusals.close(stream, b"")  # no slot held, no reply
                 return
             self.connections += 1
@@ -197,7 +200,7 @@ class Listening:
                 if gate is not None:
                     client = await gate.client_address(stream, address)  # before TLS
                     if client is None:
-                        self.server.metrics_recorder.connection("refused_proxy")
+                        self.recorder.connection("refused_proxy")
                         return
                     address = client
                 if self.ssl_context is not None:
@@ -216,7 +219,7 @@ class Listening:
 
         Before admission, so a client that never finishes its handshake, or fails
         mutual TLS, takes no ``session_limit`` slot and causes no store write."""
-        timeout = self.server.timeout
+        timeout = self.settings.timeout
         reason = f"not finished within timeout ({timeout}s)"
         with trio.move_on_after(timeout):
             try:
@@ -226,7 +229,7 @@ class Listening:
                 cause = exc.__cause__ or exc
                 reason = str(cause) or type(cause).__name__
         logger.info("TLS handshake with %s failed: %s", address, reason)
-        self.server.metrics_recorder.connection("tls_handshake_failed")
+        self.recorder.connection("tls_handshake_failed")
         return False
 
     async def refuse(self, stream: trio.abc.Stream) -> None:
@@ -234,32 +237,25 @@ class Listening:
         no TLS handshake, no reply (no error code fits), just a lingering close of the
         TCP connection, so a client that already wrote a request sees the connection
         end rather than a reset. The warning is rate-limited: a flood is one line a
-        second."""
-        self.server.metrics_recorder.connection("refused_max_connections")
-        self._refusals_unlogged += 1
-        if time.monotonic() - self._refusal_logged_at >= REFUSAL_LOG_INTERVAL:
-            try:
-                address = peer_address(stream)
-            except OSError:
-                address = "a client gone already"
-            self.log_refusals(f": refused a connection from {address}")
+        second, with the count of those left out."""
+        self.recorder.connection("refused_max_connections")
+        try:
+            address = peer_address(stream)
+        except OSError:
+            address = "a client gone already"
+        self.refusal_log.warning(
+            "max_connections (%d) reached: refused a connection from %s", self.settings.max_connections, address
+        )
         await self.sessions.refusals.close(stream, b"")
 
-    def log_refusals(self, latest: str = "") -> None:
-        """Log the refusals past ``max_connections`` not logged yet (with ``latest``,
-        the one being refused); with no ``latest``, only if there are any (when the
-        server stops, with those of the PROXY protocol's refusals)."""
-        if not latest and self.proxy_gate is not None:
+    def log_refusals(self) -> None:
+        """Log the refusals the log limits kept out of the log (when the server stops),
+        with those of the PROXY protocol."""
+        if self.proxy_gate is not None:
             self.proxy_gate.report()
-        count = self._refusals_unlogged
-        if not latest and not count:
-            return
-        if latest:
-            count -= 1  # the one being refused is told apart
-        more = f"; {count} more refused since the last such warning" if count else ""
-        logger.warning("max_connections (%d) reached%s%s", self.server.max_connections, latest, more)
-        self._refusals_unlogged = 0
-        self._refusal_logged_at = time.monotonic()
+        self.refusal_log.report(
+            "max_connections (%d) reached; %d more refused since the last such warning", self.settings.max_connections
+        )
 
 
 async def bind_listeners(addr: str, port: int) -> list[trio.SocketListener]:

@@ -40,18 +40,18 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import trio
 
+from asyncapy.domain.addresses import canonical_address
 from asyncapy.domain.proxy import DEFAULT_MAX_LENGTH, NEED_DATA, ProxyError, ProxyHeader, ProxyParser, TrustedProxies
 
-from .session_state import LogLimit
-from .transport import canonical_address, transport_of
+from .logs import LimitedLog
+from .transport import transport_of
 
 __all__ = [
     "ProxyGate",
-    "gate_for",
     "GONE",
     "read_proxy_header",
     "header_deadline",
@@ -141,8 +141,8 @@ class ProxyGate:
         """The proxies whose headers are believed (``trusted_proxies``)."""
         self.deadline = header_deadline(timeout)
         """Seconds a connection gets for its header (:func:`header_deadline`)."""
-        self.untrusted_log = LogLimit(1, PROXY_LOG_INTERVAL)
-        self.invalid_log = LogLimit(1, PROXY_LOG_INTERVAL)
+        self.untrusted_log = LimitedLog(logger, "refused alike", 1, PROXY_LOG_INTERVAL)
+        self.invalid_log = LimitedLog(logger, "closed alike", 1, PROXY_LOG_INTERVAL)
 
     def trusts(self, peer: str) -> bool:
         """Whether ``peer`` (the TCP peer's address) may send a PROXY header; logs the
@@ -150,15 +150,11 @@ class ProxyGate:
         without a reply."""
         if peer in self.trusted:
             return True
-        log = self.untrusted_log
-        if log.allow():
-            logger.warning(
-                "PROXY protocol: refused a connection from %s, not a trusted proxy "
-                "(trusted_proxies: %s)%s",
-                peer,
-                ", ".join(self.trusted),
-                log.take_suppressed("refused alike"),
-            )
+        self.untrusted_log.warning(
+            "PROXY protocol: refused a connection from %s, not a trusted proxy (trusted_proxies: %s)",
+            peer,
+            ", ".join(self.trusted),
+        )
         return False
 
     async def client_address(self, stream: trio.abc.Stream, peer: str) -> Optional[str]:
@@ -179,14 +175,7 @@ class ProxyGate:
             logger.debug("PROXY protocol: %s closed the connection before sending anything", peer)
             return None
         if type(event) is ProxyError:
-            log = self.invalid_log
-            if log.allow():
-                logger.warning(
-                    "PROXY protocol: closed a connection from proxy %s: %s%s",
-                    peer,
-                    event.reason,
-                    log.take_suppressed("closed alike"),
-                )
+            self.invalid_log.warning("PROXY protocol: closed a connection from proxy %s: %s", peer, event.reason)
             return None
         client = event.client(None)
         if client is None:  # LOCAL, UNKNOWN, UNSPEC, a Unix socket: the real peer's
@@ -201,18 +190,9 @@ class ProxyGate:
 
     def report(self) -> None:
         """Log the refusals not logged yet (when the server stops)."""
-        for log, what in (
-            (self.untrusted_log, "connection(s) from untrusted peers refused"),
-            (self.invalid_log, "connection(s) without a valid PROXY header closed"),
-        ):
-            if log.suppressed:
-                logger.warning("PROXY protocol: %d more %s since the last such warning", log.suppressed, what)
-                log.suppressed = 0
-
-
-def gate_for(server: Any) -> Optional[ProxyGate]:
-    """The :class:`ProxyGate` of ``server``'s connections, or None when its
-    ``proxy_protocol`` is off."""
-    if not server.proxy_protocol:
-        return None
-    return ProxyGate(server.trusted_proxies, server.timeout)
+        self.untrusted_log.report(
+            "PROXY protocol: %d more connection(s) from untrusted peers refused since the last such warning"
+        )
+        self.invalid_log.report(
+            "PROXY protocol: %d more connection(s) without a valid PROXY header closed since the last such warning"
+        )

@@ -42,6 +42,7 @@ import ipaddress
 import re
 from typing import Any, Iterable, Iterator, NamedTuple, Optional, Union
 
+from .addresses import IPNetwork, parse_address, unmapped_network
 from .framing import NEED_DATA, _NeedData
 
 __all__ = [
@@ -367,16 +368,7 @@ def crc32c(data: bytes) -> int:
 
 
 # -- who may send a header -----------------------------------------------------------------------
-_Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
-_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
-
-
-def _unmapped_network(network: _Network) -> _Network:
-    """An IPv4-mapped IPv6 network (``::ffff:10.0.0.0/104``) as the IPv4 one it maps."""
-    if network.version == 6 and network.prefixlen >= 96 and network.subnet_of(_MAPPED):  # type: ignore[arg-type]
-        mapped = network.network_address.ipv4_mapped
-        return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
-    return network
+_Network = IPNetwork
 
 
 class TrustedProxies:
@@ -401,7 +393,7 @@ class TrustedProxies:
             entries = [part for part in re.split(r"[\s,]+", entries) if part]
         networks: list = []
         for entry in entries:
-            network = _unmapped_network(_parse_network(entry))
+            network = unmapped_network(_parse_network(entry))
             if network not in networks:
                 networks.append(network)
         self.networks: tuple = tuple(networks)
@@ -417,12 +409,9 @@ class TrustedProxies:
             peer = peer.split("%", 1)[0]  # a link-local peer's zone index
         elif not isinstance(peer, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
             return False
-        try:
-            address = ipaddress.ip_address(peer)
-        except ValueError:
+        address = parse_address(peer)
+        if address is None:
             return False
-        if address.version == 6 and address.ipv4_mapped is not None:  # type: ignore[union-attr]
-            address = address.ipv4_mapped  # type: ignore[union-attr]
         return any(address in network for network in self.networks)
 
     def __iter__(self) -> Iterator[str]:
