@@ -1,17 +1,17 @@
-"""``Server``: the public server: settings, handler registration, hooks, and running.
+"""``Server``: what an application configures and calls, and the composition root of the
+serving machinery.
 
-The server is a driving adapter around the pure core: for each connection it reads
-bytes, feeds them to a :class:`asyncapy.domain.connection.Connection`, hands every decoded
-request to the :class:`asyncapy.domain.dispatch.Dispatcher`, and writes what comes back. No
-protocol rule lives here, and no serving machinery either: this module holds what an
-application configures and calls (settings and their validation, registration,
-``setup``/``shutdown``/``session_ended``, ``start``/``serve``/``request_shutdown``,
-signals), and composes the machinery that does the I/O:
+Here: the settings (validated once into a frozen :class:`~asyncapy.config.Settings`,
+readable and assignable as attributes), handler registration, the hooks
+(``setup``, ``shutdown``, ``session_ended``), ``start``/``serve``/``request_shutdown``
+and signals. No protocol rule and no serving machinery: the server makes the
+machinery and hands it what it uses (:meth:`Server._wire`), and nothing there reaches
+back into the server:
 
 * :mod:`asyncapy.listening`: listeners, the accept loop, each connection's way in
-  (``max_connections``, TLS handshake), the open-file limit;
-* :mod:`asyncapy.sessions`: admission, the session loop, release, the shutdown's drain;
-* :mod:`asyncapy.session_state`: what each session shares with the idle reaper;
+  (``max_connections``, the PROXY header, the TLS handshake), the open-file limit;
+* :mod:`asyncapy.sessions`: admission, the live sessions, release, the drain;
+* :mod:`asyncapy.session_protocol`: one session, from its bytes to its replies;
 * :mod:`asyncapy.transport`: reads, writes, the lingering close.
 """
 
@@ -396,7 +396,8 @@ class Server:
             trio.run(self._run_until_signalled)
         except (OSError, ConfigError) as exc:
             logger.debug("The server could not start", exc_info=True)
-            print(f"asyncapy: {exc}", file=sys.stderr)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            print(f"asyncapy: {reason}", file=sys.stderr)
             raise SystemExit(2 if isinstance(exc, ConfigError) else 1) from None
 
     def configure_logging(self) -> None:
@@ -477,6 +478,7 @@ class Server:
             self.store = metered_session_store(self.store, recorder)
             meter_key_stores(recorder)
         await self.setup()
+        listeners: list = []
         try:
             listeners, probes = await self._open_listeners(sockets)
             self._announce()
@@ -500,7 +502,8 @@ class Server:
                 try:
                     await self.shutdown()
                 finally:
-                    logger.info("AsyncAPY stopped")
+                    if listeners:  # it served: a failure to start says so itself
+                        logger.info("AsyncAPY stopped")
 
     async def _open_listeners(self, sockets: Optional[Sequence[socket.socket]]) -> tuple[list, Optional[ProbeServer]]:
         """The listeners and the probe endpoint, both bound, or neither."""

@@ -178,31 +178,22 @@ async def write_rest(
 
 # -- the writing end of a connection ------------------------------------------------
 class Pacer:
-    """How the direct writes of one server's channels are paced: the writes since a
-    read, and the replies deferred to the next scheduling round.
+    """How the direct writes of one server's channels share the event loop: the count
+    of writes since a read, and the replies deferred to the next scheduling round.
 
-    **The count** (:attr:`unyielded`) is shared, not per channel, because the task
-    that writes is not always the session's own: a handler that broadcasts to a
-    thousand other sessions makes one write on each, and must still yield every
-    :data:`WRITES_PER_YIELD` writes. The server resets it after every read, which
-    always yields (so the count only ever covers writes with no yield between them).
+    **The count** (:attr:`unyielded`) is per server, not per channel: a handler that
+    broadcasts to a thousand sessions writes once on each, and must still yield every
+    :data:`WRITES_PER_YIELD` writes. Every read yields, so the session resets it then.
 
-    **Deferred replies.** While a server is busy (the read that brought a request
-    found it waiting, so other sessions are being served in the same round), a reply
-    is not written at once: its channel is queued here, and the replies of the whole
-    round are written together when the next round starts, by the first of these to
-    run: the session whose reply it is, before it reads again; or this pacer's
-    flusher task (:meth:`run`), which any deferral wakes, so that a reply is never
-    later than that. Written one after the other, a round's replies reach their
-    clients in a burst, and a client waiting on many connections is woken once
-    rather than once per reply; on a machine where that wake-up is dear (a virtual
-    one, where it is an inter-processor interrupt), it costs more than the reply. A
-    reply the kernel cannot take whole is finished by a task of the flusher's, which
-    holds its channel meanwhile, so later writes wait their turn. An idle server
-    (the read had to wait) writes each reply at once, and so does a session's first
-    read (a client that sends with its connect says nothing of the load): no latency
-    is added where there is nothing to batch. Deferred sends count towards
-    :data:`WRITES_PER_YIELD` as writes do.
+    **Deferred replies.** While the server is busy (a read found the next request
+    already there), a reply is queued here rather than written, and the whole round's
+    replies are written together when the next round starts: by the session whose
+    reply it is, before it reads again, or by this pacer's flusher task (:meth:`run`),
+    which any deferral wakes, so no reply waits longer than that. A client waiting on
+    many connections is then woken once per round rather than once per reply, which on
+    a virtual machine costs more than the reply. A reply the kernel cannot take whole
+    is finished by a flusher task holding its channel, so later writes wait their turn.
+    An idle server, and a session's first read, write at once: nothing to batch.
     """
 
     __slots__ = ("unyielded", "deferred", "_task", "_parked", "_nursery")
