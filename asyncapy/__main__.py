@@ -163,6 +163,10 @@ def _add_server_arguments(run: argparse.ArgumentParser) -> None:
         help="address the metrics port binds (default: the app's metrics_host, 127.0.0.1 "
         "unless set)",
     )
+    _add_proxy_arguments(run)
+
+
+def _add_proxy_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--proxy-protocol",
         action=argparse.BooleanOptionalAction,
@@ -175,6 +179,13 @@ def _add_server_arguments(run: argparse.ArgumentParser) -> None:
         metavar="ADDR[,ADDR...]",
         help="the proxies whose PROXY headers are believed: IP addresses and CIDR networks, "
         "IPv4 or IPv6, e.g. 10.0.0.5,10.1.0.0/16,fd00::/8 (default: the app's trusted_proxies)",
+    )
+    run.add_argument(
+        "--insecure-trust-any-proxy",
+        action=argparse.BooleanOptionalAction,
+        help="let --trusted-proxies cover every address (0.0.0.0/0, ::/0): any peer may then "
+        "claim any client address; refused without this (default: the app's "
+        "insecure_trust_any_proxy, off unless set)",
     )
 
 
@@ -212,6 +223,7 @@ def _configure(args: argparse.Namespace) -> Server:
         ("metrics_host", "metrics_host"),
         ("proxy_protocol", "proxy_protocol"),
         ("trusted_proxies", "trusted_proxies"),
+        ("insecure_trust_any_proxy", "insecure_trust_any_proxy"),
     ):
         value = getattr(args, flag)
         if value is not None:  # an absent flag keeps the app's (or the config's) value
@@ -230,6 +242,7 @@ def _configure(args: argparse.Namespace) -> Server:
         overrides.get("proxy_protocol", app.proxy_protocol),
         overrides.get("trusted_proxies", app.trusted_proxies),
         "the app, --config and the flags",
+        trust_any=overrides.get("insecure_trust_any_proxy", app.insecure_trust_any_proxy),
     )
     for name, value in overrides.items():
         setattr(app, name, value)
@@ -247,8 +260,11 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
         value = getattr(args, flag)
         if value is not None:
             forwarded += [f"--{flag.replace('_', '-')}", str(value)]
-    if args.proxy_protocol is not None:
-        forwarded.append("--proxy-protocol" if args.proxy_protocol else "--no-proxy-protocol")
+    for flag in ("proxy_protocol", "insecure_trust_any_proxy"):
+        value = getattr(args, flag)
+        if value is not None:
+            name = flag.replace("_", "-")
+            forwarded.append(f"--{name}" if value else f"--no-{name}")
     return forwarded
 
 

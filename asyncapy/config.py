@@ -361,6 +361,29 @@ SETTINGS: Mapping[str, Setting] = {
             _read_boolean,
         ),
         Setting(
+            "insecure_trust_any_proxy",
+            False,
+            "True or False (in a config file also yes/no, on/off, 1/0): whether "
+            "trusted_proxies may cover every address (any peer may then forge its address)",
+            _boolean,
+            _read_boolean,
+        ),
+        Setting(
+            "handshake_timeout",
+            10.0,
+            "a number of seconds greater than 0 (capped by timeout)",
+            _number(0, False),
+            _read_number,
+        ),
+        Setting(
+            "handshake_limit",
+            16,
+            "an integer of at least 1 (TLS handshakes one client may have in progress "
+            "at once when session_limit is 0)",
+            _integer(1),
+            _read_int,
+        ),
+        Setting(
             "trusted_proxies",
             TrustedProxies(),
             "IP addresses and CIDR networks, IPv4 or IPv6 (e.g. 10.0.0.5, 10.0.0.0/8, "
@@ -447,13 +470,30 @@ def _interpolation_problem(exc: configparser.Error) -> str:
     return type(exc).__name__
 
 
-def check_proxy_settings(proxy_protocol: bool, trusted_proxies: TrustedProxies, source: str = "") -> None:
-    """:class:`ConfigError` if ``proxy_protocol`` is on without a trusted proxy.
+def check_proxy_settings(
+    proxy_protocol: bool, trusted_proxies: TrustedProxies, source: str = "", *, trust_any: bool = False
+) -> None:
+    """:class:`ConfigError` if ``proxy_protocol`` is on without a trusted proxy, or with
+    ``trusted_proxies`` covering every address of a family unless ``trust_any``
+    (``insecure_trust_any_proxy``) says that is meant.
 
-    The two settings can come from different places (the constructor, a config file,
-    the command line), so this is checked once they are merged. A PROXY header is
-    believed only from a trusted proxy: with none, every connection would be refused.
+    The settings can come from different places (the constructor, a config file, the
+    command line), so this is checked once they are merged. A PROXY header is believed
+    only from a trusted proxy: with none, every connection would be refused; with every
+    address trusted, any peer can claim any address (Traefik makes the same choice an
+    explicit ``insecure`` one).
     """
+    covered = trusted_proxies.covers_everything() if proxy_protocol else None
+    if covered and not trust_any:
+        raise ConfigError(
+            "trusted_proxies",
+            list(trusted_proxies),
+            "the addresses of your proxies only: these entries cover every "
+            f"{covered} address, so any peer could send a PROXY header and claim any "
+            "client address. Name the load balancers' addresses or networks, or set "
+            "insecure_trust_any_proxy if every peer really is a proxy",
+            source,
+        )
     if proxy_protocol and not trusted_proxies:
         raise ConfigError(
             "trusted_proxies",

@@ -25,7 +25,7 @@ import logging
 import os
 import socket
 import ssl
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import trio
 
@@ -33,6 +33,8 @@ try:
     import resource
 except ImportError:  # pragma: no cover - Windows has no open-file rlimit
     resource = None  # type: ignore[assignment]
+
+from asyncapy.domain.addresses import session_group
 
 from .logs import LimitedLog
 from .metrics import NULL_RECORDER, Recorder
@@ -54,6 +56,11 @@ exceed ``max_connections`` by this much, or it, not ``max_connections``, caps th
 REFUSAL_LOG_INTERVAL = 1.0
 """Seconds between two warnings about connections refused past ``max_connections``:
 a flood of them logs one line per interval, with the count of those not logged."""
+
+HANDSHAKE_LOG_BURST = 10
+"""Failed TLS handshakes logged (at INFO) per second, across connections; the rest
+are counted in the next line let through (a scanner or a flood of broken clients
+would otherwise write a line each)."""
 
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 """accept() failures that mean "out of descriptors or memory for now": retried."""
@@ -86,7 +93,12 @@ class Listening:
         self.proxy_gate: Optional[ProxyGate] = None
         """With ``proxy_protocol`` on, what reads each connection's PROXY header (see
         :mod:`asyncapy.proxying`), from :meth:`open`; None otherwise."""
+        self.handshaking: dict[str, int] = {}
+        """TLS handshakes in progress, by client address group (as ``session_limit``
+        counts them)."""
         self.refusal_log = LimitedLog(logger, "refused", 1, REFUSAL_LOG_INTERVAL)
+        self.handshake_log = LimitedLog(logger, "failed alike", HANDSHAKE_LOG_BURST, 1.0)
+        self.crowd_log = LimitedLog(logger, "refused alike", 1, REFUSAL_LOG_INTERVAL)
 
     # -- listeners and the accept loop -------------------------------------------------
     def check_open_file_limit(self) -> None:
@@ -203,32 +215,70 @@ class Listening:
                         self.recorder.connection("refused_proxy")
                         return
                     address = client
+                served: Optional[trio.abc.Stream] = stream
                 if self.ssl_context is not None:
-                    stream = trio.SSLStream(stream, self.ssl_context, server_side=True, https_compatible=False)
-                    if not await self.handshake(stream, address):
+                    served = await self.secure(stream, address, release_slot)
+                    if served is None:
                         return
-                await self.sessions.serve(stream, address, release_slot=release_slot)
+                await self.sessions.serve(served, address, release_slot=release_slot)
             finally:
                 release_slot()
         finally:
             await close_at_once(stream)
 
+    async def secure(
+        self, stream: trio.abc.Stream, address: str, release_slot: Callable[[], None]
+    ) -> Optional[trio.SSLStream]:
+        """``stream`` wrapped in TLS, its handshake complete; None if it was refused or
+        failed (then the connection is to be closed).
+
+        One client address (grouped as ``session_limit`` groups them) may have at most
+        ``session_limit`` handshakes in progress, or ``handshake_limit`` when
+        ``session_limit`` is 0: a client that opens connections and never sends a
+        ClientHello would otherwise hold every ``max_connections`` slot until its
+        handshakes time out, as nginx's ``limit_conn`` prevents by running before TLS.
+        Past it, the connection is closed at once, its slot given back first."""
+        settings = self.settings
+        group = session_group(address, settings.session_limit_ipv6_prefix)
+        in_progress = self.handshaking.get(group, 0)
+        if in_progress >= (settings.session_limit or settings.handshake_limit):
+            self.recorder.connection("refused_handshakes")
+            self.crowd_log.warning(
+                "%s already has %d TLS handshake(s) in progress: refused a connection", address, in_progress
+            )
+            release_slot()
+            await self.sessions.refusals.close(stream, b"")
+            return None
+        self.handshaking[group] = in_progress + 1
+        tls = trio.SSLStream(stream, self.ssl_context, server_side=True, https_compatible=False)
+        try:
+            return tls if await self.handshake(tls, address) else None
+        finally:
+            left = self.handshaking[group] - 1
+            if left:
+                self.handshaking[group] = left
+            else:
+                del self.handshaking[group]
+
     async def handshake(self, stream: trio.SSLStream, address: str) -> bool:
-        """Complete the TLS handshake of a new connection within the server's
-        ``timeout``; False (logged) if it failed or did not finish in time.
+        """Complete the TLS handshake of a new connection within ``handshake_timeout``
+        (at most ``timeout``); False (logged, rate-limited) if it failed or did not
+        finish in time.
 
         Before admission, so a client that never finishes its handshake, or fails
         mutual TLS, takes no ``session_limit`` slot and causes no store write."""
-        timeout = self.settings.timeout
-        reason = f"not finished within timeout ({timeout}s)"
-        with trio.move_on_after(timeout):
+        settings = self.settings
+        seconds = min(settings.handshake_timeout, settings.timeout)
+        which = "handshake_timeout" if settings.handshake_timeout <= settings.timeout else "timeout"
+        reason = f"not finished within {which} ({seconds}s)"
+        with trio.move_on_after(seconds):
             try:
                 await stream.do_handshake()
                 return True
             except STREAM_ERRORS as exc:
                 cause = exc.__cause__ or exc
                 reason = str(cause) or type(cause).__name__
-        logger.info("TLS handshake with %s failed: %s", address, reason)
+        self.handshake_log.log(logging.INFO, "TLS handshake with %s failed: %s", address, reason)
         self.recorder.connection("tls_handshake_failed")
         return False
 
@@ -256,6 +306,8 @@ class Listening:
         self.refusal_log.report(
             "max_connections (%d) reached; %d more refused since the last such warning", self.settings.max_connections
         )
+        self.crowd_log.report("%d more connection(s) refused for TLS handshakes in progress, not logged")
+        self.handshake_log.report("%d more TLS handshake failure(s), not logged")
 
 
 async def bind_listeners(addr: str, port: int) -> list[trio.SocketListener]:

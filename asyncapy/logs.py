@@ -198,22 +198,25 @@ class LimitedLog:
         """How the suffix names the lines left out (``'refused alike'``)."""
         self.limit = LogLimit(burst, interval)
 
-    def log(self, level: int, message: str, *args: Any, **kwargs: Any) -> bool:
+    def log(self, level: int, message: str, *args: Any, stacklevel: int = 2, **kwargs: Any) -> bool:
         """Log ``message % args`` at ``level`` with the count of lines left out since,
-        unless the limit is reached (then only count it); True if it was logged."""
+        unless the limit is reached (then only count it); True if it was logged. The
+        record names the caller's line, not this one."""
         limit = self.limit
         if not limit.allow():
             return False
-        self.logger.log(level, message + "%s", *args, limit.take_suppressed(self.what), **kwargs)
+        self.logger.log(
+            level, message + "%s", *args, limit.take_suppressed(self.what), stacklevel=stacklevel, **kwargs
+        )
         return True
 
     def warning(self, message: str, *args: Any, **kwargs: Any) -> bool:
         """:meth:`log` at WARNING."""
-        return self.log(logging.WARNING, message, *args, **kwargs)
+        return self.log(logging.WARNING, message, *args, stacklevel=3, **kwargs)
 
     def error(self, message: str, *args: Any, **kwargs: Any) -> bool:
         """:meth:`log` at ERROR."""
-        return self.log(logging.ERROR, message, *args, **kwargs)
+        return self.log(logging.ERROR, message, *args, stacklevel=3, **kwargs)
 
     @property
     def suppressed(self) -> int:

@@ -85,6 +85,7 @@ OUTCOMES = (
     "refused_max_connections",
     "store_unavailable",
     "tls_handshake_failed",
+    "refused_handshakes",
     "refused_proxy",
 )
 """The ``outcome`` label of ``asyncapy_connections_total``: admitted as a session;

@@ -23,8 +23,11 @@ The rules, in order (docs/security.md, "Behind a load balancer"):
   connection closed or reset before its first byte (a connect-only health check) is
   closed quietly: nothing was sent, nothing is wrong.
 - A LOCAL header (v2; a balancer's health check, HAProxy's ``check-send-proxy``), v1
-  ``UNKNOWN``, and an UNSPEC or Unix-socket client mean "use the real connection's
-  address": the session is served normally, as the proxy's.
+  ``UNKNOWN``, and an UNSPEC or Unix-socket client name no client: the session is
+  served with the address :data:`~asyncapy.domain.proxy.UNKNOWN_CLIENT`, which no
+  ``Filters.Ip`` matches and which is one ``session_limit`` group of its own. Never
+  the proxy's own address: with a balancer on the server's machine that is
+  127.0.0.1, which would pass an admin guard written for local tools.
 
 The header is parsed by the pure :class:`~asyncapy.domain.proxy.ProxyParser`; this
 module only moves bytes, **byte-exactly**: it looks at what has arrived with
@@ -45,7 +48,15 @@ from typing import Optional, Union
 import trio
 
 from asyncapy.domain.addresses import canonical_address
-from asyncapy.domain.proxy import DEFAULT_MAX_LENGTH, NEED_DATA, ProxyError, ProxyHeader, ProxyParser, TrustedProxies
+from asyncapy.domain.proxy import (
+    DEFAULT_MAX_LENGTH,
+    NEED_DATA,
+    UNKNOWN_CLIENT,
+    ProxyError,
+    ProxyHeader,
+    ProxyParser,
+    TrustedProxies,
+)
 
 from .logs import LimitedLog
 from .transport import transport_of
@@ -159,9 +170,10 @@ class ProxyGate:
 
     async def client_address(self, stream: trio.abc.Stream, peer: str) -> Optional[str]:
         """The client's address as the PROXY header of ``stream`` (a connection from
-        the trusted proxy ``peer``) names it, read within :attr:`deadline`; ``peer``
-        itself for a LOCAL or UNKNOWN header; None (logged, rate-limited) if the
-        connection must be closed: no valid header in time, or the peer gone."""
+        the trusted proxy ``peer``) names it, read within :attr:`deadline`;
+        :data:`~asyncapy.domain.proxy.UNKNOWN_CLIENT` for a header that names none;
+        None (logged, rate-limited) if the connection must be closed: no valid header
+        in time, or the peer gone."""
         event: Union[ProxyHeader, ProxyError, None] = None
         with trio.move_on_after(self.deadline):
             try:
@@ -177,16 +189,16 @@ class ProxyGate:
         if type(event) is ProxyError:
             self.invalid_log.warning("PROXY protocol: closed a connection from proxy %s: %s", peer, event.reason)
             return None
-        client = event.client(None)
-        if client is None:  # LOCAL, UNKNOWN, UNSPEC, a Unix socket: the real peer's
+        if not event.has_client:  # LOCAL, UNKNOWN, UNSPEC, a Unix socket
             logger.debug(
-                "PROXY v%d header from %s with no client address (%s): served as the proxy's",
+                "PROXY v%d header from %s with no client address (%s): served as %r",
                 event.version,
                 peer,
                 "LOCAL" if event.local else event.family,
+                UNKNOWN_CLIENT,
             )
-            return peer
-        return canonical_address(client[0])
+            return UNKNOWN_CLIENT
+        return canonical_address(event.source)
 
     def report(self) -> None:
         """Log the refusals not logged yet (when the server stops)."""

@@ -53,6 +53,9 @@ _TLS_FILES = ("certfile", "keyfile", "cafile")
 
 _UNSET: Any = object()
 
+SUPPRESSED_REPORT_SECONDS = 60.0
+"""How often a serving server logs the counts of the lines its log limits left out."""
+
 
 class Server:
     """An AsyncAProto 22 server.
@@ -114,6 +117,9 @@ class Server:
         log_format: str = SETTINGS["log_format"].default,
         metrics_port: Optional[int] = SETTINGS["metrics_port"].default,
         metrics_host: str = SETTINGS["metrics_host"].default,
+        insecure_trust_any_proxy: bool = SETTINGS["insecure_trust_any_proxy"].default,
+        handshake_timeout: float = SETTINGS["handshake_timeout"].default,
+        handshake_limit: int = SETTINGS["handshake_limit"].default,
     ) -> None:
         # Every parameter named in SETTINGS is a setting; the others are objects.
         given = {name: value for name, value in locals().items() if name in SETTINGS}
@@ -130,7 +136,9 @@ class Server:
             settings = make_settings(loaded, base=settings)
             source = os.fspath(config) if config is not None else "the config parser"
             tls_sources.update((name, source) for name in _TLS_FILES if name in loaded)
-        check_proxy_settings(settings.proxy_protocol, settings.trusted_proxies)
+        check_proxy_settings(
+            settings.proxy_protocol, settings.trusted_proxies, trust_any=settings.insecure_trust_any_proxy
+        )
         self._settings = settings
         self._init_tls(ssl_context, tls_sources)
         self.server_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -294,7 +302,10 @@ class Server:
         if tls and self._has_own_tls_context():
             self._use_tls_files(tls)  # raises, before any setting is changed
         check_proxy_settings(
-            values.get("proxy_protocol", self.proxy_protocol), values.get("trusted_proxies", self.trusted_proxies), source
+            values.get("proxy_protocol", self.proxy_protocol),
+            values.get("trusted_proxies", self.trusted_proxies),
+            source,
+            trust_any=values.get("insecure_trust_any_proxy", self.insecure_trust_any_proxy),
         )
         store = values.pop("store", _UNSET)
         lease = values.pop("session_lease", _UNSET)
@@ -418,9 +429,11 @@ class Server:
         # serve()'s own failure (a port already in use, a TLS file gone...) is re-raised
         # outside the nursery, as itself: a nursery would wrap it in an ExceptionGroup
         # that ``except OSError`` (the CLI's one-line error) does not catch.
+        # The signal receiver encloses the nursery: its watcher may not have run yet when
+        # serve() fails at once (setup() raised), and must still find it open.
         failure: Optional[Exception] = None
-        async with trio.open_nursery() as nursery:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_signals, signals, nursery.cancel_scope)
                 try:
                     await self.serve(sockets=sockets, task_status=task_status)
@@ -485,6 +498,7 @@ class Server:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sessions.run_services)
                 nursery.start_soon(self._check_store)
+                nursery.start_soon(self._report_suppressed)
                 if probes is not None:
                     await nursery.start(probes.serve)
                 accepting = trio.CancelScope()
@@ -560,6 +574,15 @@ class Server:
             ", ".join(f"http://{format_address(a)}" for a in probes.addresses),
         )
         return probes
+
+    async def _report_suppressed(self) -> None:
+        """Every :data:`SUPPRESSED_REPORT_SECONDS`, one line per kind of log line the
+        rate limits left out since its last line (a flood that stopped is counted even
+        if no later line of its kind comes to carry the count)."""
+        while True:
+            await trio.sleep(SUPPRESSED_REPORT_SECONDS)
+            self._listening.log_refusals()
+            self._sessions.report_refusals()
 
     async def _check_store(self) -> None:
         """Say at start, in one warning line, that the session store cannot be reached

@@ -34,7 +34,7 @@ from asyncapy.domain.errors import ERR_INTERNAL, ERR_TIMED_OUT
 
 from .core import Client, Packet
 from .metrics import Recorder, SessionMeter
-from .session_state import STUCK, SessionLogs, SessionState
+from .session_state import STUCK, SessionLogs, SessionState, SharedLogs
 from .transport import STREAM_ERRORS, Channel, read_now, receive_waiting
 
 __all__ = ["SessionProtocol"]
@@ -56,11 +56,12 @@ class SessionProtocol:
     :param dispatch: the dispatcher's ``dispatch`` (metered or not).
     :param recorder: where metrics go.
     :param stopping: set when the server shuts down.
+    :param shared: the log limits all sessions share.
     """
 
     __slots__ = (
         "client", "channel", "connection", "state", "settings", "dispatch", "recorder",
-        "meter", "stopping", "session_id", "errors", "logs", "first_read", "_debug",
+        "meter", "stopping", "shared", "session_id", "errors", "logs", "first_read", "_debug",
     )
 
     def __init__(
@@ -74,6 +75,7 @@ class SessionProtocol:
         dispatch: Dispatch,
         recorder: Recorder,
         stopping: trio.Event,
+        shared: Optional[SharedLogs] = None,
     ) -> None:
         self.client = client
         self.channel = channel
@@ -88,6 +90,7 @@ class SessionProtocol:
         self.recorder = recorder
         self.meter: SessionMeter = channel.meter
         self.stopping = stopping
+        self.shared = shared if shared is not None else SharedLogs()
         self.session_id = client.session.session_id
         self.errors = 0
         """Protocol errors in a row (reset by every request): ``max_protocol_errors``."""
@@ -134,7 +137,7 @@ class SessionProtocol:
         self.errors += 1
         logs = self.logs or self._start_logs()
         if logs.errors.allow():
-            logger.warning(
+            self.shared.errors.warning(
                 "(%s) %s: %s%s",
                 self.session_id,
                 event.code,
@@ -144,7 +147,7 @@ class SessionProtocol:
             )
         too_many = self.errors == self.settings.max_protocol_errors
         if too_many:
-            logger.warning(
+            self.shared.errors.warning(
                 "(%s) %d protocol errors in a row (max_protocol_errors): closing the session",
                 self.session_id,
                 self.errors,
@@ -299,7 +302,7 @@ class SessionProtocol:
         name = client.handler.name if client.handler is not None else "?"
         channel = self.channel
         if channel.interrupted and not channel.closed:
-            logger.warning(
+            self.shared.failures.warning(
                 "(%s) Handler %s ran past handler_timeout (%ss) while writing: cancelled, and the session closed",
                 self.session_id,
                 name,
@@ -307,7 +310,7 @@ class SessionProtocol:
             )
             await channel.abort()
             return 1
-        logger.warning(
+        self.shared.failures.warning(
             "(%s) Handler %s ran past handler_timeout (%ss): cancelled",
             self.session_id,
             name,
@@ -326,12 +329,12 @@ class SessionProtocol:
             return
         suppressed = logs.failures.take_suppressed("handler failures not logged")
         if failure.unavailable:
-            logger.warning(
+            self.shared.failures.warning(
                 "(%s) %s: replied %s%s", self.session_id, failure, failure.code, suppressed,
                 extra={"error_code": failure.code},
             )
         else:
-            logger.error(
+            self.shared.failures.error(
                 "(%s) %s%s", self.session_id, failure, suppressed, exc_info=failure.__cause__,
                 extra={"error_code": failure.code},
             )

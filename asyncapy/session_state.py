@@ -14,10 +14,22 @@ from typing import Any, Callable, Mapping, Optional
 
 import trio
 
-from .logs import LogLimit
+from .logs import LimitedLog, LogLimit
 from .transport import Channel
 
-__all__ = ["SessionState", "reap_idle", "SessionLogs", "IDLE", "STUCK", "SHUTDOWN", "LOG_BURST", "LOG_INTERVAL"]
+__all__ = [
+    "SessionState",
+    "reap_idle",
+    "SessionLogs",
+    "SharedLogs",
+    "IDLE",
+    "STUCK",
+    "SHUTDOWN",
+    "LOG_BURST",
+    "LOG_INTERVAL",
+    "SHARED_LINES_PER_SECOND",
+    "SESSION_LINES_PER_SECOND",
+]
 
 logger = logging.getLogger("asyncapy.server")
 
@@ -28,6 +40,17 @@ line let through, or when the session ends."""
 
 LOG_INTERVAL = 10.0
 """Seconds of the window :data:`LOG_BURST` counts lines in."""
+
+SHARED_LINES_PER_SECOND = 50
+"""Protocol-error warnings (and, apart, handler failures, and the end-of-session counts
+of what a session left out) all sessions together log per second: a client opening
+connection after connection, each with one bad header, gets past every per-session
+limit, and would otherwise write megabytes a minute."""
+
+SESSION_LINES_PER_SECOND = 200
+"""``Session started`` (and, apart, ``Session ended``) lines logged per second, across
+sessions: enough for a busy server's every line, few enough that a flood of
+connections writes tens of kilobytes a second, not megabytes."""
 
 IDLE = "idle"
 """:attr:`SessionState.cancelled`: no complete packet for ``timeout`` seconds."""
@@ -108,6 +131,31 @@ async def reap_idle(states: Mapping[Any, SessionState], timeout: Callable[[], fl
             state.writing_seen = None
 
 
+class SharedLogs:
+    """The log limits all sessions of a server share (see
+    :data:`SHARED_LINES_PER_SECOND` and :data:`SESSION_LINES_PER_SECOND`); a line a
+    session's own limit lets through must pass these too. What they leave out is
+    counted in the next line let through, and in :meth:`report`."""
+
+    __slots__ = ("errors", "failures", "summaries", "started", "ended")
+
+    def __init__(self, lines: int = SHARED_LINES_PER_SECOND, session_lines: int = SESSION_LINES_PER_SECOND) -> None:
+        self.errors = LimitedLog(logger, "protocol errors of all sessions not logged", lines)
+        self.failures = LimitedLog(logger, "handler failures of all sessions not logged", lines)
+        self.summaries = LimitedLog(logger, "sessions' counts not logged", lines)
+        self.started = LimitedLog(logger, "sessions started", session_lines)
+        self.ended = LimitedLog(logger, "sessions ended", session_lines)
+
+    def report(self) -> None:
+        """Log the lines left out since each kind's last line (periodically, and when
+        the server stops)."""
+        self.errors.report("%d protocol-error warning(s) of all sessions not logged (rate limit)")
+        self.failures.report("%d handler failure(s) of all sessions not logged (rate limit)")
+        self.summaries.report("%d session(s)' counts of lines left out not logged (rate limit)")
+        self.started.report("%d 'Session started' line(s) not logged (rate limit)")
+        self.ended.report("%d 'Session ended' line(s) not logged (rate limit)")
+
+
 class SessionLogs:
     """One session's log limits: protocol-error warnings and handler tracebacks,
     :data:`LOG_BURST` of each per :data:`LOG_INTERVAL`. A client that sends garbage
@@ -120,10 +168,12 @@ class SessionLogs:
         self.errors = LogLimit(LOG_BURST, LOG_INTERVAL)
         self.failures = LogLimit(LOG_BURST, LOG_INTERVAL)
 
-    def report(self, session_id: Any) -> None:
-        """Log what was suppressed and never reported, once the session ends."""
+    def report(self, session_id: Any, shared: Optional[SharedLogs] = None) -> None:
+        """Log what was suppressed and never reported, once the session ends (within
+        the ``shared`` limit, if any)."""
         if self.errors.suppressed or self.failures.suppressed:
-            logger.warning(
+            log = shared.summaries.warning if shared is not None else logger.warning
+            log(
                 "(%s) Not logged (rate limit): %d protocol error(s), %d handler failure(s)",
                 session_id,
                 self.errors.suppressed,

@@ -38,7 +38,7 @@ from .core import Client, Session
 from .logs import LimitedLog, log_context
 from .metrics import NULL_RECORDER, Recorder
 from .session_protocol import Dispatch, SessionProtocol
-from .session_state import SHUTDOWN, SessionState, reap_idle
+from .session_state import SHUTDOWN, SessionState, SharedLogs, reap_idle
 from .transport import STREAM_ERRORS, Channel, Pacer, Refusals
 
 __all__ = ["Sessions"]
@@ -96,6 +96,8 @@ class Sessions:
         """Set to shut down (made by :meth:`ready`); sessions end once they wait for bytes."""
         self.idle: Optional[trio.Event] = None
         """Set once no session is left, while :meth:`drain` waits for it."""
+        self.shared_logs = SharedLogs()
+        """The log limits all sessions share (see :class:`~asyncapy.session_state.SharedLogs`)."""
         self.limit_log = LimitedLog(logger, "refused for session_limit", 1, REFUSED_LOG_INTERVAL)
         self.unavailable_log = LimitedLog(logger, "refused alike", 1, REFUSED_LOG_INTERVAL)
 
@@ -139,7 +141,7 @@ class Sessions:
             return
         protocol = self._open(stream, address, record)
         task_status.started(True)
-        logger.info("(%s) Session started for %s", session_id, address)
+        self.shared_logs.started.log(logging.INFO, "(%s) Session started for %s", session_id, address)
         reason = "cancelled"  # busy past shutdown_grace, or a second signal
         try:
             reason = await self._run(protocol)
@@ -212,6 +214,7 @@ class Sessions:
             dispatch=self.dispatch,
             recorder=self.recorder,
             stopping=self.stopping,
+            shared=self.shared_logs,
         )
 
     async def _run(self, protocol: SessionProtocol) -> str:
@@ -221,7 +224,9 @@ class Sessions:
         except STREAM_ERRORS:
             return "connection lost"
         except Exception:
-            logger.exception("(%s) Unexpected error serving the session", protocol.session_id)
+            self.shared_logs.failures.error(
+                "(%s) Unexpected error serving the session", protocol.session_id, exc_info=True
+            )
             return "internal error"
 
     async def _close(self, protocol: SessionProtocol, record: SessionRecord, reason: str) -> None:
@@ -231,13 +236,19 @@ class Sessions:
         session_id = protocol.session_id
         self.states.pop(record.session_id, None)
         if protocol.logs is not None:
-            protocol.logs.report(session_id)
+            protocol.logs.report(session_id, self.shared_logs)
         with trio.CancelScope(shield=True):
             protocol.connection.close()  # what it held of max_packet_memory
             await protocol.channel.aclose()
             with trio.move_on_after(self.settings.store_timeout) as deadline:
                 try:
                     await self.store.release(record)
+                except StoreUnavailable as exc:  # an outage, not a bug: one line
+                    logger.warning(
+                        "(%s) Could not release the session in the store (its lease expires by itself): %s",
+                        session_id,
+                        exc,
+                    )
                 except Exception:
                     logger.warning("(%s) Could not release the session in the store", session_id, exc_info=True)
             if deadline.cancelled_caught:
@@ -249,7 +260,7 @@ class Sessions:
                 )
         del self.live[record.session_id]
         self.recorder.session_ended(protocol.meter)
-        logger.info("(%s) Session ended: %s", session_id, reason)
+        self.shared_logs.ended.log(logging.INFO, "(%s) Session ended: %s", session_id, reason)
         if self.session_ended is not None:
             await self._call_session_ended(protocol.client, reason)
         if self.idle is not None and not self.live:
@@ -335,6 +346,8 @@ class Sessions:
             logger.warning("Grace period over: closing %d busy session(s)", len(self.live))
 
     def report_refusals(self) -> None:
-        """Log the refusals the log limits kept out of the log (when the server stops)."""
+        """Log what the log limits kept out of the log since their last line: refusals
+        and the sessions' lines (periodically, and when the server stops)."""
+        self.shared_logs.report()
         self.limit_log.report("%d more connection(s) refused for session_limit, not logged")
         self.unavailable_log.report("%d more connection(s) refused with the session store unavailable, not logged")

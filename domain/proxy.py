@@ -51,6 +51,7 @@ __all__ = [
     "ProxyError",
     "ProxyParser",
     "TrustedProxies",
+    "UNKNOWN_CLIENT",
     "V1_MAX_LENGTH",
     "V2_SIGNATURE",
     "DEFAULT_MAX_LENGTH",
@@ -112,17 +113,29 @@ class ProxyHeader(NamedTuple):
     feed to the session's ``Connection`` as they are."""
 
     def client(self, peer: Any) -> Any:
-        """The address to treat as the client's: ``(source, source_port)`` when the
-        header names an IPv4 or IPv6 client, else ``peer`` (the real connection's
-        remote address) as the specification says for LOCAL, UNKNOWN and UNSPEC.
-
-        A ``UNIX`` client gets ``peer`` too: every client of the proxy's Unix socket is
-        on the proxy's machine, and an address check (``Filters.Ip``, ``session_limit``)
-        needs an IP address, which the proxy's is.
-        """
+        """The address the header names: ``(source, source_port)`` for an IPv4 or IPv6
+        client, else ``peer``, the specification's fallback for LOCAL, UNKNOWN, UNSPEC
+        and UNIX (the server does not take it: it gives such a session
+        :data:`UNKNOWN_CLIENT`, see :attr:`has_client`)."""
         if self.family in ("INET", "INET6"):
             return (self.source, self.source_port)
         return peer
+
+
+    @property
+    def has_client(self) -> bool:
+        """True when the header names an IPv4 or IPv6 client address. A LOCAL header
+        (a balancer's health check), UNKNOWN, UNSPEC and UNIX name none: the peer is
+        then the proxy itself, and a session served as the proxy's address would pass
+        an address check meant for the proxy's host (``Filters.Ip("127.0.0.1")`` with
+        a balancer on the same machine)."""
+        return self.family in ("INET", "INET6")
+
+
+UNKNOWN_CLIENT = "unknown"
+"""The client address of a session whose PROXY header names none (LOCAL, UNKNOWN,
+UNSPEC, UNIX): no IP address, so no ``Filters.Ip`` matches it, and every such session
+counts in this one ``session_limit`` group."""
 
 
 class ProxyError(NamedTuple):
@@ -413,6 +426,19 @@ class TrustedProxies:
         if address is None:
             return False
         return any(address in network for network in self.networks)
+
+    def covers_everything(self) -> Optional[str]:
+        """``'IPv4'`` or ``'IPv6'`` when the entries together cover every address of
+        that family (``0.0.0.0/0``, ``::/0``, or networks that add up to it, such as
+        ``0.0.0.0/1`` and ``128.0.0.0/1``), else None. Trusting every peer lets any
+        of them forge its address, which is why the server refuses it unless told it
+        is meant (see ``insecure_trust_any_proxy``)."""
+        for version, name in ((4, "IPv4"), (6, "IPv6")):
+            networks = [n for n in self.networks if n.version == version]
+            covered = sum(n.num_addresses for n in ipaddress.collapse_addresses(networks))
+            if networks and covered == (1 << (32 if version == 4 else 128)):
+                return name
+        return None
 
     def __iter__(self) -> Iterator[str]:
         """The entries in canonical text, single addresses without their prefix."""
