@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 from . import __version__
 from asyncapy.adapters.memory import MemorySessionStore
 
-from .cli import CommandError, HelpFormatter, OneLineParser, UsageError, import_object
+from .cli import CommandError, HelpFormatter, OneLineParser, UsageError, escape_unsafe, import_object
 from .cli import keys as keys_command
 from .cli import send as send_command
 from .config import ConfigError, check_proxy_settings, load_config, validate
@@ -288,8 +288,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             return command(args)
         except CommandError as exc:
-            if exc.message:
-                print(f"{prog}: {exc.message}", file=sys.stderr)
+            if exc.message:  # it may quote what a server sent: never raw controls
+                print(f"{prog}: {escape_unsafe(exc.message)}", file=sys.stderr)
             return exc.status
         except KeyboardInterrupt:
             return 130

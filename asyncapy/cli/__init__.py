@@ -48,6 +48,7 @@ __all__ = [
     "from_jsonable",
     "print_json",
     "parse_json",
+    "escape_unsafe",
 ]
 
 EXIT_OK = 0
@@ -203,6 +204,20 @@ def parse_json(text: str, what: str) -> Any:
         raise UsageError(f"{what} is nested too deeply") from None
 
 
+_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
+"""What a terminal must never get raw from a server: C0 and C1 controls (U+009B is a
+CSI, U+0085 a line break), DEL, the line and paragraph separators, and the bidirectional
+marks, embeddings, overrides and isolates (U+202E turns the rest of a line around)."""
+
+
+def escape_unsafe(text: str) -> str:
+    """``text`` with every control and bidirectional formatting character written as a
+    ``\\uXXXX`` escape (valid inside a JSON string, and plain ASCII on a terminal)."""
+    return _UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+
+
 def _ascii_only(stream: TextIO) -> bool:
     """Whether ``stream`` needs non-ASCII characters escaped (it does not speak UTF-8)."""
     try:
@@ -215,7 +230,9 @@ def print_json(value: Any, pretty: bool, stream: Optional[TextIO] = None) -> Non
     """Write ``value`` (after :func:`jsonable`) as JSON on ``stream`` (stdout), and flush.
 
     ``pretty``: indented by 2, over several lines; otherwise one compact line.
-    Non-ASCII characters are written as they are on a UTF-8 stream, escaped otherwise.
+    Non-ASCII characters are written as they are on a UTF-8 stream, escaped otherwise;
+    control and bidirectional formatting characters are always escaped
+    (:func:`escape_unsafe`), so a reply cannot drive the terminal or reorder what it shows.
     If the reader went away (``| head -1``), :class:`CommandError` with no message.
     """
     stream = sys.stdout if stream is None else stream
@@ -228,6 +245,9 @@ def print_json(value: Any, pretty: bool, stream: Optional[TextIO] = None) -> Non
         )
     except RecursionError:
         raise CommandError("the value is nested too deeply to print") from None
+    # Outside strings JSON is plain ASCII, and json.dumps escapes C0 controls inside
+    # them: the only raw line breaks are the indentation's, kept; only strings change.
+    text = "\n".join(escape_unsafe(line) for line in text.split("\n"))
     try:
         stream.write(text + "\n")
         stream.flush()
