@@ -97,6 +97,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_server_arguments(worker)
     worker.add_argument("--listen-fds", required=True, help=argparse.SUPPRESS)
     worker.add_argument("--control-fd", type=int, required=True, help=argparse.SUPPRESS)
+    worker.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     return parser
 
 
@@ -275,7 +276,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     app = _configure(args)
-    run_worker(app, [int(fd) for fd in args.listen_fds.split(",")], args.control_fd)
+    run_worker(app, [int(fd) for fd in args.listen_fds.split(",")], args.control_fd, args.worker_index)
     return 0
 
 
