@@ -61,6 +61,7 @@ Logs
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import signal
@@ -441,7 +442,7 @@ def run_worker(
     if index is not None:
         label_worker_logs(index)
     try:
-        trio.run(_serve_worker, app, sockets, control)
+        trio.run(_serve_worker, app, sockets, control, index)
     except Exception as exc:
         # Logged (each line labelled with this worker), not left to the interpreter's
         # unlabelled traceback among its siblings'; the supervisor sees status 1.
@@ -482,7 +483,9 @@ def label_worker_logs(index: int) -> None:
         handler.setFormatter(_WorkerFormatter(inner, index, pid))
 
 
-async def _serve_worker(app: Server, sockets: list[socket.socket], control: socket.socket) -> None:
+async def _serve_worker(
+    app: Server, sockets: list[socket.socket], control: socket.socket, index: Optional[int] = None
+) -> None:
     readiness = _Readiness()
     failure: Optional[Exception] = None
     directory = worker_metrics.worker_directory()
@@ -492,7 +495,12 @@ async def _serve_worker(app: Server, sockets: list[socket.socket], control: sock
             # The server counts into its recorder (a real one: it found the directory
             # set) and serves no endpoint; the supervisor reads what this publishes.
             app._choose_recorder()
-            nursery.start_soon(worker_metrics.publish, app.metrics_recorder, directory)
+            label = None if index is None else f"worker-{index}"
+            nursery.start_soon(
+                functools.partial(
+                    worker_metrics.publish, app.metrics_recorder, directory, label=label
+                )
+            )
         try:
             await app._run_until_signalled(sockets=sockets, task_status=readiness)
         except Exception as exc:  # re-raised as itself, not inside an ExceptionGroup
