@@ -15,6 +15,7 @@ traceback (:mod:`asyncapy.cli`); docs/cli.md is the reference.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Optional, Sequence
@@ -36,14 +37,17 @@ __all__ = ["main", "load_app", "run_store"]
 _TLS_SETTINGS = frozenset({"certfile", "keyfile", "cafile"})
 
 
-def load_app(spec: str) -> Server:
+def load_app(spec: str, *, traceback: bool = False) -> Server:
     """Import ``MODULE:ATTR`` (from the current directory too) and return the Server.
 
+    :param traceback: print the whole traceback of an exception raised while
+        importing (``--traceback``, or ``--log-level DEBUG``) before the one line.
     :raises UsageError: (exit status 2) for a bad spec, a missing module or attribute,
-        or an object that is not a Server; :class:`CommandError` (1) when the module
-        fails while importing.
+        a bad setting (a ``ConfigError``) raised while importing, or an object that is
+        not a Server; :class:`CommandError` (1) when the module fails another way
+        while importing. Both name the file and line that raised.
     """
-    app = import_object(spec, "app")
+    app = import_object(spec, "app", traceback=traceback)
     if not isinstance(app, Server):
         raise UsageError(f"{spec} is {app!r}, not an asyncapy Server")
     return app
@@ -172,6 +176,12 @@ def _add_server_arguments(run: argparse.ArgumentParser) -> None:
         "the app's) (default: the app's proxy_protocol, off unless set)",
     )
     run.add_argument(
+        "--traceback",
+        action="store_true",
+        help="when importing the app fails, print the whole traceback before the one-line "
+        "error (also with --log-level DEBUG) (default: the one line, naming the file and line)",
+    )
+    run.add_argument(
         "--trusted-proxies",
         metavar="ADDR[,ADDR...]",
         help="the proxies whose PROXY headers are believed: IP addresses and CIDR networks, "
@@ -197,7 +207,8 @@ def _configure(args: argparse.Namespace) -> Server:
     store = run_store(args, config)
     # Before the import: the app's APIKeyFactory() objects are created as it runs.
     set_default_store(store)
-    app = load_app(args.app)
+    debug = str(args.log_level or config.get("logging_level", "")).upper() in ("DEBUG", str(logging.DEBUG))
+    app = load_app(args.app, traceback=args.traceback or debug)
     overrides: dict = dict(config)
     sources: dict = dict.fromkeys(config, args.config)
     for flag, name in (
@@ -250,6 +261,8 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
             forwarded += [f"--{flag.replace('_', '-')}", str(value)]
     if args.proxy_protocol is not None:
         forwarded.append("--proxy-protocol" if args.proxy_protocol else "--no-proxy-protocol")
+    if args.traceback:
+        forwarded.append("--traceback")
     return forwarded
 
 
