@@ -289,7 +289,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     app = _configure(args)
-    run_worker(app, [int(fd) for fd in args.listen_fds.split(",")], args.control_fd, args.worker_index)
+    run_worker(app, [int(fd) for fd in args.listen_fds.split(",")], args.control_fd, index=args.worker_index)
     return 0
 
 

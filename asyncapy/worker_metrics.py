@@ -37,6 +37,7 @@ The application's own metrics
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import logging
@@ -83,7 +84,7 @@ def snapshot_path(directory: str, pid: int) -> str:
 
 
 def write_snapshot(
-    directory: str, pid: int, snapshot: Snapshot, label: Optional[str] = None
+    directory: str, pid: int, snapshot: Snapshot, *, label: Optional[str] = None
 ) -> None:
     """Write ``snapshot`` as worker ``pid``'s file, atomically (blocking); with a
     ``label`` (``worker-2``), this process's ``process_*`` values under it too."""
@@ -120,7 +121,9 @@ async def publish(
 async def _publish_once(recorder: Recorder, directory: str, pid: int, label: Optional[str]) -> None:
     snapshot = recorder.snapshot()  # on the loop: the live meters change there
     try:
-        await trio.to_thread.run_sync(write_snapshot, directory, pid, snapshot, label)
+        await trio.to_thread.run_sync(
+            functools.partial(write_snapshot, directory, pid, snapshot, label=label)
+        )
     except OSError as exc:
         logger.warning("Could not write this worker's metrics to %s: %s", directory, exc)
 

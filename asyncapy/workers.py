@@ -427,7 +427,7 @@ class _Readiness:
 
 
 def run_worker(
-    app: Server, listen_fds: Sequence[int], control_fd: int, index: Optional[int] = None
+    app: Server, listen_fds: Sequence[int], control_fd: int, *, index: Optional[int] = None
 ) -> None:
     """Serve ``app`` on inherited listening sockets until signalled (blocking).
 
