@@ -123,3 +123,19 @@ def test_a_flag_of_another_command_is_not_suggested(project):
     result = asyncapy(project, "run", "good:server", "--pretty")
     assert result.returncode == 2
     assert "--pretty" in result.stderr and "did you mean '--pretty'" not in result.stderr
+
+
+def test_the_lines_the_docs_show_are_the_lines_printed(project):
+    """docs/cli.md and docs/configuration.md quote these lines: they are exact."""
+    root = Path(__file__).resolve().parents[2]
+    cli = (root / "docs" / "cli.md").read_text()
+    configuration = (root / "docs" / "configuration.md").read_text()
+    (project / "app.ini").write_text("[AsyncAPY]\nprot = 9000\n")
+    flag = one_line(asyncapy(project, "run", "good:server", "--prot", "9000"), 2)
+    key = one_line(asyncapy(project, "run", "good:server", "--config", "app.ini"), 2)
+    assert flag in cli.splitlines()
+    assert key in cli.splitlines()
+    assert key.removeprefix("asyncapy: ") in configuration.splitlines()
+    (project / "myapp.py").write_text("from asyncapy import Server\n\nServer(port=sever)\n")
+    imported = one_line(asyncapy(project, "run", "myapp:server"), 1)
+    assert imported in cli.splitlines()
