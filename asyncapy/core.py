@@ -99,17 +99,15 @@ class Client:
         :raises asyncapy.domain.errors.CodecError: if the packet holds a value its encoding
             cannot represent (bytes in JSON, an integer beyond 64 bits in ZiProto).
         """
-        try:
-            fields, codec = packet._fields, packet._codec
-        except AttributeError:
+        if type(packet) is not Packet and not isinstance(packet, Packet):
             if not isinstance(packet, Mapping):
                 raise TypeError(
                     f"client.send() takes a Packet or a dict, not {type(packet).__name__}: "
                     "write await client.send(Packet({...}, encoding=client.encoding))"
-                ) from None
-            fields, codec = dict(packet), CODECS_BY_NAME[self.encoding]
+                )
+            packet = Packet(packet, encoding=self.encoding)
         channel = self._channel or self._writer()
-        await channel.send(channel.connection.encode(fields, codec))
+        await channel.send(channel.connection.encode(packet._fields, packet._codec))
         if close:
             await self.close()
 
