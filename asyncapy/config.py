@@ -505,6 +505,17 @@ def check_proxy_settings(
         )
 
 
+def _unknown_key(key: str) -> str:
+    """What a config file may say instead of the unknown ``key``: the nearest setting
+    name when one is close (``prot``: did you mean 'port'?), else every name."""
+    import difflib
+
+    close = difflib.get_close_matches(key, list(SETTINGS), n=1, cutoff=0.6)
+    if close:
+        return f"a setting name: did you mean {close[0]!r}? (every setting: docs/configuration.md)"
+    return f"one of {', '.join(SETTINGS)}"
+
+
 def load_config(
     path: Optional[str] = None,
     parser: Optional[configparser.ConfigParser] = None,
@@ -537,9 +548,7 @@ def load_config(
         if setting is None and key in parser.defaults():
             continue  # inherited from [DEFAULT], meant for other sections
         if setting is None:
-            raise ConfigError(
-                key, parser.get(SECTION, key, raw=True), f"one of {', '.join(SETTINGS)}", source
-            )
+            raise ConfigError(key, parser.get(SECTION, key, raw=True), _unknown_key(key), source)
         try:
             raw = parser.get(SECTION, key).strip()
         except configparser.Error as exc:  # a user parser's interpolation failed

@@ -83,8 +83,13 @@ class Client:
         channel = self._channel
         return channel is not None and channel.closed
 
-    async def send(self, packet: "Packet", close: bool = False) -> None:
+    async def send(self, packet: Union["Packet", dict], close: bool = False) -> None:
         """Send ``packet`` to the client, in the packet's encoding.
+
+        A plain ``dict`` is sent too, in the session's encoding (``client.encoding``):
+        ``await client.send({"ok": True})`` is the reply a handler most often means.
+        Anything else (a list, a string, None) is refused with a :class:`TypeError`
+        showing the ``Packet(...)`` to write, before anything is sent.
 
         On a busy server the packet may be written a moment after this returns, with
         the other replies of the same scheduling round (see :class:`asyncapy.transport.Pacer`): it is
@@ -97,6 +102,13 @@ class Client:
         :raises asyncapy.domain.errors.CodecError: if the packet holds a value its encoding
             cannot represent (bytes in JSON, an integer beyond 64 bits in ZiProto).
         """
+        if type(packet) is not Packet and not isinstance(packet, Packet):
+            if not isinstance(packet, Mapping):
+                raise TypeError(
+                    f"client.send() takes a Packet or a dict, not {type(packet).__name__}: "
+                    "write await client.send(Packet({...}, encoding=client.encoding))"
+                )
+            packet = Packet(packet, encoding=self.encoding)
         channel = self._channel or self._writer()
         await channel.send(self._connection.encode(packet._fields, packet._codec))  # type: ignore[union-attr]
         if close:
