@@ -61,7 +61,7 @@ class SessionProtocol:
 
     __slots__ = (
         "client", "channel", "connection", "state", "settings", "dispatch", "recorder",
-        "meter", "stopping", "shared", "session_id", "errors", "logs", "first_read", "_debug",
+        "meter", "stopping", "shared", "session_id", "errors", "logs", "buf", "_debug",
     )
 
     def __init__(
@@ -96,8 +96,8 @@ class SessionProtocol:
         """Protocol errors in a row (reset by every request): ``max_protocol_errors``."""
         self.logs: Optional[SessionLogs] = None
         """The session's log limits, made on its first error."""
-        self.first_read = True
-        """No read yet: it says nothing of the server's load (see :meth:`_read`)."""
+        self.buf = settings.buf
+        """Bytes asked of the connection per read."""
         self._debug = logger.isEnabledFor(logging.DEBUG)
 
     # -- bytes and events in -----------------------------------------------------------
@@ -198,10 +198,28 @@ class SessionProtocol:
 
     async def _serve(self) -> Optional[str]:
         """Read, feed, handle, until a handler, the client, an error or the shutdown
-        ends the session (its reason), or the scope is cancelled (None)."""
+        ends the session (its reason), or the scope is cancelled (None).
+
+        The hot loop of every plain session, so what :meth:`receive_data` and
+        :meth:`handled` do is done here on locals, and the read is inline: a coroutine
+        or a method call per packet is a measurable share of a small request's cost
+        (``python -m benchmarks.instructions``). Other drivers call those methods.
+
+        The read: on plain TCP (see :mod:`asyncapy.transport`) it yields first. Once
+        the round is over, the session's deferred reply is written with the round's
+        others; if the next request is there already, the server is busy and the next
+        reply is deferred too (:class:`~asyncapy.transport.Pacer`); if not, the read
+        waits and the next reply is written at once. A session's first read says
+        nothing of the load (a client that writes its request with the connect)."""
         connection = self.connection
         framer = connection.framer
         channel = self.channel
+        state = self.state
+        meter = self.meter
+        stopping = self.stopping
+        handle_request = self.handle_request
+        fd, pacer, buf = channel.fd, channel.pacer, self.buf
+        first_read = True
         now = trio.lowlevel.current_clock().current_time  # trio.current_time, minus a hop
         event = connection.next_event()
         while True:
@@ -210,64 +228,49 @@ class SessionProtocol:
                     await channel.flush()
                 if channel.closed:
                     return "closed by a handler"
-                if self.stopping.is_set():
+                if stopping.is_set():
                     return "server shutting down"
-                data = await self._read()
-                if data is None:
+                state.waiting = True
+                if fd is not None:
+                    await trio.lowlevel.checkpoint()
+                    pacer.unyielded = 0
+                    if channel.deferred:
+                        pacer.flush()
+                    data = read_now(fd, buf)
+                    busy = data is not None and not first_read
+                    if channel.deferring is not busy:  # the call only on a change
+                        channel.defer(busy)
+                    if data is None:
+                        data = await receive_waiting(fd, buf)
+                    first_read = False
+                else:
+                    data = await channel.stream.receive_some(buf)
+                state.waiting = False
+                if state.cancelled:
                     return None  # cancelled just as bytes arrived: it still counts
                 if not data:
                     return "client closed the connection"
-                self.receive_data(data)
+                meter.received += len(data)
+                framer.receive_data(data)
                 event = connection.next_event()
                 continue
             # More pipelined packets already here? Then gather the replies and write
             # them together once the batch is handled.
             more = framer.complete_buffered()
-            channel.hold(more)
+            if more or channel.holding:  # the call only on a change
+                channel.hold(more)
             if type(event) is Request:
-                reason = await self.handle_request(event)
+                reason = await handle_request(event)
             else:
                 reason = await self.handle_protocol_error(event)
             if reason is not None:
                 return reason
-            self.handled(now())
+            state.last_active = now()
+            if connection.held:
+                connection.release()
             # Only the session feeds the framer: with no whole packet buffered after
             # this one, the next event is a read.
             event = connection.next_event() if more else NEED_DATA
-
-    async def _read(self) -> Optional[bytes]:
-        """The next bytes from the connection (``b""`` at its end), or None if the
-        session was cancelled as they arrived.
-
-        On plain TCP (see :mod:`asyncapy.transport`) a read yields first. Once the
-        round is over, the session's deferred reply is written with the round's others;
-        if the next request is there already the server is busy, and the next reply is
-        deferred too (see :class:`~asyncapy.transport.Pacer`); if not, the read waits,
-        and the next reply is written at once. A session's first read says nothing of
-        the load (a client that writes its request with the connect)."""
-        state = self.state
-        channel = self.channel
-        state.waiting = True
-        fd = channel.fd
-        if fd is not None:
-            await trio.lowlevel.checkpoint()
-            pacer = channel.pacer
-            pacer.unyielded = 0
-            if channel.deferred:
-                pacer.flush()
-            data = read_now(fd, self.settings.buf)
-            if data is None:
-                channel.defer(False)
-                data = await receive_waiting(fd, self.settings.buf)
-            else:
-                channel.defer(not self.first_read)
-            self.first_read = False
-        else:
-            data = await channel.stream.receive_some(self.settings.buf)
-        state.waiting = False
-        if state.cancelled:
-            return None
-        return data
 
     async def _end_cancelled(self) -> str:
         """End a session whose scope the reaper or the shutdown cancelled."""

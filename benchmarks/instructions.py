@@ -106,11 +106,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=3000, help="requests measured per workload (3000)")
     parser.add_argument("--against", metavar="CHECKOUT", help="also measure another checkout (with its own .venv)")
+    parser.add_argument("--only", type=int, metavar="N", help="only the N-th workload (0, 1, 2)")
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("benchmarks.instructions needs valgrind (Debian: apt-get install valgrind)")
     print(f"Instructions per request (callgrind), {args.requests} requests per workload")
-    for title, connections, packet in WORKLOADS:
+    workloads = WORKLOADS if args.only is None else [WORKLOADS[args.only]]
+    for title, connections, packet in workloads:
         now = measure(ROOT, packet, connections, args.requests)
         line = f"  {title}, {connections} connection(s): {now:,.0f}"
         if args.against:
