@@ -26,6 +26,12 @@ ERR_UNAVAILABLE = "ERR_UNAVAILABLE"
 """A store could not be reached: to admit a new session (which is then closed), or
 for a packet's dispatch (an API-key check, ``get_sessions()``), which goes no further."""
 
+ERR_RATE_LIMITED = "ERR_RATE_LIMITED"
+"""The packet is over a rate limit (its client address's, its API key's) or its
+address made too many failed API-key checks: it goes no further, the session stays
+open. The reply may carry ``"retry_after"``, seconds until a packet would be allowed
+(see :func:`~domain.ratelimit.rate_limited_payload`)."""
+
 ALL_CODES = (
     ERR_REQUEST_MALFORMED,
     ERR_HEADER_INVALID,
@@ -34,6 +40,7 @@ ALL_CODES = (
     ERR_PACKET_TOO_LARGE,
     ERR_INTERNAL,
     ERR_UNAVAILABLE,
+    ERR_RATE_LIMITED,
 )
 
 

@@ -31,10 +31,13 @@ looser than written (it is at most one part in a million tighter for rates up to
 
 from __future__ import annotations
 
+import math
 import re
 from typing import NamedTuple
 
 import attrs
+
+from .errors import ERR_RATE_LIMITED
 
 __all__ = [
     "Rate",
@@ -45,6 +48,7 @@ __all__ = [
     "gcra",
     "Outcome",
     "GcraTable",
+    "rate_limited_payload",
     "MAX_RATE_PER_SECOND",
     "PERIODS",
     "RATE_FORMS",
@@ -179,6 +183,16 @@ def gcra(tat: int, now: int, interval: int, burst: int, cost: int = 1) -> Outcom
     if new_tat > horizon:
         return Outcome(False, tat, new_tat - horizon, (horizon - base) // interval)
     return Outcome(True, new_tat, 0, (horizon - new_tat) // interval)
+
+
+def rate_limited_payload(retry_after: float) -> dict:
+    """The payload of the reply to a packet over a limit:
+    ``{"status": "failure", "error": "ERR_RATE_LIMITED", "retry_after": seconds}``,
+    the seconds rounded *up* to the millisecond (a client that waits that long is
+    allowed) and written as a number with at most three decimals (``0.1``, ``2``)."""
+    millis = math.ceil(round(retry_after * 1000, 6))
+    seconds = millis // 1000 if millis % 1000 == 0 else millis / 1000
+    return {"status": "failure", "error": ERR_RATE_LIMITED, "retry_after": seconds}
 
 
 class GcraTable:

@@ -144,3 +144,17 @@ def test_a_client_at_the_rate_is_never_refused(interval, burst, steps):
         assert outcome.allowed
         tat = outcome.tat
         now += interval
+
+
+@pytest.mark.parametrize(
+    "seconds, shown", [(0.1, 0.1), (0.000001, 0.001), (2.0, 2), (3599.9994, 3600), (0.0, 0), (0.1234, 0.124)]
+)
+def test_the_rate_limited_reply_rounds_retry_after_up_to_the_millisecond(seconds, shown):
+    from asyncapy.domain.codecs import JSON, ZIPROTO
+    from asyncapy.domain.ratelimit import rate_limited_payload
+
+    payload = rate_limited_payload(seconds)
+    assert payload == {"status": "failure", "error": "ERR_RATE_LIMITED", "retry_after": shown}
+    assert type(payload["retry_after"]) is type(shown)
+    for codec in (JSON, ZIPROTO):
+        assert codec.decode(codec.encode(payload)) == payload
