@@ -120,3 +120,39 @@ async def test_cluster_keys_spread_over_the_masters_by_their_hash_tag(cluster_ur
 def test_a_prefix_with_braces_is_refused():
     with pytest.raises(ValueError, match="must not hold"):
         RedisRateLimiter(fake_client(), prefix="a{b}:")
+
+
+async def test_redis_outage_is_store_unavailable_and_a_flushed_script_is_loaded_again(own_redis_limiter):
+    from asyncapy.domain.errors import StoreUnavailable
+
+    server, limiter = own_redis_limiter
+    assert (await limiter.acquire("k", Rate(1, 3600), 0)).allowed
+    await trio.to_thread.run_sync(lambda: limiter.redis.script_flush())
+    assert not (await limiter.acquire("k", Rate(1, 3600), 0)).allowed  # NOSCRIPT: loaded again
+    server.stop()
+    with pytest.raises(StoreUnavailable):
+        await limiter.acquire("k", Rate(1, 3600), 0)
+    server.start()
+    assert (await limiter.acquire("k", Rate(1, 3600), 0)).allowed  # a new Redis: a new allowance
+
+
+def test_the_redis_limiter_serves_synchronous_callers(redis_url):
+    """Outside an event loop (a script, a command) the call blocks on a pooled
+    connection, as the stores' calls do."""
+    limiter = RedisRateLimiter(connect(redis_url))
+    assert run_to_completion(limiter.acquire("k", "1/h", 1)) == Decision(True, 0.0, 1)
+    assert run_to_completion(limiter.acquire_many([("k", "1/h", 1, 1), ("k", "1/h", 1, 1)]))[1].allowed is False
+    run_to_completion(limiter.aclose())
+
+
+@pytest.fixture
+async def own_redis_limiter():
+    from tests.redis_server import RedisServer
+
+    server = RedisServer().start()
+    limiter = RedisRateLimiter(connect(server.url))
+    try:
+        yield server, limiter
+    finally:
+        await limiter.aclose()
+        server.stop()
