@@ -73,3 +73,20 @@ class TooManyElements(CodecError):
     because the process's :class:`~domain.limits.PacketMemory` had no more room
     (``ERR_PACKET_TOO_LARGE``).
     """
+
+
+class RateLimited(Exception):
+    """Raised (by a filter, a handler, the serving layer) when a packet is over a limit:
+    its dispatch ends with ``ERR_RATE_LIMITED`` and ``retry_after``, never a traceback
+    (see :class:`~domain.dispatch.HandlerFailed`).
+
+    :param retry_after: seconds until a packet would be allowed (0: unknown).
+    :param limit: which limit refused it (``"address"``, ``"key"``, ``"key_failures"``...),
+        for the log and a metric's label.
+    """
+
+    def __init__(self, retry_after: float = 0.0, limit: str = "") -> None:
+        self.retry_after = float(retry_after)
+        self.limit = limit
+        which = f"the {limit} rate limit" if limit else "a rate limit"
+        super().__init__(f"over {which}; retry after {self.retry_after:g}s")
