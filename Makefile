@@ -56,6 +56,7 @@ bench: $(BIN)/python ensure-redis
 	$(BIN)/python -m benchmarks.codecs
 	$(BIN)/python -m benchmarks.idle_memory
 	$(BIN)/python -m benchmarks.admission
+	$(BIN)/python -m benchmarks.ratelimit
 
 ## Fuzz the protocol core (framing, Connection, both codecs; then the PROXY header parser;
 ## pure code, no sockets) with FUZZ_RUNS inputs each; exits non-zero on a finding (saved

@@ -19,6 +19,8 @@ import attrs
 
 from asyncapy.domain.limits import DEFAULT_PACKET_MEMORY, SERVER_MAX_PACKET_SIZE
 from asyncapy.domain.proxy import TrustedProxies
+from asyncapy.domain.ratelimit import RATE_FORMS, Rate, parse_rate
+from asyncapy.domain.throttle import DEFAULT_KEY_FAILURE_BURST, DEFAULT_KEY_FAILURE_LIMIT
 from asyncapy.domain.redaction import MASK, looks_secret, redact, redact_url
 
 __all__ = [
@@ -185,6 +187,22 @@ def _trusted_proxies(value: Any) -> TrustedProxies:
     except ValueError as exc:  # it names the bad entry: an address is no secret
         entry = exc.args[0] if exc.args else value
         raise _Refused(f"{entry!r} is no IP address or CIDR network without host bits") from None
+
+
+def _optional_rate(value: Any) -> Optional[Rate]:
+    if value is None or isinstance(value, Rate):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(value)
+    try:
+        return parse_rate(value)
+    except ValueError as exc:  # the parser's text quotes the value; ConfigError shows it
+        text = str(exc)
+        if "allows nothing" in text:
+            raise _Refused("a rate allows at least 1 request per period") from None
+        if "faster than" in text:
+            raise _Refused(text[text.index("faster than"):]) from None
+        raise ValueError(value) from None
 
 
 # -- INI readers: str -> raw value, then the checker above ---------------------------
@@ -391,6 +409,36 @@ SETTINGS: Mapping[str, Setting] = {
             "host bits set; no host names",
             _trusted_proxies,
             _read_text,
+        ),
+        # Fair share per client (docs/guide-rate-limits.md). Validated here; the serving
+        # layer applies them.
+        Setting(
+            "rate_limit",
+            None,
+            f"nothing (no limit) or a rate per client address: {RATE_FORMS}",
+            _optional_rate,
+            _read_optional,
+        ),
+        Setting(
+            "rate_burst",
+            0,
+            "an integer of at least 0 (requests allowed at once above rate_limit)",
+            _integer(0),
+            _read_int,
+        ),
+        Setting(
+            "key_failure_limit",
+            parse_rate(DEFAULT_KEY_FAILURE_LIMIT),
+            f"nothing (no throttle) or the failed API-key checks an address may make: {RATE_FORMS.replace('100/s', '10/s')}",
+            _optional_rate,
+            _read_optional,
+        ),
+        Setting(
+            "key_failure_burst",
+            DEFAULT_KEY_FAILURE_BURST,
+            "an integer of at least 0 (failed API-key checks allowed at once above key_failure_limit)",
+            _integer(0),
+            _read_int,
         ),
     )
 }

@@ -10,6 +10,7 @@ from asyncapy.domain.errors import (
     ERR_HEADER_INVALID,
     ERR_INTERNAL,
     ERR_PACKET_TOO_LARGE,
+    ERR_RATE_LIMITED,
     ERR_REQUEST_MALFORMED,
     ERR_SESSION_LIMIT_REACHED,
     ERR_TIMED_OUT,
@@ -33,4 +34,5 @@ __all__ = [
     "ERR_PACKET_TOO_LARGE",
     "ERR_INTERNAL",
     "ERR_UNAVAILABLE",
+    "ERR_RATE_LIMITED",
 ]

@@ -1,7 +1,9 @@
 """``APIKeyFactory``: issue, look up, reissue and revoke API keys.
 
 The synchronous methods (``issue``, ``get``, ``revoke``, ``reissue``, ``update``,
-``key in factory``) are the AsyncAPY 0.5 API and work from any script. Inside the
+``key in factory``) are the AsyncAPY 0.5 API and work from any script; ``issue`` also
+takes a key's own rate limit (``rate_limit``, ``rate_burst``), stored with the key
+(:mod:`asyncapy.domain.keylimits`) and read back with ``rate_limit(key)``. Inside the
 server, the ``Filters.APIFactory`` filter uses the async twins (``acontains`` ...),
 which never block the event loop.
 """
@@ -17,6 +19,9 @@ from typing import Any, Optional, Union
 import trio
 
 from asyncapy.adapters.memory import MemoryKeyStore
+from asyncapy.domain.keylimits import KeyLimit, key_limit
+from asyncapy.domain.keylimits import unwrap as unwrap_key_record
+from asyncapy.domain.keylimits import wrap as wrap_key_record
 from asyncapy.domain.ports import KeyStore, run_to_completion
 
 from asyncapy.adapters.key_cache import CachedKeyStore
@@ -112,13 +117,28 @@ class APIKeyFactory:
         _factories.add(self)
 
     # -- the synchronous API (0.5) ----------------------------------------------------
-    def issue(self, metadata: Any = None) -> str:
-        """Create, store and return a new key carrying ``metadata``."""
-        return run_to_completion(self.aissue(metadata))
+    def issue(self, metadata: Any = None, *, rate_limit: Any = None, rate_burst: int = 0) -> str:
+        """Create, store and return a new key carrying ``metadata``.
+
+        :param rate_limit: the key's own rate limit, ``N/s``, ``N/m`` or ``N/h``
+            (keyword-only; None, the default: none), stored with the key so that every
+            process enforces it (see ``docs/guide-rate-limits.md``).
+        :param rate_burst: requests the key may make at once above ``rate_limit``.
+        """
+        return run_to_completion(self.aissue(metadata, rate_limit=rate_limit, rate_burst=rate_burst))
 
     def get(self, key: str) -> Any:
-        """The metadata of ``key``."""
+        """The metadata of ``key`` (without its rate limit: see :meth:`rate_limit`)."""
         return run_to_completion(self.aget(key))
+
+    def rate_limit(self, key: str) -> Optional[KeyLimit]:
+        """The rate limit stored with ``key`` (None: it has none)."""
+        return run_to_completion(self.arate_limit(key))
+
+    def set_rate_limit(self, key: str, rate_limit: Any, *, rate_burst: int = 0) -> None:
+        """Give ``key`` the rate limit ``rate_limit`` with ``rate_burst`` (None: none),
+        keeping its metadata."""
+        run_to_completion(self.aset_rate_limit(key, rate_limit, rate_burst=rate_burst))
 
     def revoke(self, key: str) -> None:
         """Delete ``key``: it stops working at once."""
@@ -129,7 +149,7 @@ class APIKeyFactory:
         return run_to_completion(self.areissue(key))
 
     def update(self, key: str, metadata: Any) -> None:
-        """Replace the metadata of ``key``."""
+        """Replace the metadata of ``key`` (its rate limit stays)."""
         run_to_completion(self.aupdate(key, metadata))
 
     def __contains__(self, key: object) -> bool:
@@ -144,15 +164,28 @@ class APIKeyFactory:
             secrets.choice(KEY_ALPHABET) for _ in range(self.size - 1)
         )
 
-    async def aissue(self, metadata: Any = None) -> str:
+    async def aissue(self, metadata: Any = None, *, rate_limit: Any = None, rate_burst: int = 0) -> str:
         """Async :meth:`issue`."""
+        limit = key_limit(rate_limit, rate_burst)  # checked before anything is stored
         key = self.new_key()
-        await self.store.put(key, metadata)
+        await self.store.put(key, wrap_key_record(metadata, limit))
         return key
 
     async def aget(self, key: str) -> Any:
         """Async :meth:`get`."""
-        return await self.store.get(key)
+        return unwrap_key_record(await self.store.get(key))[0]
+
+    async def arate_limit(self, key: str) -> Optional[KeyLimit]:
+        """Async :meth:`rate_limit`: what the server awaits for a key's limit (answered
+        from the key cache, like the key check, with a Redis store)."""
+        return unwrap_key_record(await self.store.get(key))[1]
+
+    async def aset_rate_limit(self, key: str, rate_limit: Any, *, rate_burst: int = 0) -> None:
+        """Async :meth:`set_rate_limit`. A read then a write: a concurrent
+        :meth:`update` of the same key may be lost."""
+        limit = key_limit(rate_limit, rate_burst)
+        metadata, _ = unwrap_key_record(await self.store.get(key))
+        await self.store.update(key, wrap_key_record(metadata, limit))
 
     async def arevoke(self, key: str) -> None:
         """Async :meth:`revoke`."""
@@ -165,8 +198,9 @@ class APIKeyFactory:
         return new
 
     async def aupdate(self, key: str, metadata: Any) -> None:
-        """Async :meth:`update`."""
-        await self.store.update(key, metadata)
+        """Async :meth:`update`. A key with a rate limit is read first, to keep it."""
+        _, limit = unwrap_key_record(await self.store.get(key))
+        await self.store.update(key, wrap_key_record(metadata, limit))
 
     async def acontains(self, key: object) -> bool:
         """Async ``key in factory``: what the API-key filter awaits.

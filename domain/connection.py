@@ -12,6 +12,12 @@ bytes and what its strings may decode to (refusing the packet with
 ``ERR_PACKET_TOO_LARGE`` before it is buffered when they do not fit), gives its
 decoder only the elements that still fit, and holds it all until the server is done
 with the request (:meth:`Connection.release`).
+
+Made with ``charge_on_arrival=True`` it charges a large packet's bytes as they arrive
+instead of from its header's Content-Length (a header alone costs nothing), and with
+an ``owner`` every reservation counts against that owner's share of the budget (see
+:mod:`domain.limits`). Both are keyword-only; without them it keeps the accounting of
+0.6, reserving from the header.
 """
 
 from __future__ import annotations
@@ -80,9 +86,14 @@ class Connection:
     is known (the ``encoding`` setting; JSON unless configured otherwise). ``memory``
     is the budget large packets are accounted in (None: no accounting; see the module
     docstring).
+
+    :param owner: whose share of ``memory`` this session's packets count against (the
+        client's address group); None counts them against the budget only.
+    :param charge_on_arrival: charge a large packet as its bytes arrive, never by its
+        declared length alone (False: from its header on, as before).
     """
 
-    __slots__ = ("framer", "codec", "default_codec", "memory", "held", "_buffering")
+    __slots__ = ("framer", "codec", "default_codec", "memory", "held", "owner", "charge_on_arrival", "_buffering")
 
     def __init__(
         self,
@@ -91,6 +102,9 @@ class Connection:
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
         default_codec: Codec = JSON,
         memory: Optional[PacketMemory] = None,
+        *,
+        owner: object = None,
+        charge_on_arrival: bool = False,
     ) -> None:
         self.framer = Framer(header_size, byteorder, max_packet_size)
         self.codec: Optional[Codec] = None
@@ -100,6 +114,10 @@ class Connection:
         self.held = 0
         """Bytes of ``memory`` held for the last request handed out (0 for a small
         one): given back by :meth:`release`, or by the next :meth:`next_event`."""
+        self.owner = owner
+        """Whose share of ``memory`` this session's packets count against (None: nobody's)."""
+        self.charge_on_arrival = charge_on_arrival
+        """Whether a large packet is charged as its bytes arrive (else from its header)."""
         self._buffering = 0
         """Bytes of ``memory`` reserved for the packet being received."""
 
@@ -116,8 +134,12 @@ class Connection:
             self.release()
         frame = self.framer.next_event()
         if frame is NEED_DATA:
-            if self.framer.pending > FREE_PACKET_SIZE and self.memory is not None and not self._buffering:
-                return self._reserve_buffer(self.framer.pending)
+            pending = self.framer.pending
+            if pending > FREE_PACKET_SIZE and self.memory is not None:
+                if self.charge_on_arrival:
+                    return self._charge_arrived(pending)
+                if not self._buffering:
+                    return self._reserve_buffer(pending)
             return NEED_DATA
         if type(frame) is FramingError:
             return ProtocolError(
@@ -128,6 +150,7 @@ class Connection:
             )
         declared = CODECS_BY_CODE.get(frame.encoding)
         if frame.version != PROTOCOL_VERSION or declared is None:
+            self._drop_buffering()  # the packet is whole, and refused: nothing to hold
             return ProtocolError(
                 ERR_HEADER_INVALID,
                 declared or self.codec or self.default_codec,
@@ -135,6 +158,7 @@ class Connection:
                 f"Protocol-Version {frame.version}, Content-Encoding {frame.encoding}",
             )
         if not frame.payload:
+            self._drop_buffering()
             return ProtocolError(ERR_REQUEST_MALFORMED, declared, False, "empty payload")
         if self.memory is not None and len(frame.payload) > FREE_PACKET_SIZE - 2:
             decoded = self._decode_within_budget(frame.payload, declared)
@@ -156,35 +180,54 @@ class Connection:
         """Give back what the last request held of the memory budget: the server is
         done with it (its handlers returned). Idempotent."""
         if self.held:
-            self.memory.release(self.held)  # type: ignore[union-attr]
+            self.memory.release(self.held, self.owner)  # type: ignore[union-attr]
             self.held = 0
+
+    def _drop_buffering(self) -> None:
+        if self._buffering:
+            self.memory.release(self._buffering, self.owner)  # type: ignore[union-attr]
+            self._buffering = 0
 
     def close(self) -> None:
         """Give back everything this session holds of the memory budget (the request
         handed out and a packet being received): the session is over. Idempotent."""
         self.release()
         if self._buffering:
-            self.memory.release(self._buffering)  # type: ignore[union-attr]
+            self.memory.release(self._buffering, self.owner)  # type: ignore[union-attr]
             self._buffering = 0
 
     def _reserve_buffer(self, content_length: int) -> Union[ProtocolError, _NeedData]:
         amount = _BYTES_CHARGED * content_length
-        if self.memory.reserve(amount):  # type: ignore[union-attr]
+        if self.memory.reserve(amount, self.owner):  # type: ignore[union-attr]
             self._buffering = amount
             return NEED_DATA
         return self._refuse(content_length, f"{amount} bytes")
+
+    def _charge_arrived(self, content_length: int) -> Union[ProtocolError, _NeedData]:
+        """Top the packet's reservation up to what its bytes received so far cost."""
+        arrived = min(self.framer.buffered - self.framer.header_size, content_length)
+        extra = _BYTES_CHARGED * arrived - self._buffering
+        if extra <= 0:
+            return NEED_DATA
+        if self.memory.reserve(extra, self.owner):  # type: ignore[union-attr]
+            self._buffering += extra
+            return NEED_DATA
+        return self._refuse(content_length, f"{_BYTES_CHARGED * arrived} bytes for {arrived} received")
 
     def _refuse(self, content_length: int, wanted: str) -> ProtocolError:
         """``ERR_PACKET_TOO_LARGE`` for a packet the budget cannot hold; the stream
         cannot be framed past it (its bytes are not read), so the session closes."""
         self.framer.refuse(ERR_PACKET_TOO_LARGE, content_length)
         memory = self.memory
+        whose = ""
+        if self.owner is not None:
+            whose = f"; this client holds {memory.held_by(self.owner)} of its {memory.owner_limit}"  # type: ignore[union-attr]
         return ProtocolError(
             ERR_PACKET_TOO_LARGE,
             self.codec or self.default_codec,
             True,
             f"Content-Length {content_length}: {wanted} do not fit the packet memory budget "
-            f"({memory.used} of {memory.limit} bytes in use)",  # type: ignore[union-attr]
+            f"({memory.used} of {memory.limit} bytes in use{whose})",  # type: ignore[union-attr]
         )
 
     def _decode_within_budget(self, payload: bytes, declared: Codec) -> Union[dict, ProtocolError]:
@@ -192,25 +235,28 @@ class Connection:
         for, and hold what it decoded to (estimated) until :meth:`release`."""
         memory: PacketMemory = self.memory  # type: ignore[assignment]
         content_length = len(payload) + 2
+        owner = self.owner
         reserved, self._buffering = self._buffering, 0
-        if not reserved:  # it arrived in one read: nothing reserved while buffering
-            reserved = _BYTES_CHARGED * content_length
-            if not memory.reserve(reserved):
-                return self._refuse(content_length, f"{reserved} bytes")
-        limit = min(MAX_ELEMENTS, memory.free // ELEMENT_COST)
+        full = _BYTES_CHARGED * content_length
+        if reserved < full:  # its last bytes (or all of them) came with the last read
+            if not memory.reserve(full - reserved, owner):
+                memory.release(reserved, owner)
+                return self._refuse(content_length, f"{full} bytes")
+            reserved = full
+        limit = min(MAX_ELEMENTS, max(0, memory.free_for(owner)) // ELEMENT_COST)
         try:
             fields, elements = declared.decode_units(payload, limit)
         except TooManyElements as exc:
-            memory.release(reserved)
+            memory.release(reserved, owner)
             if limit < MAX_ELEMENTS:
                 memory.refusals += 1
                 return self._refuse(content_length, f"more than {limit} elements to decode")
             return ProtocolError(ERR_REQUEST_MALFORMED, declared, False, str(exc))
         except CodecError as exc:
-            memory.release(reserved)
+            memory.release(reserved, owner)
             return ProtocolError(ERR_REQUEST_MALFORMED, declared, False, str(exc))
         cost = elements * ELEMENT_COST
-        memory.reserve(cost)  # fits: the decoder was allowed no more
+        memory.reserve(cost, owner)  # fits: the decoder was allowed no more
         self.held = reserved + cost
         return fields
 

@@ -8,8 +8,9 @@ session. A handler or filter that raises ends the packet's dispatch with
 :class:`HandlerFailed`, whose :attr:`~HandlerFailed.code` is the error the server
 answers with: ``ERR_UNAVAILABLE`` when what raised was
 :class:`~domain.errors.StoreUnavailable` (an API-key check, ``get_sessions()``... needed
-a store that cannot be reached: "retry later"), ``ERR_INTERNAL`` for anything else (a
-bug).
+a store that cannot be reached: "retry later"), ``ERR_RATE_LIMITED`` when it was
+:class:`~domain.errors.RateLimited` (a filter found the packet over a limit),
+``ERR_INTERNAL`` for anything else (a bug).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import inspect
 from inspect import isawaitable
 from typing import Any, Awaitable, Callable, Iterable, Optional
 
-from .errors import ERR_INTERNAL, ERR_UNAVAILABLE, StopPropagation, StoreUnavailable
+from .errors import ERR_INTERNAL, ERR_RATE_LIMITED, ERR_UNAVAILABLE, RateLimited, StopPropagation, StoreUnavailable
 from .filtering import evaluate
+from .ratelimit import rate_limited_payload
 
 __all__ = ["Handler", "HandlerFailed", "Dispatcher"]
 
@@ -83,22 +85,41 @@ def _name(function: Any) -> str:
 class HandlerFailed(Exception):
     """A handler or one of its filters raised; ``__cause__`` is the original error.
 
-    :attr:`code` is the error reply the packet gets, and :attr:`unavailable` says
-    whether the cause was a store out of reach: an outage, which deserves one log line
-    (the store adapter's message), not a traceback.
+    :attr:`code` is the error reply the packet gets (:attr:`payload` its whole
+    payload), and :attr:`unavailable` says whether the cause was a store out of reach:
+    an outage, which deserves one log line (the store adapter's message), not a
+    traceback; :attr:`rate_limited` whether it was :class:`~domain.errors.RateLimited`,
+    which is the client's doing and deserves no more than a count.
     """
 
     def __init__(self, handler: Handler, group: int, cause: BaseException, in_filter: bool = False):
         self.handler = handler
         self.group = group
         self.unavailable = isinstance(cause, StoreUnavailable)
-        self.code = ERR_UNAVAILABLE if self.unavailable else ERR_INTERNAL
+        self.rate_limited = isinstance(cause, RateLimited)
+        self.retry_after: float = cause.retry_after if isinstance(cause, RateLimited) else 0.0
+        """Seconds until a packet would be allowed (``ERR_RATE_LIMITED`` only)."""
+        if self.rate_limited:
+            self.code = ERR_RATE_LIMITED
+        else:
+            self.code = ERR_UNAVAILABLE if self.unavailable else ERR_INTERNAL
         where = f"a filter of handler {handler.name}" if in_filter else f"handler {handler.name}"
-        if self.unavailable:
+        if self.rate_limited:
+            message = f"{where} (group {group}) found the packet {cause}"
+        elif self.unavailable:
             message = f"{where} (group {group}) needed a store, which is unavailable: {cause}"
         else:
             message = f"{where} (group {group}) raised"
         super().__init__(message)
+
+
+    @property
+    def payload(self) -> dict:
+        """The reply's payload: ``{"status": "failure", "error": code}``, with
+        ``"retry_after"`` (rounded up to the millisecond) for ``ERR_RATE_LIMITED``."""
+        if self.rate_limited:
+            return rate_limited_payload(self.retry_after)
+        return {"status": "failure", "error": self.code}
 
 
 class Dispatcher:

@@ -26,6 +26,12 @@ ERR_UNAVAILABLE = "ERR_UNAVAILABLE"
 """A store could not be reached: to admit a new session (which is then closed), or
 for a packet's dispatch (an API-key check, ``get_sessions()``), which goes no further."""
 
+ERR_RATE_LIMITED = "ERR_RATE_LIMITED"
+"""The packet is over a rate limit (its client address's, its API key's) or its
+address made too many failed API-key checks: it goes no further, the session stays
+open. The reply may carry ``"retry_after"``, seconds until a packet would be allowed
+(see :func:`~domain.ratelimit.rate_limited_payload`)."""
+
 ALL_CODES = (
     ERR_REQUEST_MALFORMED,
     ERR_HEADER_INVALID,
@@ -34,6 +40,7 @@ ALL_CODES = (
     ERR_PACKET_TOO_LARGE,
     ERR_INTERNAL,
     ERR_UNAVAILABLE,
+    ERR_RATE_LIMITED,
 )
 
 
@@ -66,3 +73,20 @@ class TooManyElements(CodecError):
     because the process's :class:`~domain.limits.PacketMemory` had no more room
     (``ERR_PACKET_TOO_LARGE``).
     """
+
+
+class RateLimited(Exception):
+    """Raised (by a filter, a handler, the serving layer) when a packet is over a limit:
+    its dispatch ends with ``ERR_RATE_LIMITED`` and ``retry_after``, never a traceback
+    (see :class:`~domain.dispatch.HandlerFailed`).
+
+    :param retry_after: seconds until a packet would be allowed (0: unknown).
+    :param limit: which limit refused it (``"address"``, ``"key"``, ``"key_failures"``...),
+        for the log and a metric's label.
+    """
+
+    def __init__(self, retry_after: float = 0.0, limit: str = "") -> None:
+        self.retry_after = float(retry_after)
+        self.limit = limit
+        which = f"the {limit} rate limit" if limit else "a rate limit"
+        super().__init__(f"over {which}; retry after {self.retry_after:g}s")

@@ -24,6 +24,19 @@ proportion to what it builds. So three limits, all applied by the pure core:
 
 Packets up to :data:`FREE_PACKET_SIZE` take nothing from the budget, so an API of
 small packets pays nothing for it: their decoded form is bounded by their size alone.
+
+Fair shares of the budget
+-------------------------
+Reserving a packet's bytes from its header alone lets a header drain the budget: 53
+connections each declaring a 1 MiB packet and sending nothing else held 256 MiB. So
+the budget also knows *owners* (a client's address group, as ``session_limit`` counts
+them) and a :attr:`PacketMemory.share`: no owner may hold more than that fraction of
+the budget, whatever is free. And a :class:`~domain.connection.Connection` made with
+``charge_on_arrival=True`` charges a packet's bytes as they arrive (five times each
+byte received, as above), never its declared length alone: a header costs nothing
+until its body comes, and a body that stalls holds only what it sent. An owner over
+its share gets ``ERR_PACKET_TOO_LARGE`` for its own packet; other owners keep the
+rest of the budget.
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ __all__ = [
     "DEFAULT_PACKET_MEMORY",
     "SERVER_MAX_PACKET_SIZE",
     "PacketMemory",
+    "DEFAULT_OWNER_SHARE",
 ]
 
 MAX_ELEMENTS = 1 << 18
@@ -68,49 +82,104 @@ AsyncAPY 0.5 accepted 16 MiB (``DEFAULT_MAX_PACKET_SIZE`` of the framer, which t
 bundled clients keep for replies); a server that needs it sets it."""
 
 
+DEFAULT_OWNER_SHARE = 0.25
+"""The fraction of the budget one owner may hold, suggested for servers that name
+owners: a quarter of 256 MiB is 64 MiB, room for a dozen 1 MiB packets of one client at
+once, and four greedy clients still leave other clients served. (:class:`PacketMemory`
+itself defaults to 1.0, no share, for the callers that name no owner.)"""
+
+
 class PacketMemory:
     """The bytes that large packets may hold at once, across all sessions of a server.
 
     Pure accounting: :meth:`reserve` takes bytes if they fit, :meth:`release` gives
     them back. :class:`~domain.connection.Connection` reserves for a packet above
-    :data:`FREE_PACKET_SIZE` when its header is read and when it is decoded, and
+    :data:`FREE_PACKET_SIZE` while it is received and when it is decoded, and
     releases when the server is done with it (or the session ends). Not thread-safe:
     one event loop uses it.
+
+    :param limit: the budget, in bytes.
+    :param share: the fraction of the budget (above 0, at most 1) one owner may hold
+        (see :meth:`reserve`); 1.0, the default, caps no owner below the budget.
     """
 
-    __slots__ = ("limit", "used", "peak", "refusals")
+    __slots__ = ("limit", "share", "used", "peak", "refusals", "owner_refusals", "_by_owner")
 
-    def __init__(self, limit: int = DEFAULT_PACKET_MEMORY) -> None:
+    def __init__(self, limit: int = DEFAULT_PACKET_MEMORY, *, share: float = 1.0) -> None:
         if type(limit) is not int or limit < 0:
             raise ValueError(f"the packet memory budget must be an integer of at least 0, not {limit!r}")
+        if type(share) not in (int, float) or not 0 < share <= 1:
+            raise ValueError(f"the packet memory share must be a number above 0 and at most 1, not {share!r}")
         self.limit = limit
         """The budget, in bytes."""
+        self.share = float(share)
+        """The fraction of :attr:`limit` one owner may hold."""
         self.used = 0
         """Bytes reserved now."""
         self.peak = 0
         """The most bytes ever reserved at once."""
         self.refusals = 0
-        """How many reservations did not fit."""
+        """How many reservations did not fit (an owner's share or the whole budget)."""
+        self.owner_refusals = 0
+        """Of those, how many did not fit their owner's share while the budget had room."""
+        self._by_owner: dict[object, int] = {}
 
     @property
     def free(self) -> int:
         """Bytes that can still be reserved."""
         return self.limit - self.used
 
-    def reserve(self, amount: int) -> bool:
-        """Take ``amount`` bytes if they fit (True), else take nothing (False)."""
+    @property
+    def owner_limit(self) -> int:
+        """The most bytes one owner may hold: ``share`` of the budget, rounded down."""
+        return int(self.limit * self.share)
+
+    def held_by(self, owner: object) -> int:
+        """Bytes ``owner`` holds now."""
+        return self._by_owner.get(owner, 0)
+
+    def free_for(self, owner: object = None) -> int:
+        """Bytes ``owner`` could still reserve (the whole budget's free bytes for None)."""
+        free = self.limit - self.used
+        if owner is None:
+            return free
+        return min(free, self.owner_limit - self._by_owner.get(owner, 0))
+
+    def reserve(self, amount: int, owner: object = None) -> bool:
+        """Take ``amount`` bytes if they fit (True), else take nothing (False).
+
+        With an ``owner`` (any hashable: an address group), they must also fit that
+        owner's share: what it holds plus ``amount`` at most :attr:`owner_limit`."""
         used = self.used + amount
         if used > self.limit:
             self.refusals += 1
             return False
+        if owner is not None:
+            held = self._by_owner.get(owner, 0) + amount
+            if held > self.owner_limit:
+                self.refusals += 1
+                self.owner_refusals += 1
+                return False
+            self._by_owner[owner] = held
         self.used = used
         if used > self.peak:
             self.peak = used
         return True
 
-    def release(self, amount: int) -> None:
-        """Give back ``amount`` bytes taken by :meth:`reserve`."""
+    def release(self, amount: int, owner: object = None) -> None:
+        """Give back ``amount`` bytes taken by :meth:`reserve` (for the same ``owner``)."""
         self.used -= amount
+        if owner is not None:
+            held = self._by_owner.get(owner, 0) - amount
+            if held > 0:
+                self._by_owner[owner] = held
+            else:
+                self._by_owner.pop(owner, None)
+
+    @property
+    def owners(self) -> int:
+        """How many owners hold bytes now."""
+        return len(self._by_owner)
 
     def __repr__(self) -> str:
-        return f"<PacketMemory {self.used}/{self.limit} bytes, peak {self.peak}>"
+        return f"<PacketMemory {self.used}/{self.limit} bytes, peak {self.peak}, {len(self._by_owner)} owners>"

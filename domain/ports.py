@@ -4,6 +4,9 @@
   One store may be shared by many server processes (Redis), so admission is a single
   atomic operation of the store, never a read-then-write by the caller.
 * :class:`KeyStore` keeps API-key records: a key and its metadata.
+* :class:`RateLimiter` decides, per key, whether a request fits its rate (the GCRA of
+  :mod:`domain.ratelimit`); one limiter may be shared by many processes (Redis), so the
+  decision and the update of the key's state are one atomic operation of the limiter.
 
 Adapters live in :mod:`adapters`; the contract every adapter must pass is
 :mod:`asyncapy.testing.contracts` (importable by users for their own adapters).
@@ -20,11 +23,13 @@ from __future__ import annotations
 
 import abc
 import contextvars
-from typing import Any, Awaitable, TypeVar
+from typing import Any, Awaitable, Sequence, TypeVar
 
 import attrs
 
-__all__ = ["SessionRecord", "SessionStore", "KeyStore", "run_to_completion", "BLOCKING"]
+from .ratelimit import Decision, Rate, check_burst, check_cost, parse_rate
+
+__all__ = ["SessionRecord", "SessionStore", "KeyStore", "RateLimiter", "run_to_completion", "BLOCKING"]
 
 T = TypeVar("T")
 
@@ -115,6 +120,46 @@ class KeyStore(abc.ABC):
 
     async def aclose(self) -> None:
         """Release the store's resources. Idempotent."""
+
+
+class RateLimiter(abc.ABC):
+    """Rate limits by key (a client's address group, an API key...), decided by the GCRA.
+
+    Each key has one small state, its theoretical arrival time (see
+    :mod:`domain.ratelimit`); a key whose state has passed is forgotten, so memory
+    follows the keys active now. Calls made at the same time by many tasks are
+    independent: a shared adapter sends them together (one round trip for a batch).
+    """
+
+    @abc.abstractmethod
+    async def acquire(self, key: str, rate: Rate, burst: int, cost: int = 1) -> Decision:
+        """Take ``cost`` requests from ``key``'s allowance of ``rate`` with ``burst``
+        (see :func:`domain.ratelimit.gcra`) if they fit, in one atomic step.
+
+        ``rate`` is a :class:`~domain.ratelimit.Rate` (or its text, ``"100/s"``),
+        ``burst`` an integer of at least 0, ``cost`` an integer from 1 to ``burst + 1``
+        (``ValueError`` otherwise, before anything is sent). The answer says whether
+        they were taken and, if not, :attr:`~domain.ratelimit.Decision.retry_after`
+        seconds until they would be. A refusal takes nothing. Raises
+        :class:`~domain.errors.StoreUnavailable` when a shared backend cannot be
+        reached (the caller decides whether to fail open or closed).
+        """
+
+    async def acquire_many(self, requests: Sequence[tuple[str, Rate, int, int]]) -> list[Decision]:
+        """:meth:`acquire` for each ``(key, rate, burst, cost)`` of ``requests``, in
+        order, each decided on its own (one refused does not give back another's):
+        what a packet under both a per-address and a per-key limit needs. A shared
+        adapter sends them in one round trip; this default awaits them in turn. Every
+        request is checked before any is made: a bad one is a ``ValueError`` and
+        nothing is taken.
+        """
+        for key, rate, burst, cost in requests:
+            check_cost(cost, check_burst(burst, name="burst"))
+            parse_rate(rate, name="rate")
+        return [await self.acquire(*request) for request in requests]
+
+    async def aclose(self) -> None:
+        """Release the limiter's resources. Idempotent."""
 
 
 BLOCKING: contextvars.ContextVar[bool] = contextvars.ContextVar("asyncapy_blocking", default=False)

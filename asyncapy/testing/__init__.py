@@ -17,7 +17,8 @@ pass: subclass one in your own test file, give it a ``store`` fixture, and every
 inherited test runs against your adapter. The contracts need ``pytest`` and
 ``pytest-trio``, which are test dependencies, not dependencies of AsyncAPY itself:
 importing this package does not import them, importing ``contracts`` (or ``plugin``)
-does.
+does. :mod:`asyncapy.testing.ratelimit_contracts` is the same for
+:class:`~asyncapy.domain.ports.RateLimiter` adapters.
 """
 
 import sys
@@ -28,7 +29,7 @@ if _pytest is not None:
     # test files), so that a store failing one shows the values that differ, not a
     # bare AssertionError. It must be registered before the module is imported, and
     # using pytest here only when it is already loaded keeps it a test dependency.
-    _pytest.register_assert_rewrite("asyncapy.testing.contracts")
+    _pytest.register_assert_rewrite("asyncapy.testing.contracts", "asyncapy.testing.ratelimit_contracts")
 del _pytest
 
 from .client import TestClient, open_test_client

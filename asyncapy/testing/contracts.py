@@ -38,7 +38,11 @@ import pytest
 import trio
 import trio.testing
 
+from asyncapy.domain.keylimits import KeyLimit
+from asyncapy.domain.keylimits import unwrap as unwrap_key_record
+from asyncapy.domain.keylimits import wrap as wrap_key_record
 from asyncapy.domain.ports import KeyStore, SessionRecord, SessionStore
+from asyncapy.domain.ratelimit import Rate
 
 __all__ = ["SessionStoreContract", "KeyStoreContract"]
 
@@ -448,6 +452,20 @@ class KeyStoreContract:
                 nursery.start_soon(store.put, key, {"n": n})
         for n, key in enumerate(keys):
             assert await store.get(key) == {"n": n}
+
+    async def test_a_key_with_a_rate_limit_keeps_it_through_every_operation(self, store: KeyStore) -> None:
+        """A key's rate limit travels inside its record (:mod:`asyncapy.domain.keylimits`):
+        the store keeps it as any JSON value, and moves and deletes it with the key."""
+        limit = KeyLimit(Rate(100, 1), 50)
+        record = wrap_key_record({"owner": "alice"}, limit)
+        await store.put("key-1", record)
+        assert unwrap_key_record(await store.get("key-1")) == ({"owner": "alice"}, limit)
+        await store.update("key-1", wrap_key_record(["plan", "pro"], limit))
+        await store.replace("key-1", "key-2")
+        assert await store.contains("key-1") is False
+        assert unwrap_key_record(await store.get("key-2")) == (["plan", "pro"], limit)
+        await store.delete("key-2")
+        assert await store.contains("key-2") is False
 
     async def test_aclose_is_idempotent(self, store: KeyStore) -> None:
         await store.aclose()

@@ -218,7 +218,7 @@ def test_errors_module():
     assert asyncapy.errors.StopPropagation is asyncapy.domain.errors.StopPropagation
     assert issubclass(StopPropagation, Exception)
     codes = [name for name in dir(asyncapy.domain.errors) if name.startswith("ERR_")]
-    assert len(codes) == 7
+    assert len(codes) == 8
     for name in codes:
         assert getattr(asyncapy.errors, name) == name, name
         assert name in asyncapy.errors.__all__
