@@ -55,7 +55,7 @@ def load_app(spec: str, *, traceback: bool = False) -> Server:
 
 _SERVER_FLAGS = (
     "host", "port", "store", "config", "certfile", "keyfile", "log_level",
-    "max_protocol_errors", "store_timeout", "log_format", "trusted_proxies",
+    "max_protocol_errors", "store_timeout", "log_format", "trusted_proxies", "rate_limit", "rate_burst",
 )
 """The ``run`` flags that shape the server, forwarded as they are to every worker.
 Not ``--metrics-port`` and ``--metrics-host``: with workers, the supervisor serves the
@@ -169,6 +169,23 @@ def _add_server_arguments(run: argparse.ArgumentParser) -> None:
         "unless set)",
     )
     _add_proxy_arguments(run)
+    _add_limit_arguments(run)
+
+
+def _add_limit_arguments(run: argparse.ArgumentParser) -> None:
+    run.add_argument(
+        "--rate-limit",
+        metavar="RATE",
+        help="requests one client address may make: N/s, N/m or N/h, e.g. 100/s, shared by "
+        "every process of the store; over it a packet is answered ERR_RATE_LIMITED "
+        "(default: the app's rate_limit, none unless set)",
+    )
+    run.add_argument(
+        "--rate-burst",
+        metavar="N",
+        type=int,
+        help="requests allowed at once above --rate-limit (default: the app's rate_burst, 0 unless set)",
+    )
 
 
 def _add_proxy_arguments(run: argparse.ArgumentParser) -> None:
@@ -236,6 +253,8 @@ def _configure(args: argparse.Namespace) -> Server:
         ("proxy_protocol", "proxy_protocol"),
         ("trusted_proxies", "trusted_proxies"),
         ("insecure_trust_any_proxy", "insecure_trust_any_proxy"),
+        ("rate_limit", "rate_limit"),
+        ("rate_burst", "rate_burst"),
     ):
         value = getattr(args, flag)
         if value is not None:  # an absent flag keeps the app's (or the config's) value

@@ -47,7 +47,9 @@ class Client:
     :param encoding: the session's encoding, ``'json'`` or ``'ziproto'``.
     """
 
-    __slots__ = ("address", "ip", "session", "encoding", "handler", "_server", "_stream", "_channel", "_connection")
+    __slots__ = (
+        "address", "ip", "session", "encoding", "handler", "_server", "_stream", "_channel", "_connection", "_limits",
+    )
 
     def __init__(
         self,
@@ -70,6 +72,9 @@ class Client:
         self._channel: Optional[Channel] = None
         self._connection: Optional[Connection] = None
         """The session's protocol state: what :meth:`send` encodes with."""
+        self._limits: Any = None
+        """The server's rate limits (:class:`asyncapy.limits.Limits`), which
+        ``Filters.APIFactory`` applies to key checks; None for a client made by hand."""
 
     def _writer(self) -> Channel:
         if self._channel is None:

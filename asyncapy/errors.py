@@ -1,6 +1,8 @@
 """Exceptions and the protocol's error codes, as the public API exposes them.
 
-``StopPropagation`` keeps a packet from reaching later handler groups; the ``ERR_*``
+``StopPropagation`` keeps a packet from reaching later handler groups; ``RateLimited``,
+raised by a filter or handler, answers the packet ``ERR_RATE_LIMITED`` with its
+``retry_after`` (the server raises it for its own limits); the ``ERR_*``
 constants are the ``error`` values of the server's failure replies
 (``{"status": "failure", "error": CODE}``), see ``docs/protocol.md``.
 """
@@ -16,6 +18,7 @@ from asyncapy.domain.errors import (
     ERR_TIMED_OUT,
     ERR_UNAVAILABLE,
     CodecError,
+    RateLimited,
     StopPropagation,
     StoreUnavailable,
 )
@@ -26,6 +29,7 @@ __all__ = [
     "ConfigError",
     "CodecError",
     "StoreUnavailable",
+    "RateLimited",
     "ALL_CODES",
     "ERR_REQUEST_MALFORMED",
     "ERR_HEADER_INVALID",

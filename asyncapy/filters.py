@@ -173,6 +173,12 @@ class Filters:
         client gets ``ERR_UNAVAILABLE`` ("retry later", never "your key is bad"),
         with one warning line in the log naming the key by its fingerprint.
 
+        Served by a server, the check also applies the server's limits
+        (docs/guide-rate-limits.md): an address that has failed too many key checks
+        lately (``key_failure_limit``) is answered ``ERR_RATE_LIMITED`` without a
+        store call, and a key issued with its own ``rate_limit`` is charged one
+        request, ``ERR_RATE_LIMITED`` when it is over it.
+
         :param factory: the :class:`~asyncapy.util.APIKeyFactory` (or a subclass).
         :param field_name: the payload field carrying the key.
         """
@@ -189,15 +195,27 @@ class Filters:
             key = packet.get(self.field_name)
             if type(key) is not str:
                 return False
-            return self._lookup(key)
+            return self._lookup(client, key)
 
-        async def _lookup(self, key: str) -> bool:
+        async def _lookup(self, client: Any, key: str) -> bool:
+            # The server's limits (asyncapy.limits): an address that failed too many
+            # checks is refused before the store is asked, and a key issued with a
+            # rate limit is charged; either refusal is ERR_RATE_LIMITED.
+            limits = getattr(client, "_limits", None)
+            if limits is not None:
+                limits.before_key_check(client.address)
             try:
-                return await self.factory.acontains(key)
+                found = await self.factory.acontains(key)
             except StoreUnavailable as exc:
                 # Neither pass nor fail: an unchecked key gets nowhere, and the client
                 # is told to retry (the server answers ERR_UNAVAILABLE and logs this).
                 raise StoreUnavailable(f"API key {fingerprint(key)} not checked: {exc}") from None
+            if limits is not None:
+                if not found:
+                    limits.key_check_failed(client.address, fingerprint(key))
+                else:
+                    await limits.charge_key(self.factory, key)
+            return found
 
         def __repr__(self) -> str:
             return f"Filters.APIFactory({self.factory!r}, {self.field_name!r})"

@@ -10,6 +10,7 @@ documents each):
 ``asyncapy_connections_total{outcome}``     connections, by what became of them
 ``asyncapy_handler_duration_seconds``       one handler's run, by ``handler`` (histogram)
 ``asyncapy_store_duration_seconds``         one store call, by ``operation`` (histogram)
+``asyncapy_rate_limited_total{limit}``      packets refused ``ERR_RATE_LIMITED``, by limit
 ``asyncapy_store_errors_total{operation}``  store calls that failed
 ``asyncapy_key_cache_hits_total``           API-key look-ups the cache answered
 ``asyncapy_key_cache_misses_total``         API-key look-ups that went to the store
@@ -59,6 +60,7 @@ __all__ = [
     "STORE_BUCKETS",
     "ENCODINGS",
     "OUTCOMES",
+    "LIMITS",
     "Timings",
     "SessionMeter",
     "CacheMeter",
@@ -89,6 +91,11 @@ memory store) through a Redis round trip (about 0.1-1 ms) to a store timing out.
 
 ENCODINGS = ("json", "ziproto")
 """The ``encoding`` label's values; both are exported from the start, at 0."""
+
+LIMITS = ("address", "key", "key_failures")
+"""The ``limit`` label of ``asyncapy_rate_limited_total``: the client address's
+``rate_limit``; an API key's own limit; the failed-key-check throttle of an address.
+Every series is exported from the start, at 0."""
 
 OUTCOMES = (
     "admitted",
@@ -260,6 +267,8 @@ class Snapshot:
     """API-key cache misses (counter)."""
     store_errors: dict = attrs.field(factory=lambda: _zeroes(SESSION_OPERATIONS))
     """Failed store calls by operation (counter)."""
+    rate_limited: dict = attrs.field(factory=lambda: _zeroes(LIMITS))
+    """Packets refused ``ERR_RATE_LIMITED``, by the limit that refused them (counter)."""
     handlers: dict = attrs.field(factory=dict)
     """Handler name -> :class:`Timings` (histogram)."""
     store: dict = attrs.field(factory=dict)
@@ -277,6 +286,7 @@ class Snapshot:
             (self.error_replies, other.error_replies),
             (self.connections, other.connections),
             (self.store_errors, other.store_errors),
+            (self.rate_limited, other.rate_limited),
         ):
             for key, value in theirs.items():
                 mine[key] = mine.get(key, 0) + value
@@ -328,6 +338,7 @@ class Snapshot:
                 cache_hits=int(data["cache_hits"]),
                 cache_misses=int(data["cache_misses"]),
                 store_errors={str(k): int(v) for k, v in data["store_errors"].items()},
+                rate_limited={str(k): int(v) for k, v in data.get("rate_limited", {}).items()},
                 processes={
                     str(label): {str(k): float(v) for k, v in stats.items()}
                     for label, stats in data.get("processes", {}).items()
@@ -363,6 +374,7 @@ class Recorder:
         self._handlers: dict[str, Timings] = {}
         self._store: dict[str, Timings] = {}
         self._store_errors: dict[str, int] = _zeroes(SESSION_OPERATIONS)
+        self._rate_limited: dict[str, int] = _zeroes(LIMITS)
         self._errors = self._ended.error_replies
         self._connections = self._ended.connections
         self.key_cache = CacheMeter()
@@ -390,6 +402,11 @@ class Recorder:
         """Count an error reply with ``code`` (an ``ERR_*`` code)."""
         errors = self._errors
         errors[code] = errors.get(code, 0) + 1
+
+    def rate_limited(self, limit: str) -> None:
+        """Count a packet refused by ``limit`` (one of :data:`LIMITS`)."""
+        counts = self._rate_limited
+        counts[limit] = counts.get(limit, 0) + 1
 
     def handler_timings(self, name: str) -> Timings:
         """The histogram of handler ``name`` (created on first use), to observe into."""
@@ -456,6 +473,7 @@ class Recorder:
             cache_hits=self.key_cache.hits + sum(c.hits for c in self._key_caches),
             cache_misses=self.key_cache.misses + sum(c.misses for c in self._key_caches),
             store_errors=dict(self._store_errors),
+            rate_limited=dict(self._rate_limited),
             handlers={name: t.copy() for name, t in self._handlers.items()},
             store={name: t.copy() for name, t in self._store.items()},
         )
@@ -487,6 +505,9 @@ class NullRecorder(Recorder):
         """Does nothing."""
 
     def error_reply(self, code: str) -> None:
+        """Does nothing."""
+
+    def rate_limited(self, limit: str) -> None:
         """Does nothing."""
 
     def store_error(self, operation: str) -> None:
@@ -560,6 +581,10 @@ def families(snapshot: Snapshot) -> Iterator[Any]:
     yield counter(
         "asyncapy_store_errors", "Store calls that failed (unreachable or broken store).",
         "operation", snapshot.store_errors,
+    )
+    yield counter(
+        "asyncapy_rate_limited", "Packets refused ERR_RATE_LIMITED, by the limit that refused them.",
+        "limit", snapshot.rate_limited,
     )
     yield counter(
         "asyncapy_key_cache_hits", "API-key look-ups answered by the local cache.", None,

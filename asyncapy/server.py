@@ -42,7 +42,8 @@ from .metered import metered_dispatcher, metered_session_store
 from .metrics import NULL_RECORDER, Recorder
 from .probes import ProbeServer, Readiness, RecorderExposition
 from .sessions import Sessions
-from .stores import open_session_store
+from .limits import Limits
+from .stores import open_rate_limiter, open_session_store
 from .util import meter_key_stores, where_keys_live
 
 __all__ = ["Server"]
@@ -120,6 +121,10 @@ class Server:
         insecure_trust_any_proxy: bool = SETTINGS["insecure_trust_any_proxy"].default,
         handshake_timeout: float = SETTINGS["handshake_timeout"].default,
         handshake_limit: int = SETTINGS["handshake_limit"].default,
+        rate_limit: Optional[str] = SETTINGS["rate_limit"].default,
+        rate_burst: int = SETTINGS["rate_burst"].default,
+        key_failure_limit: Optional[str] = SETTINGS["key_failure_limit"].default,
+        key_failure_burst: int = SETTINGS["key_failure_burst"].default,
     ) -> None:
         # Every parameter named in SETTINGS is a setting; the others are objects.
         given = {name: value for name, value in locals().items() if name in SETTINGS}
@@ -156,6 +161,8 @@ class Server:
         self._dispatcher = Dispatcher()
         self._store_spec: Union[None, str, SessionStore] = own_store or settings.store
         self._store: SessionStore = own_store or open_session_store(settings.store, settings.session_lease)
+        self._limiter = open_rate_limiter(settings.store)
+        """Where the rate limits' state lives: beside the session store."""
         self._sessions = Sessions(settings, self._dispatcher.dispatch, self._store, server_id=self.server_id)
         """The serving machinery's sessions (see :mod:`asyncapy.sessions`)."""
         self._listening = Listening(settings, self._sessions)
@@ -191,6 +198,7 @@ class Server:
         sessions.recorder = self._listening.recorder = recorder
         overridden = type(self).session_ended is not Server.session_ended
         sessions.session_ended = self.session_ended if overridden else None
+        sessions.limits = Limits(self._settings, self._limiter, recorder)
 
     # -- the session store ------------------------------------------------------------
     # Properties, so that assigning a URL (as `asyncapy run --config` and load_config()
@@ -210,6 +218,7 @@ class Server:
             return
         self._store_spec = validate("store", store)
         self._store = open_session_store(self._store_spec, self.session_lease)
+        self._limiter = open_rate_limiter(self._store_spec)
         self._change({"store": store})
 
     @property

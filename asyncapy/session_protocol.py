@@ -31,8 +31,10 @@ import trio
 from asyncapy.domain.connection import NEED_DATA, Connection, ProtocolError, Request
 from asyncapy.domain.dispatch import HandlerFailed
 from asyncapy.domain.errors import ERR_INTERNAL, ERR_TIMED_OUT
+from asyncapy.domain.ratelimit import rate_limited_payload
 
 from .core import Client, Packet
+from .limits import Limits
 from .metrics import Recorder, SessionMeter
 from .session_state import STUCK, SessionLogs, SessionState, SharedLogs
 from .transport import STREAM_ERRORS, Channel, read_now, receive_waiting
@@ -57,11 +59,15 @@ class SessionProtocol:
     :param recorder: where metrics go.
     :param stopping: set when the server shuts down.
     :param shared: the log limits all sessions share.
+    :param limits: the server's rate limits (None: none).
+    :param group: the client's address group (as ``session_limit`` counts it), which
+        the per-address rate limit charges.
     """
 
     __slots__ = (
         "client", "channel", "connection", "state", "settings", "dispatch", "recorder",
-        "meter", "stopping", "shared", "session_id", "errors", "logs", "buf", "_debug",
+        "meter", "stopping", "shared", "session_id", "errors", "logs", "buf", "limits", "group",
+        "_debug",
     )
 
     def __init__(
@@ -76,6 +82,8 @@ class SessionProtocol:
         recorder: Recorder,
         stopping: trio.Event,
         shared: Optional[SharedLogs] = None,
+        limits: Optional[Limits] = None,
+        group: str = "",
     ) -> None:
         self.client = client
         self.channel = channel
@@ -91,6 +99,10 @@ class SessionProtocol:
         self.meter: SessionMeter = channel.meter
         self.stopping = stopping
         self.shared = shared if shared is not None else SharedLogs()
+        self.limits = limits if limits is not None and limits.rate is not None else None
+        """The server's limits when a per-address ``rate_limit`` is set (else None: a
+        packet then costs no check)."""
+        self.group = group
         self.session_id = client.session.session_id
         self.errors = 0
         """Protocol errors in a row (reset by every request): ``max_protocol_errors``."""
@@ -117,6 +129,11 @@ class SessionProtocol:
         client.encoding = codec.name
         if self._debug:
             logger.debug("(%s) Packet of %d field(s) in %s", self.session_id, len(event.fields), codec.name)
+        if self.limits is not None:
+            retry_after = await self.limits.packet(self.group)
+            if retry_after is not None:
+                await self.reply_failure(rate_limited_payload(retry_after), codec)
+                return None
         try:
             ran = await self.dispatch(client, Packet._received(event.fields, codec, client))
             if not ran and self._debug:
@@ -126,9 +143,13 @@ class SessionProtocol:
         except HandlerFailed as failure:
             if isinstance(failure.__cause__, STREAM_ERRORS):
                 return "connection lost while replying"
-            self._log_failure(failure)
-            if not self.channel.closed:
-                await self.reply_error(failure.code)
+            if failure.rate_limited:  # the client's doing: counted where refused, not logged
+                if not self.channel.closed:
+                    await self.reply_failure(failure.payload, codec)
+            else:
+                self._log_failure(failure)
+                if not self.channel.closed:
+                    await self.reply_error(failure.code)
         return "closed by a handler" if self.channel.closed else None
 
     async def handle_protocol_error(self, event: ProtocolError) -> Optional[str]:
@@ -173,6 +194,12 @@ class SessionProtocol:
         self.recorder.error_reply(code)
         await self.channel.send(self.connection.error_bytes(code, codec))
 
+    async def reply_failure(self, payload: dict, codec: Any) -> None:
+        """Send a failure ``payload`` with more than its code (``ERR_RATE_LIMITED``'s
+        ``retry_after``) in ``codec``; the session goes on."""
+        self.recorder.error_reply(payload["error"])
+        await self.channel.send(self.connection.encode(payload, codec))
+
     async def close_with(self, code: str, codec: Any = None) -> None:
         """Close the session with the error reply ``code``, after the replies held for
         it, lingering (the client may still be sending: see
@@ -181,7 +208,9 @@ class SessionProtocol:
         channel = self.channel
         if not (channel.writing or channel.interrupted):  # else no reply can follow
             self.recorder.error_reply(code)
-        await channel.close_with(self.connection.error_bytes(code, codec))
+        reply = self.connection.error_bytes(code, codec)
+        self.connection.close()  # what it held of max_packet_memory: not for the linger
+        await channel.close_with(reply)
 
     # -- the trio driver --------------------------------------------------------------------
     async def run(self) -> str:

@@ -31,10 +31,11 @@ from asyncapy.domain.codecs import JSON, codec_named
 from asyncapy.domain.connection import Connection, error_payload
 from asyncapy.domain.errors import ERR_SESSION_LIMIT_REACHED, ERR_UNAVAILABLE, StoreUnavailable
 from asyncapy.domain.framing import Framer
-from asyncapy.domain.limits import PacketMemory
+from asyncapy.domain.limits import DEFAULT_OWNER_SHARE, PacketMemory
 from asyncapy.domain.ports import SessionRecord, SessionStore
 
 from .core import Client, Session
+from .limits import Limits
 from .logs import LimitedLog, log_context
 from .metrics import NULL_RECORDER, Recorder
 from .session_protocol import Dispatch, SessionProtocol
@@ -64,6 +65,7 @@ class Sessions:
     :param server_id: this server process's name in a shared store.
     :param session_ended: the application's hook, or None when it has none (then
         a session's end costs nothing for it).
+    :param limits: the rate limits and the failed-key-check throttle (None: none).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class Sessions:
         recorder: Recorder = NULL_RECORDER,
         server_id: str = "",
         session_ended: Optional[SessionEnded] = None,
+        limits: Optional[Limits] = None,
     ) -> None:
         self.settings = settings
         self.dispatch = dispatch
@@ -82,14 +85,17 @@ class Sessions:
         self.recorder = recorder
         self.server_id = server_id
         self.session_ended = session_ended
+        self.limits = limits
         self.live: dict[str, Session] = {}
         """The sessions being served, by id."""
         self.states: dict[str, SessionState] = {}
         """What the reaper and the shutdown see of them, by id."""
         self.pacer = Pacer()
         """Direct writes since a read, for all sessions (see :class:`~asyncapy.transport.Pacer`)."""
-        self.packet_memory = PacketMemory(settings.max_packet_memory)
-        """What large packets hold, across sessions (see :mod:`asyncapy.domain.limits`)."""
+        self.packet_memory = PacketMemory(settings.max_packet_memory, share=DEFAULT_OWNER_SHARE)
+        """What large packets hold, across sessions, charged as their bytes arrive, one
+        client address group holding at most a share of it (see
+        :mod:`asyncapy.domain.limits`)."""
         self.refusals = Refusals()
         """The lingering closes of refused connections, bounded."""
         self.stopping: Optional[trio.Event] = None
@@ -215,6 +221,8 @@ class Sessions:
             recorder=self.recorder,
             stopping=self.stopping,
             shared=self.shared_logs,
+            limits=self.limits,
+            group=record.address,
         )
 
     async def _run(self, protocol: SessionProtocol) -> str:
@@ -300,12 +308,15 @@ class Sessions:
         settings = self.settings
         self.packet_memory.limit = settings.max_packet_memory  # as set since (load_config, --config)
         client._channel = Channel(client._stream, self.pacer)
+        client._limits = self.limits
         client._connection = Connection(
             settings.header_size,
             settings.byteorder,
             settings.max_packet_size,
             codec_named(settings.encoding),
             self.packet_memory,
+            owner=session_group(client.address, settings.session_limit_ipv6_prefix),
+            charge_on_arrival=True,
         )
 
     async def sessions_of(self, address: str) -> list[Session]:

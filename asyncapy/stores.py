@@ -25,13 +25,14 @@ import threading
 from typing import Any, Optional, Union
 
 from asyncapy.adapters.memory import MemoryKeyStore, MemorySessionStore
-from asyncapy.domain.ports import KeyStore, SessionStore
+from asyncapy.domain.ports import KeyStore, RateLimiter, SessionStore
 
 from .config import SETTINGS, ConfigError, validate
 
 __all__ = [
     "open_session_store",
     "open_key_store",
+    "open_rate_limiter",
     "redis_client",
     "check_store_url",
     "STORE_ACCEPTED",
@@ -199,3 +200,17 @@ def open_key_store(store: Union[None, str, KeyStore], *, cache_size: Optional[in
 
     client = redis_client(store)  # validated: wait_replicas() cannot fail now
     return CachedKeyStore(RedisKeyStore(client, wait_replicas=wait_replicas(store)), size=size)
+
+
+def open_rate_limiter(store: Union[None, str, SessionStore]) -> RateLimiter:
+    """The :class:`~asyncapy.domain.ports.RateLimiter` beside the session store
+    ``store`` names: a Redis URL's (the same client, so every process sharing the
+    store shares the limits, exact across them), else one in this process's memory
+    (memory, SQLite, or a store object of the application's)."""
+    if isinstance(store, str) and store.lower().startswith(("redis", "rediss", "unix")):
+        from asyncapy.adapters.redis_ratelimit import RedisRateLimiter
+
+        return RedisRateLimiter(redis_client(store))
+    from asyncapy.adapters.memory_ratelimit import MemoryRateLimiter
+
+    return MemoryRateLimiter()

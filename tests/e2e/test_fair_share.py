@@ -136,3 +136,70 @@ async def test_connections_with_bad_headers_cannot_flood_the_log(make_echo):
     assert measure.size <= 100 * bound_lines
     assert connections > 50  # the attack did run
     print(f"{connections} connections in {seconds}s: {measure.lines} lines, {measure.size} bytes of log")
+
+
+# -- the packet memory budget: charged as bytes arrive, shared per address ---------------------
+MiB = 1 << 20
+
+
+def json_frame(obj: dict) -> bytes:
+    from .wire import json_packet
+
+    return json_packet(obj)
+
+
+async def served_100kb_packets(host: str, port: int, count: int = 20) -> int:
+    """How many of ``count`` 100 KB packets from 127.0.0.2 came back whole."""
+    packet = json_frame({"pad": "z" * 100_000})
+    served = 0
+    for _ in range(count):
+        wire = await connect_from("127.0.0.2", host, port)
+        try:
+            await wire.send(packet)
+            if await wire.read_packet() == packet:
+                served += 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError, AssertionError):
+            pass
+        finally:
+            await wire.aclose()
+    return served
+
+
+async def test_headers_alone_cannot_drain_the_packet_memory_budget(make_echo):
+    """Before: 53 connections each sending the 6 bytes of a header declaring a 1 MiB
+    packet reserved 255.9 MiB of the 256 MiB budget, and another address's 100 KB
+    packets were refused 20 of 20 times."""
+    server = make_echo(buf=65536)
+    memory = server._sessions.packet_memory
+    header = json_frame({"blob": "x" * (MiB - 20)})[:6]
+    async with serving(server) as (host, port):
+        attackers = [await Wire.connect(host, port) for _ in range(60)]
+        for wire in attackers:
+            await wire.send(header)
+        await settle()
+        assert memory.used < MiB  # six bytes each, not 5 MiB each
+        assert await served_100kb_packets(host, port) == 20
+        for wire in attackers:
+            await wire.aclose()
+
+
+async def test_half_sent_large_packets_hold_at_most_their_addresss_share(make_echo):
+    """An address sending half of each of 100 one-MiB packets and stalling keeps a
+    quarter of the budget; another address's 100 KB packets are served."""
+    server = make_echo(buf=65536)
+    memory = server._sessions.packet_memory
+    half = json_frame({"blob": "x" * (MiB - 20)})[: MiB // 2]
+    async with serving(server) as (host, port):
+        attackers = [await Wire.connect(host, port) for _ in range(100)]
+        for wire in attackers:
+            with trio.move_on_after(2):  # a refused one is closed: its send may fail
+                try:
+                    await wire.send(half)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        await settle()
+        assert memory.used <= memory.limit * memory.share
+        assert memory.owner_refusals > 0
+        assert await served_100kb_packets(host, port) >= 18  # at least 90%
+        for wire in attackers:
+            await wire.aclose()

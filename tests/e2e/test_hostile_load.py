@@ -201,33 +201,45 @@ def _json_echo(packet: bytes) -> bytes:
 
 
 async def test_large_packets_past_the_memory_budget_are_refused_and_small_ones_are_not(make_echo):
-    # 8 MiB of budget: one 1 MiB packet takes 5 MiB of it from its header on (its
-    # bytes, and four times them for the strings it may decode to), so a second one
-    # arriving meanwhile is refused from its header; small packets never count.
-    server = make_echo(max_packet_memory=8 * MiB, buf=65536)
+    # 32 MiB of budget, a quarter of it (8 MiB) for one client address. A large packet
+    # is charged as its bytes arrive, five times each (the byte, and four for the
+    # strings it may decode to), never from its declared length alone.
+    server = make_echo(max_packet_memory=32 * MiB, buf=65536)
     memory = server._sessions.packet_memory
     big = json_packet({"blob": "x" * (MiB - 20)})
+    half = MiB // 2
     async with serving(server) as (host, port):
-        async with await Wire.connect(host, port) as first, await Wire.connect(host, port) as second:
-            await first.send(big[: MiB // 2])  # half a packet: its bytes are reserved
-            await settle()
-            assert memory.used == 5 * (len(big) - 4)
-            await second.send(big[: MiB // 2])
-            assert await second.read_packet() == json_error("ERR_PACKET_TOO_LARGE")
-            await second.read_eof()
-            async with await Wire.connect(host, port) as small:
-                for n in range(3):
-                    assert (await small.request({"n": n, "pad": "y" * (FREE_PACKET_SIZE - 100)}))["n"] == n
-            await first.send(big[MiB // 2 :])
-            assert await first.read_packet() == big
-        # Both sessions ended (one of them with half a packet in): all given back.
+        halves = [await Wire.connect(host, port) for _ in range(4)]
+        for wire in halves[:3]:  # 3 x 2.5 MiB: within 127.0.0.1's 8 MiB
+            await wire.send(big[:half])
         await settle()
-        assert memory.used == 0 and memory.refusals == 1 and memory.peak < 8 * MiB
-        async with await Wire.connect(host, port) as third:
-            await third.send(big)
-            assert await third.read_packet() == big
+        assert 3 * 5 * (half - 10) <= memory.used <= 3 * 5 * half
+        await halves[3].send(big[:half])  # a fourth would pass 8 MiB: refused
+        assert await halves[3].read_packet() == json_error("ERR_PACKET_TOO_LARGE")
+        await halves[3].read_eof()
+        async with await Wire.connect(host, port) as small:  # small packets never count
+            for n in range(3):
+                assert (await small.request({"n": n, "pad": "y" * (FREE_PACKET_SIZE - 100)}))["n"] == n
+        other = await connect_from("127.0.0.2", host, port)  # another address: its own share
+        await other.send(big)
+        assert await other.read_packet() == big
+        await other.aclose()
+        for wire in halves[1:3]:  # two stall and leave: what they held is given back
+            await wire.aclose()
+        await halves[0].send(big[half:])  # now whole: 5 MiB, within the share
+        assert await halves[0].read_packet() == big
+        await halves[0].aclose()
+        await halves[3].aclose()
+        # The sessions ended (one of them refused with half a packet in): all given back.
         await settle()
-        assert memory.used == 0
+        assert memory.used == 0 and memory.refusals == 1 and memory.peak < 32 * MiB
+
+
+async def connect_from(source: str, host: str, port: int) -> Wire:
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+    await sock.bind((source, 0))
+    await sock.connect((host, port))
+    return Wire(trio.SocketStream(sock))
 
 
 async def test_a_container_map_key_is_malformed_and_the_session_goes_on(make_echo):
