@@ -394,6 +394,13 @@ SETTINGS: Mapping[str, Setting] = {
             _read_number,
         ),
         Setting(
+            "large_packet_timeout",
+            30.0,
+            "a number of seconds greater than 0 (capped by timeout)",
+            _number(0, False),
+            _read_number,
+        ),
+        Setting(
             "handshake_limit",
             16,
             "an integer of at least 1 (TLS handshakes one client may have in progress "

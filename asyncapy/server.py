@@ -120,6 +120,7 @@ class Server:
         metrics_host: str = SETTINGS["metrics_host"].default,
         insecure_trust_any_proxy: bool = SETTINGS["insecure_trust_any_proxy"].default,
         handshake_timeout: float = SETTINGS["handshake_timeout"].default,
+        large_packet_timeout: float = SETTINGS["large_packet_timeout"].default,
         handshake_limit: int = SETTINGS["handshake_limit"].default,
         rate_limit: Optional[str] = SETTINGS["rate_limit"].default,
         rate_burst: int = SETTINGS["rate_burst"].default,

@@ -282,6 +282,8 @@ class SessionProtocol:
                 meter.received += len(data)
                 framer.receive_data(data)
                 event = connection.next_event()
+                if event is NEED_DATA and not state.large_since and connection.receiving_large:
+                    state.large_since = now()  # its body has large_packet_timeout
                 continue
             # More pipelined packets already here? Then gather the replies and write
             # them together once the batch is handled.
@@ -295,6 +297,7 @@ class SessionProtocol:
             if reason is not None:
                 return reason
             state.last_active = now()
+            state.large_since = 0.0
             if connection.held:
                 connection.release()
             # Only the session feeds the framer: with no whole packet buffered after

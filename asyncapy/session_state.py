@@ -70,7 +70,9 @@ class SessionState:
     close with no reply, or neither). Plain attributes: the loop touches them once
     per read or packet."""
 
-    __slots__ = ("scope", "cancelled", "waiting", "last_active", "channel", "writing_seen", "written_seen")
+    __slots__ = (
+        "scope", "cancelled", "waiting", "last_active", "large_since", "channel", "writing_seen", "written_seen",
+    )
 
     def __init__(self, now: float, channel: Channel) -> None:
         self.scope = trio.CancelScope()
@@ -83,6 +85,8 @@ class SessionState:
         and only then does a shutdown stop it (busy ones get ``shutdown_grace``)."""
         self.last_active = now
         """When the session's last packet was handled (trio's clock)."""
+        self.large_since = 0.0
+        """When the large packet being received began to arrive (0.0: none is)."""
         self.channel = channel
         """The session's writing end, whose writes the reaper watches."""
         self.writing_seen: Optional[float] = None
@@ -97,9 +101,11 @@ class SessionState:
         self.scope.cancel()
 
 
-async def reap_idle(states: Mapping[Any, SessionState], timeout: Callable[[], float]) -> None:
-    """Time out the sessions of ``states`` that waited ``timeout()`` seconds for a
-    complete packet, and those whose replies made no progress for as long.
+async def reap_idle(states: Mapping[Any, SessionState], settings: Callable[[], Any]) -> None:
+    """Time out the sessions of ``states`` that waited ``timeout`` seconds for a
+    complete packet (``large_packet_timeout`` for the rest of a large packet, from its
+    first bytes: what it holds of the packet memory budget must not be held long), and
+    those whose replies made no progress for ``timeout`` (``settings()`` says both).
 
     It wakes every ``timeout / 8`` seconds (at most 1 s, at least 50 ms), so a session
     times out at most one interval late. A client that pipelines requests and never
@@ -112,13 +118,15 @@ async def reap_idle(states: Mapping[Any, SessionState], timeout: Callable[[], fl
     (``Channel.written``); on TLS, a write that lasts ``timeout`` counts as stuck.
     """
     while True:
-        seconds = timeout()
-        await trio.sleep(max(0.05, min(1.0, seconds / 8)))
+        current = settings()
+        seconds = current.timeout
+        large = min(current.large_packet_timeout, seconds)
+        await trio.sleep(max(0.05, min(1.0, large / 8)))
         now = trio.current_time()
         cutoff = now - seconds
         for state in states.values():
             if state.waiting:
-                if state.last_active <= cutoff:
+                if state.last_active <= cutoff or 0.0 < state.large_since <= now - large:
                     state.cancel(IDLE)
             elif state.channel.writing:
                 written = state.channel.written

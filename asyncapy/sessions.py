@@ -338,7 +338,7 @@ class Sessions:
         sessions without serve(), in its own."""
         async with trio.open_nursery() as services:
             services.start_soon(self.store.maintain)
-            services.start_soon(reap_idle, self.states, lambda: self.settings.timeout)
+            services.start_soon(reap_idle, self.states, lambda: self.settings)
             services.start_soon(self.pacer.run)
 
     async def drain(self) -> None:

@@ -121,6 +121,12 @@ class Connection:
         self._buffering = 0
         """Bytes of ``memory`` reserved for the packet being received."""
 
+    @property
+    def receiving_large(self) -> bool:
+        """True while a packet above the free size is being received (and charged to
+        the memory budget): what a deadline for its body watches."""
+        return self._buffering > 0
+
     def receive_data(self, data: bytes) -> None:
         """Feed bytes received from the peer."""
         self.framer.receive_data(data)

@@ -203,3 +203,30 @@ async def test_half_sent_large_packets_hold_at_most_their_addresss_share(make_ec
         assert await served_100kb_packets(host, port) >= 18  # at least 90%
         for wire in attackers:
             await wire.aclose()
+
+
+async def test_a_large_packets_body_has_a_deadline_of_its_own(make_echo):
+    """A large packet charged to the budget must arrive whole within
+    large_packet_timeout of its first bytes, whatever the session's timeout: a stalled
+    body gives back what it holds in seconds, not minutes."""
+    server = make_echo(buf=65536, timeout=60, large_packet_timeout=0.5)
+    memory = server._sessions.packet_memory
+    packet = json_frame({"pad": "z" * 100_000})
+    async with serving(server) as (host, port):
+        async with await Wire.connect(host, port) as wire:
+            await wire.send(packet[: len(packet) // 2])
+            await settle()
+            assert memory.used > 0
+            started = trio.current_time()
+            assert await wire.read_json(timeout=5) == {"status": "failure", "error": "ERR_TIMED_OUT"}
+            assert trio.current_time() - started < 3
+        await settle()
+        assert memory.used == 0
+        async with await Wire.connect(host, port) as small:  # small packets: timeout only
+            await small.send(json_frame({"a": 1})[:5])
+            await small.assert_silent(1.0)
+            await small.send(json_frame({"a": 1})[5:])
+            assert await small.read_json() == {"a": 1}
+        async with await Wire.connect(host, port) as whole:  # a large packet in time: served
+            await whole.send(packet)
+            assert await whole.read_packet() == packet
