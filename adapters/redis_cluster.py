@@ -32,6 +32,8 @@ class ClusterClient:
 
     :param hosts: ``[(host, port), ...]``, any nodes of the cluster (more than one,
         so that one down node does not stop the discovery).
+    :param tls: redis-py's TLS arguments (``ssl=True``, ``ssl_ca_certs``...) for a
+        cluster whose nodes speak TLS (``rediss+cluster://``), else ``None``.
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class ClusterClient:
         max_connections: int = 16,
         timeout: float = 2.0,
         location: str = "redis+cluster://?",
+        tls: Optional[dict] = None,
     ) -> None:
         self.hosts = list(hosts)
         self.location = location
@@ -51,6 +54,7 @@ class ClusterClient:
         self._kwargs = dict(
             username=username, password=password, socket_timeout=timeout,
             socket_connect_timeout=timeout, health_check_interval=15, retry_on_timeout=False,
+            **(tls or {}),
         )
         self._lock = threading.Lock()
         self._cluster: Any = None
