@@ -55,6 +55,12 @@ def _native(client: Any) -> bool:
     return pool.connection_class in (redis.Connection, redis.UnixDomainSocketConnection)
 
 
+def pool_class_name(client: Any) -> str:
+    """The name of ``client``'s connection class (``SSLConnection``...), or ``""``."""
+    pool = getattr(client, "connection_pool", None)
+    return getattr(getattr(pool, "connection_class", None), "__name__", "")
+
+
 class _Script:
     """A Lua script known by its SHA-1 (``EVALSHA``; reloaded on ``NOSCRIPT``)."""
 
@@ -120,6 +126,18 @@ class _RedisAdapter:
         node, redis-py's plain TCP or Unix socket connection) rather than the
         worker thread."""
         self._link: Optional[_TrioLink] = None
+        self.tls = bool(client._kwargs.get("ssl")) if self.cluster else "SSL" in pool_class_name(client)
+        """Whether the store speaks TLS (``rediss``): a failure to connect then says
+        that the node may speak plain TCP."""
+
+    def _unreachable(self, exc: BaseException) -> BaseException:
+        """``exc``, a failure to connect, with a hint when the store speaks TLS: a node
+        that speaks plain TCP answers no TLS handshake (a timeout or an SSL error)."""
+        if not self.tls or isinstance(exc, redis.ResponseError):
+            return exc
+        hinted = redis.ConnectionError(f"{exc} (a TLS store: does each node speak TLS on its port?)")
+        hinted.__cause__ = exc
+        return hinted
 
     def _script(self, source: str) -> Any:
         script = _Script(source)
@@ -141,7 +159,7 @@ class _RedisAdapter:
                 try:
                     pool = self._pool_for(call)
                 except _FAILURES as exc:
-                    call.error = exc
+                    call.error = self._unreachable(exc)
                     continue
                 groups.setdefault(id(pool), (pool, []))[1].append(call)
             for key, (pool, calls) in groups.items():
@@ -154,7 +172,7 @@ class _RedisAdapter:
                         if self.cluster:
                             self.redis.stale()
                         for call in calls:
-                            call.error = exc
+                            call.error = self._unreachable(exc)
                         continue
                 self._send_on(held[1], calls)
                 if any(_lost(call) for call in calls):
