@@ -204,6 +204,12 @@ class KeyCache:
             self._present.clear()
             self._absent.clear()
 
+    def discard_fetches(self) -> None:
+        """Keep none of the answers in flight now: they may come from a node the link
+        does not watch (a key of a slot being migrated, read after an ``ASK``)."""
+        with self._lock:
+            self._epoch += 1
+
     def link_down(self) -> None:
         """The invalidation link is lost: forget everything and answer nothing from
         memory until :meth:`link_up`."""

@@ -309,6 +309,21 @@ class RedisKeyStore(_RedisAdapter, KeyStore):
         self.wait_timeout = float(wait_timeout)
         self._replace = self._script(_REPLACE)
         self._names = f"{prefix}{{key}}:" if self.cluster else f"{prefix}key:"
+        self._tracked: Optional[tuple[Any, Any]] = None
+        """With a Cluster: the cache and tracker of :meth:`track`, told of redirects."""
+
+    def _redirected(self, call: Any, moved: bool) -> None:
+        """A call for the keys' slot was redirected: after ``ASK`` (a migration) the
+        answer comes from a node the tracker does not watch, so nothing fetched now is
+        cached; after ``MOVED`` the keys have a new owner: the tracker links to it."""
+        tracked = self._tracked
+        if tracked is None:
+            return
+        cache, tracker = tracked
+        if moved:
+            tracker.relink()
+        else:
+            cache.discard_fetches()
 
     def _name(self, key: str) -> str:
         if type(key) is not str:
@@ -371,7 +386,9 @@ class RedisKeyStore(_RedisAdapter, KeyStore):
                 cluster.stale()  # the slot map of now, not of the last failure
                 return cluster.node_client(tag)
 
-            return KeyTracker(locate, self._names, cache, verify=_still_serving(cluster.slot(tag)))
+            tracker = KeyTracker(locate, self._names, cache, verify=_still_serving(cluster.slot(tag)))
+            self._tracked = (cache, tracker)
+            return tracker
         if hasattr(self.redis, "asyncapy_location"):  # Sentinel: the master of now
             pool = self.redis.connection_pool
             return KeyTracker(

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from typing import Any, Optional, Sequence
 
 import redis
@@ -53,6 +54,34 @@ def _native(client: Any) -> bool:
     if pool is None or isinstance(client, ClusterClient) or hasattr(client, "asyncapy_location"):
         return False
     return pool.connection_class in (redis.Connection, redis.UnixDomainSocketConnection)
+
+
+REDIRECTS = 5
+"""With a Cluster: how many times one batch's calls may be redirected (``MOVED``,
+``ASK``) before they fail; a slot moves once per migration. (``TRYAGAIN`` is retried
+for a time instead: :attr:`_RedisAdapter.retry_for`.)"""
+
+TRYAGAIN_PAUSE = 0.02
+"""Seconds between two tries of a call answered ``TRYAGAIN``."""
+
+
+def _commands(calls: list[_Call], replies_only: bool = False) -> list[tuple]:
+    """The commands of ``calls`` in order, ``ASKING`` before those sent after an ``ASK``
+    (``replies_only``: the first command of each, as a script reloaded is sent again)."""
+    commands: list[tuple] = []
+    for call in calls:
+        if call.asking:
+            commands.append(("ASKING",))
+        commands.extend(call.commands[:1] if replies_only else call.commands)
+    return commands
+
+
+def _asked(call: _Call, conn: Any) -> None:
+    """Read the reply to the ``ASKING`` sent before ``call`` (``OK``)."""
+    try:
+        conn.read_response()
+    except redis.ResponseError as exc:  # pragma: no cover - ASKING never fails on a cluster node
+        call.error = call.error or exc
 
 
 def pool_class_name(client: Any) -> str:
@@ -126,6 +155,9 @@ class _RedisAdapter:
         node, redis-py's plain TCP or Unix socket connection) rather than the
         worker thread."""
         self._link: Optional[_TrioLink] = None
+        self.retry_for = 5.0
+        """Seconds a Cluster call answered ``TRYAGAIN`` is tried again (a migration
+        moving its keys); the server's default ``store_timeout``."""
         self.tls = bool(client._kwargs.get("ssl")) if self.cluster else "SSL" in pool_class_name(client)
         """Whether the store speaks TLS (``rediss``): a failure to connect then says
         that the node may speak plain TCP."""
@@ -151,47 +183,91 @@ class _RedisAdapter:
 
     def _dispatch(self, batch: list[_Call], conns: dict) -> None:
         """Send ``batch``: each call on the connection (kept in ``conns``, by pool) of
-        the node serving it; with a Cluster, a call redirected by ``MOVED`` is sent
-        once more after the slot map is fetched again."""
-        for attempt in (0, 1):
-            groups: dict[int, tuple[Any, list[_Call]]] = {}
-            for call in batch:
-                try:
-                    pool = self._pool_for(call)
-                except _FAILURES as exc:
-                    call.error = self._unreachable(exc)
-                    continue
-                groups.setdefault(id(pool), (pool, []))[1].append(call)
-            for key, (pool, calls) in groups.items():
-                held = conns.get(key)
-                if held is None:
-                    try:
-                        held = conns[key] = (pool, pool.get_connection())
-                    except _FAILURES as exc:
-                        self.outages += 1
-                        if self.cluster:
-                            self.redis.stale()
-                        for call in calls:
-                            call.error = self._unreachable(exc)
-                        continue
-                self._send_on(held[1], calls)
-                if any(_lost(call) for call in calls):
-                    # Back to the pool, and a fresh one for the next batch: the pool's
-                    # get_connection() connects where the pool says (with Sentinel, the
-                    # master the sentinels name now), a reused one where it was.
-                    del conns[key]
-                    pool.release(held[1])
+        the node serving it. With a Cluster, a call redirected is sent again (see
+        :meth:`_redirect`) until it is answered, :data:`REDIRECTS` times at most, and a
+        ``TRYAGAIN`` (a multi-key call whose keys a migration has split) for up to
+        :attr:`retry_for` seconds."""
+        deadline = None
+        redirects = 0
+        while True:
+            self._send_groups(batch, conns)
             if not self.cluster:
                 return
             if any(_lost(call) for call in batch):
                 self.redis.stale()  # a node lost: maybe failed over
-            moved = [call for call in batch if isinstance(call.error, redis.exceptions.MovedError)]
-            if not moved or attempt:
+            again = self._redirect(batch)
+            if not again:
                 return
-            self.redis.stale()
-            for call in moved:
+            if any(isinstance(call.error, redis.exceptions.TryAgainError) for call in again):
+                deadline = deadline or time.monotonic() + self.retry_for
+                if time.monotonic() >= deadline:
+                    return  # the migration outlasted the retries: those calls fail
+                time.sleep(TRYAGAIN_PAUSE)
+            elif deadline is None:
+                redirects += 1
+                if redirects > REDIRECTS:
+                    return  # redirected round and round: those calls fail
+            elif time.monotonic() >= deadline:
+                return
+            for call in again:
                 call.error, call.replies = None, []
-            batch = moved
+            batch = again
+
+    def _redirect(self, batch: list[_Call]) -> list[_Call]:
+        """The calls of ``batch`` to send again: one answered ``MOVED`` (the slot map is
+        updated; it goes to the new master), ``ASK`` (the slot is migrating and its
+        keys are not here: it goes to the node named, after ``ASKING``, once) or
+        ``TRYAGAIN`` (sent again shortly, to the slot's owner)."""
+        again = []
+        for call in batch:
+            error = call.error
+            if isinstance(error, redis.exceptions.MovedError):  # (a subclass of AskError)
+                self.redis.moved(error)
+                call.asking = None
+                self._redirected(call, moved=True)
+            elif isinstance(error, redis.exceptions.AskError):
+                call.asking = (error.host, error.port)
+                self._redirected(call, moved=False)
+            elif isinstance(error, redis.exceptions.TryAgainError):
+                pass  # same node again (after ASKING if it was asked: harmless once it owns the slot)
+            else:
+                continue
+            again.append(call)
+        return again
+
+    def _redirected(self, call: _Call, moved: bool) -> None:
+        """Told (in the sending thread) that ``call`` was redirected; the key store's
+        cache uses it (see :class:`~asyncapy.adapters.redis.RedisKeyStore`)."""
+
+    def _send_groups(self, batch: list[_Call], conns: dict) -> None:
+        """Send ``batch`` once, each call on its node's connection, one write per node."""
+        groups: dict[int, tuple[Any, list[_Call]]] = {}
+        for call in batch:
+            try:
+                pool = self.redis.node_pool(*call.asking) if call.asking else self._pool_for(call)
+            except _FAILURES as exc:
+                call.error = self._unreachable(exc)
+                continue
+            groups.setdefault(id(pool), (pool, []))[1].append(call)
+        for key, (pool, calls) in groups.items():
+            held = conns.get(key)
+            if held is None:
+                try:
+                    held = conns[key] = (pool, pool.get_connection())
+                except _FAILURES as exc:
+                    self.outages += 1
+                    if self.cluster:
+                        self.redis.stale()
+                    for call in calls:
+                        call.error = self._unreachable(exc)
+                    continue
+            self._send_on(held[1], calls)
+            if any(_lost(call) for call in calls):
+                # Back to the pool, and a fresh one for the next batch: the pool's
+                # get_connection() connects where the pool says (with Sentinel, the
+                # master the sentinels name now), a reused one where it was.
+                del conns[key]
+                pool.release(held[1])
 
     @staticmethod
     def _release(conns: dict) -> None:
@@ -226,14 +302,16 @@ class _RedisAdapter:
             self._release(conns)
 
     def _send_on(self, conn: Any, batch: list[_Call]) -> None:
-        """Run ``batch`` on ``conn``: one write, then every reply."""
+        """Run ``batch`` on ``conn``: one write, then every reply. A call sent after an
+        ``ASK`` has ``ASKING`` just before it, in the same write."""
         self.batches += 1
         self.calls += len(batch)
         try:
-            commands = [command for call in batch for command in call.commands]
-            conn.send_packed_command(conn.pack_commands(commands))
+            conn.send_packed_command(conn.pack_commands(_commands(batch)))
             reload: list[_Call] = []
             for call in batch:
+                if call.asking:
+                    _asked(call, conn)
                 for _ in call.commands:
                     try:
                         reply = conn.read_response()
@@ -246,6 +324,8 @@ class _RedisAdapter:
                 for _ in shas:
                     conn.read_response()
                 for call in reload:
+                    if call.asking:
+                        _asked(call, conn)
                     try:
                         call.replies = [conn.read_response()]
                     except redis.ResponseError as exc:
@@ -264,7 +344,7 @@ class _RedisAdapter:
         one ``SCRIPT LOAD`` each, then the calls once more."""
         shas = list(dict.fromkeys(call.commands[0][1] for call in calls))
         commands = [("SCRIPT", "LOAD", self._scripts[sha]) for sha in shas]
-        commands += [call.commands[0] for call in calls]
+        commands += _commands(calls, replies_only=True)
         return shas, commands
 
     def _send(self, batch: list[_Call]) -> None:

@@ -41,7 +41,7 @@ def _offload() -> bool:
 class _Call:
     """Commands to send back to back, their replies (or an error), and who waits."""
 
-    __slots__ = ("commands", "key", "replies", "error", "task", "token")
+    __slots__ = ("commands", "key", "replies", "error", "task", "token", "asking")
 
     def __init__(self, commands: Sequence[tuple], key: Optional[str] = None) -> None:
         self.commands = commands
@@ -52,6 +52,9 @@ class _Call:
         self.error: Optional[BaseException] = None
         self.task: Any = None
         self.token: Any = None
+        self.asking: Optional[tuple[str, int]] = None
+        """With a Cluster: the node an ``ASK`` reply sent this call to (the slot is
+        being migrated there); the call goes there once, after ``ASKING``."""
 
     def result(self) -> list:
         error = self.error

@@ -100,6 +100,25 @@ class ClusterClient:
         """The connection pool of the master serving ``key``'s slot now."""
         return self.node_client(key).connection_pool
 
+    def node_pool(self, host: str, port: int) -> Any:
+        """The connection pool of the node at ``host:port`` (where an ``ASK`` reply
+        sends a call: the target of a slot being migrated)."""
+        cluster = self._client()
+        node = cluster.nodes_manager.get_node(host=host, port=port)
+        if node is None:
+            from redis.cluster import ClusterNode
+
+            node = ClusterNode(host, port)
+            with self._lock:
+                node = cluster.nodes_manager.nodes_cache.setdefault(node.name, node)
+        return cluster.get_redis_connection(node).connection_pool
+
+    def moved(self, error: Any) -> None:
+        """A ``MOVED`` reply: its slot is served by the node it names, from now on (the
+        slot map is updated at once; the rest of it is fetched again only if a node
+        is lost)."""
+        self._client().nodes_manager.move_slot(error)
+
     def disconnect(self) -> None:
         """Close every node's connections."""
         with self._lock:

@@ -457,18 +457,38 @@ class RedisCluster(_Processes):
         """Move ``slot`` and its keys to the master on ``to_port`` (a resharding of one
         slot, the steps ``redis-cli --cluster reshard`` takes), and wait until every
         node agrees."""
-        masters = self._masters()
         source = self.owner(slot)
         if source == to_port:
             return
-        source_id, target_id = masters[source][0], masters[to_port][0]
-        _command(to_port, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", source_id)
-        _command(source, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", target_id)
-        while True:
-            keys = [k for k in _command(source, "CLUSTER", "GETKEYSINSLOT", str(slot), "100").splitlines() if k]
-            if not keys:
-                break
+        self.begin_migration(slot, to_port)
+        while self.migrate_keys(slot, to_port, 100):
+            pass
+        self.finish_migration(slot, to_port)
+
+    def begin_migration(self, slot: int, to_port: int) -> int:
+        """Open the migration of ``slot`` to the master on ``to_port``: the target
+        ``IMPORTING``, then the source ``MIGRATING`` (redis-cli's order); the source's
+        port. Keys stay where they are until :meth:`migrate_keys`."""
+        masters = self._masters()
+        source = self.owner(slot)
+        _command(to_port, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", masters[source][0])
+        _command(source, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", masters[to_port][0])
+        return source
+
+    def migrate_keys(self, slot: int, to_port: int, count: int) -> int:
+        """``MIGRATE`` up to ``count`` keys of ``slot`` from its owner to ``to_port``;
+        how many were moved (0: none left)."""
+        source = self.owner(slot)
+        keys = [k for k in _command(source, "CLUSTER", "GETKEYSINSLOT", str(slot), str(count)).splitlines() if k]
+        if keys:
             _command(source, "MIGRATE", "127.0.0.1", str(to_port), "", "0", "5000", "KEYS", *keys)
+        return len(keys)
+
+    def finish_migration(self, slot: int, to_port: int) -> None:
+        """Give ``slot`` to ``to_port`` on every node (``SETSLOT ... NODE``, the target
+        first), after the keys left (:meth:`migrate_keys`), and wait until all agree."""
+        target_id = self._masters()[to_port][0]
+        source = self.owner(slot)
         for port in [to_port, source] + [p for p in self.ports if p not in (to_port, source)]:
             _command(port, "CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
         _wait(
