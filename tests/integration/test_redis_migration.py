@@ -167,3 +167,87 @@ async def test_sessions_through_a_migration_of_their_slot(cluster):
         assert store.redis.pool(f"x{{{old}}}").connection_kwargs["port"] == target
     finally:
         await store.aclose()
+
+
+async def test_a_reshard_under_load_fails_no_call(cluster):
+    """The keys' slot and the slots of eight addresses migrated a few keys at a time,
+    with pauses (as a reshard of a busy cluster), while tasks check keys, admit,
+    list and release sessions and renew leases without a pause: not one call fails,
+    and every answer is right."""
+    cluster.flush()
+    keys = CachedKeyStore(RedisKeyStore(connect(cluster.url)), size=64)
+    sessions = RedisSessionStore(connect(cluster.url), lease=30)
+    many = [f"load-key-{n:03d}-" + "l" * 20 for n in range(200)]
+    for key in many:
+        await keys.put(key, {"key": key})
+    addresses = [f"10.1.{n}.9" for n in range(8)]
+    for address in addresses:
+        assert await sessions.admit(_record(address, 0), 1000)
+    slots = [ClusterClient.slot("asyncapy:{key}:")] + [ClusterClient.slot(f"x{{{a}}}") for a in addresses]
+    moves = []
+    for slot in dict.fromkeys(slots):
+        source = cluster.owner(slot)
+        moves.append((slot, next(p for p in cluster.ports if p != source)))
+
+    def reshard() -> None:
+        for slot, target in moves:
+            cluster.begin_migration(slot, target)
+            while cluster.migrate_keys(slot, target, 10):
+                time.sleep(0.02)
+            time.sleep(0.05)
+            cluster.finish_migration(slot, target)
+
+    done = threading.Event()
+    counts = {"checks": 0, "admissions": 0, "failures": 0}
+    wrong: list = []
+
+    async def check_keys() -> None:
+        while not done.is_set():
+            for key in many[::7]:
+                try:
+                    if await keys.get(key) != {"key": key}:
+                        wrong.append(key)
+                    counts["checks"] += 1
+                except Exception as exc:  # noqa: BLE001 - counted and shown
+                    counts["failures"] += 1
+                    wrong.append(repr(exc))
+            await trio.sleep(0.001)  # answers from the cache do not yield
+
+    async def churn(address: str) -> None:
+        n = 1
+        while not done.is_set():
+            record = _record(address, n)
+            try:
+                assert await sessions.admit(record, 1000)
+                assert record.session_id in [r.session_id for r in await sessions.sessions(address)]
+                await sessions.release(record)
+                counts["admissions"] += 1
+            except Exception as exc:  # noqa: BLE001 - counted and shown
+                counts["failures"] += 1
+                wrong.append(repr(exc))
+            n += 1
+
+    async def renew() -> None:
+        while not done.is_set():
+            try:
+                assert await sessions.renew() >= len(addresses)
+            except Exception as exc:  # noqa: BLE001
+                counts["failures"] += 1
+                wrong.append(repr(exc))
+            await trio.sleep(0.05)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(check_keys)
+            nursery.start_soon(renew)
+            for address in addresses:
+                nursery.start_soon(churn, address)
+            await trio.to_thread.run_sync(reshard)
+            done.set()
+        assert all(cluster.owner(slot) == target for slot, target in moves)
+        print(f"\nreshard of {len(moves)} slots under load: {counts}")
+        assert counts["failures"] == 0 and not wrong, wrong[:5]
+        assert counts["checks"] > 100 and counts["admissions"] > 100
+    finally:
+        await keys.aclose()
+        await sessions.aclose()
