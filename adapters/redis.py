@@ -116,6 +116,13 @@ if redis.call('PTTL', KEYS[2]) < lease then redis.call('PEXPIRE', KEYS[2], lease
 return 1
 """
 
+# KEYS: zset, hash; ARGV: session id. One command (one reply) instead of MULTI/EXEC's four.
+_RELEASE = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+"""
+
 # KEYS: zset, hash pairs; ARGV: lease, then (session id, record) pairs.
 _RENEW = """
 local t = redis.call('TIME')
@@ -189,14 +196,17 @@ class RedisSessionStore(_RedisAdapter, SessionStore):
 
     async def release(self, record: SessionRecord) -> None:
         self._held.pop(record.session_id, None)
-        zset, data = self._keys(record.address)
-        remove = (("MULTI",), ("ZREM", zset, record.session_id), ("HDEL", data, record.session_id), ("EXEC",))
+        keys = self._keys(record.address)
         # A renewal in flight may carry this session in its snapshot: let it land
         # first, or it would put the session back. Releases never wait for each other
         # (they batch), and a renewal begun from now on no longer holds this session.
         while self._renewal is not None and _offload():
             await self._renewal.wait()
-        await self._run(*remove, key=zset)
+        # Posted, not awaited: nothing needs the reply (a release lost with Redis is
+        # undone by the lease anyway), and it rides the next batch, usually an
+        # admission's, instead of costing a round trip of its own.
+        # EVAL, not EVALSHA: a NOSCRIPT would send it again after the calls behind it.
+        self._post(_Call((("EVAL", _RELEASE, 2, *keys, record.session_id),), keys[0]))
 
     async def sessions(self, address: str) -> list[SessionRecord]:
         rows = await self._eval(self._live, self._keys(address), [])

@@ -292,7 +292,8 @@ class _RedisAdapter:
                 self._dispatch(batch, conns)
                 by_run: dict = {}
                 for call in batch:
-                    by_run.setdefault(call.token, []).append(call)
+                    if call.token is not None:  # None: posted, nobody waits (_post)
+                        by_run.setdefault(call.token, []).append(call)
                 for token, calls in by_run.items():
                     try:
                         token.run_sync_soon(_wake, calls)
@@ -396,6 +397,25 @@ class _RedisAdapter:
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _post(self, call: _Call) -> None:
+        """Send ``call`` in the next batch without waiting for its reply (nothing needs
+        it: a release, whose lease expires anyway if it is lost). From a trio task it
+        only queues the call, which rides the next batch; it still goes before any
+        call made after it, so this process's own next call sees its effect."""
+        if not _offload():
+            self._send([call])
+            return
+        token = trio.lowlevel.current_trio_token()
+        link = self._trio_link(token) if self.native else None
+        if link is not None:
+            link.submit([call])
+            return
+        with self._queued:
+            self._queue.append(call)
+            if self._worker is None:
+                self._start_worker()
+            self._queued.notify()
 
     def _trio_link(self, token: Any) -> Optional[_TrioLink]:
         """This trio run's link (started on first use), or ``None`` while another run,
