@@ -40,7 +40,7 @@ from typing import Any, Optional, Sequence
 import redis
 import trio
 
-from .redis_calls import _FAILURES, _answer, _Call, _fail, _lost, _offload, _wake
+from .redis_calls import _FAILURES, _answer, _Call, _fail, _lost, _offload, _report_posted, _wake
 from .redis_cluster import ClusterClient
 from .redis_trio_link import _TrioLink
 
@@ -290,6 +290,7 @@ class _RedisAdapter:
                 if not batch:
                     return  # closing, and nothing left to send
                 self._dispatch(batch, conns)
+                _report_posted(batch)
                 by_run: dict = {}
                 for call in batch:
                     if call.token is not None:  # None: posted, nobody waits (_post)
@@ -403,8 +404,10 @@ class _RedisAdapter:
         it: a release, whose lease expires anyway if it is lost). From a trio task it
         only queues the call, which rides the next batch; it still goes before any
         call made after it, so this process's own next call sees its effect."""
+        call.posted = True
         if not _offload():
             self._send([call])
+            _report_posted([call])
             return
         token = trio.lowlevel.current_trio_token()
         link = self._trio_link(token) if self.native else None
