@@ -74,9 +74,10 @@ def check_store_url(url: str) -> None:
     store_urls.check(url)
 
 
-def _scheme(url: Any) -> str:
-    """Validate a store URL (``ConfigError`` naming ``store``); its scheme's name."""
-    return store_urls.check(validate("store", url)).name
+def _scheme(url: Any) -> store_urls.Scheme:
+    """Validate a store URL (``ConfigError`` naming ``store``); its scheme."""
+    validate("store", url)  # checked: scheme_of() knows it
+    return store_urls.scheme_of(url)  # type: ignore[return-value]
 
 
 def redis_client(url: str) -> Any:
@@ -146,7 +147,8 @@ def open_session_store(store: Union[None, str, SessionStore], lease: float = 30.
         return store
     if not isinstance(store, str):
         raise ConfigError("store", store, STORE_ACCEPTED)
-    if not store_urls.scheme_of(validate("store", store)).sessions or _scheme(store) == "memory":
+    scheme = _scheme(store)
+    if scheme.name == "memory" or not scheme.sessions:  # sqlite: API keys only, sessions stay here
         return MemorySessionStore()
     from asyncapy.adapters.redis import RedisSessionStore
 
@@ -167,7 +169,7 @@ def open_key_store(store: Union[None, str, KeyStore], *, cache_size: Optional[in
         return store
     if not isinstance(store, str):
         raise ConfigError("store", store, KEY_STORE_ACCEPTED)
-    scheme = _scheme(store)
+    scheme = _scheme(store).name
     if scheme == "memory":
         return MemoryKeyStore()
     if scheme == "sqlite":
