@@ -366,15 +366,19 @@ class RedisCluster(_Processes):
     """A Redis Cluster of ``masters`` masters (no replicas), created with
     ``redis-cli --cluster create``; :attr:`url` is its ``redis+cluster://`` store URL."""
 
-    def __init__(self, masters: int = 3, node_timeout_ms: int = 2000, *, tls: bool = False) -> None:
+    def __init__(self, masters: int = 3, node_timeout_ms: int = 2000, *, tls: bool = False, replicas: int = 0) -> None:
         super().__init__("asyncapy-cluster-")
+        self.replicas = replicas
+        """Replicas per master (``--cluster-replicas``): a killed master's replica takes
+        over its slots (:meth:`kill`)."""
+        self.node_processes: dict[int, subprocess.Popen] = {}
         self.tls: Optional[TLSFiles] = TLSFiles(self.directory) if tls else None
         """With ``tls=True``: every node speaks TLS only (clients and the cluster bus,
         client certificates required); :attr:`url` is then ``rediss+cluster://``."""
         self.binary = require("redis-server")
         self.cli = require("redis-cli")
         self.node_timeout_ms = node_timeout_ms
-        self.ports = free_ports(masters, bus_offset=10000)  # each node's bus: port + 10000
+        self.ports = free_ports(masters * (1 + replicas), bus_offset=10000)  # each node's bus: port + 10000
 
     def ports_used(self) -> list[int]:
         return list(self.ports)
@@ -397,7 +401,7 @@ class RedisCluster(_Processes):
         ``cluster_state:ok``."""
         try:
             for port in self.ports:
-                self.spawn(
+                self.node_processes[port] = self.spawn(
                     _redis_args(
                         self.binary, port, "--cluster-enabled", "yes",
                         "--cluster-config-file", f"nodes-{port}.conf",
@@ -411,7 +415,8 @@ class RedisCluster(_Processes):
                 "--tls", "--cacert", self.tls.ca, "--cert", self.tls.client_cert, "--key", self.tls.client_key,
             ]
             created = subprocess.run(
-                [self.cli, *tls, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports), "--cluster-yes"],
+                [self.cli, *tls, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
+                 "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                 cwd=self.directory, capture_output=True, text=True, timeout=60,
             )
             if created.returncode != 0:
@@ -424,17 +429,33 @@ class RedisCluster(_Processes):
         return self
 
     def flush(self) -> None:
-        """Delete every key on every node."""
-        for port in self.ports:
+        """Delete every key on every master (replicas follow)."""
+        for port in self._masters():
             _command(port, "FLUSHALL")
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the node on ``port``: no goodbye, as when its machine dies."""
+        process = self.node_processes[port]
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+
+    def replicated(self) -> bool:
+        """Whether every replica's link to its master is up."""
+        masters = self._masters()
+        if len(masters) * (1 + self.replicas) != len(self.ports):
+            return False  # the replicas are still joining
+        return all(
+            _info(port, "replication").get("master_link_status") == "up" for port in self.ports if port not in masters
+        )
 
     def _masters(self) -> dict[int, tuple[str, list[tuple[int, int]]]]:
         """``{port: (node id, [(first slot, last slot), ...])}`` of every master, from
         ``CLUSTER NODES`` (a bulk text: one line per node)."""
         masters = {}
-        for line in _command(self.ports[0], "CLUSTER", "NODES").splitlines():
+        alive = next(p for p in self.ports if p not in self.node_processes or self.node_processes[p].poll() is None)
+        for line in _command(alive, "CLUSTER", "NODES").splitlines():
             fields = line.split()
-            if len(fields) < 8 or "master" not in fields[2].split(","):
+            if len(fields) < 8 or "master" not in fields[2].split(",") or "fail" in fields[2]:
                 continue
             port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
             ranges = []
