@@ -10,11 +10,12 @@ transports:
 
 * **one Redis node** (``redis://``, ``unix://``): in the trio thread itself
   (:class:`~asyncapy.adapters.redis_trio_link._TrioLink`, which says why);
-* **Sentinel, Cluster, TLS** (``redis+sentinel://``, ``redis+cluster://``,
-  ``rediss://``) and connection classes of the user's: the store's one worker thread,
-  here, with redis-py's own I/O, and one wakeup of the event loop per batch. There
-  redis-py does more than move bytes (asking the sentinels where the master is on
-  every new connection, routing by hash slot and following ``MOVED``, TLS), and those
+* **Sentinel, Cluster, TLS** (``redis+sentinel://``, ``redis+cluster://``, ``rediss://``
+  and their ``rediss+`` forms) and connection classes of the user's: the store's one
+  worker thread, here, with redis-py's own I/O, and one wakeup of the event loop per
+  batch. There redis-py does more than move bytes (asking the sentinels where the
+  master is on every new connection, the slot map of a Cluster, TLS; the redirections
+  of a Cluster, ``MOVED``, ``ASK`` and ``TRYAGAIN``, are followed here), and those
   deployments have a network round trip between the processes and Redis that dwarfs
   the handoff.
 
@@ -110,7 +111,8 @@ class _RedisAdapter:
     for many calls. Every call keeps its own reply, and its own error: a script refused
     by Redis fails that call only. Each call is one command Redis runs atomically (a
     Lua script, or a MULTI/EXEC block), so batching changes no call's meaning; calls
-    are sent in the order they were made, and never retried. A call cancelled while
+    are sent in the order they were made, and never retried unless Redis said it did
+    not run it (a Cluster's ``MOVED``, ``ASK``, ``TRYAGAIN``). A call cancelled while
     still queued is withdrawn; one already sent is waited for (its effect in Redis
     cannot be undone).
 
@@ -125,8 +127,9 @@ class _RedisAdapter:
     With a Redis Cluster (a :class:`ClusterClient`), each call goes to the master
     serving its key's slot: the worker splits a batch by node and keeps one connection
     per node, so a batch is still one write per node, the round trips overlapping. A
-    call answered ``MOVED`` was not run: the slot map is fetched again and the call
-    sent once more, to the node named.
+    call answered ``MOVED``, ``ASK`` or ``TRYAGAIN`` was not run: it is sent again to
+    the node named (:meth:`_dispatch`), so calls keep working while a slot migrates.
+    A call nobody waits for (a release, :meth:`_post`) rides the next batch.
     """
 
     def __init__(self, client: Any, prefix: str) -> None:

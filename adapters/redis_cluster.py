@@ -4,9 +4,9 @@ The stores route every call themselves, to the node serving its key's slot, so t
 the batching front (:mod:`asyncapy.adapters.redis_batching`) still sends one batch per
 node per round trip; redis-py's ``RedisCluster`` is used only for what it knows well:
 discovering the nodes and the slot map, and one connection pool per node. The
-routing, the ``MOVED`` handling and the retry live in the front's dispatch; what the
-cluster itself knows (the slot of a key, the pool of its master, whether a node still
-serves a slot) lives here.
+routing and the following of ``MOVED``, ``ASK`` and ``TRYAGAIN`` live in the front's
+dispatch; what the cluster itself knows (the slot of a key, the pool of its master or
+of any node, a slot moved, whether a node still serves a slot) lives here.
 """
 
 from __future__ import annotations
