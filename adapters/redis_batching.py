@@ -146,6 +146,8 @@ class _RedisAdapter:
         renews early after one, since a failover may have lost recent leases."""
         self._scripts: dict[str, str] = {}
         self._queue: list[_Call] = []
+        self._later: list[_Call] = []
+        """Calls the worker will send again after a pause (``TRYAGAIN``)."""
         self._queued = threading.Condition(threading.Lock())
         self._worker: Optional[threading.Thread] = None
         self._closing = False
@@ -184,34 +186,34 @@ class _RedisAdapter:
             return self.redis.pool(call.key)
         return self.redis.connection_pool
 
-    def _dispatch(self, batch: list[_Call], conns: dict) -> None:
+    def _dispatch(self, batch: list[_Call], conns: dict) -> list[_Call]:
         """Send ``batch``: each call on the connection (kept in ``conns``, by pool) of
-        the node serving it. With a Cluster, a call redirected is sent again (see
-        :meth:`_redirect`) until it is answered, :data:`REDIRECTS` times at most, and a
-        ``TRYAGAIN`` (a multi-key call whose keys a migration has split) for up to
-        :attr:`retry_for` seconds."""
-        deadline = None
+        the node serving it. With a Cluster, a call redirected (``MOVED``, ``ASK``: see
+        :meth:`_redirect`) is sent again at once, :data:`REDIRECTS` times at most; the
+        calls answered ``TRYAGAIN`` (a multi-key call whose keys a migration has split)
+        are returned, to be sent again :data:`TRYAGAIN_PAUSE` later, until
+        :attr:`retry_for` seconds after their first ``TRYAGAIN`` (then they fail)."""
         redirects = 0
+        later: list[_Call] = []
         while True:
             self._send_groups(batch, conns)
             if not self.cluster:
-                return
+                return later
             if any(_lost(call) for call in batch):
                 self.redis.stale()  # a node lost: maybe failed over
-            again = self._redirect(batch)
-            if not again:
-                return
-            if any(isinstance(call.error, redis.exceptions.TryAgainError) for call in again):
-                deadline = deadline or time.monotonic() + self.retry_for
-                if time.monotonic() >= deadline:
-                    return  # the migration outlasted the retries: those calls fail
-                time.sleep(TRYAGAIN_PAUSE)
-            elif deadline is None:
-                redirects += 1
-                if redirects > REDIRECTS:
-                    return  # redirected round and round: those calls fail
-            elif time.monotonic() >= deadline:
-                return
+            again = []
+            now = time.monotonic()
+            for call in self._redirect(batch):
+                if not isinstance(call.error, redis.exceptions.TryAgainError):
+                    again.append(call)
+                elif now < (call.retry_until or now + self.retry_for):
+                    call.retry_until = call.retry_until or now + self.retry_for
+                    call.error, call.replies = None, []
+                    later.append(call)
+                # else: the migration outlasted the retries: the call fails
+            redirects += 1
+            if not again or redirects > REDIRECTS:
+                return later  # (past REDIRECTS: redirected round and round, they fail)
             for call in again:
                 call.error, call.replies = None, []
             batch = again
@@ -288,15 +290,22 @@ class _RedisAdapter:
             while True:
                 with self._queued:
                     while not self._queue and not self._closing:
-                        self._queued.wait()
-                    batch, self._queue = self._queue, []
+                        if not self._later:
+                            self._queued.wait()
+                        elif not self._queued.wait(TRYAGAIN_PAUSE):
+                            break  # the pause is over: send them again, alone if need be
+                    # Those told TRYAGAIN (self._later) go first, as they were made first.
+                    batch, self._later, self._queue = self._later + self._queue, [], []
                 if not batch:
                     return  # closing, and nothing left to send
-                self._dispatch(batch, conns)
+                later = self._dispatch(batch, conns)
+                with self._queued:
+                    self._later = later  # withdrawn if cancelled meanwhile (_run_calls)
                 _report_posted(batch)
+                waiting = set(map(id, later))
                 by_run: dict = {}
                 for call in batch:
-                    if call.token is not None:  # None: posted, nobody waits (_post)
+                    if call.token is not None and id(call) not in waiting:  # None: posted (_post)
                         by_run.setdefault(call.token, []).append(call)
                 for token, calls in by_run.items():
                     try:
@@ -356,7 +365,10 @@ class _RedisAdapter:
         """Run ``batch`` in this thread, on pooled connections (synchronous callers)."""
         conns: dict = {}
         try:
-            self._dispatch(batch, conns)
+            while batch:
+                batch = self._dispatch(batch, conns)
+                if batch:  # told TRYAGAIN: a slot is migrating
+                    time.sleep(TRYAGAIN_PAUSE)
         finally:
             self._release(conns)
 
@@ -394,10 +406,13 @@ class _RedisAdapter:
             # be made already), so the task waits for the replies, as for a thread.
             with self._queued:
                 queue = self._queue if link is None else link.queue
-                if not all(call in queue for call in calls):
+                held = (queue, self._later)  # the second: told TRYAGAIN, not run, waiting to go again
+                if not all(any(call in place for place in held) for call in calls):
                     return trio.lowlevel.Abort.FAILED
                 for call in calls:
-                    queue.remove(call)
+                    for place in held:
+                        if call in place:
+                            place.remove(call)
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)

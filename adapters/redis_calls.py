@@ -44,7 +44,7 @@ def _offload() -> bool:
 class _Call:
     """Commands to send back to back, their replies (or an error), and who waits."""
 
-    __slots__ = ("commands", "key", "replies", "error", "task", "token", "asking", "posted")
+    __slots__ = ("commands", "key", "replies", "error", "task", "token", "asking", "posted", "retry_until")
 
     def __init__(self, commands: Sequence[tuple], key: Optional[str] = None) -> None:
         self.commands = commands
@@ -55,6 +55,8 @@ class _Call:
         self.error: Optional[BaseException] = None
         self.task: Any = None
         self.token: Any = None
+        self.retry_until = 0.0
+        """With a Cluster: until when a call answered ``TRYAGAIN`` is sent again."""
         self.posted = False
         """Sent without a waiter (a release): its failure is only logged."""
         self.asking: Optional[tuple[str, int]] = None
