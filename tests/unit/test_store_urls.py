@@ -105,3 +105,17 @@ def test_an_sqlite_store_serves_sessions_in_the_process(tmp_path):
     url = f"sqlite:///{tmp_path / 'keys.db'}"
     assert isinstance(stores.open_session_store(url), MemorySessionStore)
     assert not (tmp_path / "keys.db").exists()  # a session store opens no key file
+
+
+@pytest.mark.parametrize(
+    "page, url, source, prefix",
+    [
+        ("configuration.md", "postgres://db/keys", "", ""),
+        ("configuration.md", "redis://:hunter2@10.0.0.5:6379/abc", "app.ini", ""),
+        ("security.md", "redis://:hunter2@127.0.0.1:bad/0", "--store", "asyncapy: "),
+    ],
+)
+def test_the_store_errors_the_docs_quote_are_the_messages(page, url, source, prefix):
+    with pytest.raises(ConfigError) as caught:
+        validate("store", url, source)
+    assert prefix + str(caught.value) in (DOCS / page).read_text().splitlines()
