@@ -15,6 +15,7 @@ traceback (:mod:`asyncapy.cli`); docs/cli.md is the reference.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Optional, Sequence
@@ -22,7 +23,7 @@ from typing import Optional, Sequence
 from . import __version__
 from asyncapy.adapters.memory import MemorySessionStore
 
-from .cli import CommandError, HelpFormatter, OneLineParser, UsageError, import_object
+from .cli import CommandError, HelpFormatter, OneLineParser, UsageError, escape_unsafe, import_object
 from .cli import keys as keys_command
 from .cli import send as send_command
 from .config import ConfigError, check_proxy_settings, load_config, validate
@@ -37,14 +38,17 @@ __all__ = ["main", "load_app", "run_store"]
 _TLS_SETTINGS = frozenset({"certfile", "keyfile", "cafile"})
 
 
-def load_app(spec: str) -> Server:
+def load_app(spec: str, *, traceback: bool = False) -> Server:
     """Import ``MODULE:ATTR`` (from the current directory too) and return the Server.
 
+    :param traceback: print the whole traceback of an exception raised while
+        importing (``--traceback``, or ``--log-level DEBUG``) before the one line.
     :raises UsageError: (exit status 2) for a bad spec, a missing module or attribute,
-        or an object that is not a Server; :class:`CommandError` (1) when the module
-        fails while importing.
+        a bad setting (a ``ConfigError``) raised while importing, or an object that is
+        not a Server; :class:`CommandError` (1) when the module fails another way
+        while importing. Both name the file and line that raised.
     """
-    app = import_object(spec, "app")
+    app = import_object(spec, "app", traceback=traceback)
     if not isinstance(app, Server):
         raise UsageError(f"{spec} is {app!r}, not an asyncapy Server")
     return app
@@ -98,6 +102,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_server_arguments(worker)
     worker.add_argument("--listen-fds", required=True, help=argparse.SUPPRESS)
     worker.add_argument("--control-fd", type=int, required=True, help=argparse.SUPPRESS)
+    worker.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     return parser
 
 
@@ -164,6 +169,10 @@ def _add_server_arguments(run: argparse.ArgumentParser) -> None:
         help="address the metrics port binds (default: the app's metrics_host, 127.0.0.1 "
         "unless set)",
     )
+    _add_proxy_arguments(run)
+
+
+def _add_proxy_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--proxy-protocol",
         action=argparse.BooleanOptionalAction,
@@ -172,10 +181,23 @@ def _add_server_arguments(run: argparse.ArgumentParser) -> None:
         "the app's) (default: the app's proxy_protocol, off unless set)",
     )
     run.add_argument(
+        "--traceback",
+        action="store_true",
+        help="when importing the app fails, print the whole traceback before the one-line "
+        "error (also with --log-level DEBUG) (default: the one line, naming the file and line)",
+    )
+    run.add_argument(
         "--trusted-proxies",
         metavar="ADDR[,ADDR...]",
         help="the proxies whose PROXY headers are believed: IP addresses and CIDR networks, "
         "IPv4 or IPv6, e.g. 10.0.0.5,10.1.0.0/16,fd00::/8 (default: the app's trusted_proxies)",
+    )
+    run.add_argument(
+        "--insecure-trust-any-proxy",
+        action=argparse.BooleanOptionalAction,
+        help="let --trusted-proxies cover every address (0.0.0.0/0, ::/0): any peer may then "
+        "claim any client address; refused without this (default: the app's "
+        "insecure_trust_any_proxy, off unless set)",
     )
 
 
@@ -197,7 +219,8 @@ def _configure(args: argparse.Namespace) -> Server:
     store = run_store(args, config)
     # Before the import: the app's APIKeyFactory() objects are created as it runs.
     set_default_store(store)
-    app = load_app(args.app)
+    debug = str(args.log_level or config.get("logging_level", "")).upper() in ("DEBUG", str(logging.DEBUG))
+    app = load_app(args.app, traceback=args.traceback or debug)
     overrides: dict = dict(config)
     sources: dict = dict.fromkeys(config, args.config)
     for flag, name in (
@@ -213,6 +236,7 @@ def _configure(args: argparse.Namespace) -> Server:
         ("metrics_host", "metrics_host"),
         ("proxy_protocol", "proxy_protocol"),
         ("trusted_proxies", "trusted_proxies"),
+        ("insecure_trust_any_proxy", "insecure_trust_any_proxy"),
     ):
         value = getattr(args, flag)
         if value is not None:  # an absent flag keeps the app's (or the config's) value
@@ -231,6 +255,7 @@ def _configure(args: argparse.Namespace) -> Server:
         overrides.get("proxy_protocol", app.proxy_protocol),
         overrides.get("trusted_proxies", app.trusted_proxies),
         "the app, --config and the flags",
+        trust_any=overrides.get("insecure_trust_any_proxy", app.insecure_trust_any_proxy),
     )
     for name, value in overrides.items():
         setattr(app, name, value)
@@ -248,8 +273,13 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
         value = getattr(args, flag)
         if value is not None:
             forwarded += [f"--{flag.replace('_', '-')}", str(value)]
-    if args.proxy_protocol is not None:
-        forwarded.append("--proxy-protocol" if args.proxy_protocol else "--no-proxy-protocol")
+    for flag in ("proxy_protocol", "insecure_trust_any_proxy"):
+        value = getattr(args, flag)
+        if value is not None:
+            name = flag.replace("_", "-")
+            forwarded.append(f"--{name}" if value else f"--no-{name}")
+    if args.traceback:
+        forwarded.append("--traceback")
     return forwarded
 
 
@@ -276,7 +306,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     app = _configure(args)
-    run_worker(app, [int(fd) for fd in args.listen_fds.split(",")], args.control_fd)
+    run_worker(app, [int(fd) for fd in args.listen_fds.split(",")], args.control_fd, index=args.worker_index)
     return 0
 
 
@@ -289,8 +319,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             return command(args)
         except CommandError as exc:
-            if exc.message:
-                print(f"{prog}: {exc.message}", file=sys.stderr)
+            if exc.message:  # it may quote what a server sent: never raw controls
+                print(f"{prog}: {escape_unsafe(exc.message)}", file=sys.stderr)
             return exc.status
         except KeyboardInterrupt:
             return 130

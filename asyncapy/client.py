@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import time
 from typing import Any, Dict, Optional, Tuple, Union
 
 import trio
@@ -165,7 +166,8 @@ class Client(_ClientBase):
     - ``tls``: wrap the connection in TLS (default True), verifying the server's
       certificate and host name.
     - ``encoding``: ``'json'`` or ``'ziproto'``: how :meth:`send` encodes payloads.
-    - ``timeout``: seconds a connect or read may take (None = forever).
+    - ``timeout``: seconds connecting may take, and then each reply: a deadline
+      for the whole packet, however slowly it trickles in (None = forever).
     - ``ssl_context``: client-side :class:`ssl.SSLContext` to use instead of the
       default (for client certificates, pinned CAs...).
     - ``cafile``: PEM bundle of the CA(s) that signed the server's certificate.
@@ -212,16 +214,35 @@ class Client(_ClientBase):
         self._require().sendall(self._packet(payload))
 
     def receive_raw(self) -> bytes:
-        """The next whole packet, headers included; ``b""`` once the server closed."""
+        """The next whole packet, headers included; ``b""`` once the server closed.
+
+        ``timeout`` is a deadline for the whole packet, not for each read: a server
+        trickling its reply a byte at a time cannot hold the caller longer.
+
+        :raises TimeoutError: if the whole packet did not arrive within ``timeout``.
+        """
         sock = self._require()
-        while True:
-            raw = self._next_raw()
-            if raw is not None:
-                return raw
-            data = sock.recv(65536)
-            if not data:
-                return b""
-            self._framer.receive_data(data)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        try:
+            while True:
+                raw = self._next_raw()
+                if raw is not None:
+                    return raw
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"no whole reply within {self.timeout:g}s")
+                    sock.settimeout(left)
+                try:
+                    data = sock.recv(65536)
+                except TimeoutError:
+                    raise TimeoutError(f"no whole reply within {self.timeout:g}s") from None
+                if not data:
+                    return b""
+                self._framer.receive_data(data)
+        finally:
+            if deadline is not None and self.sock is sock:
+                sock.settimeout(self.timeout)
 
     def receive(self) -> Dict[Any, Any]:
         """The next packet's payload, decoded by the encoding the packet declares.
@@ -296,7 +317,7 @@ class AsyncClient(_ClientBase):
             with self._deadline():
                 return await self._read_packet(stream)
         except trio.TooSlowError:
-            raise TimeoutError(f"no reply within {self.timeout}s") from None
+            raise TimeoutError(f"no whole reply within {self.timeout:g}s") from None
 
     async def receive(self) -> Dict[Any, Any]:
         """The next packet's payload (see :meth:`Client.receive`)."""

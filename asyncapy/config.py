@@ -22,7 +22,17 @@ from asyncapy.domain.limits import DEFAULT_PACKET_MEMORY, SERVER_MAX_PACKET_SIZE
 from asyncapy.domain.proxy import TrustedProxies
 from asyncapy.domain.redaction import MASK, looks_secret, redact, redact_url
 
-__all__ = ["ConfigError", "Setting", "SETTINGS", "SECTION", "validate", "load_config", "check_proxy_settings"]
+__all__ = [
+    "ConfigError",
+    "Setting",
+    "SETTINGS",
+    "Settings",
+    "SECTION",
+    "validate",
+    "make_settings",
+    "load_config",
+    "check_proxy_settings",
+]
 
 SECTION = "AsyncAPY"
 """The INI section the server reads."""
@@ -346,6 +356,29 @@ SETTINGS: Mapping[str, Setting] = {
             _read_boolean,
         ),
         Setting(
+            "insecure_trust_any_proxy",
+            False,
+            "True or False (in a config file also yes/no, on/off, 1/0): whether "
+            "trusted_proxies may cover every address (any peer may then forge its address)",
+            _boolean,
+            _read_boolean,
+        ),
+        Setting(
+            "handshake_timeout",
+            10.0,
+            "a number of seconds greater than 0 (capped by timeout)",
+            _number(0, False),
+            _read_number,
+        ),
+        Setting(
+            "handshake_limit",
+            16,
+            "an integer of at least 1 (TLS handshakes one client may have in progress "
+            "at once when session_limit is 0)",
+            _integer(1),
+            _read_int,
+        ),
+        Setting(
             "trusted_proxies",
             TrustedProxies(),
             "IP addresses and CIDR networks, IPv4 or IPv6 (e.g. 10.0.0.5, 10.0.0.0/8, "
@@ -357,6 +390,41 @@ SETTINGS: Mapping[str, Setting] = {
     )
 }
 """Every setting, by name: the constructor's parameters and the INI keys alike."""
+
+
+def _shown(name: str) -> Callable[[Any], str]:
+    """How :class:`Settings`' repr shows setting ``name``'s value: URLs without their
+    credentials."""
+    if name in URL_SETTINGS:
+        return lambda value: repr(redact_url(value)) if isinstance(value, str) else repr(value)
+    return repr
+
+
+Settings = attrs.make_class(
+    "Settings",
+    {name: attrs.field(default=setting.default, repr=_shown(name)) for name, setting in SETTINGS.items()},
+    frozen=True,
+    slots=True,
+    eq=True,
+)
+Settings.__module__ = __name__
+Settings.__doc__ = """A server's settings, validated, as one frozen object: one attribute per
+entry of :data:`SETTINGS` (``settings.timeout``, ``settings.session_limit``...).
+
+Made once by :func:`make_settings` from the constructor's arguments and a config file,
+and handed to every part of the server that reads settings; a change (assigning
+``server.timeout``, :meth:`~asyncapy.server.Server.load_config`) makes a new one. Its
+repr never shows a store URL's password."""
+
+
+def make_settings(values: Mapping[str, Any] = {}, source: str = "", base: Any = None) -> Any:
+    """A :class:`Settings` with ``values`` validated (:class:`ConfigError` naming the
+    first bad one and ``source``), the rest from ``base`` (a :class:`Settings`) or
+    the defaults."""
+    checked = {name: validate(name, value, source) for name, value in values.items()}
+    if base is None:
+        return Settings(**checked)
+    return attrs.evolve(base, **checked)
 
 
 def validate(name: str, value: Any, source: str = "") -> Any:
@@ -397,13 +465,30 @@ def _interpolation_problem(exc: configparser.Error) -> str:
     return type(exc).__name__
 
 
-def check_proxy_settings(proxy_protocol: bool, trusted_proxies: TrustedProxies, source: str = "") -> None:
-    """:class:`ConfigError` if ``proxy_protocol`` is on without a trusted proxy.
+def check_proxy_settings(
+    proxy_protocol: bool, trusted_proxies: TrustedProxies, source: str = "", *, trust_any: bool = False
+) -> None:
+    """:class:`ConfigError` if ``proxy_protocol`` is on without a trusted proxy, or with
+    ``trusted_proxies`` covering every address of a family unless ``trust_any``
+    (``insecure_trust_any_proxy``) says that is meant.
 
-    The two settings can come from different places (the constructor, a config file,
-    the command line), so this is checked once they are merged. A PROXY header is
-    believed only from a trusted proxy: with none, every connection would be refused.
+    The settings can come from different places (the constructor, a config file, the
+    command line), so this is checked once they are merged. A PROXY header is believed
+    only from a trusted proxy: with none, every connection would be refused; with every
+    address trusted, any peer can claim any address (Traefik makes the same choice an
+    explicit ``insecure`` one).
     """
+    covered = trusted_proxies.covers_everything() if proxy_protocol else None
+    if covered and not trust_any:
+        raise ConfigError(
+            "trusted_proxies",
+            list(trusted_proxies),
+            "the addresses of your proxies only: these entries cover every "
+            f"{covered} address, so any peer could send a PROXY header and claim any "
+            "client address. Name the load balancers' addresses or networks, or set "
+            "insecure_trust_any_proxy if every peer really is a proxy",
+            source,
+        )
     if proxy_protocol and not trusted_proxies:
         raise ConfigError(
             "trusted_proxies",
@@ -413,6 +498,17 @@ def check_proxy_settings(proxy_protocol: bool, trusted_proxies: TrustedProxies, 
             "connection would be refused)",
             source,
         )
+
+
+def _unknown_key(key: str) -> str:
+    """What a config file may say instead of the unknown ``key``: the nearest setting
+    name when one is close (``prot``: did you mean 'port'?), else every name."""
+    import difflib
+
+    close = difflib.get_close_matches(key, list(SETTINGS), n=1, cutoff=0.6)
+    if close:
+        return f"a setting name: did you mean {close[0]!r}? (every setting: docs/configuration.md)"
+    return f"one of {', '.join(SETTINGS)}"
 
 
 def load_config(
@@ -447,9 +543,7 @@ def load_config(
         if setting is None and key in parser.defaults():
             continue  # inherited from [DEFAULT], meant for other sections
         if setting is None:
-            raise ConfigError(
-                key, parser.get(SECTION, key, raw=True), f"one of {', '.join(SETTINGS)}", source
-            )
+            raise ConfigError(key, parser.get(SECTION, key, raw=True), _unknown_key(key), source)
         try:
             raw = parser.get(SECTION, key).strip()
         except configparser.Error as exc:  # a user parser's interpolation failed

@@ -15,38 +15,39 @@ from typing import Any, Iterator, Optional, Protocol, Union
 
 import trio
 
+from asyncapy.domain.addresses import parse_address
 from asyncapy.domain.codecs import CODECS_BY_NAME, Codec, codec_named
+from asyncapy.domain.connection import Connection
 from asyncapy.domain.dispatch import Handler
 from asyncapy.domain.errors import StopPropagation
 
-from .filters import normalise_address
 from .transport import Channel
 
 __all__ = ["Client", "Packet", "Handler", "Session"]
 
 
 class _Serving(Protocol):
-    """What a :class:`Client` asks of the server serving it (a
-    :class:`~asyncapy.server.Server`): a channel for a stream it was given, and the
+    """What a :class:`Client` asks of what serves it (the server's
+    :class:`~asyncapy.sessions.Sessions`): its channel and protocol state, and the
     sessions of an address. Named here, not imported, so that what handlers see does
     not depend on the server that serves them."""
 
-    def _new_channel(self, stream: trio.abc.Stream) -> Channel: ...
+    def attach(self, client: "Client") -> None: ...
 
-    async def _sessions_of(self, address: str) -> list["Session"]: ...
+    async def sessions_of(self, address: str) -> list["Session"]: ...
 
 
 class Client:
     """The peer of a session, as a handler sees it.
 
     :param address: the client's IP address (the peer's, not the server's).
-    :param server: the :class:`~asyncapy.server.Server` serving it.
+    :param server: what serves it (the server's sessions, :class:`asyncapy.sessions.Sessions`).
     :param stream: the trio stream of the connection.
     :param session: the :class:`Session` (or its id, replaced by the server).
     :param encoding: the session's encoding, ``'json'`` or ``'ziproto'``.
     """
 
-    __slots__ = ("address", "ip", "session", "encoding", "handler", "_server", "_stream", "_channel")
+    __slots__ = ("address", "ip", "session", "encoding", "handler", "_server", "_stream", "_channel", "_connection")
 
     def __init__(
         self,
@@ -58,7 +59,7 @@ class Client:
     ) -> None:
         codec_named(encoding)
         self.address = address
-        self.ip = normalise_address(address)
+        self.ip = parse_address(address)
         """The address parsed by :mod:`ipaddress` (None if it is not an IP)."""
         self.session = session
         self.encoding = encoding
@@ -67,12 +68,14 @@ class Client:
         self._server = server
         self._stream = stream
         self._channel: Optional[Channel] = None
+        self._connection: Optional[Connection] = None
+        """The session's protocol state: what :meth:`send` encodes with."""
 
     def _writer(self) -> Channel:
-        channel = self._channel
-        if channel is None:
-            channel = self._channel = self._server._new_channel(self._stream)
-        return channel
+        if self._channel is None:
+            self._server.attach(self)
+        assert self._channel is not None
+        return self._channel
 
     @property
     def closed(self) -> bool:
@@ -80,8 +83,13 @@ class Client:
         channel = self._channel
         return channel is not None and channel.closed
 
-    async def send(self, packet: "Packet", close: bool = False) -> None:
+    async def send(self, packet: Union["Packet", dict], close: bool = False) -> None:
         """Send ``packet`` to the client, in the packet's encoding.
+
+        A plain ``dict`` is sent too, in the session's encoding (``client.encoding``):
+        ``await client.send({"ok": True})`` is the reply a handler most often means.
+        Anything else (a list, a string, None) is refused with a :class:`TypeError`
+        showing the ``Packet(...)`` to write, before anything is sent.
 
         On a busy server the packet may be written a moment after this returns, with
         the other replies of the same scheduling round (see :class:`asyncapy.transport.Pacer`): it is
@@ -94,8 +102,15 @@ class Client:
         :raises asyncapy.domain.errors.CodecError: if the packet holds a value its encoding
             cannot represent (bytes in JSON, an integer beyond 64 bits in ZiProto).
         """
+        if type(packet) is not Packet and not isinstance(packet, Packet):
+            if not isinstance(packet, Mapping):
+                raise TypeError(
+                    f"client.send() takes a Packet or a dict, not {type(packet).__name__}: "
+                    "write await client.send(Packet({...}, encoding=client.encoding))"
+                )
+            packet = Packet(packet, encoding=self.encoding)
         channel = self._channel or self._writer()
-        await channel.send(channel.connection.encode(packet._fields, packet._codec))
+        await channel.send(self._connection.encode(packet._fields, packet._codec))  # type: ignore[union-attr]
         if close:
             await self.close()
 
@@ -105,7 +120,7 @@ class Client:
 
     async def get_sessions(self) -> list["Session"]:
         """The live sessions of this client's address (this one included)."""
-        return await self._server._sessions_of(self.address)
+        return await self._server.sessions_of(self.address)
 
     def __repr__(self) -> str:
         return f"Client({self.address})"

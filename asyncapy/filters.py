@@ -9,12 +9,12 @@ filters pass. Combine them with ``&``, ``|`` and ``~``::
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import logging
 import re
 from typing import Any, Iterable, Optional, Union
 
+from asyncapy.domain.addresses import IPAddress, IPNetwork, parse_address, unmapped_network
 from asyncapy.domain.errors import StoreUnavailable
 from asyncapy.domain.filtering import Filter
 
@@ -24,31 +24,11 @@ logger = logging.getLogger("asyncapy.filters")
 
 __all__ = ["Filter", "Filters"]
 
-_Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-_Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+_Address = IPAddress
+_Network = IPNetwork
 
-
-def normalise_address(address: Any) -> Optional[_Address]:
-    """``address`` as an ``ip_address``, IPv4-mapped IPv6 unwrapped; None if not an IP.
-
-    Results for strings are cached (addresses are immutable, and clients come back):
-    parsing costs more than the rest of accepting a connection."""
-    if type(address) is str:
-        return _normalise_cached(address)
-    return _normalise(address)
-
-
-def _normalise(address: Any) -> Optional[_Address]:
-    try:
-        parsed = ipaddress.ip_address(address)
-    except ValueError:
-        return None
-    if parsed.version == 6 and parsed.ipv4_mapped is not None:
-        return parsed.ipv4_mapped
-    return parsed
-
-
-_normalise_cached = functools.lru_cache(maxsize=4096)(_normalise)
+normalise_address = parse_address
+"""The 0.6 name of :func:`asyncapy.domain.addresses.parse_address`, kept for callers."""
 
 
 class Filters:
@@ -103,13 +83,9 @@ class Filters:
                 except ValueError:
                     raise ValueError(f"not an IP address or network: {entry!r}") from None
                 if network.prefixlen == network.max_prefixlen:
-                    return normalise_address(network.network_address)
-                mapped = network.network_address
-                if mapped.version == 6 and network.prefixlen >= 96 and mapped.ipv4_mapped is not None:
-                    # Clients are unwrapped to IPv4, so an IPv4-mapped network must be too.
-                    return ipaddress.ip_network(f"{mapped.ipv4_mapped}/{network.prefixlen - 96}")
-                return network
-            address = normalise_address(entry)
+                    return parse_address(network.network_address)
+                return unmapped_network(network)
+            address = parse_address(entry)
             if address is None:
                 raise ValueError(f"not an IP address or network: {entry!r}")
             return address
@@ -136,7 +112,7 @@ class Filters:
         def check(self, client: Any, packet: Any) -> bool:
             address = getattr(client, "ip", None)
             if address is None:
-                address = normalise_address(client.address)
+                address = parse_address(client.address)
                 if address is None:
                     return False
             if address in self._addresses:

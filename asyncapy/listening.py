@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import socket
 import ssl
-import time
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import trio
 
@@ -36,7 +34,11 @@ try:
 except ImportError:  # pragma: no cover - Windows has no open-file rlimit
     resource = None  # type: ignore[assignment]
 
-from .proxying import ProxyGate, gate_for
+from asyncapy.domain.addresses import session_group
+
+from .logs import LimitedLog
+from .metrics import NULL_RECORDER, Recorder
+from .proxying import ProxyGate
 from .transport import STREAM_ERRORS, close_at_once, peer_address
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,6 +57,11 @@ REFUSAL_LOG_INTERVAL = 1.0
 """Seconds between two warnings about connections refused past ``max_connections``:
 a flood of them logs one line per interval, with the count of those not logged."""
 
+HANDSHAKE_LOG_BURST = 10
+"""Failed TLS handshakes logged (at INFO) per second, across connections; the rest
+are counted in the next line let through (a scanner or a flood of broken clients
+would otherwise write a line each)."""
+
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 """accept() failures that mean "out of descriptors or memory for now": retried."""
 
@@ -66,14 +73,16 @@ class Listening:
     """The listeners of one server and the connections they accept, up to the moment
     each becomes a session of ``sessions``.
 
-    ``server`` is the :class:`~asyncapy.server.Server` whose settings these are (not
-    imported: the server composes this, not the other way round). They are read when
-    they are used, as they may change until the server serves; the TLS context is
-    taken once, when the listeners open."""
+    :param settings: the server's :class:`~asyncapy.config.Settings` (the server
+        hands new ones when they change before serving).
+    :param sessions: where admitted connections go.
+    :param recorder: where metrics go.
+    """
 
-    def __init__(self, server: Any, sessions: "Sessions") -> None:
-        self.server = server
+    def __init__(self, settings: Any, sessions: "Sessions", *, recorder: Recorder = NULL_RECORDER) -> None:
+        self.settings = settings
         self.sessions = sessions
+        self.recorder = recorder
         self.connections = 0
         """Connections accepted and being served (refused ones not counted)."""
         self.accepting = False
@@ -84,15 +93,19 @@ class Listening:
         self.proxy_gate: Optional[ProxyGate] = None
         """With ``proxy_protocol`` on, what reads each connection's PROXY header (see
         :mod:`asyncapy.proxying`), from :meth:`open`; None otherwise."""
-        self._refusals_unlogged = 0
-        self._refusal_logged_at = -math.inf
+        self.handshaking: dict[str, int] = {}
+        """TLS handshakes in progress, by client address group (as ``session_limit``
+        counts them)."""
+        self.refusal_log = LimitedLog(logger, "refused", 1, REFUSAL_LOG_INTERVAL)
+        self.handshake_log = LimitedLog(logger, "failed alike", HANDSHAKE_LOG_BURST, 1.0)
+        self.crowd_log = LimitedLog(logger, "refused alike", 1, REFUSAL_LOG_INTERVAL)
 
     # -- listeners and the accept loop -------------------------------------------------
     def check_open_file_limit(self) -> None:
         """Raise the open-file limit (once per process) and warn if it caps connections
         below ``max_connections``: every connection is a file descriptor, and past
         the limit ``accept()`` fails, which no client would understand."""
-        max_connections = self.server.max_connections
+        max_connections = self.settings.max_connections
         limit = raise_open_file_limit()
         if limit is None or limit >= max_connections + FD_MARGIN:
             return
@@ -106,19 +119,21 @@ class Listening:
             max_connections,
         )
 
-    async def open(self, sockets: Optional[Sequence[socket.socket]] = None) -> list:
+    async def open(
+        self, sockets: Optional[Sequence[socket.socket]] = None, ssl_context: Optional[ssl.SSLContext] = None
+    ) -> list:
         """The listeners to accept on: ``sockets`` (already listening), or new ones
-        bound to the server's ``addr`` and ``port``. Takes the server's TLS context
-        and PROXY protocol settings for the connections they accept."""
-        server = self.server
+        bound to the settings' ``addr`` and ``port``. Their connections are served with
+        ``ssl_context`` (None: plain TCP) and the PROXY protocol settings."""
+        settings = self.settings
         if sockets is None:
-            listeners = await bind_listeners(server.addr, server.port)
+            listeners = await bind_listeners(settings.addr, settings.port)
         else:
             listeners = [listener_of(sock) for sock in sockets]
             if not listeners:
                 raise ValueError("serve(sockets=...) needs at least one listening socket")
-        self.ssl_context = server.ssl_context
-        self.proxy_gate = gate_for(server)
+        self.ssl_context = ssl_context
+        self.proxy_gate = ProxyGate(settings.trusted_proxies, settings.timeout) if settings.proxy_protocol else None
         if self.proxy_gate is not None:
             logger.info(
                 "PROXY protocol on: every connection starts with a PROXY header from a trusted proxy (%s)",
@@ -169,7 +184,7 @@ class Listening:
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         """Serve one accepted connection, and close it however that ends."""
         try:
-            if self.connections >= self.server.max_connections:
+            if self.connections >= self.settings.max_connections:
                 await self.refuse(stream)
                 return
             try:
@@ -178,7 +193,7 @@ class Listening:
                 return  # the client is gone already
             gate = self.proxy_gate
             if gate is not None and not gate.trusts(address):
-                self.server.metrics_recorder.connection("refused_proxy")
+                self.recorder.connection("refused_proxy")
                 await self.sessions.refusals.close(stream, b"")  # no slot held, no reply
                 return
             self.connections += 1
@@ -197,36 +212,74 @@ class Listening:
                 if gate is not None:
                     client = await gate.client_address(stream, address)  # before TLS
                     if client is None:
-                        self.server.metrics_recorder.connection("refused_proxy")
+                        self.recorder.connection("refused_proxy")
                         return
                     address = client
+                served: Optional[trio.abc.Stream] = stream
                 if self.ssl_context is not None:
-                    stream = trio.SSLStream(stream, self.ssl_context, server_side=True, https_compatible=False)
-                    if not await self.handshake(stream, address):
+                    served = await self.secure(stream, address, release_slot)
+                    if served is None:
                         return
-                await self.sessions.serve(stream, address, release_slot=release_slot)
+                await self.sessions.serve(served, address, release_slot=release_slot)
             finally:
                 release_slot()
         finally:
             await close_at_once(stream)
 
+    async def secure(
+        self, stream: trio.abc.Stream, address: str, release_slot: Callable[[], None]
+    ) -> Optional[trio.SSLStream]:
+        """``stream`` wrapped in TLS, its handshake complete; None if it was refused or
+        failed (then the connection is to be closed).
+
+        One client address (grouped as ``session_limit`` groups them) may have at most
+        ``session_limit`` handshakes in progress, or ``handshake_limit`` when
+        ``session_limit`` is 0: a client that opens connections and never sends a
+        ClientHello would otherwise hold every ``max_connections`` slot until its
+        handshakes time out, as nginx's ``limit_conn`` prevents by running before TLS.
+        Past it, the connection is closed at once, its slot given back first."""
+        settings = self.settings
+        group = session_group(address, settings.session_limit_ipv6_prefix)
+        in_progress = self.handshaking.get(group, 0)
+        if in_progress >= (settings.session_limit or settings.handshake_limit):
+            self.recorder.connection("refused_handshakes")
+            self.crowd_log.warning(
+                "%s already has %d TLS handshake(s) in progress: refused a connection", address, in_progress
+            )
+            release_slot()
+            await self.sessions.refusals.close(stream, b"")
+            return None
+        self.handshaking[group] = in_progress + 1
+        tls = trio.SSLStream(stream, self.ssl_context, server_side=True, https_compatible=False)
+        try:
+            return tls if await self.handshake(tls, address) else None
+        finally:
+            left = self.handshaking[group] - 1
+            if left:
+                self.handshaking[group] = left
+            else:
+                del self.handshaking[group]
+
     async def handshake(self, stream: trio.SSLStream, address: str) -> bool:
-        """Complete the TLS handshake of a new connection within the server's
-        ``timeout``; False (logged) if it failed or did not finish in time.
+        """Complete the TLS handshake of a new connection within ``handshake_timeout``
+        (at most ``timeout``); False (logged, rate-limited) if it failed or did not
+        finish in time.
 
         Before admission, so a client that never finishes its handshake, or fails
         mutual TLS, takes no ``session_limit`` slot and causes no store write."""
-        timeout = self.server.timeout
-        reason = f"not finished within timeout ({timeout}s)"
-        with trio.move_on_after(timeout):
+        settings = self.settings
+        seconds = min(settings.handshake_timeout, settings.timeout)
+        which = "handshake_timeout" if settings.handshake_timeout <= settings.timeout else "timeout"
+        reason = f"not finished within {which} ({seconds}s)"
+        with trio.move_on_after(seconds):
             try:
                 await stream.do_handshake()
                 return True
             except STREAM_ERRORS as exc:
                 cause = exc.__cause__ or exc
                 reason = str(cause) or type(cause).__name__
-        logger.info("TLS handshake with %s failed: %s", address, reason)
-        self.server.metrics_recorder.connection("tls_handshake_failed")
+        self.handshake_log.log(logging.INFO, "TLS handshake with %s failed: %s", address, reason)
+        self.recorder.connection("tls_handshake_failed")
         return False
 
     async def refuse(self, stream: trio.abc.Stream) -> None:
@@ -234,32 +287,27 @@ class Listening:
         no TLS handshake, no reply (no error code fits), just a lingering close of the
         TCP connection, so a client that already wrote a request sees the connection
         end rather than a reset. The warning is rate-limited: a flood is one line a
-        second."""
-        self.server.metrics_recorder.connection("refused_max_connections")
-        self._refusals_unlogged += 1
-        if time.monotonic() - self._refusal_logged_at >= REFUSAL_LOG_INTERVAL:
-            try:
-                address = peer_address(stream)
-            except OSError:
-                address = "a client gone already"
-            self.log_refusals(f": refused a connection from {address}")
+        second, with the count of those left out."""
+        self.recorder.connection("refused_max_connections")
+        try:
+            address = peer_address(stream)
+        except OSError:
+            address = "a client gone already"
+        self.refusal_log.warning(
+            "max_connections (%d) reached: refused a connection from %s", self.settings.max_connections, address
+        )
         await self.sessions.refusals.close(stream, b"")
 
-    def log_refusals(self, latest: str = "") -> None:
-        """Log the refusals past ``max_connections`` not logged yet (with ``latest``,
-        the one being refused); with no ``latest``, only if there are any (when the
-        server stops, with those of the PROXY protocol's refusals)."""
-        if not latest and self.proxy_gate is not None:
+    def log_refusals(self) -> None:
+        """Log the refusals the log limits kept out of the log (when the server stops),
+        with those of the PROXY protocol."""
+        if self.proxy_gate is not None:
             self.proxy_gate.report()
-        count = self._refusals_unlogged
-        if not latest and not count:
-            return
-        if latest:
-            count -= 1  # the one being refused is told apart
-        more = f"; {count} more refused since the last such warning" if count else ""
-        logger.warning("max_connections (%d) reached%s%s", self.server.max_connections, latest, more)
-        self._refusals_unlogged = 0
-        self._refusal_logged_at = time.monotonic()
+        self.refusal_log.report(
+            "max_connections (%d) reached; %d more refused since the last such warning", self.settings.max_connections
+        )
+        self.crowd_log.report("%d more connection(s) refused for TLS handshakes in progress, not logged")
+        self.handshake_log.report("%d more TLS handshake failure(s), not logged")
 
 
 async def bind_listeners(addr: str, port: int) -> list[trio.SocketListener]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import math
 import time
 from typing import Any, Optional
 
@@ -33,6 +34,8 @@ __all__ = [
     "make_formatter",
     "configure_logging",
     "configure_server_logging",
+    "LogLimit",
+    "LimitedLog",
 ]
 
 LOG_FORMATS = ("text", "json")
@@ -128,13 +131,102 @@ def configure_logging(
     logging.getLogger("asyncapy").setLevel(level)
 
 
-def configure_server_logging(server: Any) -> None:
+def configure_server_logging(settings: Any) -> None:
     """:func:`configure_logging` with a server's settings (``logging_level``,
-    ``log_format``, ``console_format``, ``datefmt``; ``log_format`` is ``text`` when
-    the server has none)."""
+    ``log_format``, ``console_format``, ``datefmt``)."""
     configure_logging(
-        server.logging_level,
-        log_format=getattr(server, "log_format", "text"),
-        console_format=server.console_format,
-        datefmt=server.datefmt,
+        settings.logging_level,
+        log_format=settings.log_format,
+        console_format=settings.console_format,
+        datefmt=settings.datefmt,
     )
+
+
+# -- lines that a flood must not multiply -------------------------------------------------
+class LogLimit:
+    """At most ``burst`` lines per ``interval`` seconds; the rest are counted.
+
+    A fixed window: the first ``burst`` lines of each window are let through
+    (:meth:`allow` is True), the others counted in :attr:`suppressed`, which the next
+    line let through reports (:meth:`take_suppressed`), and which the owner reports
+    when it is done with it. Used on error paths only."""
+
+    __slots__ = ("burst", "interval", "window_start", "used", "suppressed")
+
+    def __init__(self, burst: int, interval: float) -> None:
+        self.burst = burst
+        self.interval = interval
+        self.window_start = -math.inf
+        self.used = 0
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        """True if a line may be logged now; else the line is counted as suppressed."""
+        now = time.monotonic()
+        if now - self.window_start >= self.interval:
+            self.window_start = now
+            self.used = 0
+        if self.used < self.burst:
+            self.used += 1
+            return True
+        self.suppressed += 1
+        return False
+
+    def take_suppressed(self, what: str) -> str:
+        """``' (N more WHAT since)'`` for the suppressed lines, then forget them; ``''``
+        if there were none."""
+        count = self.suppressed
+        if not count:
+            return ""
+        self.suppressed = 0
+        return f" ({count} more {what} since)"
+
+
+class LimitedLog:
+    """One kind of line (a refusal, a bad header, a failed handshake) through
+    ``logger``, at most ``burst`` per ``interval`` seconds, so that a client opening
+    connections in a loop cannot fill the disk: the lines left out are counted, and
+    the next line let through ends with ``(N more WHAT since)``; :meth:`report` says
+    what is still uncounted when the owner stops. Every per-session and
+    per-connection warning of the server goes through one of these."""
+
+    __slots__ = ("logger", "what", "limit")
+
+    def __init__(self, logger: logging.Logger, what: str, burst: int = 1, interval: float = 1.0) -> None:
+        self.logger = logger
+        self.what = what
+        """How the suffix names the lines left out (``'refused alike'``)."""
+        self.limit = LogLimit(burst, interval)
+
+    def log(self, level: int, message: str, *args: Any, stacklevel: int = 2, **kwargs: Any) -> bool:
+        """Log ``message % args`` at ``level`` with the count of lines left out since,
+        unless the limit is reached (then only count it); True if it was logged. The
+        record names the caller's line, not this one."""
+        limit = self.limit
+        if not limit.allow():
+            return False
+        self.logger.log(
+            level, message + "%s", *args, limit.take_suppressed(self.what), stacklevel=stacklevel, **kwargs
+        )
+        return True
+
+    def warning(self, message: str, *args: Any, **kwargs: Any) -> bool:
+        """:meth:`log` at WARNING."""
+        return self.log(logging.WARNING, message, *args, stacklevel=3, **kwargs)
+
+    def error(self, message: str, *args: Any, **kwargs: Any) -> bool:
+        """:meth:`log` at ERROR."""
+        return self.log(logging.ERROR, message, *args, stacklevel=3, **kwargs)
+
+    @property
+    def suppressed(self) -> int:
+        """Lines left out and not yet reported."""
+        return self.limit.suppressed
+
+    def report(self, message: str, *args: Any) -> None:
+        """Log ``message % (*args, count)`` as a warning if lines were left out since the
+        last one logged, and forget them (when the owner stops)."""
+        count = self.limit.suppressed
+        if count:
+            self.limit.suppressed = 0
+            self.logger.warning(message, *args, count)

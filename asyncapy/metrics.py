@@ -15,7 +15,14 @@ documents each):
 ``asyncapy_key_cache_misses_total``         API-key look-ups that went to the store
 ``asyncapy_received_bytes_total``           bytes read from clients
 ``asyncapy_sent_bytes_total``               bytes of replies written to clients
+``asyncapy_build_info{version,python}``     always 1: which AsyncAPY and Python run
 =========================================== ======================================
+
+Every label value a dashboard may ask for exists from the start, at 0: the encodings,
+the error codes, the outcomes, and the store operations (``admit``, ``release``,
+``sessions``, and ``key_*`` of every metered key store) of both the duration histogram
+and ``asyncapy_store_errors_total``: a rate, or an alert on errors, is defined before
+the first event.
 
 Why not call ``prometheus_client`` per packet
     A ``Counter.inc()`` takes a lock and costs about a microsecond; a small request
@@ -40,6 +47,7 @@ Metrics off
 from __future__ import annotations
 
 import bisect
+import platform
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import attrs
@@ -60,6 +68,9 @@ __all__ = [
     "NULL_RECORDER",
     "families",
     "SnapshotCollector",
+    "SESSION_OPERATIONS",
+    "PROCESS_METRICS",
+    "process_stats",
 ]
 
 HANDLER_BUCKETS = (
@@ -85,6 +96,7 @@ OUTCOMES = (
     "refused_max_connections",
     "store_unavailable",
     "tls_handshake_failed",
+    "refused_handshakes",
     "refused_proxy",
 )
 """The ``outcome`` label of ``asyncapy_connections_total``: admitted as a session;
@@ -93,6 +105,36 @@ refused for the client address's ``session_limit``; closed at once past the proc
 closed because its TLS handshake failed or did not finish within ``timeout``; closed
 with ``proxy_protocol`` on, from a peer not in ``trusted_proxies`` or without a valid
 PROXY header in time."""
+
+
+SESSION_OPERATIONS = ("admit", "release", "sessions")
+"""The session store's timed operations; their ``asyncapy_store_errors_total`` series
+exist from the start, at 0 (the key store's ``key_*`` ones from when it is metered)."""
+
+PROCESS_METRICS = {
+    "process_cpu_seconds": ("counter", "Total user and system CPU time spent in seconds."),
+    "process_resident_memory_bytes": ("gauge", "Resident memory size in bytes."),
+    "process_virtual_memory_bytes": ("gauge", "Virtual memory size in bytes."),
+    "process_open_fds": ("gauge", "Number of open file descriptors."),
+    "process_max_fds": ("gauge", "Maximum number of open file descriptors."),
+    "process_start_time_seconds": ("gauge", "Start time of the process since unix epoch in seconds."),
+}
+"""The ``process_*`` families of ``prometheus_client``'s process collector: what each
+worker of ``--workers`` reports of itself, rendered by the supervisor with a
+``process`` label (``supervisor``, ``worker-1``...)."""
+
+
+def process_stats() -> dict:
+    """This process's ``process_*`` values (:data:`PROCESS_METRICS`), read by
+    ``prometheus_client``'s process collector (from ``/proc``: empty elsewhere).
+    Blocking: run it in a thread."""
+    from prometheus_client import ProcessCollector
+
+    stats = {}
+    for family in ProcessCollector(registry=None).collect():
+        if family.name in PROCESS_METRICS and family.samples:
+            stats[family.name] = float(family.samples[0].value)
+    return stats
 
 
 class Timings:
@@ -216,12 +258,15 @@ class Snapshot:
     """API-key cache hits (counter)."""
     cache_misses: int = 0
     """API-key cache misses (counter)."""
-    store_errors: dict = attrs.field(factory=dict)
+    store_errors: dict = attrs.field(factory=lambda: _zeroes(SESSION_OPERATIONS))
     """Failed store calls by operation (counter)."""
     handlers: dict = attrs.field(factory=dict)
     """Handler name -> :class:`Timings` (histogram)."""
     store: dict = attrs.field(factory=dict)
     """Store operation -> :class:`Timings` (histogram)."""
+    processes: dict = attrs.field(factory=dict)
+    """Process label (``worker-1``...) -> its :func:`process_stats` (gauges of live
+    processes: filled by the workers of ``--workers`` only)."""
 
     def merge(self, other: "Snapshot", *, gauges: bool = True) -> None:
         """Add ``other`` into this snapshot: counters and histograms summed exactly;
@@ -237,6 +282,7 @@ class Snapshot:
                 mine[key] = mine.get(key, 0) + value
         if gauges:
             self.sessions += other.sessions
+            self.processes.update(other.processes)
         self.received += other.received
         self.sent += other.sent
         self.cache_hits += other.cache_hits
@@ -282,6 +328,10 @@ class Snapshot:
                 cache_hits=int(data["cache_hits"]),
                 cache_misses=int(data["cache_misses"]),
                 store_errors={str(k): int(v) for k, v in data["store_errors"].items()},
+                processes={
+                    str(label): {str(k): float(v) for k, v in stats.items()}
+                    for label, stats in data.get("processes", {}).items()
+                },
                 **histograms,
             )
         except (KeyError, TypeError, AttributeError) as exc:
@@ -312,7 +362,7 @@ class Recorder:
         self._ended = Snapshot()
         self._handlers: dict[str, Timings] = {}
         self._store: dict[str, Timings] = {}
-        self._store_errors: dict[str, int] = {}
+        self._store_errors: dict[str, int] = _zeroes(SESSION_OPERATIONS)
         self._errors = self._ended.error_replies
         self._connections = self._ended.connections
         self.key_cache = CacheMeter()
@@ -365,6 +415,9 @@ class Recorder:
         timings = self._store.get(operation)
         if timings is None:
             timings = self._store[operation] = Timings(STORE_BUCKETS)
+            # Its error series exists from now on, at 0: an alert on a rate of errors
+            # must not wait for the first failure to have a series to look at.
+            self._store_errors.setdefault(operation, 0)
         return timings
 
     def store_error(self, operation: str) -> None:
@@ -518,6 +571,27 @@ def families(snapshot: Snapshot) -> Iterator[Any]:
     )
     yield counter("asyncapy_received_bytes", "Bytes read from clients.", None, snapshot.received)
     yield counter("asyncapy_sent_bytes", "Bytes written to clients.", None, snapshot.sent)
+    build = GaugeMetricFamily(
+        "asyncapy_build_info", "Always 1: the AsyncAPY and Python versions running.",
+        labels=["version", "python"],
+    )
+    build.add_metric([_version(), platform.python_version()], 1)
+    yield build
+    if snapshot.processes:
+        for name, (kind, documentation) in PROCESS_METRICS.items():
+            family_type = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            family = family_type(name, documentation + " By process.", labels=["process"])
+            for label in sorted(snapshot.processes):
+                value = snapshot.processes[label].get(name)
+                if value is not None:
+                    family.add_metric([label], value)
+            yield family
+
+
+def _version() -> str:
+    from asyncapy import __version__
+
+    return __version__
 
 
 class SnapshotCollector:

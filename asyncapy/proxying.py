@@ -23,8 +23,11 @@ The rules, in order (docs/security.md, "Behind a load balancer"):
   connection closed or reset before its first byte (a connect-only health check) is
   closed quietly: nothing was sent, nothing is wrong.
 - A LOCAL header (v2; a balancer's health check, HAProxy's ``check-send-proxy``), v1
-  ``UNKNOWN``, and an UNSPEC or Unix-socket client mean "use the real connection's
-  address": the session is served normally, as the proxy's.
+  ``UNKNOWN``, and an UNSPEC or Unix-socket client name no client: the session is
+  served with the address :data:`~asyncapy.domain.proxy.UNKNOWN_CLIENT`, which no
+  ``Filters.Ip`` matches and which is one ``session_limit`` group of its own. Never
+  the proxy's own address: with a balancer on the server's machine that is
+  127.0.0.1, which would pass an admin guard written for local tools.
 
 The header is parsed by the pure :class:`~asyncapy.domain.proxy.ProxyParser`; this
 module only moves bytes, **byte-exactly**: it looks at what has arrived with
@@ -40,18 +43,26 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import trio
 
-from asyncapy.domain.proxy import DEFAULT_MAX_LENGTH, NEED_DATA, ProxyError, ProxyHeader, ProxyParser, TrustedProxies
+from asyncapy.domain.addresses import canonical_address
+from asyncapy.domain.proxy import (
+    DEFAULT_MAX_LENGTH,
+    NEED_DATA,
+    UNKNOWN_CLIENT,
+    ProxyError,
+    ProxyHeader,
+    ProxyParser,
+    TrustedProxies,
+)
 
-from .session_state import LogLimit
-from .transport import canonical_address, transport_of
+from .logs import LimitedLog
+from .transport import transport_of
 
 __all__ = [
     "ProxyGate",
-    "gate_for",
     "GONE",
     "read_proxy_header",
     "header_deadline",
@@ -141,8 +152,8 @@ class ProxyGate:
         """The proxies whose headers are believed (``trusted_proxies``)."""
         self.deadline = header_deadline(timeout)
         """Seconds a connection gets for its header (:func:`header_deadline`)."""
-        self.untrusted_log = LogLimit(1, PROXY_LOG_INTERVAL)
-        self.invalid_log = LogLimit(1, PROXY_LOG_INTERVAL)
+        self.untrusted_log = LimitedLog(logger, "refused alike", 1, PROXY_LOG_INTERVAL)
+        self.invalid_log = LimitedLog(logger, "closed alike", 1, PROXY_LOG_INTERVAL)
 
     def trusts(self, peer: str) -> bool:
         """Whether ``peer`` (the TCP peer's address) may send a PROXY header; logs the
@@ -150,22 +161,19 @@ class ProxyGate:
         without a reply."""
         if peer in self.trusted:
             return True
-        log = self.untrusted_log
-        if log.allow():
-            logger.warning(
-                "PROXY protocol: refused a connection from %s, not a trusted proxy "
-                "(trusted_proxies: %s)%s",
-                peer,
-                ", ".join(self.trusted),
-                log.take_suppressed("refused alike"),
-            )
+        self.untrusted_log.warning(
+            "PROXY protocol: refused a connection from %s, not a trusted proxy (trusted_proxies: %s)",
+            peer,
+            ", ".join(self.trusted),
+        )
         return False
 
     async def client_address(self, stream: trio.abc.Stream, peer: str) -> Optional[str]:
         """The client's address as the PROXY header of ``stream`` (a connection from
-        the trusted proxy ``peer``) names it, read within :attr:`deadline`; ``peer``
-        itself for a LOCAL or UNKNOWN header; None (logged, rate-limited) if the
-        connection must be closed: no valid header in time, or the peer gone."""
+        the trusted proxy ``peer``) names it, read within :attr:`deadline`;
+        :data:`~asyncapy.domain.proxy.UNKNOWN_CLIENT` for a header that names none;
+        None (logged, rate-limited) if the connection must be closed: no valid header
+        in time, or the peer gone."""
         event: Union[ProxyHeader, ProxyError, None] = None
         with trio.move_on_after(self.deadline):
             try:
@@ -179,40 +187,24 @@ class ProxyGate:
             logger.debug("PROXY protocol: %s closed the connection before sending anything", peer)
             return None
         if type(event) is ProxyError:
-            log = self.invalid_log
-            if log.allow():
-                logger.warning(
-                    "PROXY protocol: closed a connection from proxy %s: %s%s",
-                    peer,
-                    event.reason,
-                    log.take_suppressed("closed alike"),
-                )
+            self.invalid_log.warning("PROXY protocol: closed a connection from proxy %s: %s", peer, event.reason)
             return None
-        client = event.client(None)
-        if client is None:  # LOCAL, UNKNOWN, UNSPEC, a Unix socket: the real peer's
+        if not event.has_client:  # LOCAL, UNKNOWN, UNSPEC, a Unix socket
             logger.debug(
-                "PROXY v%d header from %s with no client address (%s): served as the proxy's",
+                "PROXY v%d header from %s with no client address (%s): served as %r",
                 event.version,
                 peer,
                 "LOCAL" if event.local else event.family,
+                UNKNOWN_CLIENT,
             )
-            return peer
-        return canonical_address(client[0])
+            return UNKNOWN_CLIENT
+        return canonical_address(event.source)
 
     def report(self) -> None:
         """Log the refusals not logged yet (when the server stops)."""
-        for log, what in (
-            (self.untrusted_log, "connection(s) from untrusted peers refused"),
-            (self.invalid_log, "connection(s) without a valid PROXY header closed"),
-        ):
-            if log.suppressed:
-                logger.warning("PROXY protocol: %d more %s since the last such warning", log.suppressed, what)
-                log.suppressed = 0
-
-
-def gate_for(server: Any) -> Optional[ProxyGate]:
-    """The :class:`ProxyGate` of ``server``'s connections, or None when its
-    ``proxy_protocol`` is off."""
-    if not server.proxy_protocol:
-        return None
-    return ProxyGate(server.trusted_proxies, server.timeout)
+        self.untrusted_log.report(
+            "PROXY protocol: %d more connection(s) from untrusted peers refused since the last such warning"
+        )
+        self.invalid_log.report(
+            "PROXY protocol: %d more connection(s) without a valid PROXY header closed since the last such warning"
+        )

@@ -1,17 +1,17 @@
-"""``Server``: the public server: settings, handler registration, hooks, and running.
+"""``Server``: what an application configures and calls, and the composition root of the
+serving machinery.
 
-The server is a driving adapter around the pure core: for each connection it reads
-bytes, feeds them to a :class:`asyncapy.domain.connection.Connection`, hands every decoded
-request to the :class:`asyncapy.domain.dispatch.Dispatcher`, and writes what comes back. No
-protocol rule lives here, and no serving machinery either: this module holds what an
-application configures and calls (settings and their validation, registration,
-``setup``/``shutdown``/``session_ended``, ``start``/``serve``/``request_shutdown``,
-signals), and composes the machinery that does the I/O:
+Here: the settings (validated once into a frozen :class:`~asyncapy.config.Settings`,
+readable and assignable as attributes), handler registration, the hooks
+(``setup``, ``shutdown``, ``session_ended``), ``start``/``serve``/``request_shutdown``
+and signals. No protocol rule and no serving machinery: the server makes the
+machinery and hands it what it uses (:meth:`Server._wire`), and nothing there reaches
+back into the server:
 
 * :mod:`asyncapy.listening`: listeners, the accept loop, each connection's way in
-  (``max_connections``, TLS handshake), the open-file limit;
-* :mod:`asyncapy.sessions`: admission, the session loop, release, the shutdown's drain;
-* :mod:`asyncapy.session_state`: what each session shares with the idle reaper;
+  (``max_connections``, the PROXY header, the TLS handshake), the open-file limit;
+* :mod:`asyncapy.sessions`: admission, the live sessions, release, the drain;
+* :mod:`asyncapy.session_protocol`: one session, from its bytes to its replies;
 * :mod:`asyncapy.transport`: reads, writes, the lingering close.
 """
 
@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import ssl
+import sys
 import uuid
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -34,15 +35,14 @@ from asyncapy.domain.errors import StoreUnavailable
 from asyncapy.domain.ports import SessionStore
 
 from . import logs, worker_metrics
-from .config import SETTINGS, ConfigError, check_proxy_settings, load_config, validate
+from .config import SETTINGS, ConfigError, Settings, check_proxy_settings, load_config, make_settings, validate
 from .core import Client, Session
 from .listening import Listening, format_address, sockname
-from .metered import metered_session_store
+from .metered import metered_dispatcher, metered_session_store
 from .metrics import NULL_RECORDER, Recorder
 from .probes import ProbeServer, Readiness, RecorderExposition
 from .sessions import Sessions
 from .stores import open_session_store
-from .transport import Channel
 from .util import meter_key_stores, where_keys_live
 
 __all__ = ["Server"]
@@ -51,92 +51,29 @@ logger = logging.getLogger("asyncapy.server")
 
 _TLS_FILES = ("certfile", "keyfile", "cafile")
 
+_UNSET: Any = object()
+
+SUPPRESSED_REPORT_SECONDS = 60.0
+"""How often a serving server logs the counts of the lines its log limits left out."""
+
 
 class Server:
     """An AsyncAProto 22 server.
 
-    Every argument is validated; a bad one raises
+    The positional parameters and their defaults are those of AsyncAPY 0.5 (``addr``
+    to ``session_limit``); the ones after them are keyword-only additions. Each is a
+    setting, described once in ``docs/configuration.md`` (what it does, its default,
+    what it accepts, its config-file key and command-line flag) and validated once by
+    :func:`asyncapy.config.make_settings`: a bad value raises
     :class:`~asyncapy.config.ConfigError` (a ``ValueError``) naming the parameter, the
-    value and what is accepted. The positional parameters and their defaults are
-    those of AsyncAPY 0.5 (``addr`` to ``session_limit``); the ones after them are
-    keyword-only additions.
+    value and what is accepted. ``config`` (an INI file) and ``cfg_parser`` (a
+    :class:`configparser.ConfigParser`) override them from an ``[AsyncAPY]`` section.
 
-    :param addr: address to bind (``'127.0.0.1'``; ``'0.0.0.0'`` for every IPv4
-        interface, ``'::'`` for every IPv6 one).
-    :param port: TCP port (8081; 0 picks a free one, see :attr:`addresses`).
-    :param buf: bytes asked of the socket per read (1024).
-    :param logging_level: level of the ``asyncapy`` loggers (20 = INFO; a name works too).
-    :param console_format: :mod:`logging` format of the console handler.
-    :param datefmt: date format of the console handler.
-    :param timeout: seconds a session may go without a *complete* packet before it is
-        answered ``ERR_TIMED_OUT`` and closed (60). A packet trickling in byte by byte
-        does not keep a session alive. A session whose reply made no progress for as
-        long (its client stopped reading) is closed too, without a reply.
-    :param header_size: bytes of the Content-Length header: 2, 4 (standard) or 8.
-    :param byteorder: ``'big'`` (standard) or ``'little'``.
-    :param config: path of an INI file whose ``[AsyncAPY]`` section overrides these
-        parameters (same key names, plus ``encoding``). Unknown keys are an error.
-    :param cfg_parser: a :class:`configparser.ConfigParser` to read the config with
-        (already loaded, if ``config`` is None).
-    :param session_limit: live sessions one client may hold (0 = unlimited): an IPv4
-        address, or an IPv6 prefix of ``session_limit_ipv6_prefix`` bits.
-
-    :param max_packet_size: largest Content-Length accepted (1 MiB; AsyncAPY 0.5
-        accepted 16 MiB). A larger one is answered ``ERR_PACKET_TOO_LARGE`` from the
-        header alone, and the session closed.
-    :param max_packet_memory: bytes that packets above 16 KiB may hold at once, across
-        all sessions, from their header to the end of their handlers (256 MiB): their
-        buffer, and what they decode to, estimated from their element count. A packet
-        that does not fit is answered ``ERR_PACKET_TOO_LARGE`` before it is buffered or
-        decoded, and the session closed (see docs/security.md).
-    :param encoding: encoding of error replies sent before a session's encoding is
-        known: ``'json'`` (default) or ``'ziproto'``.
-    :param certfile: PEM certificate chain: serve TLS with it.
-    :param keyfile: PEM private key of ``certfile`` (if not inside it).
-    :param cafile: PEM CA bundle: require client certificates signed by it (mutual TLS).
-    :param ssl_context: a ready server-side :class:`ssl.SSLContext` instead of the files.
-    :param shutdown_grace: seconds in-flight handlers get to finish on shutdown (10).
-    :param store: where sessions live: ``None`` or ``'memory://'`` (this process only),
-        a ``redis://`` URL shared by every server process using it, or a
-        :class:`asyncapy.domain.ports.SessionStore` object.
-    :param session_lease: seconds a session in a shared store outlives its process's
-        last lease renewal (30): how long the sessions of a killed process linger.
-    :param max_connections: connections this process serves at once (10,000). Past
-        it, a new connection is accepted and closed at once (lingering, without a
-        reply), and a warning is logged at most once per second. Serving raises the
-        process's soft open-file limit to its hard limit, and warns if that limit is
-        still too low for ``max_connections`` (it would then be the real cap).
-    :param handler_timeout: seconds a packet's handlers (all its groups, their
-        filters included) may run (``None``, the default: no deadline). Past it they
-        are cancelled, a warning names the session and the handler, and the client
-        gets ``ERR_INTERNAL``; the session goes on. A handler cancelled in the middle
-        of writing a reply leaves the stream in an unknown state: that session is
-        closed instead.
-    :param max_protocol_errors: protocol errors in a row (packets answered with an
-        error reply, with no valid packet between them) after which a session is
-        closed (100; 0: never). The last one's reply is sent first.
-    :param store_timeout: seconds the session store gets to admit (or release) a
-        session (5). An admission it does not answer in time is answered
-        ``ERR_UNAVAILABLE`` and the connection closed, as when the store is down.
-    :param session_limit_ipv6_prefix: leading bits of an IPv6 address that
-        ``session_limit`` counts as one client (64: a /64, what one host is
-        typically given; 128: each address alone). IPv4 clients are counted by
-        address. Handlers still see each client's own address.
-    :param proxy_protocol: every connection starts with a PROXY protocol header (v1
-        or v2, HAProxy's) from a proxy in ``trusted_proxies`` (False).
-    :param trusted_proxies: the proxies whose PROXY headers are believed: IP addresses
-        and CIDR networks, IPv4 or IPv6, as a list or one comma-separated string (none).
-        Required when ``proxy_protocol`` is on.
-    :param log_format: how :meth:`configure_logging` writes records: ``'text'`` (the
-        default: ``console_format`` and ``datefmt``) or ``'json'`` (one JSON object a
-        line, with the session id, client address and error code where known; see
-        :mod:`asyncapy.logs`).
-    :param metrics_port: serve ``/metrics`` (Prometheus), ``/healthz`` and ``/readyz``
-        over HTTP on this port while serving (``None``, the default: no such endpoint
-        and nothing counted; 0 picks a free port, see :attr:`probes`). See
-        docs/operations.md.
-    :param metrics_host: the address the metrics port binds (``'127.0.0.1'``): expose
-        it only where the scrapers and probes are.
+    The settings are readable and assignable as attributes (``server.timeout = 5``,
+    validated the same way) until the server serves, and all together as
+    :attr:`settings`. Besides them: ``store`` (where sessions live: ``None`` or
+    ``'memory://'``, a Redis URL, or a :class:`~asyncapy.domain.ports.SessionStore`
+    object) and ``ssl_context`` (a ready server-side :class:`ssl.SSLContext`).
 
     ``ssl_context`` and the certificate settings (``certfile``, ``keyfile``,
     ``cafile``, from the arguments, a config file or ``asyncapy run``'s flags) are
@@ -150,7 +87,7 @@ class Server:
         addr: str = "127.0.0.1",
         port: int = 8081,
         buf: int = 1024,
-        logging_level: int = 20,
+        logging_level: Union[int, str] = 20,
         console_format: str = "[%(levelname)s] %(asctime)s %(message)s",
         datefmt: str = "%d/%m/%Y %H:%M:%S %p",
         timeout: float = 60,
@@ -180,94 +117,30 @@ class Server:
         log_format: str = SETTINGS["log_format"].default,
         metrics_port: Optional[int] = SETTINGS["metrics_port"].default,
         metrics_host: str = SETTINGS["metrics_host"].default,
+        insecure_trust_any_proxy: bool = SETTINGS["insecure_trust_any_proxy"].default,
+        handshake_timeout: float = SETTINGS["handshake_timeout"].default,
+        handshake_limit: int = SETTINGS["handshake_limit"].default,
     ) -> None:
-        given = dict(
-            addr=addr,
-            port=port,
-            buf=buf,
-            logging_level=logging_level,
-            console_format=console_format,
-            datefmt=datefmt,
-            timeout=timeout,
-            header_size=header_size,
-            byteorder=byteorder,
-            session_limit=session_limit,
-            max_packet_size=max_packet_size,
-            max_packet_memory=max_packet_memory,
-            encoding=encoding,
-            certfile=certfile,
-            keyfile=keyfile,
-            cafile=cafile,
-            shutdown_grace=shutdown_grace,
-            session_lease=session_lease,
-            max_connections=max_connections,
-            handler_timeout=handler_timeout,
-            max_protocol_errors=max_protocol_errors,
-            store_timeout=store_timeout,
-            session_limit_ipv6_prefix=session_limit_ipv6_prefix,
-            proxy_protocol=proxy_protocol,
-            trusted_proxies=trusted_proxies,
-            log_format=log_format,
-            metrics_port=metrics_port,
-            metrics_host=metrics_host,
-        )
-        if not isinstance(store, SessionStore):
-            given["store"] = store
-        settings = {name: validate(name, value) for name, value in given.items()}
+        # Every parameter named in SETTINGS is a setting; the others are objects.
+        given = {name: value for name, value in locals().items() if name in SETTINGS}
+        own_store = store if isinstance(store, SessionStore) else None
+        if own_store is not None:
+            given["store"] = None
         if cfg_parser is not None and not isinstance(cfg_parser, configparser.RawConfigParser):
             raise ConfigError("cfg_parser", cfg_parser, "a configparser.ConfigParser or None")
-        tls_sources = {name: "Server()" for name in _TLS_FILES if settings[name] is not None}
+        settings = make_settings(given)
+        tls_sources = {name: "Server()" for name in _TLS_FILES if getattr(settings, name) is not None}
+        self.config = config
         if config is not None or cfg_parser is not None:
             loaded = load_config(config, cfg_parser)
-            settings.update(loaded)
+            settings = make_settings(loaded, base=settings)
             source = os.fspath(config) if config is not None else "the config parser"
             tls_sources.update((name, source) for name in _TLS_FILES if name in loaded)
-        self.config = config
-        self.addr: str = settings["addr"]
-        self.port: int = settings["port"]
-        self.buf: int = settings["buf"]
-        self.logging_level: int = settings["logging_level"]
-        self.console_format: str = settings["console_format"]
-        self.datefmt: str = settings["datefmt"]
-        self.timeout: float = settings["timeout"]
-        self.header_size: int = settings["header_size"]
-        self.byteorder: str = settings["byteorder"]
-        self.session_limit: int = settings["session_limit"]
-        self.max_packet_size: int = settings["max_packet_size"]
-        self.max_packet_memory: int = settings["max_packet_memory"]
-        self.encoding: str = settings["encoding"]
-        self.certfile: Optional[str] = settings["certfile"]
-        self.keyfile: Optional[str] = settings["keyfile"]
-        self.cafile: Optional[str] = settings["cafile"]
-        self.shutdown_grace: float = settings["shutdown_grace"]
-        self.max_connections: int = settings["max_connections"]
-        self.handler_timeout: Optional[float] = settings["handler_timeout"]
-        self.max_protocol_errors: int = settings["max_protocol_errors"]
-        self.store_timeout: float = settings["store_timeout"]
-        self.session_limit_ipv6_prefix: int = settings["session_limit_ipv6_prefix"]
-        self.proxy_protocol: bool = settings["proxy_protocol"]
-        self.trusted_proxies = settings["trusted_proxies"]
-        self.log_format: str = settings["log_format"]
-        self.metrics_port: Optional[int] = settings["metrics_port"]
-        self.metrics_host: str = settings["metrics_host"]
-        check_proxy_settings(self.proxy_protocol, self.trusted_proxies)
-        self._store_spec: Union[None, str, SessionStore] = None
-        self.session_lease = settings["session_lease"]
-
-        if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
-            raise ConfigError("ssl_context", ssl_context, "an ssl.SSLContext or None")
-        self._files_context: Optional[ssl.SSLContext] = None
-        """The context built from the certificate files, if that is where
-        :attr:`ssl_context` came from (any other context is the application's own)."""
-        self.ssl_context: Optional[ssl.SSLContext] = ssl_context
-        if ssl_context is not None:
-            for name in _TLS_FILES:
-                if settings[name] is not None:
-                    raise tls_conflict(name, settings[name], tls_sources[name])
-        else:
-            self._use_tls_files()
-        self.store = settings.get("store", store)
-
+        check_proxy_settings(
+            settings.proxy_protocol, settings.trusted_proxies, trust_any=settings.insecure_trust_any_proxy
+        )
+        self._settings = settings
+        self._init_tls(ssl_context, tls_sources)
         self.server_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         """Identifies this server process in a shared session store."""
         self.addresses: list[tuple] = []
@@ -277,15 +150,47 @@ class Server:
         :class:`~asyncapy.metrics.Recorder` when :attr:`metrics_port` is set (or this
         process is a worker whose supervisor serves metrics), else
         :data:`~asyncapy.metrics.NULL_RECORDER`, which counts nothing."""
-        self._choose_recorder()
         self.probes: Optional[ProbeServer] = None
         """The metrics and probes endpoint while serving with a :attr:`metrics_port`
         (its ``addresses`` say where it listens), else None."""
         self._dispatcher = Dispatcher()
-        self._sessions = Sessions(self)
+        self._store_spec: Union[None, str, SessionStore] = own_store or settings.store
+        self._store: SessionStore = own_store or open_session_store(settings.store, settings.session_lease)
+        self._sessions = Sessions(settings, self._dispatcher.dispatch, self._store, server_id=self.server_id)
         """The serving machinery's sessions (see :mod:`asyncapy.sessions`)."""
-        self._listening = Listening(self, self._sessions)
+        self._listening = Listening(settings, self._sessions)
         """The serving machinery's listeners (see :mod:`asyncapy.listening`)."""
+        self._choose_recorder()
+        self._wire()
+
+    # -- settings ------------------------------------------------------------------------
+    @property
+    def settings(self) -> Settings:
+        """Every setting, validated, as one frozen :class:`~asyncapy.config.Settings`:
+        what the serving machinery is handed. Assigning a setting's attribute makes a
+        new one."""
+        return self._settings
+
+    def _change(self, values: dict, source: str = "") -> None:
+        """Apply ``values`` (validated, :class:`~asyncapy.config.ConfigError` naming
+        ``source``) and hand the new settings to the serving machinery."""
+        self._settings = make_settings(values, source, base=self._settings)
+        self._wire()
+
+    def _wire(self) -> None:
+        """Hand the serving machinery what it uses, as it is now: the settings, the
+        dispatcher (timing its handlers when metrics are on), the session store, the
+        recorder and the ``session_ended`` hook. Called whenever one of them changes."""
+        sessions = self.__dict__.get("_sessions")
+        if sessions is None:  # still in __init__
+            return
+        recorder = self.metrics_recorder
+        sessions.settings = self._listening.settings = self._settings
+        sessions.dispatch = metered_dispatcher(self._dispatcher, recorder).dispatch
+        sessions.store = self._store
+        sessions.recorder = self._listening.recorder = recorder
+        overridden = type(self).session_ended is not Server.session_ended
+        sessions.session_ended = self.session_ended if overridden else None
 
     # -- the session store ------------------------------------------------------------
     # Properties, so that assigning a URL (as `asyncapy run --config` and load_config()
@@ -298,22 +203,27 @@ class Server:
 
     @store.setter
     def store(self, store: Union[None, str, SessionStore]) -> None:
-        if not isinstance(store, SessionStore):
-            store = validate("store", store)
-        self._store_spec = store
-        self._store = open_session_store(store, self.session_lease)
+        if isinstance(store, SessionStore):
+            self._store_spec = store
+            self._store = store
+            self._wire()
+            return
+        self._store_spec = validate("store", store)
+        self._store = open_session_store(self._store_spec, self.session_lease)
+        self._change({"store": store})
 
     @property
     def session_lease(self) -> float:
         """Seconds a session in a shared store outlives this process's last renewal."""
-        return self._session_lease
+        return self._settings.session_lease
 
     @session_lease.setter
     def session_lease(self, lease: float) -> None:
-        self._session_lease = validate("session_lease", lease)
+        self._change({"session_lease": lease})
         spec = self._store_spec
         if isinstance(spec, str) and not spec.lower().startswith("memory://"):
-            self._store = open_session_store(spec, self._session_lease)  # the new lease
+            self._store = open_session_store(spec, self.session_lease)  # the new lease
+            self._wire()
 
     # -- metrics -------------------------------------------------------------------
     def _choose_recorder(self) -> None:
@@ -324,8 +234,26 @@ class Server:
         wanted = self.metrics_port is not None or worker_metrics.worker_directory() is not None
         if wanted and not self.metrics_recorder.enabled:
             self.metrics_recorder = Recorder()
+            self._wire()
 
     # -- configuration helpers -------------------------------------------------------
+    def _init_tls(self, ssl_context: Optional[ssl.SSLContext], tls_sources: dict) -> None:
+        """Serve TLS with the application's ``ssl_context``, or with a context built
+        from the certificate settings, or not at all; refuse both at once."""
+        if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
+            raise ConfigError("ssl_context", ssl_context, "an ssl.SSLContext or None")
+        self._files_context: Optional[ssl.SSLContext] = None
+        """The context built from the certificate files, if that is where
+        :attr:`ssl_context` came from (any other context is the application's own)."""
+        self.ssl_context: Optional[ssl.SSLContext] = ssl_context
+        if ssl_context is None:
+            self._use_tls_files()
+            return
+        for name in _TLS_FILES:
+            value = getattr(self._settings, name)
+            if value is not None:
+                raise tls_conflict(name, value, tls_sources[name])
+
     def _has_own_tls_context(self) -> bool:
         """True when :attr:`ssl_context` is the application's, not built from the files."""
         return self.ssl_context is not None and self.ssl_context is not self._files_context
@@ -342,8 +270,7 @@ class Server:
             name = next(name for name in _TLS_FILES if name in sources)
             raise tls_conflict(name, sources[name][0], sources[name][1])
         if sources:
-            for name, (value, _) in sources.items():
-                setattr(self, name, value)
+            self._change({name: value for name, (value, _) in sources.items()})
         self.ssl_context = self._files_context = self._tls_from_files()
 
     def _tls_from_files(self) -> Optional[ssl.SSLContext]:
@@ -375,10 +302,18 @@ class Server:
         if tls and self._has_own_tls_context():
             self._use_tls_files(tls)  # raises, before any setting is changed
         check_proxy_settings(
-            values.get("proxy_protocol", self.proxy_protocol), values.get("trusted_proxies", self.trusted_proxies), source
+            values.get("proxy_protocol", self.proxy_protocol),
+            values.get("trusted_proxies", self.trusted_proxies),
+            source,
+            trust_any=values.get("insecure_trust_any_proxy", self.insecure_trust_any_proxy),
         )
-        for name, value in values.items():
-            setattr(self, name, value)
+        store = values.pop("store", _UNSET)
+        lease = values.pop("session_lease", _UNSET)
+        self._change(values, source)
+        if lease is not _UNSET:
+            self.session_lease = lease
+        if store is not _UNSET:
+            self.store = store
         if tls:
             self._use_tls_files(tls)
 
@@ -390,7 +325,9 @@ class Server:
         registration order) whose filters all pass is called. Returns the
         :class:`~asyncapy.core.Handler`.
         """
-        return self._dispatcher.register(Handler(handler, filters), group)
+        registered = self._dispatcher.register(Handler(handler, filters), group)
+        self._wire()  # a metered dispatcher is a copy: make it anew
+        return registered
 
     def add_handler(self, *filters: Any, group: int = 0) -> Callable[[Callable], Callable]:
         """Decorator form of :meth:`register_handler`; returns the function unchanged::
@@ -459,16 +396,27 @@ class Server:
 
     # -- running ---------------------------------------------------------------------
     def start(self) -> None:
-        """Configure logging, serve until Ctrl-C or SIGTERM, then shut down. Blocking."""
+        """Configure logging, serve until Ctrl-C or SIGTERM, then shut down. Blocking.
+
+        A failure to start (the port in use or not permitted, a certificate file gone,
+        a bad setting) is one line on stderr and :class:`SystemExit` with status 1 (2
+        for a bad setting), as ``asyncapy run`` says it; the traceback is logged at
+        DEBUG level."""
         self.configure_logging()
-        trio.run(self._run_until_signalled)
+        try:
+            trio.run(self._run_until_signalled)
+        except (OSError, ConfigError) as exc:
+            logger.debug("The server could not start", exc_info=True)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            print(f"asyncapy: {reason}", file=sys.stderr)
+            raise SystemExit(2 if isinstance(exc, ConfigError) else 1) from None
 
     def configure_logging(self) -> None:
         """Send log records to stderr in :attr:`log_format` (text with
         :attr:`console_format` and :attr:`datefmt`, or JSON lines), unless the
         application configured logging itself, and set the ``asyncapy`` loggers'
         level to :attr:`logging_level`."""
-        logs.configure_server_logging(self)
+        logs.configure_server_logging(self._settings)
 
     async def _run_until_signalled(
         self,
@@ -481,9 +429,11 @@ class Server:
         # serve()'s own failure (a port already in use, a TLS file gone...) is re-raised
         # outside the nursery, as itself: a nursery would wrap it in an ExceptionGroup
         # that ``except OSError`` (the CLI's one-line error) does not catch.
+        # The signal receiver encloses the nursery: its watcher may not have run yet when
+        # serve() fails at once (setup() raised), and must still find it open.
         failure: Optional[Exception] = None
-        async with trio.open_nursery() as nursery:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_signals, signals, nursery.cancel_scope)
                 try:
                     await self.serve(sockets=sockets, task_status=task_status)
@@ -541,34 +491,14 @@ class Server:
             self.store = metered_session_store(self.store, recorder)
             meter_key_stores(recorder)
         await self.setup()
+        listeners: list = []
         try:
-            listeners = await listening.open(sockets)
-            self.addresses = [sockname(listener) for listener in listeners]
-            try:
-                probes = self.probes = await self._bind_probes(listening)
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    for listener in listeners:
-                        await trio.aclose_forcefully(listener)
-                raise
-            if not codecs.ACCELERATED:
-                logger.warning(
-                    "The codecs' C accelerator (domain/_speedups.c) is not built: "
-                    "ZiProto payloads are decoded and encoded by msgspec alone, and JSON "
-                    "encoded by the standard library alone, correctly but slower. "
-                    "Install a C compiler and the Python headers (Debian: apt-get "
-                    "install gcc python3-dev) and reinstall AsyncAPY to build it"
-                )
-            logger.info(
-                "AsyncAPY serving on %s (%s), sessions in %r%s",
-                ", ".join(format_address(a) for a in self.addresses),
-                "TLS" if listening.ssl_context else "plain TCP",
-                self.store,
-                where_keys_live(", API keys in "),
-            )
+            listeners, probes = await self._open_listeners(sockets)
+            self._announce()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sessions.run_services)
                 nursery.start_soon(self._check_store)
+                nursery.start_soon(self._report_suppressed)
                 if probes is not None:
                     await nursery.start(probes.serve)
                 accepting = trio.CancelScope()
@@ -586,7 +516,39 @@ class Server:
                 try:
                     await self.shutdown()
                 finally:
-                    logger.info("AsyncAPY stopped")
+                    if listeners:  # it served: a failure to start says so itself
+                        logger.info("AsyncAPY stopped")
+
+    async def _open_listeners(self, sockets: Optional[Sequence[socket.socket]]) -> tuple[list, Optional[ProbeServer]]:
+        """The listeners and the probe endpoint, both bound, or neither."""
+        listeners = await self._listening.open(sockets, self.ssl_context)
+        self.addresses = [sockname(listener) for listener in listeners]
+        try:
+            self.probes = await self._bind_probes(self._listening)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for listener in listeners:
+                    await trio.aclose_forcefully(listener)
+            raise
+        return listeners, self.probes
+
+    def _announce(self) -> None:
+        """The start's log lines: where it serves, and a missing accelerator."""
+        if not codecs.ACCELERATED:
+            logger.warning(
+                "The codecs' C accelerator (domain/_speedups.c) is not built: "
+                "ZiProto payloads are decoded and encoded by msgspec alone, and JSON "
+                "encoded by the standard library alone, correctly but slower. "
+                "Install a C compiler and the Python headers (Debian: apt-get "
+                "install gcc python3-dev) and reinstall AsyncAPY to build it"
+            )
+        logger.info(
+            "AsyncAPY serving on %s (%s), sessions in %r%s",
+            ", ".join(format_address(a) for a in self.addresses),
+            "TLS" if self._listening.ssl_context else "plain TCP",
+            self.store,
+            where_keys_live(", API keys in "),
+        )
 
     async def _bind_probes(self, listening: Listening) -> Optional[ProbeServer]:
         """The metrics and probes endpoint, bound (an ``OSError`` naming the address
@@ -613,6 +575,15 @@ class Server:
         )
         return probes
 
+    async def _report_suppressed(self) -> None:
+        """Every :data:`SUPPRESSED_REPORT_SECONDS`, one line per kind of log line the
+        rate limits left out since its last line (a flood that stopped is counted even
+        if no later line of its kind comes to carry the count)."""
+        while True:
+            await trio.sleep(SUPPRESSED_REPORT_SECONDS)
+            self._listening.log_refusals()
+            self._sessions.report_refusals()
+
     async def _check_store(self) -> None:
         """Say at start, in one warning line, that the session store cannot be reached
         (a read of no consequence is the probe): until it can, every new connection
@@ -629,20 +600,31 @@ class Server:
         except Exception as exc:  # the store's own bug: the sessions will show it too
             logger.warning("The session store %r failed a first read: %r", self.store, exc)
 
-    # -- what a Client asks of its server (see asyncapy.core) -------------------------------
-    def _new_channel(self, stream: trio.abc.Stream) -> Channel:
-        return self._sessions.new_channel(stream)
-
     async def _sessions_of(self, address: str) -> list[Session]:
+        """The sessions of ``address``'s client group (what a handler's
+        ``client.get_sessions()`` answers)."""
         return await self._sessions.sessions_of(address)
-
-    def _session_ended_overridden(self) -> bool:
-        """True if this server's class overrides :meth:`session_ended` (else it is
-        never called: a server that does not override it pays nothing for it)."""
-        return type(self).session_ended is not Server.session_ended
 
     def __repr__(self) -> str:
         return f"Server(addr={self.addr!r}, port={self.port!r})"
+
+
+def _setting_property(name: str) -> property:
+    """``server.NAME``: the setting read from :attr:`Server.settings`; assigned,
+    validated and handed to the serving machinery."""
+
+    def get(self: Server) -> Any:
+        return getattr(self._settings, name)
+
+    def set(self: Server, value: Any) -> None:
+        self._change({name: value})
+
+    return property(get, set, doc=f"The ``{name}`` setting: {SETTINGS[name].accepted}.")
+
+
+for _name in SETTINGS:
+    if _name not in vars(Server):  # store and session_lease have their own
+        setattr(Server, _name, _setting_property(_name))
 
 
 def tls_conflict(name: str, value: Any, source: str) -> ConfigError:

@@ -1,23 +1,35 @@
-"""What the server keeps per session beside the objects handlers see: its state, the
-idle reaper that reads it, and its log rate limits.
+"""What the idle reaper and the shutdown need of each session, the reaper itself, and a
+session's log limits.
 
-The session loop (:mod:`asyncapy.sessions`) and the writes of its
-:class:`~asyncapy.transport.Channel` share a few flags with the reaper and the
-shutdown. They are documented here, in one place, in :class:`SessionState`'s docstring.
+The reaper is one task for all sessions: a session costs nothing per packet for its
+timeout but a time stamp (:attr:`SessionState.last_active`). The channel's own flags
+(held, deferred, writing, closed...) are documented on
+:class:`~asyncapy.transport.Channel`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import time
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import trio
 
+from .logs import LimitedLog, LogLimit
 from .transport import Channel
 
-__all__ = ["SessionState", "reap_idle", "LogLimit", "SessionLogs", "IDLE", "STUCK", "SHUTDOWN"]
+__all__ = [
+    "SessionState",
+    "reap_idle",
+    "SessionLogs",
+    "SharedLogs",
+    "IDLE",
+    "STUCK",
+    "SHUTDOWN",
+    "LOG_BURST",
+    "LOG_INTERVAL",
+    "SHARED_LINES_PER_SECOND",
+    "SESSION_LINES_PER_SECOND",
+]
 
 logger = logging.getLogger("asyncapy.server")
 
@@ -28,6 +40,17 @@ line let through, or when the session ends."""
 
 LOG_INTERVAL = 10.0
 """Seconds of the window :data:`LOG_BURST` counts lines in."""
+
+SHARED_LINES_PER_SECOND = 50
+"""Protocol-error warnings (and, apart, handler failures, and the end-of-session counts
+of what a session left out) all sessions together log per second: a client opening
+connection after connection, each with one bad header, gets past every per-session
+limit, and would otherwise write megabytes a minute."""
+
+SESSION_LINES_PER_SECOND = 200
+"""``Session started`` (and, apart, ``Session ended``) lines logged per second, across
+sessions: enough for a busy server's every line, few enough that a flood of
+connections writes tens of kilobytes a second, not megabytes."""
 
 IDLE = "idle"
 """:attr:`SessionState.cancelled`: no complete packet for ``timeout`` seconds."""
@@ -40,90 +63,33 @@ SHUTDOWN = "shutdown"
 
 
 class SessionState:
-    """One session's state, as the session loop, its channel, the idle reaper and the
-    shutdown share it. Each flag, what it means, who sets it, and who reads it:
+    """One session as the reaper and the shutdown see it. The session loop sets
+    :attr:`waiting` and :attr:`last_active`; the reaper and the shutdown set
+    :attr:`cancelled` through :meth:`cancel`, which the loop reads after every read
+    and once its scope is over, to choose how the session ends (``ERR_TIMED_OUT``, a
+    close with no reply, or neither). Plain attributes: the loop touches them once
+    per read or packet."""
 
-    On the session's :class:`~asyncapy.transport.Channel` (the writing end):
-
-    ``holding``
-        More pipelined packets are buffered, so replies are gathered and written in
-        one system call when the batch ends. Set by the session loop before each
-        packet (from ``Framer.complete_buffered()``); cleared by ``Channel.flush``
-        (the loop's, before it reads) and ``take_pending``. Read by ``Channel.send``.
-    ``deferring``
-        The server is busy: replies wait for the next scheduling round (see
-        :class:`~asyncapy.transport.Pacer`). Set by the session loop after each direct
-        read (True if the read found bytes at once, except on the first read; False
-        if it had to wait); cleared by ``Channel.aclose``. Read by ``Channel.send``.
-    ``deferred``
-        This channel is queued in the pacer for the next round. Set by
-        ``Channel.send``; cleared by ``Pacer.flush``. Read by the session loop (before
-        a read, it flushes the round) and by ``Channel.send`` (queued once).
-    ``writing``
-        A write is under way (or queued behind one): ``Channel._busy``. Set and
-        cleared by ``Channel.send`` and the pacer's finishing of a deferred reply.
-        Read by the reaper (a write that never ends) and by the session loop's
-        closing paths (no error reply can follow a write under way).
-    ``interrupted``
-        A write failed or was cut short: the stream is out of step with the framing,
-        and nothing more may be written. Set by the channel's writes. Read by
-        ``Channel.send`` (which raises), the session loop's closing paths and the
-        handler deadline.
-    ``closed``
-        No more writes: set by ``Channel.aclose``, or by the session loop when it
-        closes the stream itself (a lingering or forced close). Read by everyone.
-
-    Here:
-
-    :attr:`waiting`
-        The loop is waiting for bytes (between its yield before a read and the
-        read's return). Set and cleared by the session loop. Read by the reaper (a
-        session only times out while waiting) and by the shutdown (which stops only
-        waiting sessions; busy ones get ``shutdown_grace``).
-    :attr:`cancelled`
-        Why :attr:`scope` was cancelled (:data:`IDLE`, :data:`STUCK` or
-        :data:`SHUTDOWN`), or ``""``. Set by :meth:`cancel` (the reaper, the
-        shutdown). Read by the session loop after every read (bytes that arrived as
-        it was cancelled do not undo it) and after the scope, to choose how the
-        session ends: ``ERR_TIMED_OUT``, a close with no reply, or none.
-    :attr:`last_active`
-        When the last packet was handled. Set by the session loop; read by the reaper.
-    :attr:`writing_seen`, :attr:`written_seen`
-        The reaper's own notes on a write in progress.
-
-    The loop keeps its flags in plain attributes, never behind properties or
-    events: it reads them once per packet or per read.
-    """
-
-    __slots__ = ("scope", "cancelled", "waiting", "last_active", "channel", "writing_seen", "written_seen", "logs")
+    __slots__ = ("scope", "cancelled", "waiting", "last_active", "channel", "writing_seen", "written_seen")
 
     def __init__(self, now: float, channel: Channel) -> None:
         self.scope = trio.CancelScope()
         """The session loop's one cancel scope (not one per read)."""
         self.cancelled = ""
-        """Why :attr:`scope` was cancelled, or ``""`` (a plain attribute: the session
-        loop reads it after every read, and ``scope.cancel_called`` is a property
-        that reads the clock)."""
+        """Why :attr:`scope` was cancelled (:data:`IDLE`, :data:`STUCK`,
+        :data:`SHUTDOWN`), or ``""``."""
         self.waiting = False
-        """True while the session loop waits for bytes."""
+        """True while the session loop waits for bytes: only then does it time out,
+        and only then does a shutdown stop it (busy ones get ``shutdown_grace``)."""
         self.last_active = now
         """When the session's last packet was handled (trio's clock)."""
         self.channel = channel
         """The session's writing end, whose writes the reaper watches."""
         self.writing_seen: Optional[float] = None
         """When the reaper first found the session writing, in a run of looks that all
-        did (and, on plain TCP, found no more bytes written); None when the last look
-        found no write."""
+        did with no byte taken by the client in between; None otherwise."""
         self.written_seen = 0
-        """``channel.written`` at the last look that found a write going on."""
-        self.logs: Optional[SessionLogs] = None
-        """The session's log rate limits, made on its first error (see :meth:`start_logs`)."""
-
-    def start_logs(self) -> "SessionLogs":
-        """The session's log rate limits, made now: a session that never errs pays
-        nothing for them."""
-        self.logs = SessionLogs()
-        return self.logs
+        """``channel.written`` at the reaper's last look at a write under way."""
 
     def cancel(self, reason: str) -> None:
         """Cancel the session's scope for ``reason`` (the reaper's and the shutdown's way)."""
@@ -131,32 +97,25 @@ class SessionState:
         self.scope.cancel()
 
 
-async def reap_idle(states: Mapping[str, SessionState], server: Any) -> None:
-    """Time out the sessions of ``states`` that waited ``server.timeout`` seconds for a
+async def reap_idle(states: Mapping[Any, SessionState], timeout: Callable[[], float]) -> None:
+    """Time out the sessions of ``states`` that waited ``timeout()`` seconds for a
     complete packet, and those whose replies made no progress for as long.
 
-    One task for every session, waking every ``timeout / 8`` seconds (at most 1 s,
-    at least 50 ms): a session costs nothing per packet for its timeout but the
-    time stamp :attr:`SessionState.last_active`, and times out at most one interval late.
-
-    A client that pipelines requests and never reads its replies is never waiting
-    for bytes: the server stops reading from it while a reply cannot be written
-    (that is the backpressure that bounds its memory), so the session sits in a
-    write. The reaper sees that write in progress (its channel is busy) and closes
-    the session once every look for ``timeout`` seconds found one, with no byte of
-    it taken by the client in between: such a client would otherwise hold its
-    connection, and a ``max_connections`` slot, forever. A client that reads a long
-    reply slowly is not cut, however long the reply takes, as long as it takes some
-    of it every ``timeout`` seconds (as nginx's ``send_timeout``). That progress is
-    seen on plain TCP connections (``Channel.written``); on TLS ones, a write that
-    lasts ``timeout`` seconds counts as stuck. The cost is the reaper's, never a
-    packet's.
+    It wakes every ``timeout / 8`` seconds (at most 1 s, at least 50 ms), so a session
+    times out at most one interval late. A client that pipelines requests and never
+    reads its replies is never waiting for bytes: the server stops reading from it
+    while a reply cannot be written (the backpressure that bounds its memory), so the
+    session sits in a write. The reaper closes it once every look for ``timeout``
+    seconds found that write with no byte taken in between; a client that reads a long
+    reply slowly is not cut as long as it takes some of it every ``timeout`` seconds
+    (as nginx's ``send_timeout``). Progress is seen on plain TCP
+    (``Channel.written``); on TLS, a write that lasts ``timeout`` counts as stuck.
     """
     while True:
-        timeout = server.timeout
-        await trio.sleep(max(0.05, min(1.0, timeout / 8)))
+        seconds = timeout()
+        await trio.sleep(max(0.05, min(1.0, seconds / 8)))
         now = trio.current_time()
-        cutoff = now - timeout
+        cutoff = now - seconds
         for state in states.values():
             if state.waiting:
                 if state.last_active <= cutoff:
@@ -164,8 +123,6 @@ async def reap_idle(states: Mapping[str, SessionState], server: Any) -> None:
             elif state.channel.writing:
                 written = state.channel.written
                 if state.writing_seen is None or written != state.written_seen:
-                    # Writing, and (on a plain TCP connection, where it can be
-                    # seen) the client took bytes since the last look: not stuck.
                     state.writing_seen = now
                     state.written_seen = written
                 elif state.writing_seen <= cutoff:
@@ -174,50 +131,36 @@ async def reap_idle(states: Mapping[str, SessionState], server: Any) -> None:
             state.writing_seen = None
 
 
-class LogLimit:
-    """At most ``burst`` log lines per ``interval`` seconds; the rest are counted.
+class SharedLogs:
+    """The log limits all sessions of a server share (see
+    :data:`SHARED_LINES_PER_SECOND` and :data:`SESSION_LINES_PER_SECOND`); a line a
+    session's own limit lets through must pass these too. What they leave out is
+    counted in the next line let through, and in :meth:`report`."""
 
-    Used on error paths only. A fixed window: the first ``burst`` lines of each
-    window are let through (:meth:`allow` is True), the others counted in
-    :attr:`suppressed`, which the next line let through reports
-    (:meth:`take_suppressed`), and which whoever owns the limit reports when it is
-    done with it."""
+    __slots__ = ("errors", "failures", "summaries", "started", "ended")
 
-    __slots__ = ("burst", "interval", "window_start", "used", "suppressed")
+    def __init__(self, lines: int = SHARED_LINES_PER_SECOND, session_lines: int = SESSION_LINES_PER_SECOND) -> None:
+        self.errors = LimitedLog(logger, "protocol errors of all sessions not logged", lines)
+        self.failures = LimitedLog(logger, "handler failures of all sessions not logged", lines)
+        self.summaries = LimitedLog(logger, "sessions' counts not logged", lines)
+        self.started = LimitedLog(logger, "sessions started", session_lines)
+        self.ended = LimitedLog(logger, "sessions ended", session_lines)
 
-    def __init__(self, burst: int, interval: float) -> None:
-        self.burst = burst
-        self.interval = interval
-        self.window_start = -math.inf
-        self.used = 0
-        self.suppressed = 0
-
-    def allow(self) -> bool:
-        """True if a line may be logged now; else the line is counted as suppressed."""
-        now = time.monotonic()
-        if now - self.window_start >= self.interval:
-            self.window_start = now
-            self.used = 0
-        if self.used < self.burst:
-            self.used += 1
-            return True
-        self.suppressed += 1
-        return False
-
-    def take_suppressed(self, what: str) -> str:
-        """``' (N more WHAT since)'`` for the suppressed lines, then forget them; ``''``
-        if there were none."""
-        count = self.suppressed
-        if not count:
-            return ""
-        self.suppressed = 0
-        return f" ({count} more {what} since)"
+    def report(self) -> None:
+        """Log the lines left out since each kind's last line (periodically, and when
+        the server stops)."""
+        self.errors.report("%d protocol-error warning(s) of all sessions not logged (rate limit)")
+        self.failures.report("%d handler failure(s) of all sessions not logged (rate limit)")
+        self.summaries.report("%d session(s)' counts of lines left out not logged (rate limit)")
+        self.started.report("%d 'Session started' line(s) not logged (rate limit)")
+        self.ended.report("%d 'Session ended' line(s) not logged (rate limit)")
 
 
 class SessionLogs:
-    """One session's log rate limits: protocol-error warnings and handler tracebacks,
+    """One session's log limits: protocol-error warnings and handler tracebacks,
     :data:`LOG_BURST` of each per :data:`LOG_INTERVAL`. A client that sends garbage
-    (or trips a handler) in a loop would otherwise write megabytes of log a second."""
+    (or trips a handler) in a loop would otherwise write megabytes of log a second.
+    Made on a session's first error: a session that never errs pays nothing."""
 
     __slots__ = ("errors", "failures")
 
@@ -225,10 +168,12 @@ class SessionLogs:
         self.errors = LogLimit(LOG_BURST, LOG_INTERVAL)
         self.failures = LogLimit(LOG_BURST, LOG_INTERVAL)
 
-    def report(self, session_id: Any) -> None:
-        """Log what was suppressed and never reported, once the session ends."""
+    def report(self, session_id: Any, shared: Optional[SharedLogs] = None) -> None:
+        """Log what was suppressed and never reported, once the session ends (within
+        the ``shared`` limit, if any)."""
         if self.errors.suppressed or self.failures.suppressed:
-            logger.warning(
+            log = shared.summaries.warning if shared is not None else logger.warning
+            log(
                 "(%s) Not logged (rate limit): %d protocol error(s), %d handler failure(s)",
                 session_id,
                 self.errors.suppressed,

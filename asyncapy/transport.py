@@ -44,7 +44,6 @@ closed while a task waits on it wakes that task (trio's ``notify_closing``) with
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import socket
 from typing import Any, Callable, Optional
@@ -52,16 +51,15 @@ from typing import Any, Callable, Optional
 import trio
 from trio.lowlevel import wait_readable, wait_writable
 
-from asyncapy.domain.connection import Connection
+from asyncapy.domain.addresses import canonical_address
 
-from .filters import normalise_address
 from .metrics import SessionMeter
 
 __all__ = [
     "HOLD_LIMIT", "WRITES_PER_YIELD", "LINGER_SECONDS", "MAX_LINGERING", "STREAM_ERRORS",
     "raw_socket_of", "fileno_source", "read_now", "receive_waiting", "write_now", "write_rest",
     "Pacer", "Channel", "linger_close", "Refusals", "close_at_once", "transport_of",
-    "peer_address", "canonical_address",
+    "peer_address",
 ]
 
 HOLD_LIMIT = 64 * 1024
@@ -180,31 +178,22 @@ async def write_rest(
 
 # -- the writing end of a connection ------------------------------------------------
 class Pacer:
-    """How the direct writes of one server's channels are paced: the writes since a
-    read, and the replies deferred to the next scheduling round.
+    """How the direct writes of one server's channels share the event loop: the count
+    of writes since a read, and the replies deferred to the next scheduling round.
 
-    **The count** (:attr:`unyielded`) is shared, not per channel, because the task
-    that writes is not always the session's own: a handler that broadcasts to a
-    thousand other sessions makes one write on each, and must still yield every
-    :data:`WRITES_PER_YIELD` writes. The server resets it after every read, which
-    always yields (so the count only ever covers writes with no yield between them).
+    **The count** (:attr:`unyielded`) is per server, not per channel: a handler that
+    broadcasts to a thousand sessions writes once on each, and must still yield every
+    :data:`WRITES_PER_YIELD` writes. Every read yields, so the session resets it then.
 
-    **Deferred replies.** While a server is busy (the read that brought a request
-    found it waiting, so other sessions are being served in the same round), a reply
-    is not written at once: its channel is queued here, and the replies of the whole
-    round are written together when the next round starts, by the first of these to
-    run: the session whose reply it is, before it reads again; or this pacer's
-    flusher task (:meth:`run`), which any deferral wakes, so that a reply is never
-    later than that. Written one after the other, a round's replies reach their
-    clients in a burst, and a client waiting on many connections is woken once
-    rather than once per reply; on a machine where that wake-up is dear (a virtual
-    one, where it is an inter-processor interrupt), it costs more than the reply. A
-    reply the kernel cannot take whole is finished by a task of the flusher's, which
-    holds its channel meanwhile, so later writes wait their turn. An idle server
-    (the read had to wait) writes each reply at once, and so does a session's first
-    read (a client that sends with its connect says nothing of the load): no latency
-    is added where there is nothing to batch. Deferred sends count towards
-    :data:`WRITES_PER_YIELD` as writes do.
+    **Deferred replies.** While the server is busy (a read found the next request
+    already there), a reply is queued here rather than written, and the whole round's
+    replies are written together when the next round starts: by the session whose
+    reply it is, before it reads again, or by this pacer's flusher task (:meth:`run`),
+    which any deferral wakes, so no reply waits longer than that. A client waiting on
+    many connections is then woken once per round rather than once per reply, which on
+    a virtual machine costs more than the reply. A reply the kernel cannot take whole
+    is finished by a flusher task holding its channel, so later writes wait their turn.
+    An idle server, and a session's first read, write at once: nothing to batch.
     """
 
     __slots__ = ("unyielded", "deferred", "_task", "_parked", "_nursery")
@@ -225,6 +214,14 @@ class Pacer:
             for channel in deferred:
                 channel.deferred = False
                 channel._write_deferred()
+
+    def defer(self, channel: "Channel") -> None:
+        """Queue ``channel``'s replies for the next round and wake the flusher (inline:
+        this runs once per reply on a busy server)."""
+        self.deferred.append(channel)
+        if self._parked:
+            self._parked = False
+            trio.lowlevel.reschedule(self._task)
 
     def spawn(self, function: Callable, *args: Any) -> bool:
         """Run ``function(*args)`` in the flusher's nursery; False when it is not running."""
@@ -266,33 +263,45 @@ class Pacer:
 
 
 class Channel:
-    """The writing end of one connection: ordered, locked, closable once.
+    """The writing end of one connection: ordered, held or deferred, closable once.
 
-    Handlers never use it directly; :meth:`Client.send` and :meth:`Client.close` do.
-    Writes from several tasks of one session are serialised, so packets never
-    interleave on the wire. While :attr:`holding` is set (the server does so while the
-    client has further pipelined requests waiting), replies are gathered and written
-    together, in one system call, when the batch ends (or :data:`HOLD_LIMIT` is
-    reached): the client is waiting for all of them anyway.
+    Handlers never use it directly; :meth:`Client.send <asyncapy.core.Client.send>`
+    and :meth:`Client.close <asyncapy.core.Client.close>` do. Writes from several
+    tasks of one session are serialised, so packets never interleave on the wire. On
+    a plain TCP connection writes are direct system calls (see this module's
+    docstring) that yield only when the kernel has no room, and before every
+    :data:`WRITES_PER_YIELD`-th write counted by ``pacer``.
 
-    On a plain TCP connection, writes are direct system calls (see this module's docstring)
-    that yield only when the kernel has no room, and before every
-    :data:`WRITES_PER_YIELD`-th write counted by ``pacer``. While :attr:`deferring` is
-    set (by the server, when the server is busy), replies are gathered and written at
-    the start of the next scheduling round, with every other session's (see
-    :class:`Pacer`).
+    The channel owns its state; the session sets it only through methods:
+
+    :attr:`holding` (:meth:`hold`)
+        More pipelined packets are buffered: replies are gathered and written in one
+        system call when the batch ends (:meth:`flush`) or :data:`HOLD_LIMIT` is reached.
+    :attr:`deferring` (:meth:`defer`)
+        The server is busy: replies wait for the next scheduling round, written with
+        every other session's (:class:`Pacer`). Direct writes only.
+    :attr:`deferred`
+        This channel is queued in the pacer for the next round.
+    :attr:`writing`
+        A write is under way (or queued behind one). The idle reaper reads it (a write
+        that never ends), and so do the closing paths: no reply can follow it.
+    :attr:`interrupted`
+        A write failed or was cut short: the stream is out of step with the framing,
+        and nothing more may be written.
+    :attr:`closed`
+        No more writes: set by :meth:`aclose`, :meth:`close_with` and :meth:`abort`.
+
+    They are plain attributes, never properties or events: the session reads them
+    once per packet or per read.
     """
 
     __slots__ = (
-        "stream", "connection", "socket", "_busy", "_queue", "closed", "holding", "_pending",
+        "stream", "socket", "_busy", "_queue", "closed", "holding", "_pending",
         "interrupted", "pacer", "written", "deferring", "deferred", "fd", "meter",
     )
 
-    def __init__(
-        self, stream: trio.abc.Stream, connection: Connection, pacer: Optional[Pacer] = None
-    ) -> None:
+    def __init__(self, stream: trio.abc.Stream, pacer: Optional[Pacer] = None) -> None:
         self.stream = stream
-        self.connection = connection
         self.socket = raw_socket_of(stream)
         """The socket written and read directly, or None to use the stream's methods."""
         self.fd = None if self.socket is None else fileno_source(self.socket)
@@ -306,21 +315,25 @@ class Channel:
         self.holding = False
         self._pending = bytearray()
         self.interrupted = False
-        """True once a write did not complete (cancelled or failed midway)."""
         self.pacer = pacer if pacer is not None else Pacer()
         self.written = 0
         """Bytes of replies that waited for room, counted as the kernel takes them
-        (direct writes only): how the server's reaper tells a client that reads a
-        long reply slowly from one that stopped reading. Writes taken whole at once
-        are not counted; they never wait."""
+        (direct writes only): how the reaper tells a client that reads a long reply
+        slowly from one that stopped reading."""
         self.deferring = False
-        """Defer replies to the next scheduling round (direct writes only; set by the
-        server's session loop while the server is busy, see :class:`Pacer`)."""
         self.deferred = False
-        """True while this channel is queued in ``pacer`` for the next round."""
         self.meter: SessionMeter = _UNMETERED
         """The session's :class:`~asyncapy.metrics.SessionMeter`: every send adds its
-        bytes to ``sent`` (set by the session; a shared, unread one until then)."""
+        bytes to ``sent`` (a shared, unread one until the session sets its own)."""
+
+    def hold(self, more: bool = True) -> None:
+        """Gather replies while ``more`` pipelined packets are buffered (cleared by
+        :meth:`flush`)."""
+        self.holding = more
+
+    def defer(self, busy: bool) -> None:
+        """Defer replies to the next scheduling round while the server is ``busy``."""
+        self.deferring = busy
 
     async def send(self, data: bytes) -> None:
         """Write ``data`` whole (or hold or defer it, see above);
@@ -355,14 +368,8 @@ class Channel:
                     raise trio.BrokenResourceError("an earlier write on this session was interrupted")
                 pending += data
                 if defer and not self.deferred:
-                    # Queue this channel in the pacer and wake its flusher (inline:
-                    # once a reply on a busy server).
                     self.deferred = True
-                    pacer = self.pacer
-                    pacer.deferred.append(self)
-                    if pacer._parked:
-                        pacer._parked = False
-                        trio.lowlevel.reschedule(pacer._task)
+                    self.pacer.defer(self)
                 return
         if pending:
             pending += data
@@ -463,11 +470,30 @@ class Channel:
         self.holding = False
         return data
 
+    async def close_with(self, reply: bytes) -> bool:
+        """Write the held replies and ``reply`` (a last error reply), then close
+        lingering (:func:`linger_close`): the client may still be sending, and a plain
+        close would turn into a reset that destroys the reply. False, and the stream
+        closed at once, when no reply can follow what is on the wire: a write under
+        way (a deferred reply's), or one cut short."""
+        if self._busy or self.interrupted:
+            await self.abort()
+            return False
+        self.meter.sent += len(reply)  # the held replies were counted when sent
+        data = self.take_pending() + reply
+        self.closed = True
+        await linger_close(self.stream, data)
+        return True
+
+    async def abort(self) -> None:
+        """Close now, with no reply: nothing more can be written in step."""
+        self.closed = True
+        await trio.aclose_forcefully(self.stream)
+
     async def aclose(self) -> None:
         """Write held and deferred replies, then close the stream (idempotent). Each
         step gets one second: a peer that stopped reading cannot hold the connection
         open."""
-        self.connection.close()  # what it held of the server's packet memory
         if self.closed:
             return
         self.deferring = False
@@ -583,13 +609,6 @@ def transport_of(stream: trio.abc.Stream) -> trio.SocketStream:
 
 def peer_address(stream: trio.abc.Stream) -> str:
     """The address of the peer of ``stream``'s TCP connection, canonical (see
-    :func:`canonical_address`); ``OSError`` if the client is gone already."""
+    :func:`asyncapy.domain.addresses.canonical_address`); ``OSError`` if the client
+    is gone already."""
     return canonical_address(transport_of(stream).socket.getpeername()[0])
-
-
-@functools.lru_cache(maxsize=4096)
-def canonical_address(host: str) -> str:
-    """The client address sessions are keyed by (IPv4-mapped IPv6 as plain IPv4);
-    cached, as parsing an address costs more than the rest of an accept."""
-    parsed = normalise_address(host)
-    return str(parsed) if parsed is not None else host

@@ -19,6 +19,15 @@ How the counts travel
     never makes a counter go down. What a worker counted after its last write and
     before a SIGKILL is lost: at most :data:`PUBLISH_INTERVAL` seconds of it.
 
+Process metrics
+    Each worker adds its own ``process_*`` values (CPU seconds, memory, open files,
+    start time: :func:`~asyncapy.metrics.process_stats`) to its snapshot, under the
+    label ``worker-N`` (its slot); the supervisor adds its own as ``supervisor``. The
+    scrape has each ``process_*`` family once, one series per live process, labelled
+    ``process``: summing them is the whole server's (``sum(process_resident_memory_bytes)``).
+    A worker that exited leaves no process series behind. ``python_*`` metrics are not
+    exported with ``--workers``.
+
 The application's own metrics
     The same directory is ``PROMETHEUS_MULTIPROC_DIR`` for the workers (unless it
     was set already), which switches ``prometheus_client`` in them to its multiprocess
@@ -28,6 +37,7 @@ The application's own metrics
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import logging
@@ -38,7 +48,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import trio
 
-from .metrics import Recorder, Snapshot, SnapshotCollector
+from .metrics import Recorder, Snapshot, SnapshotCollector, process_stats
 from .probes import CombinedRegistry, render_text
 
 __all__ = [
@@ -73,8 +83,13 @@ def snapshot_path(directory: str, pid: int) -> str:
     return os.path.join(directory, f"asyncapy-{pid}.json")
 
 
-def write_snapshot(directory: str, pid: int, snapshot: Snapshot) -> None:
-    """Write ``snapshot`` as worker ``pid``'s file, atomically (blocking)."""
+def write_snapshot(
+    directory: str, pid: int, snapshot: Snapshot, *, label: Optional[str] = None
+) -> None:
+    """Write ``snapshot`` as worker ``pid``'s file, atomically (blocking); with a
+    ``label`` (``worker-2``), this process's ``process_*`` values under it too."""
+    if label is not None:
+        snapshot.processes[label] = process_stats()
     path = snapshot_path(directory, pid)
     temporary = f"{path}.tmp"
     with open(temporary, "w", encoding="utf-8") as file:
@@ -82,24 +97,33 @@ def write_snapshot(directory: str, pid: int, snapshot: Snapshot) -> None:
     os.replace(temporary, path)
 
 
-async def publish(recorder: Recorder, directory: str, interval: float = PUBLISH_INTERVAL) -> None:
+async def publish(
+    recorder: Recorder,
+    directory: str,
+    interval: float = PUBLISH_INTERVAL,
+    *,
+    label: Optional[str] = None,
+) -> None:
     """Write ``recorder``'s snapshot to ``directory`` every ``interval`` seconds until
     cancelled, and once more then (shielded): the worker's last counts reach the
-    supervisor when it stops gracefully."""
+    supervisor when it stops gracefully. ``label`` (``worker-2``) names this process
+    in the ``process_*`` series it adds; None adds none."""
     pid = os.getpid()
     try:
         while True:
-            await _publish_once(recorder, directory, pid)
+            await _publish_once(recorder, directory, pid, label)
             await trio.sleep(interval)
     finally:
         with trio.CancelScope(shield=True):
-            await _publish_once(recorder, directory, pid)
+            await _publish_once(recorder, directory, pid, label)
 
 
-async def _publish_once(recorder: Recorder, directory: str, pid: int) -> None:
+async def _publish_once(recorder: Recorder, directory: str, pid: int, label: Optional[str]) -> None:
     snapshot = recorder.snapshot()  # on the loop: the live meters change there
     try:
-        await trio.to_thread.run_sync(write_snapshot, directory, pid, snapshot)
+        await trio.to_thread.run_sync(
+            functools.partial(write_snapshot, directory, pid, snapshot, label=label)
+        )
     except OSError as exc:
         logger.warning("Could not write this worker's metrics to %s: %s", directory, exc)
 
@@ -190,6 +214,7 @@ class WorkersExposition:
 
     def _render(self, live: frozenset, accept: str) -> tuple[bytes, str]:
         total = self.total(live)
+        total.processes["supervisor"] = process_stats()
         collectors: list[Any] = [SnapshotCollector(lambda: total)]
         from prometheus_client.multiprocess import MultiProcessCollector
 

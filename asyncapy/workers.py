@@ -40,16 +40,30 @@ Metrics and probes
 
 Crashes
     A worker that exits while nobody asked it to (a non-zero status, a signal) is
-    logged and started again, after a delay that doubles with each recent crash of its
-    slot. A slot that dies more than :attr:`RestartPolicy.max_restarts` times within
-    :attr:`RestartPolicy.window` seconds is a bug, not bad luck: the supervisor stops
-    the other workers gracefully and exits 1, for the process manager to see.
+    logged and started again, after a delay that doubles with each crash of its slot
+    within :attr:`RestartPolicy.window` seconds (up to :attr:`RestartPolicy.max_delay`).
+    A worker that crashed after it served (one request that kills a process, the OOM
+    killer) is restarted for as long as the supervisor runs, and the other workers
+    go on serving meanwhile: giving up would turn one bad request into an outage.
+    Only a worker that fails *before it ever serves* (``setup()`` raises, the app
+    cannot be imported in the worker), :attr:`RestartPolicy.max_start_failures` times
+    in a row in one slot, makes the supervisor give up: that is a bad deployment,
+    which restarting will not fix. It logs one ERROR line saying so, stops the other
+    workers gracefully and exits 1, for the process manager to see.
+
+Logs
+    Every line a worker logs says which worker wrote it: text lines start with
+    ``worker N (pid P) |``, JSON lines carry ``"worker": N`` and ``"worker_pid": P``
+    (:func:`label_worker_logs`). The supervisor's own lines name the worker they
+    are about (``Worker 2 (pid 4711) serving``).
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import logging
+import os
 import signal
 import socket
 import sys
@@ -60,11 +74,14 @@ import trio
 
 from . import worker_metrics
 from .listening import bind_listeners, format_address, sockname
+from .logs import JsonFormatter
 from .probes import ProbeServer, Readiness
 from .server import Server
 from .util import where_keys_live
 
-__all__ = ["RestartPolicy", "Supervisor", "supervise", "run_worker", "describe_store"]
+__all__ = [
+    "RestartPolicy", "Supervisor", "supervise", "run_worker", "describe_store", "label_worker_logs",
+]
 
 logger = logging.getLogger("asyncapy.workers")
 
@@ -81,14 +98,17 @@ class RestartPolicy:
 
     Restarting at once and forever would turn a worker that crashes on start (a bad
     deployment, an unreachable dependency in ``setup()``) into a busy loop that hides
-    the failure; never restarting would let one bad request take a share of the
-    capacity down for good. So: restart, back off, and give up loudly.
+    the failure; giving up on a worker that crashed after it served would let one bad
+    request take the whole service down. So: a worker that served is restarted with
+    backoff, always; one that cannot start is tried a few times, then the supervisor
+    gives up loudly (as gunicorn and uvicorn do with a worker that fails to boot).
     """
 
-    max_restarts: int = attrs.field(default=5, validator=attrs.validators.ge(0))
-    """Restarts of one slot allowed within :attr:`window`; one more and the supervisor gives up."""
+    max_start_failures: int = attrs.field(default=3, validator=attrs.validators.ge(1))
+    """Workers of one slot that may fail in a row before serving; the last of them
+    makes the supervisor give up."""
     window: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
-    """Seconds over which crashes are counted."""
+    """Seconds over which a slot's crashes count for its backoff."""
     first_delay: float = attrs.field(default=0.1, validator=attrs.validators.ge(0))
     """Delay before restarting after a slot's first recent crash; doubles with each one."""
     max_delay: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
@@ -247,8 +267,9 @@ class Supervisor:
     async def _keep_filled(self, index: int) -> None:
         """Run worker ``index``; start it again whenever it dies unasked (see the policy)."""
         crashes: collections.deque[float] = collections.deque()
+        failed_starts = 0  # in a row: workers of this slot that died before serving
         while not self._stopping.is_set():
-            pid, code = await self._run_one(index)
+            pid, code, served = await self._run_one(index)
             if self._stopping.is_set():
                 if code == 0 or code == -signal.SIGTERM or self._forced:
                     logger.info("Worker %d (pid %d) stopped", index, pid)
@@ -260,28 +281,38 @@ class Supervisor:
             crashes.append(now)
             while crashes[0] <= now - self.policy.window:
                 crashes.popleft()
-            if len(crashes) > self.policy.max_restarts:
-                logger.error(
-                    "Worker %d (pid %d) %s; it died %d times within %gs: giving up, "
-                    "stopping the other workers",
-                    index,
-                    pid,
-                    _describe(code),
-                    len(crashes),
-                    self.policy.window,
-                )
-                self.status = 1
-                self._stop()
-                return
             delay = self.policy.delay(len(crashes))
-            logger.warning(
-                "Worker %d (pid %d) %s: restarting it in %gs", index, pid, _describe(code), delay
-            )
+            if served:
+                failed_starts = 0
+                logger.warning(
+                    "Worker %d (pid %d) %s: restarting it in %gs (it had served; %d crash(es) "
+                    "of this slot in the last %gs)",
+                    index, pid, _describe(code), delay, len(crashes), self.policy.window,
+                )
+            else:
+                failed_starts += 1
+                if failed_starts >= self.policy.max_start_failures:
+                    logger.error(
+                        "Worker %d (pid %d) %s before it served, %d times in a row: giving up "
+                        "(a worker that cannot start is a bad deployment; its own log lines "
+                        "above say why), stopping the other workers",
+                        index, pid, _describe(code), failed_starts,
+                    )
+                    self.status = 1
+                    self._stop()
+                    return
+                logger.warning(
+                    "Worker %d (pid %d) %s before it served: restarting it in %gs "
+                    "(start failure %d of %d)",
+                    index, pid, _describe(code), delay, failed_starts,
+                    self.policy.max_start_failures,
+                )
             with trio.move_on_after(delay):
                 await self._stopping.wait()
 
-    async def _run_one(self, index: int) -> tuple[int, int]:
-        """Start worker ``index`` and wait for it to exit; its (pid, exit status)."""
+    async def _run_one(self, index: int) -> tuple[int, int, bool]:
+        """Start worker ``index`` and wait for it to exit; its (pid, exit status,
+        whether it had said it serves)."""
         ours, theirs = socket.socketpair()
         with ours:
             self._spawning += 1
@@ -291,6 +322,7 @@ class Supervisor:
                     sys.executable, "-m", "asyncapy", WORKER_COMMAND,
                     "--listen-fds", ",".join(map(str, fds)),
                     "--control-fd", str(theirs.fileno()),
+                    "--worker-index", str(index),
                     *self.worker_args,
                 ]
                 process = await trio.lowlevel.open_process(
@@ -313,13 +345,14 @@ class Supervisor:
                     watch.start_soon(self._announce_ready, index, process, control)
                     await process.wait()
                     watch.cancel_scope.cancel()
+                served = process.pid in self._serving or _said_ready(ours)
             finally:
                 del self._processes[index]
                 self._serving.discard(process.pid)
                 if self._metrics is not None:
                     with trio.CancelScope(shield=True):
                         await self._metrics.retire(process.pid)
-        return process.pid, process.returncode
+        return process.pid, process.returncode, served
 
     async def _announce_ready(self, index: int, process: trio.Process, control: Any) -> None:
         try:
@@ -329,6 +362,15 @@ class Supervisor:
         if message == READY:
             self._serving.add(process.pid)
             logger.info("Worker %d (pid %d) serving", index, process.pid)
+
+
+def _said_ready(control: socket.socket) -> bool:
+    """Whether ``ready`` waits unread on an exited worker's control channel (it said
+    so, then died before the supervisor's reader ran)."""
+    try:
+        return control.recv(len(READY), socket.MSG_DONTWAIT) == READY
+    except OSError:
+        return False
 
 
 def _describe(code: int) -> str:
@@ -384,20 +426,66 @@ class _Readiness:
         self.event.set()
 
 
-def run_worker(app: Server, listen_fds: Sequence[int], control_fd: int) -> None:
+def run_worker(
+    app: Server, listen_fds: Sequence[int], control_fd: int, *, index: Optional[int] = None
+) -> None:
     """Serve ``app`` on inherited listening sockets until signalled (blocking).
 
     ``listen_fds`` are the supervisor's listening sockets, ``control_fd`` this worker's
-    end of its control channel. SIGTERM or SIGINT stop it gracefully, as they stop
-    ``asyncapy run`` without workers; so does its supervisor's death.
+    end of its control channel, ``index`` its slot (named in each of its log lines).
+    SIGTERM or SIGINT stop it gracefully, as they stop ``asyncapy run`` without
+    workers; so does its supervisor's death.
     """
     sockets = [socket.socket(fileno=fd) for fd in listen_fds]
     control = socket.socket(fileno=control_fd)
     app.configure_logging()
-    trio.run(_serve_worker, app, sockets, control)
+    if index is not None:
+        label_worker_logs(index)
+    try:
+        trio.run(_serve_worker, app, sockets, control, index)
+    except Exception as exc:
+        # Logged (each line labelled with this worker), not left to the interpreter's
+        # unlabelled traceback among its siblings'; the supervisor sees status 1.
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        logger.critical("This worker failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        raise SystemExit(1) from None
 
 
-async def _serve_worker(app: Server, sockets: list[socket.socket], control: socket.socket) -> None:
+class _WorkerFormatter(logging.Formatter):
+    """Wraps a handler's formatter: the same lines, saying which worker wrote them."""
+
+    def __init__(self, inner: logging.Formatter, index: int, pid: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.index = index
+        self.pid = pid
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The inner formatter's text, labelled with this worker's slot and pid."""
+        text = self.inner.format(record)
+        if isinstance(self.inner, JsonFormatter) and text.startswith("{"):
+            return f'{{"worker": {self.index}, "worker_pid": {self.pid}, {text[1:]}'
+        prefix = f"worker {self.index} (pid {self.pid}) | "
+        return "\n".join(prefix + line for line in text.split("\n"))
+
+
+def label_worker_logs(index: int) -> None:
+    """Make every handler of the root logger say which worker wrote each record:
+    text lines get ``worker N (pid P) |`` in front, JSON lines ``"worker": N`` and
+    ``"worker_pid": P``. Several workers share one stderr: without it, a traceback
+    cannot be told apart from its siblings'."""
+    pid = os.getpid()
+    for handler in logging.getLogger().handlers:
+        inner = handler.formatter or logging.Formatter()
+        if isinstance(inner, _WorkerFormatter):
+            inner = inner.inner
+        handler.setFormatter(_WorkerFormatter(inner, index, pid))
+
+
+async def _serve_worker(
+    app: Server, sockets: list[socket.socket], control: socket.socket, index: Optional[int] = None
+) -> None:
     readiness = _Readiness()
     failure: Optional[Exception] = None
     directory = worker_metrics.worker_directory()
@@ -407,7 +495,12 @@ async def _serve_worker(app: Server, sockets: list[socket.socket], control: sock
             # The server counts into its recorder (a real one: it found the directory
             # set) and serves no endpoint; the supervisor reads what this publishes.
             app._choose_recorder()
-            nursery.start_soon(worker_metrics.publish, app.metrics_recorder, directory)
+            label = None if index is None else f"worker-{index}"
+            nursery.start_soon(
+                functools.partial(
+                    worker_metrics.publish, app.metrics_recorder, directory, label=label
+                )
+            )
         try:
             await app._run_until_signalled(sockets=sockets, task_status=readiness)
         except Exception as exc:  # re-raised as itself, not inside an ExceptionGroup

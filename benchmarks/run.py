@@ -71,13 +71,15 @@ def wait_listening(port: int, process: subprocess.Popen, timeout: float = 15) ->
 
 
 @contextlib.contextmanager
-def process_serving(argv_for_port, settle: float = 0.2, quiet_stderr: bool = True) -> Iterator[tuple]:
-    """Start ``argv_for_port(port)`` (a server process) on a free port, wait until it
-    listens and ``settle`` seconds more, yield ``(port, pid)``, and stop it after."""
+def process_serving(
+    argv_for_port, settle: float = 0.2, quiet_stderr: bool = True, cwd: str = ROOT
+) -> Iterator[tuple]:
+    """Start ``argv_for_port(port)`` (a server process, in ``cwd``) on a free port, wait
+    until it listens and ``settle`` seconds more, yield ``(port, pid)``, and stop it after."""
     port = free_port()
     process = subprocess.Popen(
         argv_for_port(port),
-        cwd=ROOT,
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL if quiet_stderr else None,
     )
@@ -93,11 +95,13 @@ def process_serving(argv_for_port, settle: float = 0.2, quiet_stderr: bool = Tru
             process.kill()
 
 
-def server(name: str, argv: list) -> contextlib.AbstractContextManager:
-    """Run server ``name`` (``argv`` from :data:`SERVERS`) as its own process; the
+def server(name: str, argv: list, checkout: str = ROOT) -> contextlib.AbstractContextManager:
+    """Run server ``name`` (``argv`` from :data:`SERVERS`) as its own process, from
+    ``checkout`` with its own virtual environment (this one's: this Python); the
     context yields ``(port, pid)``."""
     flag = ["--port"] if argv[:2] == ["-m", "asyncapy"] else []
-    return process_serving(lambda port: [sys.executable, *argv, *flag, str(port)])
+    python = sys.executable if checkout == ROOT else os.path.join(checkout, ".venv", "bin", "python")
+    return process_serving(lambda port: [python, *argv, *flag, str(port)], cwd=checkout)
 
 
 SERVERS = {
@@ -173,6 +177,13 @@ def metrics_ratio(results: dict) -> float:
     )
 
 
+def against_ratio(results: dict) -> float:
+    """The median over rounds of this checkout's rate over the ``--against`` one's."""
+    return statistics.median(
+        now.rate / then.rate for now, then in zip(results["asyncapy"], results["before"]) if then.rate
+    )
+
+
 def print_table(title: str, rows: list) -> None:
     print(f"\n{title}")
     print(f"  {'server':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6} {'CPU us/req':>10}   rounds (req/s)")
@@ -199,14 +210,27 @@ def main() -> None:
                         help="add the bare trio echo that also decodes and re-encodes, for context")
     parser.add_argument("--churn", action="store_true", help="also measure connect-send-receive-close")
     parser.add_argument("--plot", metavar="PNG", help="also sweep 1/10/50/200 connections and plot")
+    parser.add_argument(
+        "--against",
+        metavar="CHECKOUT",
+        help="also serve the echo app of another checkout (with its own .venv), as 'before', in "
+        "the same slices: a change measured against the code before it, interleaved",
+    )
     args = parser.parse_args()
 
     names = ["bare trio", "asyncapy", "metrics on"] + (["trio+codec"] if args.codec else []) + (["uvloop"] if args.uvloop else [])
+    checkouts = {name: ROOT for name in names}
+    if args.against:
+        names.insert(2, "before")
+        checkouts["before"] = os.path.abspath(args.against)
     print(f"Machine: {describe_machine()}")
     print(f"{args.rounds} rounds of {args.seconds}s per server, in {SLICE}s slices taken in turn; "
           "closed loop, one request in flight per connection")
     with contextlib.ExitStack() as stack:
-        servers = {name: stack.enter_context(server(name, SERVERS[name])) for name in names}
+        servers = {
+            name: stack.enter_context(server(name, SERVERS.get(name, SERVERS["asyncapy"]), checkouts[name]))
+            for name in names
+        }
         worst = float("inf")
         for title, connections, packet in WORKLOADS:
             results = measure(servers, packet, connections, args.rounds, args.seconds)
@@ -214,10 +238,14 @@ def main() -> None:
             print_table(f"{title}: {connections} connection(s), {len(packet)}-byte packets", rows)
             worst = min(worst, next(r[4] for r in rows if r[0] == "asyncapy"))
             print(f"  metrics on / off: {metrics_ratio(results):.3f}")
+            if args.against:
+                print(f"  asyncapy / before: {against_ratio(results):.3f}")
         if args.churn:
             packet = WORKLOADS[0][2]
-            rows = summarise(measure(servers, packet, 8, args.rounds, args.seconds, churn=True))
-            print_table("connection churn: 8 clients, connect-send-receive-close", rows)
+            results = measure(servers, packet, 8, args.rounds, args.seconds, churn=True)
+            print_table("connection churn: 8 clients, connect-send-receive-close", summarise(results))
+            if args.against:
+                print(f"  asyncapy / before: {against_ratio(results):.3f}")
         if args.plot:
             sweep = {}
             for connections in (1, 10, 50, 200):

@@ -42,6 +42,7 @@ import ipaddress
 import re
 from typing import Any, Iterable, Iterator, NamedTuple, Optional, Union
 
+from .addresses import IPNetwork, parse_address, unmapped_network
 from .framing import NEED_DATA, _NeedData
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "ProxyError",
     "ProxyParser",
     "TrustedProxies",
+    "UNKNOWN_CLIENT",
     "V1_MAX_LENGTH",
     "V2_SIGNATURE",
     "DEFAULT_MAX_LENGTH",
@@ -111,17 +113,29 @@ class ProxyHeader(NamedTuple):
     feed to the session's ``Connection`` as they are."""
 
     def client(self, peer: Any) -> Any:
-        """The address to treat as the client's: ``(source, source_port)`` when the
-        header names an IPv4 or IPv6 client, else ``peer`` (the real connection's
-        remote address) as the specification says for LOCAL, UNKNOWN and UNSPEC.
-
-        A ``UNIX`` client gets ``peer`` too: every client of the proxy's Unix socket is
-        on the proxy's machine, and an address check (``Filters.Ip``, ``session_limit``)
-        needs an IP address, which the proxy's is.
-        """
+        """The address the header names: ``(source, source_port)`` for an IPv4 or IPv6
+        client, else ``peer``, the specification's fallback for LOCAL, UNKNOWN, UNSPEC
+        and UNIX (the server does not take it: it gives such a session
+        :data:`UNKNOWN_CLIENT`, see :attr:`has_client`)."""
         if self.family in ("INET", "INET6"):
             return (self.source, self.source_port)
         return peer
+
+
+    @property
+    def has_client(self) -> bool:
+        """True when the header names an IPv4 or IPv6 client address. A LOCAL header
+        (a balancer's health check), UNKNOWN, UNSPEC and UNIX name none: the peer is
+        then the proxy itself, and a session served as the proxy's address would pass
+        an address check meant for the proxy's host (``Filters.Ip("127.0.0.1")`` with
+        a balancer on the same machine)."""
+        return self.family in ("INET", "INET6")
+
+
+UNKNOWN_CLIENT = "unknown"
+"""The client address of a session whose PROXY header names none (LOCAL, UNKNOWN,
+UNSPEC, UNIX): no IP address, so no ``Filters.Ip`` matches it, and every such session
+counts in this one ``session_limit`` group."""
 
 
 class ProxyError(NamedTuple):
@@ -367,16 +381,7 @@ def crc32c(data: bytes) -> int:
 
 
 # -- who may send a header -----------------------------------------------------------------------
-_Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
-_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
-
-
-def _unmapped_network(network: _Network) -> _Network:
-    """An IPv4-mapped IPv6 network (``::ffff:10.0.0.0/104``) as the IPv4 one it maps."""
-    if network.version == 6 and network.prefixlen >= 96 and network.subnet_of(_MAPPED):  # type: ignore[arg-type]
-        mapped = network.network_address.ipv4_mapped
-        return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
-    return network
+_Network = IPNetwork
 
 
 class TrustedProxies:
@@ -401,7 +406,7 @@ class TrustedProxies:
             entries = [part for part in re.split(r"[\s,]+", entries) if part]
         networks: list = []
         for entry in entries:
-            network = _unmapped_network(_parse_network(entry))
+            network = unmapped_network(_parse_network(entry))
             if network not in networks:
                 networks.append(network)
         self.networks: tuple = tuple(networks)
@@ -417,13 +422,23 @@ class TrustedProxies:
             peer = peer.split("%", 1)[0]  # a link-local peer's zone index
         elif not isinstance(peer, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
             return False
-        try:
-            address = ipaddress.ip_address(peer)
-        except ValueError:
+        address = parse_address(peer)
+        if address is None:
             return False
-        if address.version == 6 and address.ipv4_mapped is not None:  # type: ignore[union-attr]
-            address = address.ipv4_mapped  # type: ignore[union-attr]
         return any(address in network for network in self.networks)
+
+    def covers_everything(self) -> Optional[str]:
+        """``'IPv4'`` or ``'IPv6'`` when the entries together cover every address of
+        that family (``0.0.0.0/0``, ``::/0``, or networks that add up to it, such as
+        ``0.0.0.0/1`` and ``128.0.0.0/1``), else None. Trusting every peer lets any
+        of them forge its address, which is why the server refuses it unless told it
+        is meant (see ``insecure_trust_any_proxy``)."""
+        for version, name in ((4, "IPv4"), (6, "IPv6")):
+            networks = [n for n in self.networks if n.version == version]
+            covered = sum(n.num_addresses for n in ipaddress.collapse_addresses(networks))
+            if networks and covered == (1 << (32 if version == 4 else 128)):
+                return name
+        return None
 
     def __iter__(self) -> Iterator[str]:
         """The entries in canonical text, single addresses without their prefix."""

@@ -42,12 +42,15 @@ __all__ = [
     "CommandError",
     "UsageError",
     "import_object",
+    "where_it_failed",
+    "suggest_flag",
     "OneLineParser",
     "HelpFormatter",
     "jsonable",
     "from_jsonable",
     "print_json",
     "parse_json",
+    "escape_unsafe",
 ]
 
 EXIT_OK = 0
@@ -94,6 +97,22 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 _CHOICES = re.compile(r"\(choose from (.*)\)$")
+_OPTIONS_OF_EXTRAS = "_asyncapy_options_of_extras"
+
+
+def suggest_flag(unknown: Any, options: Any) -> str:
+    """`` (did you mean '--port'?)`` for the first of ``unknown`` (command-line words)
+    that is a flag close to one of ``options``; ``""`` when none is."""
+    import difflib
+
+    known = [option for option in options if option.startswith("--")]
+    for word in unknown:
+        if word.startswith("-"):
+            flag = word.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+            if close:
+                return f" (did you mean {close[0]!r}?)"
+    return ""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -104,6 +123,25 @@ class OneLineParser(argparse.ArgumentParser):
     the "choose from" list of an unknown command.
     """
 
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """As argparse's; remembers the flags of the (sub)command that left arguments
+        unrecognized, for :meth:`parse_args` to suggest the nearest."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and not hasattr(namespace, _OPTIONS_OF_EXTRAS):
+            setattr(namespace, _OPTIONS_OF_EXTRAS, list(self._option_string_actions))
+        return namespace, extras
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """As argparse's, but an unknown flag names the nearest known one of its
+        command (``--prot``: did you mean '--port'?)."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        options = getattr(namespace, _OPTIONS_OF_EXTRAS, [])
+        if hasattr(namespace, _OPTIONS_OF_EXTRAS):
+            delattr(namespace, _OPTIONS_OF_EXTRAS)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}{suggest_flag(extras, options)}")
+        return namespace
+
     def error(self, message: str) -> NoReturn:
         """Print ``PROG: MESSAGE (see PROG --help)`` on stderr and exit 2."""
         match = _CHOICES.search(message)
@@ -113,14 +151,48 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def import_object(spec: str, what: str) -> Any:
+def where_it_failed(exc: BaseException) -> str:
+    """``myapp.py, line 3``: where in the user's code ``exc`` was raised (the file of
+    a ``SyntaxError``, else the innermost traceback frame outside Python's import
+    machinery and AsyncAPY itself), relative to the current directory when inside it;
+    ``""`` if there is no such frame."""
+    if isinstance(exc, SyntaxError) and exc.filename and exc.lineno:
+        filename, line = exc.filename, exc.lineno
+    else:
+        filename, line = "", 0
+        ours = (
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+            os.path.dirname(os.path.abspath(importlib.__file__)) + os.sep,
+        )
+        traceback = exc.__traceback__
+        while traceback is not None:
+            name = traceback.tb_frame.f_code.co_filename
+            if not name.startswith("<") and not os.path.abspath(name).startswith(ours):
+                filename, line = name, traceback.tb_lineno
+            traceback = traceback.tb_next
+        if not filename:
+            return ""
+    try:
+        relative = os.path.relpath(filename)
+        if not relative.startswith(os.pardir):
+            filename = relative
+    except ValueError:
+        pass
+    return f"{filename}, line {line}"
+
+
+def import_object(spec: str, what: str, *, traceback: Optional[bool] = None) -> Any:
     """The object named ``MODULE:ATTR`` (the current directory importable too).
 
     ``what`` names it in errors (``"--store"``, ``"the app"``): :class:`UsageError` for
-    a bad spec, a missing module or attribute; :class:`CommandError` when the module
-    itself fails while importing. The messages quote ``spec`` through
-    :func:`~asyncapy.domain.redaction.redact`: a mistyped store URL (``redis:/:PASSWORD@host``)
-    reads as ``MODULE:ATTR`` too.
+    a bad spec, a missing module or attribute, or a
+    :class:`~asyncapy.config.ConfigError` (a bad setting) raised while importing;
+    :class:`CommandError` when the module fails another way while importing. Those
+    two name the file and line that raised (:func:`where_it_failed`); with
+    ``traceback`` True the whole traceback is printed on stderr first, with False the
+    line says that ``--traceback`` would (None: the command has no such flag). The messages
+    quote ``spec`` through :func:`~asyncapy.domain.redaction.redact`: a mistyped
+    store URL (``redis:/:PASSWORD@host``) reads as ``MODULE:ATTR`` too.
     """
     module_name, _, attr = spec.partition(":")
     shown = redact(spec)
@@ -130,14 +202,24 @@ def import_object(spec: str, what: str) -> Any:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UsageError(f"{what}: cannot import {redact(module_name)!r}: {redact(str(exc))}") from None
     except Exception as exc:  # the user's module failed while importing
-        # A ConfigError is redacted already, and its "accepted" text holds URL forms
-        # (PASSWORD@HOST) that redact() would take for credentials.
-        detail = str(exc) if isinstance(exc, ConfigError) else redact(str(exc))
+        where = where_it_failed(exc)
+        at = f" ({where})" if where else ""
+        if traceback and where:
+            import traceback as tracebacks
+
+            tracebacks.print_exception(exc, file=sys.stderr)
+        if isinstance(exc, ImportError):  # the module, or one it imports, is missing
+            raise UsageError(f"{what}: cannot import {redact(module_name)!r}{at}: {redact(str(exc))}") from None
+        if isinstance(exc, ConfigError):
+            # Redacted already, and its "accepted" text holds URL forms (PASSWORD@HOST)
+            # that redact() would take for credentials. A bad setting: status 2.
+            raise UsageError(f"{what}: importing {redact(module_name)!r} failed{at}: {exc}") from None
+        hint = "; --traceback shows the whole traceback" if traceback is False else ""
+        detail = exc.msg if isinstance(exc, SyntaxError) and exc.msg else str(exc)
         raise CommandError(
-            f"{what}: importing {redact(module_name)!r} failed: {type(exc).__name__}: {detail}"
+            f"{what}: importing {redact(module_name)!r} failed{at}: "
+            f"{type(exc).__name__}: {redact(detail)}{hint}"
         ) from None
     try:
         return getattr(module, attr)
@@ -203,6 +285,20 @@ def parse_json(text: str, what: str) -> Any:
         raise UsageError(f"{what} is nested too deeply") from None
 
 
+_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
+"""What a terminal must never get raw from a server: C0 and C1 controls (U+009B is a
+CSI, U+0085 a line break), DEL, the line and paragraph separators, and the bidirectional
+marks, embeddings, overrides and isolates (U+202E turns the rest of a line around)."""
+
+
+def escape_unsafe(text: str) -> str:
+    """``text`` with every control and bidirectional formatting character written as a
+    ``\\uXXXX`` escape (valid inside a JSON string, and plain ASCII on a terminal)."""
+    return _UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+
+
 def _ascii_only(stream: TextIO) -> bool:
     """Whether ``stream`` needs non-ASCII characters escaped (it does not speak UTF-8)."""
     try:
@@ -215,7 +311,9 @@ def print_json(value: Any, pretty: bool, stream: Optional[TextIO] = None) -> Non
     """Write ``value`` (after :func:`jsonable`) as JSON on ``stream`` (stdout), and flush.
 
     ``pretty``: indented by 2, over several lines; otherwise one compact line.
-    Non-ASCII characters are written as they are on a UTF-8 stream, escaped otherwise.
+    Non-ASCII characters are written as they are on a UTF-8 stream, escaped otherwise;
+    control and bidirectional formatting characters are always escaped
+    (:func:`escape_unsafe`), so a reply cannot drive the terminal or reorder what it shows.
     If the reader went away (``| head -1``), :class:`CommandError` with no message.
     """
     stream = sys.stdout if stream is None else stream
@@ -228,6 +326,9 @@ def print_json(value: Any, pretty: bool, stream: Optional[TextIO] = None) -> Non
         )
     except RecursionError:
         raise CommandError("the value is nested too deeply to print") from None
+    # Outside strings JSON is plain ASCII, and json.dumps escapes C0 controls inside
+    # them: the only raw line breaks are the indentation's, kept; only strings change.
+    text = "\n".join(escape_unsafe(line) for line in text.split("\n"))
     try:
         stream.write(text + "\n")
         stream.flush()

@@ -44,7 +44,7 @@ from . import (
 __all__ = ["DEFAULT_TIMEOUT", "add_parser", "parse_address", "run", "is_failure"]
 
 DEFAULT_TIMEOUT = 10.0
-"""Seconds connecting, and then waiting for each reply, may take."""
+"""Seconds connecting may take, and then each whole reply (a deadline, not per read)."""
 
 EXAMPLES = """\
 examples:
@@ -131,8 +131,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         type=_seconds,
         default=DEFAULT_TIMEOUT,
         metavar="S",
-        help="seconds connecting (TLS handshake included) may take, and then waiting for "
-        "each reply (default: %(default)s)",
+        help="seconds connecting (TLS handshake included) may take, and then each whole "
+        "reply: a deadline, however slowly the reply trickles in (default: %(default)s)",
     )
     send.add_argument(
         "--pretty",

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, Optional
 import trio
 import trio.testing
 
+from asyncapy.domain.addresses import parse_address
 from asyncapy.domain.codecs import codec_named
 
 from ..client import Payload, _ClientBase
-from ..filters import normalise_address
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..server import Server
@@ -167,7 +167,7 @@ class TestClient(_ClientBase):
             )
         if not isinstance(address, str) or not address:
             raise ValueError(f"address must be an IP address as a string, not {address!r}")
-        parsed = normalise_address(address)
+        parsed = parse_address(address)
         self._address = str(parsed) if parsed is not None else address
 
     @property

@@ -96,7 +96,7 @@ async def test_the_session_of_a_client_that_never_reads_pauses_with_bounded_buff
             assert channel.writing  # paused on a write...
             assert not server._sessions.states[str(session.session_id)].waiting  # ...not reading
             assert len(channel._pending) < HOLD_LIMIT
-            assert channel.connection.framer.buffered <= server.buf + len(packet)
+            assert session.client._connection.framer.buffered <= server.buf + len(packet)
         finally:
             await trio.aclose_forcefully(hog)
 

@@ -115,8 +115,9 @@ async def test_broken_store_urls_and_config_files_print_no_password(tmp_path):
     one_hidden_line(misspelt_key, "stroe", str(misspelt), f"{masked}:6379/0")
     one_hidden_line(db_in_file, "store", str(bad_db), "database")
     one_hidden_line(env_file, "config", str(dotenv), "line 1", "[section]")
-    # the app's module fails to import: status 1, as for any module that raises
-    one_hidden_line(in_python, "secret_app", "ConfigError", f"{masked}:6379/abc", "database", status=1)
+    # a bad setting raised while importing the app: status 2, as for any bad setting,
+    # naming the file and line that raised it
+    one_hidden_line(in_python, "secret_app", "secret_app.py, line 4", f"{masked}:6379/abc", "database")
     key_db, key_scheme, key_slash, key_env = keys
     one_hidden_line(key_db, "asyncapy keys", "--store", f"{masked}:6379/abc", "database")
     one_hidden_line(key_scheme, "asyncapy keys", "ftp://:***@127.0.0.1/", "scheme")

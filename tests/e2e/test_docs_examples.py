@@ -23,6 +23,7 @@ is listed in :data:`NOT_RUN` with the reason.
 from __future__ import annotations
 
 import ast
+import json
 import inspect
 import os
 import re
@@ -259,3 +260,282 @@ def test_the_first_commands_say_where_the_command_is():
         assert ".venv/bin/asyncapy" in text and ". .venv/bin/activate" in text, page.name
         first_command = min(text.find("```sh\nasyncapy"), text.find("$ asyncapy"), key=lambda i: i if i >= 0 else len(text))
         assert text.find(".venv/bin/asyncapy") < first_command, page.name
+
+
+# -- every Python block names only what it defines or imports -------------------------------------
+def _unbound_names(code: str) -> set:
+    """Names ``code`` reads that it never binds (assigns, imports, defines) and that are
+    not builtins: what would be a ``NameError`` for a reader who copies the block."""
+    import builtins
+    import symtable
+
+    top = symtable.symtable(code, "<docs>", "exec")
+    bound = {
+        symbol.get_name()
+        for symbol in top.get_symbols()
+        if symbol.is_assigned() or symbol.is_imported() or symbol.is_namespace()
+    }
+    unbound: set = set()
+
+    def walk(table: symtable.SymbolTable) -> None:
+        for symbol in table.get_symbols():
+            free_at_top = table is top and not (symbol.is_assigned() or symbol.is_imported())
+            if symbol.is_referenced() and (symbol.is_global() or free_at_top):
+                name = symbol.get_name()
+                if name not in bound and not hasattr(builtins, name):
+                    unbound.add(name)
+        for child in table.get_children():
+            walk(child)
+
+    walk(top)
+    return unbound
+
+
+def _quotes_shipped_code(body: str) -> bool:
+    """A method quoted from adapters/sqlite.py (compared with the shipped code above)."""
+    return re.match(r"(async )?def \w+\(self", body) is not None
+
+
+def python_blocks() -> list:
+    """``pytest.param(code, context)`` of every Python block of every page; ``context``
+    is the page's previous Python block for a block that continues it (a ``(continued)``
+    comment, or a fragment of :data:`NOT_RUN`), else ``""``."""
+    params = []
+    for page in PAGES:
+        previous = ""
+        for language, line, body, _ in fenced_blocks(page):
+            if language != "python":
+                continue
+            first = body.strip().splitlines()[0]
+            continues = "(continued)" in first or first in NOT_RUN
+            if not _quotes_shipped_code(body):
+                params.append(
+                    pytest.param(body, previous if continues else "", id=f"{page.relative_to(ROOT)}:{line}")
+                )
+            previous = body
+    return params
+
+
+@pytest.mark.parametrize("code, context", python_blocks())
+def test_every_python_block_imports_what_it_uses(code, context):
+    """A snippet using a name it never imports (``SQLiteKeyStore``, ``trio``) fails
+    for whoever copies it: every block binds what it reads, or continues the block
+    before it and says so."""
+    unbound = _unbound_names(f"{context}\n{code}" if context else code)
+    assert not unbound, f"used but never imported or defined: {sorted(unbound)}"
+
+
+def test_the_name_check_catches_a_missing_import():
+    assert _unbound_names("keys = CachedKeyStore(SQLiteKeyStore('keys.db'))") == {
+        "CachedKeyStore",
+        "SQLiteKeyStore",
+    }
+    assert _unbound_names("async def main():\n    async with trio.open_nursery():\n        pass\n") == {"trio"}
+    assert _unbound_names("import trio\nx = [trio for _ in range(2)]\ndef f(a):\n    return a, x\n") == set()
+
+
+# -- blocks with no output shown: they run, or they serve -------------------------------------------
+RUN_PAGES = [
+    ROOT / "docs" / name
+    for name in (
+        "operations.md",
+        "guide-custom-key-store.md",
+        "guide-single-process.md",
+        "migrating-from-0.5.md",
+        "configuration.md",
+        "client.md",
+        "guide-scaling-out.md",
+    )
+]
+"""The pages whose every Python block is run (or served), output shown or not."""
+
+NOT_RUN_ALONE = {
+    "import pytest": "a pytest file importing the reader's own sqlite_keystore module; its run is the text block after it",
+    "async def handler(client, packet): ...": "the shape of a handler, not a program",
+}
+"""First lines of blocks of :data:`RUN_PAGES` that are not run, and why."""
+
+_SERVING = re.compile(r"\bserver\.start\(\)|\.start\(\)\s*$", re.M)
+
+
+def blocks_without_output() -> list:
+    params = []
+    for page in RUN_PAGES:
+        blocks = fenced_blocks(page)
+        for index, (language, line, body, gap) in enumerate(blocks):
+            if language != "python" or _quotes_shipped_code(body):
+                continue
+            following = blocks[index + 1] if index + 1 < len(blocks) else None
+            if following is not None and following[0] == "text" and not gap.strip():
+                continue  # run and compared by test_python_examples_print_what_the_docs_show
+            first = body.strip().splitlines()[0]
+            if first in NOT_RUN_ALONE or first in NOT_RUN:
+                continue
+            params.append(pytest.param(body, id=f"{page.relative_to(ROOT)}:{line}"))
+    return params
+
+
+def test_blocks_without_output_are_found():
+    ids = [param.id for param in blocks_without_output()]
+    assert any(i.startswith("docs/operations.md") for i in ids), ids
+    assert any(i.startswith("docs/migrating-from-0.5.md") for i in ids), ids
+    assert sum(i.startswith("docs/guide-single-process.md") for i in ids) >= 8, ids
+
+
+@pytest.mark.parametrize("code", blocks_without_output())
+def test_python_blocks_without_output_run_or_serve(tmp_path, tls_files, code):
+    """A block that ends in ``server.start()`` must start serving (on a free port
+    instead of 8081; TLS files and a clients' CA are in its directory) and stop with
+    status 0 on SIGTERM; any other block must run to completion with status 0."""
+    import shutil
+    import signal
+
+    shutil.copy(tls_files["cafile"], tmp_path / "clients-ca.pem")  # server.pem, server.key are there
+    serving = _SERVING.search(code) is not None
+    program = code.replace("port=8081", "port=0").replace('"127.0.0.1", 8081', '"127.0.0.1", 0')
+    if serving:
+        program = program.replace('if __name__ == "__main__":', "if True:")
+    process = subprocess.Popen(
+        [sys.executable, "-c", program],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        if serving:
+            first = process.stderr.readline()
+            assert "AsyncAPY serving on" in first, first + process.stderr.read()
+            process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, err
+
+
+# -- the migration page: its 0.5 app serves its 0.5 client -------------------------------------------
+def test_the_05_app_of_the_migration_page_serves_its_05_client(tmp_path):
+    page = ROOT / "docs" / "migrating-from-0.5.md"
+    blocks = fenced_blocks(page)
+    (app,) = [body for language, _, body, _ in blocks if language == "python" and "# app05.py" in body]
+    (index,) = [i for i, block in enumerate(blocks) if block[0] == "python" and "Client(" in block[2] and ".connect(" in block[2]]
+    client, shown = blocks[index][2], blocks[index + 1]
+    assert shown[0] == "text"
+    (tmp_path / "app05.py").write_text(app)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "asyncapy", "run", "app05:server", "--port", "0"],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        logged = process.stderr.readline()
+        port = re.search(r"serving on 127\.0\.0\.1:(\d+)", logged)
+        assert port, logged
+        result = subprocess.run(
+            [sys.executable, "-c", client.replace("8081", port.group(1))],
+            cwd=tmp_path, capture_output=True, text=True, timeout=30,
+        )
+    finally:
+        process.terminate()
+        process.wait(10)
+        process.stderr.close()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == shown[2].strip()
+    # And `python app05.py`, as the page says, serves too.
+    program = app.replace("8081", "0")
+    started = subprocess.Popen(
+        [sys.executable, "-c", program], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert "AsyncAPY serving on" in started.stderr.readline()
+    finally:
+        started.terminate()
+        started.wait(10)
+        started.stderr.close()
+
+
+# -- the local Sentinel recipe of the scaling-out guide -----------------------------------------------
+def _sh_blocks_under(page: Path, heading: str) -> list[str]:
+    """The ``sh`` blocks of ``page`` between ``heading`` and the next heading of its level."""
+    text = page.read_text()
+    start = text.index(heading)
+    level = heading.split(" ")[0]
+    end = text.find(f"\n{level} ", start + len(heading))
+    section = text[start : end if end >= 0 else len(text)]
+    return [m.group(2) for m in FENCE.finditer(section) if m.group(1) == "sh"]
+
+
+def test_the_local_sentinel_recipe_serves_and_follows_a_failover(tmp_path):
+    """The five commands, as written but on free ports (a redis-server already on 6379
+    must not be touched): a master, a replica, a sentinel, and ``asyncapy run`` on
+    them; then the failover commands of the page, and the server still answers."""
+    import time
+
+    from tests.real_parts import free_ports, require
+
+    require("redis-server")
+    require("redis-cli")
+    page = ROOT / "docs" / "guide-scaling-out.md"
+    start, failover = _sh_blocks_under(page, "### A local Sentinel set-up in five commands")
+    commands = [line for line in start.splitlines() if line.strip()]
+    assert len(commands) == 5, commands
+    master, replica, sentinel, api = free_ports(4)
+
+    def ported(line: str) -> str:
+        line = line.replace("26379", str(sentinel)).replace("6380", str(replica)).replace("6379", str(master))
+        return line.replace("127.0.0.1:8081", f"127.0.0.1:{api}")
+
+    env = {name: value for name, value in os.environ.items() if not name.startswith("ASYNCAPY_")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    server = None
+    try:
+        setup = subprocess.run(
+            ["bash", "-e", "-c", "\n".join(ported(line) for line in commands[:4])],
+            cwd=tmp_path, capture_output=True, text=True, timeout=30, env=env,
+        )
+        assert setup.returncode == 0, setup.stderr
+        run = ported(commands[4]).split()
+        assert run[:2] == ["asyncapy", "run"], run
+        server = subprocess.Popen(
+            [str(BIN / "asyncapy"), *run[1:], "--port", str(api)],
+            cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        logged = server.stderr.readline()
+        assert f"RedisSessionStore(redis+sentinel://127.0.0.1:{sentinel}/mymaster/0, lease=30s)" in logged, logged
+        # The page's failover commands, from "another terminal".
+        ask, where, send = [ported(line.split("#")[0].strip()) for line in failover.splitlines() if line.strip()]
+        deadline = time.monotonic() + 30
+        while True:  # the sentinel needs a moment to learn of the replica
+            result = subprocess.run(["bash", "-c", ask], capture_output=True, text=True, env=env)
+            if result.stdout.strip() == "OK" or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert result.stdout.strip() == "OK", result.stdout + result.stderr
+        while True:
+            master_now = subprocess.run(["bash", "-c", where], capture_output=True, text=True, env=env).stdout.split()
+            if master_now[-1:] == [str(replica)] or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert master_now == ["127.0.0.1", str(replica)], master_now
+        while True:  # the first call after the switch may still meet the old master
+            answered = subprocess.run(["bash", "-c", send], capture_output=True, text=True, env=env, timeout=30)
+            if answered.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert answered.returncode == 0, answered.stderr
+        assert json.loads(answered.stdout) == {"still": "served"}
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(10)
+            server.stderr.close()
+        # The page's stop line, on these ports.
+        text = page.read_text()
+        stop = re.search(r"`(redis-cli -p 26379 shutdown;[^`]*)`", text).group(1)
+        subprocess.run(["bash", "-c", ported(stop)], capture_output=True, timeout=30, env=env)
+    assert server.returncode == 0

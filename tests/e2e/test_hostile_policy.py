@@ -231,16 +231,23 @@ async def test_a_client_that_never_finishes_its_handshake_takes_no_session_slot(
         stalled = [await Wire.connect(host, port) for _ in range(3)]  # TCP only, no ClientHello
         await settle()
         assert store.admissions == 0 and len(server._sessions.live) == 0
-        async with AsyncClient(tls=True, cafile=tls_files["cafile"], timeout=5) as client:
-            await client.connect(host, port)
-            assert await client.request({"served": True}) == {"served": True}
-        # Past `timeout`, the stalled handshakes are closed (no reply: no TLS yet).
+        # One handshake in progress per address (its session_limit): the other two
+        # were closed at once, their max_connections slots given back.
+        assert server._listening.handshaking == {"127.0.0.1": 1} and server._listening.connections == 1
+        context = ssl.create_default_context(cafile=tls_files["cafile"])
+        other = await connect_from("127.0.0.2", host, port)
+        tls = Wire(trio.SSLStream(other.stream, context, server_hostname="127.0.0.1"))
+        assert await tls.request({"served": True}) == {"served": True}
+        await tls.aclose()
+        # Past `timeout`, the stalled handshake is closed (no reply: no TLS yet).
         for wire in stalled:
             await wire.read_eof(timeout=5)
             await wire.aclose()
     assert store.admissions == 1
     failed = [r.getMessage() for r in caplog.records if "TLS handshake with 127.0.0.1 failed" in r.getMessage()]
-    assert len(failed) == 3 and all("not finished within timeout (1s)" in m for m in failed)
+    assert len(failed) == 1 and all("not finished within timeout (1s)" in m for m in failed)
+    crowded = [r.getMessage() for r in caplog.records if "TLS handshake(s) in progress" in r.getMessage()]
+    assert crowded == ["127.0.0.1 already has 1 TLS handshake(s) in progress: refused a connection"]
 
 
 async def test_a_client_failing_mutual_tls_takes_no_session_slot(make_echo, ca, tls_files, caplog):

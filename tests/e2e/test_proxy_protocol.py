@@ -19,6 +19,7 @@ import trio
 
 from asyncapy import Client, Filters, Packet
 from asyncapy.adapters.memory import MemorySessionStore
+from asyncapy.config import ConfigError
 
 from ..conftest import serving
 from ..unit.test_proxy import inet, v2
@@ -171,17 +172,48 @@ async def test_filters_ip_sees_the_headers_address(make_server):
                 assert await wire.request({"admin": 1}) == expected
 
 
-async def test_a_local_header_is_served_as_the_proxys_own_connection(make_server):
-    server = whoami_app(make_server)
+async def test_a_header_without_a_client_address_is_served_as_unknown(make_server):
+    """LOCAL (a health check), UNKNOWN: no client address, so none of the proxy's own
+    either (a balancer on this host is 127.0.0.1, which an admin guard may allow):
+    'unknown', which no Filters.Ip matches, one session_limit group for them all."""
+    server = whoami_app(make_server, admin=PROXY)
     async with serving(server) as (host, port):
         async with await connect_from(PROXY, host, port) as wire:  # a health check's ping
             await wire.send(LOCAL + WHO)
-            assert await wire.read_json() == {"address": PROXY, "sessions": [PROXY]}
+            assert await wire.read_json() == {"address": "unknown", "sessions": ["unknown"]}
+            assert await wire.request({"admin": 1}) == {"denied": "unknown"}
         async with await connect_from(PROXY, host, port) as wire:  # one that only closes
             await wire.send(LOCAL)
         async with await connect_from(PROXY, host, port) as wire:
             await wire.send(b"PROXY UNKNOWN\r\n" + WHO)
-            assert (await wire.read_json())["address"] == PROXY
+            assert (await wire.read_json())["address"] == "unknown"
+            assert await wire.request({"admin": 1}) == {"denied": "unknown"}
+
+
+async def test_headers_without_a_client_address_share_one_session_limit_group(make_server):
+    server = whoami_app(make_server, session_limit=1)
+    async with serving(server) as (host, port):
+        async with await connect_from(PROXY, host, port) as first:
+            await first.send(LOCAL + WHO)
+            assert (await first.read_json())["address"] == "unknown"
+            async with await connect_from(PROXY, host, port) as second:
+                await second.send(b"PROXY UNKNOWN\r\n" + WHO)
+                assert await second.read_json() == {"status": "failure", "error": "ERR_SESSION_LIMIT_REACHED"}
+            async with await connect_from(PROXY, host, port) as named:  # a real client is not in it
+                await named.send(v1("198.51.100.7") + WHO)
+                assert (await named.read_json())["address"] == "198.51.100.7"
+
+
+@pytest.mark.parametrize("trusted", ["0.0.0.0/0", "::/0", "0.0.0.0/1,128.0.0.0/1", "::ffff:0:0/96"])
+def test_trusting_every_address_is_refused_unless_acknowledged(make_server, trusted):
+    with pytest.raises(ConfigError, match="cover every IPv[46] address.*insecure_trust_any_proxy"):
+        make_server(proxy_protocol=True, trusted_proxies=trusted)
+    server = make_server(proxy_protocol=True, trusted_proxies=trusted, insecure_trust_any_proxy=True)
+    assert server.insecure_trust_any_proxy
+
+
+def test_trusting_a_wide_network_that_is_not_everything_is_accepted(make_server):
+    make_server(proxy_protocol=True, trusted_proxies="0.0.0.0/1,10.0.0.0/8")
 
 
 # -- who is believed -------------------------------------------------------------------------
@@ -328,7 +360,7 @@ async def test_tls_behind_a_proxy_header(make_server, tls_files, ca, caplog):
             tls = trio.SSLStream(plain.stream, context, server_hostname="127.0.0.1")
             wire = Wire(tls)
             await wire.send(WHO)  # handshakes first
-            expected = {v1("198.51.100.11"): "198.51.100.11", LOCAL: PROXY}.get(header, "2001:db8::11")
+            expected = {v1("198.51.100.11"): "198.51.100.11", LOCAL: "unknown"}.get(header, "2001:db8::11")
             assert await wire.read_json() == {"address": expected, "sessions": [expected]}
             await wire.aclose()
         # The header and the ClientHello in one segment: the hello is left for TLS.

@@ -140,6 +140,7 @@ async def test_a_scrape_counts_exactly_what_the_server_did():
         "refused_max_connections": 0,
         "store_unavailable": 0,
         "tls_handshake_failed": 0,
+        "refused_handshakes": 0,
         "refused_proxy": 0,
     }
     assert samples[("asyncapy_received_bytes_total", ())] == received

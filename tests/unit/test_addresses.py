@@ -58,3 +58,50 @@ def test_the_group_is_the_network_of_the_prefix(address, prefix):
 def test_two_addresses_share_a_group_exactly_when_their_prefixes_are_equal(a, b, prefix):
     same = int(a) >> (128 - prefix) == int(b) >> (128 - prefix)
     assert (session_group(str(a), prefix) == session_group(str(b), prefix)) == same
+
+
+# -- the one home of IPv4-mapped unwrapping -----------------------------------------------
+from asyncapy.domain.addresses import canonical_address, parse_address, unmapped_network  # noqa: E402
+
+
+def test_parse_address_unwraps_ipv4_mapped_ipv6_and_refuses_what_is_no_address():
+    assert parse_address("::ffff:10.1.2.3") == ipaddress.IPv4Address("10.1.2.3")
+    assert parse_address(ipaddress.IPv6Address("::ffff:10.1.2.3")) == ipaddress.IPv4Address("10.1.2.3")
+    assert parse_address("2001:db8::1") == ipaddress.IPv6Address("2001:db8::1")
+    assert parse_address("not an address") is None
+    assert parse_address(None) is None
+
+
+def test_canonical_address_is_text_and_leaves_made_up_peers_alone():
+    assert canonical_address("::ffff:192.0.2.7") == "192.0.2.7"
+    assert canonical_address("2001:DB8::0001") == "2001:db8::1"
+    assert canonical_address("test-client") == "test-client"
+
+
+def test_a_mapped_network_is_the_ipv4_network_it_maps():
+    assert unmapped_network(ipaddress.ip_network("::ffff:10.0.0.0/104")) == ipaddress.ip_network("10.0.0.0/8")
+    assert unmapped_network(ipaddress.ip_network("2001:db8::/32")) == ipaddress.ip_network("2001:db8::/32")
+
+
+def test_every_room_that_reads_an_address_agrees_on_mapped_clients():
+    """Filters, the PROXY protocol's trust check and the session grouping all ask
+    asyncapy.domain.addresses: a client is the same client on either socket family."""
+    from asyncapy.domain.proxy import TrustedProxies
+    from asyncapy.filters import Filters
+
+    mapped = "::ffff:10.0.0.5"
+    assert mapped in TrustedProxies("10.0.0.0/8")
+    assert "10.0.0.5" in TrustedProxies("::ffff:10.0.0.0/104")
+    assert session_group(mapped) == canonical_address(mapped) == "10.0.0.5"
+
+    class Peer:
+        address = mapped
+        ip = None
+
+    assert Filters.Ip("10.0.0.0/8").check(Peer(), None)
+
+
+@given(ipv6)
+def test_canonical_address_round_trips_through_parse_address(address):
+    text = canonical_address(str(address))
+    assert parse_address(text) == address

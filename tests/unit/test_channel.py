@@ -4,7 +4,6 @@ import pytest
 import trio
 
 from asyncapy.transport import HOLD_LIMIT, Channel
-from asyncapy.domain.connection import Connection
 
 
 class RecordingStream(trio.abc.Stream):
@@ -32,7 +31,7 @@ class RecordingStream(trio.abc.Stream):
 
 async def test_each_send_is_one_write_when_not_holding():
     stream = RecordingStream()
-    channel = Channel(stream, Connection())
+    channel = Channel(stream)
     await channel.send(b"a")
     await channel.send(b"b")
     assert stream.writes == [b"a", b"b"]
@@ -40,7 +39,7 @@ async def test_each_send_is_one_write_when_not_holding():
 
 async def test_held_replies_go_out_in_one_write_with_the_first_unheld_one():
     stream = RecordingStream()
-    channel = Channel(stream, Connection())
+    channel = Channel(stream)
     channel.holding = True
     await channel.send(b"one")
     await channel.send(b"two")
@@ -52,7 +51,7 @@ async def test_held_replies_go_out_in_one_write_with_the_first_unheld_one():
 
 async def test_flush_writes_what_is_held_and_stops_holding():
     stream = RecordingStream()
-    channel = Channel(stream, Connection())
+    channel = Channel(stream)
     channel.holding = True
     await channel.send(b"x")
     await channel.flush()
@@ -63,7 +62,7 @@ async def test_flush_writes_what_is_held_and_stops_holding():
 
 async def test_holding_is_bounded():
     stream = RecordingStream()
-    channel = Channel(stream, Connection())
+    channel = Channel(stream)
     channel.holding = True
     chunk = b"z" * (HOLD_LIMIT // 2)
     for _ in range(4):
@@ -74,7 +73,7 @@ async def test_holding_is_bounded():
 
 async def test_close_writes_held_replies_first():
     stream = RecordingStream()
-    channel = Channel(stream, Connection())
+    channel = Channel(stream)
     channel.holding = True
     await channel.send(b"last words")
     await channel.aclose()
@@ -85,7 +84,7 @@ async def test_close_writes_held_replies_first():
 
 async def test_concurrent_senders_never_interleave():
     stream = RecordingStream()
-    channel = Channel(stream, Connection())
+    channel = Channel(stream)
     async with trio.open_nursery() as nursery:
         for index in range(20):
             nursery.start_soon(channel.send, bytes([index]) * 10)
@@ -113,7 +112,7 @@ async def test_a_queued_writer_cancelled_as_the_write_before_ends_does_not_wedge
     orders are met."""
     for _ in range(24):
         stream = GatedStream()
-        channel = Channel(stream, Connection())
+        channel = Channel(stream)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(channel.send, b"one")
             await stream.writing.wait()
@@ -130,3 +129,41 @@ async def test_a_queued_writer_cancelled_as_the_write_before_ends_does_not_wedge
         with trio.fail_after(1):
             await channel.send(b"three")
         assert stream.writes in ([b"one", b"three"], [b"one", b"two", b"three"])
+
+
+async def test_hold_and_defer_are_the_channels_own_switches():
+    channel = Channel(RecordingStream())
+    channel.hold()
+    assert channel.holding
+    channel.hold(False)
+    assert not channel.holding
+    channel.defer(True)
+    assert channel.deferring
+
+
+async def test_close_with_writes_the_held_replies_then_the_last_one_and_closes():
+    stream = RecordingStream()
+    channel = Channel(stream)
+    channel.hold()
+    await channel.send(b"held")
+    assert await channel.close_with(b"last") is True
+    assert stream.writes == [b"heldlast"] and stream.closed and channel.closed
+    with pytest.raises(trio.ClosedResourceError):
+        await channel.send(b"more")
+
+
+async def test_close_with_gives_up_the_reply_after_an_interrupted_write():
+    stream = RecordingStream()
+    channel = Channel(stream)
+    channel.interrupted = True
+    assert await channel.close_with(b"last") is False
+    assert stream.writes == [] and stream.closed and channel.closed
+
+
+async def test_abort_closes_with_nothing_written():
+    stream = RecordingStream()
+    channel = Channel(stream)
+    channel.hold()
+    await channel.send(b"held")
+    await channel.abort()
+    assert stream.writes == [] and channel.closed

@@ -303,3 +303,23 @@ def test_infinite_timeout_in_a_config_file_is_refused(tmp_path):
     path.write_text("[AsyncAPY]\ntimeout = 1e999\n")
     with pytest.raises(ConfigError, match="timeout"):
         Server(config=str(path))
+
+
+# -- the settings of fair share ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("handshake_timeout", 0), ("handshake_timeout", -1), ("handshake_timeout", "10"), ("handshake_limit", 0),
+     ("handshake_limit", 1.5), ("insecure_trust_any_proxy", "yes")],
+)
+def test_fair_share_settings_are_validated(key, value):
+    with pytest.raises(ConfigError, match=key):
+        Server(port=0, **{key: value})
+
+
+def test_trusted_proxies_covering_everyone_from_a_config_file_is_refused(tmp_path):
+    config = tmp_path / "server.ini"
+    config.write_text("[AsyncAPY]\nproxy_protocol = yes\ntrusted_proxies = 0.0.0.0/0\n")
+    with pytest.raises(ConfigError, match="trusted_proxies.*cover every IPv4 address"):
+        Server(port=0, config=str(config))
+    config.write_text("[AsyncAPY]\nproxy_protocol = yes\ntrusted_proxies = 0.0.0.0/0\ninsecure_trust_any_proxy = yes\n")
+    assert Server(port=0, config=str(config)).insecure_trust_any_proxy is True

@@ -88,7 +88,7 @@ def test_a_snapshot_round_trips_through_its_dict_and_merges():
     assert again.to_dict() == snap.to_dict()
     again.merge(snap, gauges=False)
     assert again.requests["json"] == 8 and again.sessions == 1
-    assert sum(again.handlers["h"].counts) == 2 and again.store_errors == {"admit": 2}
+    assert sum(again.handlers["h"].counts) == 2 and _nonzero(again.store_errors) == {"admit": 2}
     with pytest.raises(ValueError):
         Snapshot.from_dict({"requests": {}})
 
@@ -125,7 +125,7 @@ async def test_store_calls_are_timed_and_failures_counted():
     await store.release(SessionRecord("s", "10.0.0.1", 0.0))
     snap = recorder.snapshot()
     assert sum(snap.store["admit"].counts) == 1 and sum(snap.store["release"].counts) == 1
-    assert snap.store_errors == {"admit": 1}
+    assert _nonzero(snap.store_errors) == {"admit": 1}
 
 
 def test_an_unknown_key_is_an_answer_not_a_store_error():
@@ -136,7 +136,7 @@ def test_an_unknown_key_is_an_answer_not_a_store_error():
     with pytest.raises(KeyError):
         run_to_completion(keys.get("missing"))
     snap = recorder.snapshot()
-    assert sum(snap.store["key_get"].counts) == 2 and snap.store_errors == {}
+    assert sum(snap.store["key_get"].counts) == 2 and _nonzero(snap.store_errors) == {}
     assert repr(keys) == repr(keys.inner)
 
 
@@ -330,3 +330,50 @@ def test_handler_ran_observes_into_the_handlers_histogram():
     assert sum(timings.counts) == 2 and timings.counts[-1] == 1
     assert timings.total == pytest.approx(20.002)
     assert NULL_RECORDER.snapshot().handlers == {}
+
+
+def _nonzero(counts: dict) -> dict:
+    """The series of ``counts`` that counted something (every one exists from the start)."""
+    return {key: value for key, value in counts.items() if value}
+
+
+def test_every_store_error_series_exists_at_0_from_the_start():
+    from asyncapy.metrics import SESSION_OPERATIONS, families
+
+    recorder = Recorder()
+    assert recorder.snapshot().store_errors == {op: 0 for op in SESSION_OPERATIONS}
+    recorder.store_timings("key_get")  # a key store metered later: its series appears at 0
+    assert recorder.snapshot().store_errors["key_get"] == 0
+    rendered = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in families(Snapshot())
+        for sample in family.samples
+    }
+    for op in SESSION_OPERATIONS:
+        assert rendered[("asyncapy_store_errors_total", (("operation", op),))] == 0
+
+
+def test_build_info_names_the_version_and_python():
+    import platform
+
+    from asyncapy import __version__
+    from asyncapy.metrics import families
+
+    (build,) = [f for f in families(Snapshot()) if f.name == "asyncapy_build_info"]
+    (sample,) = build.samples
+    assert sample.labels == {"version": __version__, "python": platform.python_version()}
+    assert sample.value == 1
+
+
+def test_process_series_are_labelled_and_only_live_ones_merge():
+    from asyncapy.metrics import families
+
+    live, gone = Snapshot(), Snapshot()
+    live.processes["worker-1"] = {"process_cpu_seconds": 1.5, "process_open_fds": 9.0}
+    gone.processes["worker-2"] = {"process_cpu_seconds": 7.0}
+    total = Snapshot()
+    total.merge(Snapshot.from_dict(live.to_dict()))
+    total.merge(gone, gauges=False)  # an exited worker: no process series
+    assert set(total.processes) == {"worker-1"}
+    samples = {(s.name, s.labels["process"]): s.value for f in families(total) for s in f.samples if s.name.startswith("process_")}
+    assert samples == {("process_cpu_seconds_total", "worker-1"): 1.5, ("process_open_fds", "worker-1"): 9.0}

@@ -11,7 +11,6 @@ import trio
 import trio.testing
 
 from asyncapy.transport import HOLD_LIMIT, Channel, Pacer
-from asyncapy.domain.connection import Connection
 
 
 async def tcp_pair(small: bool = False) -> tuple[trio.SocketStream, trio.SocketStream]:
@@ -39,7 +38,7 @@ def pending_bytes(peer: trio.SocketStream) -> bytes:
 
 
 def deferring_channel(stream: trio.SocketStream, pacer: Pacer) -> Channel:
-    channel = Channel(stream, Connection(), pacer)
+    channel = Channel(stream, pacer)
     channel.deferring = True
     return channel
 
@@ -80,7 +79,7 @@ async def test_an_idle_server_writes_at_once():
     pacer = Pacer()
     ours, peer = await tcp_pair()
     async with ours, peer:
-        channel = Channel(ours, Connection(), pacer)  # not deferring
+        channel = Channel(ours, pacer)  # not deferring
         await channel.send(b"now")
         assert not pacer.deferred
         assert pending_bytes(peer) == b"now"

@@ -389,3 +389,31 @@ def test_duplicates_collapse_and_nothing_trusts_nobody():
     assert list(TrustedProxies(["10.0.0.1", "10.0.0.1/32", "::ffff:10.0.0.1"])) == ["10.0.0.1"]
     empty = TrustedProxies()
     assert len(empty) == 0 and "127.0.0.1" not in empty and list(TrustedProxies(" , ")) == []
+
+
+# -- trusting everyone, and headers without a client ----------------------------------------
+@pytest.mark.parametrize(
+    ("entries", "covered"),
+    [
+        ("0.0.0.0/0", "IPv4"),
+        ("::/0", "IPv6"),
+        ("::ffff:0:0/96", "IPv4"),
+        ("0.0.0.0/1, 128.0.0.0/1", "IPv4"),
+        ("10.0.0.0/8, 0.0.0.0/0", "IPv4"),
+        ("0.0.0.0/1, 10.0.0.0/8", None),
+        ("10.0.0.5, fd00::/8", None),
+        ("", None),
+    ],
+)
+def test_covers_everything_names_the_family_every_address_of_which_is_trusted(entries, covered):
+    assert TrustedProxies(entries).covers_everything() == covered
+
+
+def test_only_inet_headers_name_a_client():
+    from asyncapy.domain.proxy import UNKNOWN_CLIENT
+    from asyncapy.domain.addresses import parse_address, session_group
+
+    assert header(b"PROXY TCP4 198.51.100.1 192.0.2.1 5000 80\r\n").has_client
+    assert not header(b"PROXY UNKNOWN\r\n").has_client
+    # What the server names such a session: no address, one group of its own.
+    assert parse_address(UNKNOWN_CLIENT) is None and session_group(UNKNOWN_CLIENT) == UNKNOWN_CLIENT

@@ -117,14 +117,14 @@ async def test_the_gate_logs_untrusted_peers_once_a_second_with_the_count(caplog
     assert "4 more connection(s) from untrusted peers refused" in caplog.records[-1].getMessage()
 
 
-async def test_the_gate_gives_the_headers_client_or_the_peer_for_local():
+async def test_the_gate_gives_the_headers_client_or_unknown_for_local():
     gate = ProxyGate(TrustedProxies("127.0.0.2"), 60)
     cases = [
         (V1, "198.51.100.7"),
         (V2, "2001:db8::7"),
         (v2(block=inet("::ffff:198.51.100.8", "::1", 1, 2), family=2), "198.51.100.8"),  # mapped: as IPv4
-        (v2(command=0, family=0, transport=0), "127.0.0.2"),  # LOCAL: the proxy's own
-        (b"PROXY UNKNOWN\r\n", "127.0.0.2"),
+        (v2(command=0, family=0, transport=0), "unknown"),  # LOCAL: no client, not the proxy
+        (b"PROXY UNKNOWN\r\n", "unknown"),
         (b"PROXY TCP4 1.2.3 4.5.6.7 1 2\r\n", None),
     ]
     for data, expected in cases:
