@@ -204,6 +204,12 @@ class KeyCache:
             self._present.clear()
             self._absent.clear()
 
+    def discard_fetches(self) -> None:
+        """Keep none of the answers in flight now: they may come from a node the link
+        does not watch (a key of a slot being migrated, read after an ``ASK``)."""
+        with self._lock:
+            self._epoch += 1
+
     def link_down(self) -> None:
         """The invalidation link is lost: forget everything and answer nothing from
         memory until :meth:`link_up`."""
@@ -294,12 +300,14 @@ class CachedKeyStore(KeyStore):
             if self._tracker is None and not self._closed:
                 self._tracker = self.store.track(self.cache)  # type: ignore[attr-defined]
 
-    async def _lookup(self, key: str) -> tuple[bool, Optional[str], Any]:
-        """(present, metadata JSON, metadata object or None) of ``key``."""
+    async def _lookup(self, key: str, counted: bool = False) -> tuple[bool, Optional[str], Any]:
+        """(present, metadata JSON, metadata object or None) of ``key``; ``counted``:
+        the caller looked in the cache already (and counted the miss)."""
         name = digest(key)
-        answer = self.cache.lookup(name)
-        if answer is not None:
-            return answer[0], answer[1], None
+        if not counted:
+            answer = self.cache.lookup(name)
+            if answer is not None:
+                return answer[0], answer[1], None
         if self._push and self._tracker is None and not BLOCKING.get():
             self._track()  # from async code only: a script or a CLI call starts no thread
         token = self.cache.begin(name)
@@ -318,7 +326,10 @@ class CachedKeyStore(KeyStore):
     async def contains(self, key: str) -> bool:
         if type(key) is not str:
             return False
-        return (await self._lookup(key))[0]
+        answer = self.cache.lookup(digest(key))  # the hot path: a hit awaits nothing more
+        if answer is not None:
+            return answer[0]
+        return (await self._lookup(key, counted=True))[0]
 
     async def get(self, key: str) -> Any:
         if type(key) is not str:

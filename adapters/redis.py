@@ -89,7 +89,8 @@ def _where(client: Any) -> str:
     kwargs = client.connection_pool.connection_kwargs
     if "path" in kwargs:
         return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
-    return f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+    scheme = "rediss" if "SSL" in client.connection_pool.connection_class.__name__ else "redis"
+    return f"{scheme}://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
 
 
 
@@ -112,6 +113,13 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 -- make the keys (and the longer leases of other processes) vanish early.
 if redis.call('PTTL', KEYS[1]) < lease then redis.call('PEXPIRE', KEYS[1], lease) end
 if redis.call('PTTL', KEYS[2]) < lease then redis.call('PEXPIRE', KEYS[2], lease) end
+return 1
+"""
+
+# KEYS: zset, hash; ARGV: session id. One command (one reply) instead of MULTI/EXEC's four.
+_RELEASE = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
 return 1
 """
 
@@ -188,14 +196,17 @@ class RedisSessionStore(_RedisAdapter, SessionStore):
 
     async def release(self, record: SessionRecord) -> None:
         self._held.pop(record.session_id, None)
-        zset, data = self._keys(record.address)
-        remove = (("MULTI",), ("ZREM", zset, record.session_id), ("HDEL", data, record.session_id), ("EXEC",))
+        keys = self._keys(record.address)
         # A renewal in flight may carry this session in its snapshot: let it land
         # first, or it would put the session back. Releases never wait for each other
         # (they batch), and a renewal begun from now on no longer holds this session.
         while self._renewal is not None and _offload():
             await self._renewal.wait()
-        await self._run(*remove, key=zset)
+        # Posted, not awaited: nothing needs the reply (a release lost with Redis is
+        # undone by the lease anyway), and it rides the next batch, usually an
+        # admission's, instead of costing a round trip of its own.
+        # EVAL, not EVALSHA: a NOSCRIPT would send it again after the calls behind it.
+        self._post(_Call((("EVAL", _RELEASE, 2, *keys, record.session_id),), keys[0]))
 
     async def sessions(self, address: str) -> list[SessionRecord]:
         rows = await self._eval(self._live, self._keys(address), [])
@@ -308,6 +319,21 @@ class RedisKeyStore(_RedisAdapter, KeyStore):
         self.wait_timeout = float(wait_timeout)
         self._replace = self._script(_REPLACE)
         self._names = f"{prefix}{{key}}:" if self.cluster else f"{prefix}key:"
+        self._tracked: Optional[tuple[Any, Any]] = None
+        """With a Cluster: the cache and tracker of :meth:`track`, told of redirects."""
+
+    def _redirected(self, call: Any, moved: bool) -> None:
+        """A call for the keys' slot was redirected: after ``ASK`` (a migration) the
+        answer comes from a node the tracker does not watch, so nothing fetched now is
+        cached; after ``MOVED`` the keys have a new owner: the tracker links to it."""
+        tracked = self._tracked
+        if tracked is None:
+            return
+        cache, tracker = tracked
+        if moved:
+            tracker.relink()
+        else:
+            cache.discard_fetches()
 
     def _name(self, key: str) -> str:
         if type(key) is not str:
@@ -370,7 +396,9 @@ class RedisKeyStore(_RedisAdapter, KeyStore):
                 cluster.stale()  # the slot map of now, not of the last failure
                 return cluster.node_client(tag)
 
-            return KeyTracker(locate, self._names, cache, verify=_still_serving(cluster.slot(tag)))
+            tracker = KeyTracker(locate, self._names, cache, verify=_still_serving(cluster.slot(tag)))
+            self._tracked = (cache, tracker)
+            return tracker
         if hasattr(self.redis, "asyncapy_location"):  # Sentinel: the master of now
             pool = self.redis.connection_pool
             return KeyTracker(

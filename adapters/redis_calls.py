@@ -10,6 +10,7 @@ redis-py becomes :class:`~asyncapy.domain.errors.StoreUnavailable` for the calle
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional, Sequence
 
 import redis
@@ -18,6 +19,8 @@ import trio
 from asyncapy.domain.errors import StoreUnavailable
 from asyncapy.domain.ports import BLOCKING
 from asyncapy.domain.redaction import redact
+
+logger = logging.getLogger("asyncapy.redis")
 
 # Any error of redis-py means the store did not do what was asked: not only a lost
 # connection or a timeout, but a Redis still loading its data, a read-only replica
@@ -41,7 +44,7 @@ def _offload() -> bool:
 class _Call:
     """Commands to send back to back, their replies (or an error), and who waits."""
 
-    __slots__ = ("commands", "key", "replies", "error", "task", "token")
+    __slots__ = ("commands", "key", "replies", "error", "task", "token", "asking", "posted", "retry_until")
 
     def __init__(self, commands: Sequence[tuple], key: Optional[str] = None) -> None:
         self.commands = commands
@@ -52,6 +55,13 @@ class _Call:
         self.error: Optional[BaseException] = None
         self.task: Any = None
         self.token: Any = None
+        self.retry_until = 0.0
+        """With a Cluster: until when a call answered ``TRYAGAIN`` is sent again."""
+        self.posted = False
+        """Sent without a waiter (a release): its failure is only logged."""
+        self.asking: Optional[tuple[str, int]] = None
+        """With a Cluster: the node an ``ASK`` reply sent this call to (the slot is
+        being migrated there); the call goes there once, after ``ASKING``."""
 
     def result(self) -> list:
         error = self.error
@@ -64,6 +74,25 @@ class _Call:
         if isinstance(error, _FAILURES):
             raise StoreUnavailable(f"Redis is unreachable: {redact(str(error))}") from error
         raise error
+
+
+_posted_failing = False
+
+
+def _report_posted(calls: list[_Call]) -> None:
+    """Log the failure of a posted call (nobody waits for it), once per outage: a
+    release lost with Redis, whose lease ends the session there anyway."""
+    global _posted_failing
+    for call in calls:
+        if not call.posted:
+            continue
+        if call.error is None:
+            _posted_failing = False
+        elif not _posted_failing:
+            _posted_failing = True
+            logger.warning(
+                "Could not release a session in Redis (its lease ends it there): %s", redact(str(call.error))
+            )
 
 
 def _wake(calls: list[_Call]) -> None:

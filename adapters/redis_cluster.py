@@ -4,9 +4,9 @@ The stores route every call themselves, to the node serving its key's slot, so t
 the batching front (:mod:`asyncapy.adapters.redis_batching`) still sends one batch per
 node per round trip; redis-py's ``RedisCluster`` is used only for what it knows well:
 discovering the nodes and the slot map, and one connection pool per node. The
-routing, the ``MOVED`` handling and the retry live in the front's dispatch; what the
-cluster itself knows (the slot of a key, the pool of its master, whether a node still
-serves a slot) lives here.
+routing and the following of ``MOVED``, ``ASK`` and ``TRYAGAIN`` live in the front's
+dispatch; what the cluster itself knows (the slot of a key, the pool of its master or
+of any node, a slot moved, whether a node still serves a slot) lives here.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ class ClusterClient:
 
     :param hosts: ``[(host, port), ...]``, any nodes of the cluster (more than one,
         so that one down node does not stop the discovery).
+    :param tls: redis-py's TLS arguments (``ssl=True``, ``ssl_ca_certs``...) for a
+        cluster whose nodes speak TLS (``rediss+cluster://``), else ``None``.
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class ClusterClient:
         max_connections: int = 16,
         timeout: float = 2.0,
         location: str = "redis+cluster://?",
+        tls: Optional[dict] = None,
     ) -> None:
         self.hosts = list(hosts)
         self.location = location
@@ -51,6 +54,7 @@ class ClusterClient:
         self._kwargs = dict(
             username=username, password=password, socket_timeout=timeout,
             socket_connect_timeout=timeout, health_check_interval=15, retry_on_timeout=False,
+            **(tls or {}),
         )
         self._lock = threading.Lock()
         self._cluster: Any = None
@@ -95,6 +99,25 @@ class ClusterClient:
     def pool(self, key: str) -> Any:
         """The connection pool of the master serving ``key``'s slot now."""
         return self.node_client(key).connection_pool
+
+    def node_pool(self, host: str, port: int) -> Any:
+        """The connection pool of the node at ``host:port`` (where an ``ASK`` reply
+        sends a call: the target of a slot being migrated)."""
+        cluster = self._client()
+        node = cluster.nodes_manager.get_node(host=host, port=port)
+        if node is None:
+            from redis.cluster import ClusterNode
+
+            node = ClusterNode(host, port)
+            with self._lock:
+                node = cluster.nodes_manager.nodes_cache.setdefault(node.name, node)
+        return cluster.get_redis_connection(node).connection_pool
+
+    def moved(self, error: Any) -> None:
+        """A ``MOVED`` reply: its slot is served by the node it names, from now on (the
+        slot map is updated at once; the rest of it is fetched again only if a node
+        is lost)."""
+        self._client().nodes_manager.move_slot(error)
 
     def disconnect(self) -> None:
         """Close every node's connections."""

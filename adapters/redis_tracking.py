@@ -43,6 +43,16 @@ but alive would keep the link up while the writes go to its successor, so every
 ``recheck`` seconds (1) the thread also asks (``verify``) whether its node is still
 the one: the sentinels' master, or the node serving the slot (a slot moved by a
 resharding too). If not, the link is rebuilt, the cache dropped first, as above.
+
+Through a slot migration
+------------------------
+While the keys' slot is being migrated (the source ``MIGRATING``, the target
+``IMPORTING``), the link stays on the source, which still announces every change of
+the keys it holds, and of each key ``MIGRATE`` takes away. A key already moved is read
+and written on the target after an ``ASK``: such an answer is never kept in the cache
+(:meth:`KeyCache.discard_fetches`), so it is always read from Redis until the move is
+over. When it is (``MOVED``), the store calls :meth:`KeyTracker.relink`: the cache is
+dropped and the link made again on the new owner at once.
 """
 
 from __future__ import annotations
@@ -122,6 +132,7 @@ class KeyTracker:
         self.dead_after = dead_after
         self._cache = weakref.ref(cache)
         self._stop = threading.Event()
+        self._relink = threading.Event()
         self._conn: Optional[Any] = None
         self._outage = False
         self.links = 0
@@ -199,6 +210,9 @@ class KeyTracker:
         next_check = next_ping + self.recheck
         start = len(self.prefix)
         while not self._stop.is_set():
+            if self._relink.is_set():
+                self._relink.clear()
+                raise _LinkLost("the keys' hash slot moved to another node")
             now = time.monotonic()
             if self.verify is not None and now >= next_check:
                 if not self.verify(client, conn):
@@ -259,6 +273,15 @@ class KeyTracker:
                 pass
         if self._thread is not threading.current_thread():
             self._thread.join(2)
+
+    def relink(self) -> None:
+        """The keys moved to another node (a ``MOVED`` reply for their slot): stop
+        trusting the cache now and link to the node serving them, within one ping
+        ``interval``, instead of waiting for the next ``verify``."""
+        cache = self._cache()
+        if cache is not None:
+            cache.link_down()
+        self._relink.set()
 
     @property
     def running(self) -> bool:

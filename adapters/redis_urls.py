@@ -17,12 +17,14 @@ without ever building a store.
 
 from __future__ import annotations
 
+import os
 import re
 import urllib.parse
 from typing import Any, Optional
 
 import redis
 
+from . import store_urls
 from .redis_cluster import ClusterClient
 from asyncapy.domain.redaction import redact
 
@@ -31,20 +33,22 @@ __all__ = ["URL_FORMS", "check_url", "connect", "wait_replicas"]
 DB_MAX = 2**31 - 1
 """The highest database number a URL may name (Redis's own bound on ``databases``)."""
 
-URL_FORMS = (
-    "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], rediss://... (the same over TLS), "
-    "unix://[[USER]:PASSWORD@]/PATH[?db=DB], "
-    "redis+sentinel://[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...]/SERVICE[/DB][?wait_replicas=N] "
-    "(the sentinels; port 26379 by default) or "
-    "redis+cluster://[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...] (some nodes of a Redis Cluster; "
-    "port 6379 by default), with PORT from 1 to 65535 and DB from 0 to "
-    f"{DB_MAX} (a server's 'databases' setting may allow fewer; 16 by default), and "
-    "/ ? # @ % , in a user name or password percent-encoded"
-)
-"""The URLs :func:`connect` accepts, for error messages."""
+SCHEMES = tuple(s.name for s in store_urls.SCHEMES if s.name not in ("memory", "sqlite"))
+"""The URL schemes of Redis stores (from :data:`asyncapy.adapters.store_urls.SCHEMES`)."""
 
-SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
-"""The URL schemes of Redis stores."""
+URL_FORMS = store_urls.grammar(names=SCHEMES)
+"""The URLs :func:`connect` accepts, for ``--help`` (from the scheme table)."""
+
+SENTINELS = ("redis+sentinel", "rediss+sentinel")
+CLUSTERS = ("redis+cluster", "rediss+cluster")
+MULTI = SENTINELS + CLUSTERS
+
+TLS_QUERY = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
+"""The TLS options (query parameters) of ``rediss+sentinel://`` and ``rediss+cluster://``;
+``rediss://`` takes them too, with the rest of redis-py's own."""
+
+_CERT_REQS = ("required", "optional", "none")
+_BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 SENTINEL_PORT = 26379
 CLUSTER_PORT = 6379
@@ -61,7 +65,7 @@ def _database(text: str, where: str) -> int:
 class _Multi:
     """The parts of a ``redis+sentinel://`` or ``redis+cluster://`` URL."""
 
-    __slots__ = ("scheme", "username", "password", "hosts", "service", "db", "wait_replicas")
+    __slots__ = ("scheme", "username", "password", "hosts", "service", "db", "wait_replicas", "tls")
 
     def __init__(self) -> None:
         self.scheme = ""
@@ -71,10 +75,39 @@ class _Multi:
         self.service = ""
         self.db = 0
         self.wait_replicas = 0
+        self.tls: Optional[dict] = None
+        """redis-py's TLS arguments (``ssl=True``, ``ssl_ca_certs``...) for a ``rediss+``
+        URL, else ``None``."""
+
+
+def _tls_options(query: dict) -> dict:
+    """redis-py's TLS arguments from a URL's query (``{name: [values]}``), checked: a
+    file that does not exist is refused now, not at the first connection; ``ValueError``
+    naming the option, never quoting a value."""
+    options: dict[str, Any] = {"ssl": True}
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if name in query:
+            path = query[name][0]
+            if not path or not os.path.isfile(path):
+                raise ValueError(f"{name} names no readable file")
+            options[name] = path
+    if "ssl_keyfile" in options and "ssl_certfile" not in options:
+        raise ValueError("ssl_keyfile without ssl_certfile (the client certificate)")
+    if "ssl_cert_reqs" in query:
+        reqs = query["ssl_cert_reqs"][0].lower()
+        if reqs not in _CERT_REQS:
+            raise ValueError("ssl_cert_reqs is not required, optional or none")
+        options["ssl_cert_reqs"] = reqs
+    if "ssl_check_hostname" in query:
+        flag = _BOOLEANS.get(query["ssl_check_hostname"][0].lower())
+        if flag is None:
+            raise ValueError("ssl_check_hostname is not true or false")
+        options["ssl_check_hostname"] = flag
+    return options
 
 
 def _parse_multi(url: str) -> _Multi:
-    """Split a Sentinel or Cluster URL, or say (``ValueError``, never quoting the URL,
+    """Split a Sentinel or Cluster URL (``redis+`` or ``rediss+``), or say (``ValueError``, never quoting the URL,
     which may hold a password) which part is wrong. redis-py has no URL form for
     either: several hosts are not a URL's authority, so this parser is ours."""
     parts = _Multi()
@@ -94,7 +127,8 @@ def _parse_multi(url: str) -> _Multi:
         if parts.password is None and parts.username is not None:
             # redis://PASSWORD@host is redis-py's reading of a lone credential; the same here
             parts.password, parts.username = parts.username, None
-    default = SENTINEL_PORT if parts.scheme == "redis+sentinel" else CLUSTER_PORT
+    sentinel = parts.scheme in SENTINELS
+    default = SENTINEL_PORT if sentinel else CLUSTER_PORT
     if not hosts:
         raise ValueError("no HOST[:PORT] before the path")
     for entry in hosts.split(","):
@@ -115,23 +149,29 @@ def _parse_multi(url: str) -> _Multi:
             raise ValueError("a port that is not a number from 1 to 65535")
         parts.hosts.append((host, number))
     segments = [urllib.parse.unquote(segment) for segment in path.split("/")] if slash else []
-    if parts.scheme == "redis+sentinel":
+    if sentinel:
         if not segments or not segments[0]:
-            raise ValueError("the service name is missing: redis+sentinel://HOSTS/SERVICE")
+            raise ValueError(f"the service name is missing: {parts.scheme}://HOSTS/SERVICE")
         parts.service = segments[0]
         if len(segments) > 2:
             raise ValueError("more than /SERVICE/DB after the hosts")
         if len(segments) == 2 and segments[1]:
             parts.db = _database(segments[1], "the path")
     elif segments not in ([], [""]):
-        raise ValueError("a path in a redis+cluster:// URL: a cluster has database 0 only")
-    if query:
-        for name, values in urllib.parse.parse_qs(query, keep_blank_values=True).items():
-            if name != "wait_replicas" or parts.scheme != "redis+sentinel":
-                raise ValueError(f"an unknown query parameter {name!r}")
+        raise ValueError(f"a path in a {parts.scheme}:// URL: a cluster has database 0 only")
+    options = urllib.parse.parse_qs(query, keep_blank_values=True) if query else {}
+    tls = parts.scheme.startswith("rediss")
+    for name, values in options.items():
+        if name == "wait_replicas" and sentinel:
             if not _DIGITS.fullmatch(values[0]) or int(values[0]) > 100:
                 raise ValueError("wait_replicas is not an integer from 0 to 100")
             parts.wait_replicas = int(values[0])
+        elif name not in TLS_QUERY:
+            raise ValueError(f"an unknown query parameter {name!r}")
+        elif not tls:
+            raise ValueError(f"a TLS option ({name}) in a {parts.scheme}:// URL: write {parts.scheme.replace('redis', 'rediss', 1)}://")
+    if tls:
+        parts.tls = _tls_options(options)
     return parts
 
 
@@ -139,8 +179,8 @@ def _check_parts(url: str) -> None:
     scheme, separator, _ = url.partition("://")
     scheme = scheme.lower()
     if not separator or scheme not in SCHEMES:
-        raise ValueError("the scheme is not redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://")
-    if scheme in ("redis+sentinel", "redis+cluster"):
+        raise ValueError(f"the scheme is not one of {', '.join(SCHEMES)}")
+    if scheme in MULTI:
         _parse_multi(url)
         return
     parts = urllib.parse.urlparse(url)
@@ -152,6 +192,10 @@ def _check_parts(url: str) -> None:
     query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
     if "db" in query:
         _database(query["db"][0], "?db=")
+    if scheme == "rediss":
+        _tls_options(query)
+    elif any(name.startswith("ssl") for name in query):
+        raise ValueError(f"a TLS option in a {scheme}:// URL: write rediss://")
     if scheme == "unix":
         if parts.netloc.rpartition("@")[2]:
             raise ValueError("a host in a unix:// URL: the path follows a third slash, unix:///PATH")
@@ -202,16 +246,16 @@ def check_url(url: str) -> None:
     anything connects. The message says which part is wrong and never quotes the URL,
     which may hold a password.
     """
-    if url.partition("://")[0].lower() in ("redis+sentinel", "redis+cluster"):
+    if url.partition("://")[0].lower() in MULTI:
         _parse_multi(url)
     else:
         _pool(url)
 
 
 def wait_replicas(url: str) -> int:
-    """The ``wait_replicas`` of a ``redis+sentinel://`` URL (0 for any other URL): how
-    many replicas must confirm each API-key write (Redis ``WAIT``)."""
-    if url.partition("://")[0].lower() != "redis+sentinel":
+    """The ``wait_replicas`` of a Sentinel URL (0 for any other URL): how many replicas
+    must confirm each API-key write (Redis ``WAIT``)."""
+    if url.partition("://")[0].lower() not in SENTINELS:
         return 0
     return _parse_multi(url).wait_replicas
 
@@ -227,24 +271,29 @@ def connect(url: str, max_connections: int = 16, timeout: float = 2.0) -> Any:
     sentinels name it *now*: each new connection asks them (redis-py's
     ``Sentinel.master_for``), so after a failover the next connection goes to the new
     master. A ``redis+cluster://`` URL gives a :class:`ClusterClient`. Neither
-    connects before its first command, like the others.
+    connects before its first command, like the others. Their ``rediss+`` forms speak
+    TLS to every node (the sentinels, the master, each cluster node) with the URL's
+    TLS options.
     """
     scheme = url.partition("://")[0].lower()
-    if scheme == "redis+cluster":
+    if scheme in CLUSTERS:
         parts = _parse_multi(url)
         return ClusterClient(
             parts.hosts, username=parts.username, password=parts.password,
             max_connections=max_connections, timeout=timeout, location=_location(parts),
+            tls=parts.tls,
         )
-    if scheme == "redis+sentinel":
+    if scheme in SENTINELS:
         from redis.sentinel import Sentinel
 
         parts = _parse_multi(url)
+        tls = parts.tls or {}
         sentinels = Sentinel(
             parts.hosts,
             # The sentinels themselves are asked without credentials (theirs are not
-            # the data nodes'); the URL's user and password are the master's.
-            sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout},
+            # the data nodes'); the URL's user and password are the master's. TLS
+            # (rediss+sentinel://) goes to both.
+            sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout, **tls},
         )
         client = sentinels.master_for(
             parts.service,
@@ -256,6 +305,7 @@ def connect(url: str, max_connections: int = 16, timeout: float = 2.0) -> Any:
             socket_connect_timeout=timeout,
             health_check_interval=15,
             retry_on_timeout=False,
+            **tls,
         )
         client.asyncapy_location = _location(parts)
         return client
@@ -265,6 +315,6 @@ def connect(url: str, max_connections: int = 16, timeout: float = 2.0) -> Any:
 def _location(parts: _Multi) -> str:
     """A Sentinel or Cluster URL rebuilt without its credentials, for logs."""
     hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in parts.hosts)
-    if parts.scheme == "redis+sentinel":
-        return f"redis+sentinel://{hosts}/{parts.service}/{parts.db}"
-    return f"redis+cluster://{hosts}"
+    if parts.scheme in SENTINELS:
+        return f"{parts.scheme}://{hosts}/{parts.service}/{parts.db}"
+    return f"{parts.scheme}://{hosts}"

@@ -106,7 +106,7 @@ import trio
 from asyncapy.domain.errors import StoreUnavailable
 from asyncapy.domain.ports import BLOCKING, KeyStore
 
-__all__ = ["SQLiteKeyStore", "digest", "URL_FORM"]
+__all__ = ["SQLiteKeyStore", "digest", "parse_url", "URL_FORM"]
 
 T = TypeVar("T")
 
@@ -118,6 +118,27 @@ URL_FORM = (
     "sqlite:////ABSOLUTE/PATH (four slashes), optionally ?timeout=SECONDS"
 )
 """What a ``sqlite://`` store URL looks like, for error messages (SQLAlchemy's form)."""
+
+def parse_url(url: str) -> tuple[str, float]:
+    """The path and timeout a ``sqlite://`` URL names, without opening anything (so a
+    setting can be checked early); ``ValueError`` for anything else (a host, an empty
+    path, ``:memory:``, an unknown parameter), never quoting the URL."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "sqlite" or parts.netloc or parts.fragment:
+        raise ValueError("a host or a #fragment: sqlite:/// takes three slashes, then the path")
+    path = unquote(parts.path)[1:]  # drop the slash that ends "sqlite://"
+    if path in ("", ":memory:"):
+        raise ValueError("a database file is required")
+    options = dict(parse_qsl(parts.query, keep_blank_values=True))
+    timeout: Any = options.pop("timeout", 5.0)
+    if options:
+        raise ValueError(f"unknown parameter(s) {', '.join(sorted(options))}")
+    try:
+        timeout = float(timeout)
+    except ValueError:
+        raise ValueError("timeout is not a number of seconds") from None
+    return path, timeout
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -188,27 +209,13 @@ class SQLiteKeyStore(KeyStore):
 
     @classmethod
     def from_url(cls, url: str) -> "SQLiteKeyStore":
-        """The store a ``sqlite://`` URL names (see :data:`URL_FORM`).
+        """The store a ``sqlite://`` URL names (see :data:`URL_FORM` and :func:`parse_url`).
 
         ``sqlite:///keys.db`` is ``keys.db`` in the working directory,
         ``sqlite:////var/lib/app/keys.db`` the absolute path: SQLAlchemy's form, which
-        many Python users know already. ``ValueError`` for anything else (a host, an
-        empty path, ``:memory:``, an unknown parameter).
+        many Python users know already.
         """
-        parts = urlsplit(url)
-        if parts.scheme.lower() != "sqlite" or parts.netloc or parts.fragment:
-            raise ValueError("a host or a #fragment: sqlite:/// takes three slashes, then the path")
-        path = unquote(parts.path)[1:]  # drop the slash that ends "sqlite://"
-        if path in ("", ":memory:"):
-            raise ValueError("a database file is required")
-        options = dict(parse_qsl(parts.query, keep_blank_values=True))
-        timeout: Any = options.pop("timeout", 5.0)
-        if options:
-            raise ValueError(f"unknown parameter(s) {', '.join(sorted(options))}")
-        try:
-            timeout = float(timeout)
-        except ValueError:
-            raise ValueError("timeout is not a number of seconds") from None
+        path, timeout = parse_url(url)
         return cls(path, timeout=timeout)
 
     # -- plumbing: where and how a statement runs -----------------------------------

@@ -27,6 +27,7 @@ from .cli import CommandError, HelpFormatter, OneLineParser, UsageError, escape_
 from .cli import keys as keys_command
 from .cli import send as send_command
 from .config import ConfigError, check_proxy_settings, load_config, validate
+from .adapters import store_urls
 from .stores import STORE_ENV, set_default_store
 from .server import Server
 from .workers import WORKER_COMMAND, run_worker, supervise
@@ -113,9 +114,9 @@ def _add_server_arguments(run: argparse.ArgumentParser) -> None:
         "--store",
         metavar="URL",
         help="where sessions live, and API keys of every APIKeyFactory() created without "
-        "store=: memory:// (this process only), or redis://HOST:PORT/DB, "
-        "redis+sentinel://HOST:PORT[,...]/SERVICE or redis+cluster://HOST:PORT[,...] "
-        f"(shared by every process using it) (default: ${STORE_ENV}, else the --config file's store, else "
+        "store= (a Redis store is shared by every process using it): "
+        + store_urls.grammar().replace("%", "%%")
+        + f" (default: ${STORE_ENV}, else the --config file's store, else "
         "the app's own, memory unless set)",
     )
     run.add_argument(

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import attrs
 
+from asyncapy.adapters import store_urls
 from asyncapy.domain.limits import DEFAULT_PACKET_MEMORY, SERVER_MAX_PACKET_SIZE
 from asyncapy.domain.proxy import TrustedProxies
 from asyncapy.domain.ratelimit import RATE_FORMS, Rate, parse_rate
@@ -151,10 +152,8 @@ def _store_url(value: Any) -> Optional[str]:
         return None
     if not isinstance(value, str):
         raise ValueError(value)
-    from .stores import check_store_url  # the URL forms belong with the choice of adapter
-
     try:
-        check_store_url(value)
+        store_urls.check(value)  # the one table of URL schemes, with their parsers
     except ValueError as exc:
         raise _Refused(str(exc)) from None
     return value
@@ -292,11 +291,7 @@ SETTINGS: Mapping[str, Setting] = {
         Setting(
             "store",
             None,
-            "nothing or 'memory://' (this process only), or a Redis URL: "
-            "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], rediss://... (TLS), "
-            "unix://[[USER]:PASSWORD@]/PATH[?db=DB], "
-            "redis+sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB] (Redis Sentinel) or "
-            "redis+cluster://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...] (Redis Cluster)",
+            store_urls.ACCEPTED,
             lambda value: _store_url(value),
             _read_optional,
         ),

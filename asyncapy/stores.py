@@ -4,7 +4,9 @@ The composition root's one place that knows which adapters exist. A URL names wh
 sessions or keys live; an object implementing the port is used as it is. Redis
 clients are shared per URL within a process, so a server and the API-key factories of
 one process use one connection pool. A ``sqlite://`` URL names a file of API keys
-(:mod:`asyncapy.adapters.sqlite`): a key store only, sessions are never kept there.
+(:mod:`asyncapy.adapters.sqlite`): a key store only; given as a server's store, its
+sessions stay in the process. Which URL schemes exist, and every text that lists them,
+come from one table: :mod:`asyncapy.adapters.store_urls`.
 
 A key store opened from a Redis URL is wrapped in a
 :class:`~asyncapy.adapters.key_cache.CachedKeyStore`: key checks are answered from this
@@ -24,6 +26,7 @@ import os
 import threading
 from typing import Any, Optional, Union
 
+from asyncapy.adapters import store_urls
 from asyncapy.adapters.memory import MemoryKeyStore, MemorySessionStore
 from asyncapy.domain.ports import KeyStore, RateLimiter, SessionStore
 
@@ -51,17 +54,11 @@ keys`` and every ``APIKeyFactory()`` without ``store=``)."""
 CACHE_SIZE_ENV = "ASYNCAPY_KEY_CACHE_SIZE"
 """The environment variable giving the default ``cache_size`` of API-key factories."""
 
-STORE_ACCEPTED = (
-    "None or 'memory://' (this process only), a redis://, rediss://, unix://, "
-    "redis+sentinel:// or redis+cluster:// URL, or a store object implementing the port"
-)
-"""What a ``store`` setting accepts, for error messages."""
+STORE_ACCEPTED = f"None, a {store_urls.listing()} URL, or a SessionStore object"
+"""What a ``store`` setting accepts, for error messages (from the scheme table:
+:data:`asyncapy.adapters.store_urls.SCHEMES`)."""
 
-KEY_STORE_ACCEPTED = (
-    "None or 'memory://' (this process only), a redis://, rediss://, unix://, "
-    "redis+sentinel:// or redis+cluster:// URL, "
-    "a sqlite:///PATH URL (a file on this machine), or a KeyStore object"
-)
+KEY_STORE_ACCEPTED = f"None, a {store_urls.listing()} URL, or a KeyStore object"
 """What an ``APIKeyFactory``'s ``store`` accepts, for error messages."""
 
 _default: Optional[str] = None
@@ -72,27 +69,16 @@ _clients_lock = threading.Lock()
 
 
 def check_store_url(url: str) -> None:
-    """Refuse (:class:`ValueError`) a ``url`` that names no store: the scheme, then the
-    Redis URL's parts (:func:`asyncapy.adapters.redis_urls.check_url`). The message says what
-    is wrong without quoting ``url``, which may carry a password."""
-    scheme, separator, _ = url.partition("://")
-    scheme = scheme.lower()
-    if scheme == "memory" and separator:
-        return
-    if not separator:
-        raise ValueError("no SCHEME:// at its start")
-    if scheme not in ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster"):
-        raise ValueError(
-            "the scheme is not memory://, redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://"
-        )
-    from asyncapy.adapters.redis_urls import check_url
-
-    check_url(url)
+    """Refuse (:class:`ValueError`) a ``url`` that names no store
+    (:func:`asyncapy.adapters.store_urls.check`): the message says what is wrong and
+    gives one good URL, without quoting ``url``, which may carry a password."""
+    store_urls.check(url)
 
 
-def _is_memory(url: Any) -> bool:
-    """Validate a store URL (``ConfigError`` naming ``store``); True for ``memory://``."""
-    return validate("store", url).lower().startswith("memory://")
+def _scheme(url: Any) -> store_urls.Scheme:
+    """Validate a store URL (``ConfigError`` naming ``store``); its scheme."""
+    validate("store", url)  # checked: scheme_of() knows it
+    return store_urls.scheme_of(url)  # type: ignore[return-value]
 
 
 def redis_client(url: str) -> Any:
@@ -125,8 +111,6 @@ def default_store() -> Optional[str]:
     value = os.environ.get(STORE_ENV)
     if not value:
         return None
-    if value[:9].lower() == "sqlite://":
-        return value  # a key store only: open_key_store checks it
     return validate("store", value, STORE_ENV)
 
 
@@ -153,14 +137,19 @@ def key_cache_size(size: Optional[int] = None) -> int:
 
 
 def open_session_store(store: Union[None, str, SessionStore], lease: float = 30.0) -> SessionStore:
-    """The :class:`SessionStore` that ``store`` names (see :data:`STORE_ACCEPTED`)."""
+    """The :class:`SessionStore` that ``store`` names (see :data:`STORE_ACCEPTED`).
+
+    A ``sqlite://`` URL holds API keys only: the sessions stay in this process (as with
+    ``memory://``), so ``asyncapy run --store sqlite:///keys.db`` serves with its keys in
+    the file."""
     if store is None:
         return MemorySessionStore()
     if isinstance(store, SessionStore):
         return store
     if not isinstance(store, str):
         raise ConfigError("store", store, STORE_ACCEPTED)
-    if _is_memory(store):
+    scheme = _scheme(store)
+    if scheme.name == "memory" or not scheme.sessions:  # sqlite: API keys only, sessions stay here
         return MemorySessionStore()
     from asyncapy.adapters.redis import RedisSessionStore
 
@@ -168,7 +157,7 @@ def open_session_store(store: Union[None, str, SessionStore], lease: float = 30.
 
 
 def open_key_store(store: Union[None, str, KeyStore], *, cache_size: Optional[int] = None) -> KeyStore:
-    """The :class:`KeyStore` that ``store`` names (see :data:`STORE_ACCEPTED`);
+    """The :class:`KeyStore` that ``store`` names (see :data:`KEY_STORE_ACCEPTED`);
     ``None`` means :func:`default_store`. A Redis URL opens a
     :class:`~asyncapy.adapters.redis.RedisKeyStore` behind a coherent cache of
     ``cache_size`` keys (:func:`key_cache_size`)."""
@@ -181,19 +170,13 @@ def open_key_store(store: Union[None, str, KeyStore], *, cache_size: Optional[in
         return store
     if not isinstance(store, str):
         raise ConfigError("store", store, KEY_STORE_ACCEPTED)
-    if store[:9].lower() == "sqlite://":
-        from asyncapy.adapters.sqlite import URL_FORM, SQLiteKeyStore
-
-        try:
-            return SQLiteKeyStore.from_url(store)
-        except ValueError as exc:  # its message never quotes the URL
-            raise ConfigError("store", store, URL_FORM, reason=str(exc)) from None
-    try:
-        memory = _is_memory(store)
-    except ConfigError as exc:
-        raise ConfigError("store", store, KEY_STORE_ACCEPTED, reason=exc.reason) from None
-    if memory:
+    scheme = _scheme(store).name
+    if scheme == "memory":
         return MemoryKeyStore()
+    if scheme == "sqlite":
+        from asyncapy.adapters.sqlite import SQLiteKeyStore
+
+        return SQLiteKeyStore.from_url(store)  # checked: only opening the file can fail
     from asyncapy.adapters.key_cache import CachedKeyStore
     from asyncapy.adapters.redis import RedisKeyStore
     from asyncapy.adapters.redis_urls import wait_replicas

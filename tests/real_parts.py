@@ -19,6 +19,7 @@ import random
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -28,7 +29,7 @@ import pytest
 
 from tests.redis_server import INSTALL_HINT as REDIS_INSTALL_HINT
 
-__all__ = ["SentinelSet", "RedisCluster", "HAProxy", "free_ports", "require"]
+__all__ = ["SentinelSet", "RedisCluster", "HAProxy", "TLSFiles", "free_ports", "require"]
 
 INSTALL_HINTS = {
     "redis-server": REDIS_INSTALL_HINT,
@@ -77,6 +78,51 @@ def free_ports(count: int, bus_offset: int = 0) -> list[int]:
     return ports
 
 
+_TLS_PORTS: dict[int, ssl.SSLContext] = {}
+"""Ports of nodes started with TLS only, and the context :func:`_command` speaks to them with."""
+
+
+class TLSFiles:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with
+    trustme and written as PEM files to ``directory``: what ``rediss+...`` tests give
+    the Redis processes (``--tls-*``) and the store URL (``ssl_ca_certs``...)."""
+
+    def __init__(self, directory: str) -> None:
+        import trustme
+
+        ca = trustme.CA()
+        server = ca.issue_cert("127.0.0.1", "localhost")
+        client = ca.issue_cert("asyncapy-client@example.org")
+        self.ca = os.path.join(directory, "ca.pem")
+        self.server_cert = os.path.join(directory, "server.pem")
+        self.server_key = os.path.join(directory, "server.key")
+        self.client_cert = os.path.join(directory, "client.pem")
+        self.client_key = os.path.join(directory, "client.key")
+        ca.cert_pem.write_to_path(self.ca)
+        server.cert_chain_pems[0].write_to_path(self.server_cert)
+        server.private_key_pem.write_to_path(self.server_key)
+        client.cert_chain_pems[0].write_to_path(self.client_cert)
+        client.private_key_pem.write_to_path(self.client_key)
+
+    def server_args(self, *, auth_clients: str = "yes") -> list[str]:
+        """``redis-server`` arguments of a TLS-only node; ``auth_clients`` is Redis's
+        ``tls-auth-clients`` (``yes``: a client certificate is required)."""
+        return [
+            "--tls-cert-file", self.server_cert, "--tls-key-file", self.server_key,
+            "--tls-ca-cert-file", self.ca, "--tls-auth-clients", auth_clients,
+        ]
+
+    def query(self) -> str:
+        """The TLS options of a store URL: the CA and the client certificate."""
+        return f"ssl_ca_certs={self.ca}&ssl_certfile={self.client_cert}&ssl_keyfile={self.client_key}"
+
+    def context(self) -> ssl.SSLContext:
+        """A client context trusting the CA and presenting the client certificate."""
+        context = ssl.create_default_context(cafile=self.ca)
+        context.load_cert_chain(self.client_cert, self.client_key)
+        return context
+
+
 def _command(port: int, *args: str, timeout: float = 2.0) -> str:
     """Send one command to the Redis (or Sentinel) on ``port``; its reply, decoded.
 
@@ -86,10 +132,12 @@ def _command(port: int, *args: str, timeout: float = 2.0) -> str:
     read.
     """
     request = f"*{len(args)}\r\n" + "".join(f"${len(arg.encode())}\r\n{arg}\r\n" for arg in args)
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(request.encode())
-        reader = sock.makefile("rb")
-        return "\n".join(_read_reply(reader))
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as plain:
+        context = _TLS_PORTS.get(port)
+        with context.wrap_socket(plain, server_hostname="127.0.0.1") if context else plain as sock:
+            sock.sendall(request.encode())
+            reader = sock.makefile("rb")
+            return "\n".join(_read_reply(reader))
 
 
 def _read_reply(reader) -> list[str]:
@@ -151,6 +199,10 @@ class _Processes:
         self.processes.append(process)
         return process
 
+    def ports_used(self) -> list[int]:
+        """The ports this set listens on (forgotten as TLS ports when it stops)."""
+        return []
+
     def log(self, name: str) -> str:
         """The output of one process so far (for failure messages)."""
         try:
@@ -161,6 +213,8 @@ class _Processes:
 
     def stop(self) -> None:
         """Kill every process (idempotent) and remove the directory."""
+        for port in self.ports_used():
+            _TLS_PORTS.pop(port, None)
         for process in self.processes:
             if process.poll() is None:
                 process.kill()
@@ -179,8 +233,17 @@ class _Processes:
         self.stop()
 
 
-def _redis_args(binary: str, port: int, *extra: str) -> list[str]:
-    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+def _redis_args(binary: str, port: int, *extra: str, tls: Optional[TLSFiles] = None) -> list[str]:
+    """A ``redis-server`` command line on ``port``: plain TCP, or with ``tls`` TLS only
+    (``--port 0 --tls-port PORT``, replication and the cluster bus over TLS too)."""
+    if tls is None:
+        listen = ["--port", str(port)]
+    else:
+        _TLS_PORTS[port] = tls.context()
+        listen = ["--port", "0", "--tls-port", str(port), *tls.server_args(), "--tls-replication", "yes"]
+        if "--cluster-enabled" in extra:
+            listen += ["--tls-cluster", "yes"]
+    return [binary, *listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--protected-mode", "no", *extra]
 
 
@@ -193,8 +256,11 @@ class SentinelSet(_Processes):
     :attr:`url` is the ``redis+sentinel://`` store URL of the set.
     """
 
-    def __init__(self, service: str = "mymaster", down_after_ms: int = 1000) -> None:
+    def __init__(self, service: str = "mymaster", down_after_ms: int = 1000, *, tls: bool = False) -> None:
         super().__init__("asyncapy-sentinel-")
+        self.tls: Optional[TLSFiles] = TLSFiles(self.directory) if tls else None
+        """With ``tls=True``: every node and sentinel speaks TLS only (client
+        certificates required); :attr:`url` is then ``rediss+sentinel://``."""
         self.binary = require("redis-server")
         self.service = service
         self.down_after_ms = down_after_ms
@@ -202,6 +268,9 @@ class SentinelSet(_Processes):
         self.master_port, self.replica_port = ports[0], ports[1]
         self.sentinel_ports = ports[2:]
         self.data_processes: dict[int, subprocess.Popen] = {}
+
+    def ports_used(self) -> list[int]:
+        return [self.master_port, self.replica_port, *self.sentinel_ports]
 
     @property
     def sentinels(self) -> list[tuple[str, int]]:
@@ -212,6 +281,8 @@ class SentinelSet(_Processes):
     def url(self) -> str:
         """``redis+sentinel://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3/<service>``."""
         hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        if self.tls is not None:
+            return f"rediss+sentinel://{hosts}/{self.service}?{self.tls.query()}"
         return f"redis+sentinel://{hosts}/{self.service}"
 
     def start(self) -> "SentinelSet":
@@ -220,10 +291,12 @@ class SentinelSet(_Processes):
         its votes)."""
         try:
             self.data_processes[self.master_port] = self.spawn(
-                _redis_args(self.binary, self.master_port), f"redis-{self.master_port}.log"
+                _redis_args(self.binary, self.master_port, tls=self.tls), f"redis-{self.master_port}.log"
             )
             self.data_processes[self.replica_port] = self.spawn(
-                _redis_args(self.binary, self.replica_port, "--replicaof", "127.0.0.1", str(self.master_port)),
+                _redis_args(
+                    self.binary, self.replica_port, "--replicaof", "127.0.0.1", str(self.master_port), tls=self.tls
+                ),
                 f"redis-{self.replica_port}.log",
             )
             _wait(
@@ -233,9 +306,18 @@ class SentinelSet(_Processes):
             )
             for port in self.sentinel_ports:
                 config = os.path.join(self.directory, f"sentinel-{port}.conf")
+                if self.tls is None:
+                    listen = f"port {port}\n"
+                else:
+                    _TLS_PORTS[port] = self.tls.context()
+                    listen = (
+                        f"port 0\ntls-port {port}\ntls-cert-file {self.tls.server_cert}\n"
+                        f"tls-key-file {self.tls.server_key}\ntls-ca-cert-file {self.tls.ca}\n"
+                        "tls-auth-clients yes\ntls-replication yes\n"
+                    )
                 with open(config, "w", encoding="utf-8") as file:
                     file.write(
-                        f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {self.directory}\n"
+                        f"{listen}bind 127.0.0.1\nprotected-mode no\ndir {self.directory}\n"
                         f"sentinel monitor {self.service} 127.0.0.1 {self.master_port} 2\n"
                         f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
                         f"sentinel failover-timeout {self.service} 10000\n"
@@ -284,12 +366,22 @@ class RedisCluster(_Processes):
     """A Redis Cluster of ``masters`` masters (no replicas), created with
     ``redis-cli --cluster create``; :attr:`url` is its ``redis+cluster://`` store URL."""
 
-    def __init__(self, masters: int = 3, node_timeout_ms: int = 2000) -> None:
+    def __init__(self, masters: int = 3, node_timeout_ms: int = 2000, *, tls: bool = False, replicas: int = 0) -> None:
         super().__init__("asyncapy-cluster-")
+        self.replicas = replicas
+        """Replicas per master (``--cluster-replicas``): a killed master's replica takes
+        over its slots (:meth:`kill`)."""
+        self.node_processes: dict[int, subprocess.Popen] = {}
+        self.tls: Optional[TLSFiles] = TLSFiles(self.directory) if tls else None
+        """With ``tls=True``: every node speaks TLS only (clients and the cluster bus,
+        client certificates required); :attr:`url` is then ``rediss+cluster://``."""
         self.binary = require("redis-server")
         self.cli = require("redis-cli")
         self.node_timeout_ms = node_timeout_ms
-        self.ports = free_ports(masters, bus_offset=10000)  # each node's bus: port + 10000
+        self.ports = free_ports(masters * (1 + replicas), bus_offset=10000)  # each node's bus: port + 10000
+
+    def ports_used(self) -> list[int]:
+        return list(self.ports)
 
     @property
     def nodes(self) -> list[tuple[str, int]]:
@@ -299,25 +391,32 @@ class RedisCluster(_Processes):
     @property
     def url(self) -> str:
         """``redis+cluster://127.0.0.1:P1,127.0.0.1:P2,...``."""
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.ports)
+        if self.tls is not None:
+            return f"rediss+cluster://{hosts}?{self.tls.query()}"
+        return "redis+cluster://" + hosts
 
     def start(self) -> "RedisCluster":
         """Start the nodes, assign every slot, and wait until each node says
         ``cluster_state:ok``."""
         try:
             for port in self.ports:
-                self.spawn(
+                self.node_processes[port] = self.spawn(
                     _redis_args(
                         self.binary, port, "--cluster-enabled", "yes",
                         "--cluster-config-file", f"nodes-{port}.conf",
-                        "--cluster-node-timeout", str(self.node_timeout_ms),
+                        "--cluster-node-timeout", str(self.node_timeout_ms), tls=self.tls,
                     ),
                     f"redis-{port}.log",
                 )
             for port in self.ports:
                 _wait(f"cluster node {port}", lambda port=port: _command(port, "PING") == "PONG", self.processes)
+            tls = [] if self.tls is None else [
+                "--tls", "--cacert", self.tls.ca, "--cert", self.tls.client_cert, "--key", self.tls.client_key,
+            ]
             created = subprocess.run(
-                [self.cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports), "--cluster-yes"],
+                [self.cli, *tls, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
+                 "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                 cwd=self.directory, capture_output=True, text=True, timeout=60,
             )
             if created.returncode != 0:
@@ -330,17 +429,33 @@ class RedisCluster(_Processes):
         return self
 
     def flush(self) -> None:
-        """Delete every key on every node."""
-        for port in self.ports:
+        """Delete every key on every master (replicas follow)."""
+        for port in self._masters():
             _command(port, "FLUSHALL")
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the node on ``port``: no goodbye, as when its machine dies."""
+        process = self.node_processes[port]
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+
+    def replicated(self) -> bool:
+        """Whether every replica's link to its master is up."""
+        masters = self._masters()
+        if len(masters) * (1 + self.replicas) != len(self.ports):
+            return False  # the replicas are still joining
+        return all(
+            _info(port, "replication").get("master_link_status") == "up" for port in self.ports if port not in masters
+        )
 
     def _masters(self) -> dict[int, tuple[str, list[tuple[int, int]]]]:
         """``{port: (node id, [(first slot, last slot), ...])}`` of every master, from
         ``CLUSTER NODES`` (a bulk text: one line per node)."""
         masters = {}
-        for line in _command(self.ports[0], "CLUSTER", "NODES").splitlines():
+        alive = next(p for p in self.ports if p not in self.node_processes or self.node_processes[p].poll() is None)
+        for line in _command(alive, "CLUSTER", "NODES").splitlines():
             fields = line.split()
-            if len(fields) < 8 or "master" not in fields[2].split(","):
+            if len(fields) < 8 or "master" not in fields[2].split(",") or "fail" in fields[2]:
                 continue
             port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
             ranges = []
@@ -363,18 +478,38 @@ class RedisCluster(_Processes):
         """Move ``slot`` and its keys to the master on ``to_port`` (a resharding of one
         slot, the steps ``redis-cli --cluster reshard`` takes), and wait until every
         node agrees."""
-        masters = self._masters()
         source = self.owner(slot)
         if source == to_port:
             return
-        source_id, target_id = masters[source][0], masters[to_port][0]
-        _command(to_port, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", source_id)
-        _command(source, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", target_id)
-        while True:
-            keys = [k for k in _command(source, "CLUSTER", "GETKEYSINSLOT", str(slot), "100").splitlines() if k]
-            if not keys:
-                break
+        self.begin_migration(slot, to_port)
+        while self.migrate_keys(slot, to_port, 100):
+            pass
+        self.finish_migration(slot, to_port)
+
+    def begin_migration(self, slot: int, to_port: int) -> int:
+        """Open the migration of ``slot`` to the master on ``to_port``: the target
+        ``IMPORTING``, then the source ``MIGRATING`` (redis-cli's order); the source's
+        port. Keys stay where they are until :meth:`migrate_keys`."""
+        masters = self._masters()
+        source = self.owner(slot)
+        _command(to_port, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", masters[source][0])
+        _command(source, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", masters[to_port][0])
+        return source
+
+    def migrate_keys(self, slot: int, to_port: int, count: int) -> int:
+        """``MIGRATE`` up to ``count`` keys of ``slot`` from its owner to ``to_port``;
+        how many were moved (0: none left)."""
+        source = self.owner(slot)
+        keys = [k for k in _command(source, "CLUSTER", "GETKEYSINSLOT", str(slot), str(count)).splitlines() if k]
+        if keys:
             _command(source, "MIGRATE", "127.0.0.1", str(to_port), "", "0", "5000", "KEYS", *keys)
+        return len(keys)
+
+    def finish_migration(self, slot: int, to_port: int) -> None:
+        """Give ``slot`` to ``to_port`` on every node (``SETSLOT ... NODE``, the target
+        first), after the keys left (:meth:`migrate_keys`), and wait until all agree."""
+        target_id = self._masters()[to_port][0]
+        source = self.owner(slot)
         for port in [to_port, source] + [p for p in self.ports if p not in (to_port, source)]:
             _command(port, "CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
         _wait(

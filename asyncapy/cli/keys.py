@@ -3,8 +3,8 @@
 The command drives :class:`~asyncapy.util.APIKeyFactory`'s synchronous methods (the
 ones meant for scripts) against a store that outlives the command:
 
-* a ``redis://``, ``rediss://`` or ``unix://`` URL, the store ``asyncapy run --store``
-  and ``APIKeyFactory(store=URL)`` use;
+* a Redis URL (any form of :mod:`asyncapy.adapters.store_urls` but ``memory://``), the
+  store ``asyncapy run --store`` and ``APIKeyFactory(store=URL)`` use;
 * a ``sqlite:///PATH`` URL, the file ``APIKeyFactory(store="sqlite:///PATH")`` uses
   (:mod:`asyncapy.adapters.sqlite`); or
 * ``MODULE:ATTR`` naming a :class:`~asyncapy.domain.ports.KeyStore` object (your own
@@ -35,6 +35,7 @@ from asyncapy.domain.keylimits import key_limit
 from asyncapy.domain.ports import KeyStore, run_to_completion
 from asyncapy.domain.redaction import redact_url
 
+from ..adapters import store_urls
 from ..config import ConfigError
 from ..util import APIKeyFactory, fingerprint
 from . import EXIT_OK, CommandError, HelpFormatter, UsageError, import_object, parse_json, print_json
@@ -42,8 +43,6 @@ from . import EXIT_OK, CommandError, HelpFormatter, UsageError, import_object, p
 __all__ = ["STORE_ENV", "add_parser", "open_factory", "run"]
 
 from ..stores import STORE_ENV  # noqa: E402  (re-exported: the variable read when --store is not given)
-
-_URL_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster", "sqlite")
 
 _STORE_HINT = (
     "pass --store redis://HOST:PORT/DB or --store sqlite:///keys.db (the store your "
@@ -87,10 +86,10 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
             "--store",
             metavar="STORE",
             default=os.environ.get(STORE_ENV) or None,
-            help="where the keys live: a redis://, rediss://, unix://, redis+sentinel://, redis+cluster:// "
-            "or sqlite:///PATH URL, or MODULE:ATTR "
-            "naming a KeyStore or an APIKeyFactory (imported from the current directory "
-            f"too); memory:// is refused (default: ${STORE_ENV}; required if unset)",
+            help="where the keys live: a URL, "
+            + store_urls.grammar(names=[s.name for s in store_urls.SCHEMES if s.name != "memory"]).replace("%", "%%")
+            + "; or MODULE:ATTR naming a KeyStore or an APIKeyFactory (imported from the current "
+            f"directory too); memory:// is refused (default: ${STORE_ENV}; required if unset)",
         )
         parser.set_defaults(command_function=run)
         return parser
@@ -192,22 +191,16 @@ def open_factory(store: Optional[str], size: Optional[int] = None) -> APIKeyFact
                 "--store memory:// keeps keys in this process only: they would be gone "
                 f"when this command exits; {_STORE_HINT}"
             )
-        if scheme not in _URL_SCHEMES:
-            raise UsageError(
-                f"--store {redact_url(store)!r}: the scheme is not one of redis://, rediss://, unix://, "
-                "redis+sentinel://, redis+cluster://, sqlite://"
-            )
+        try:
+            store_urls.check(store)
+        except ValueError as exc:  # never quotes the URL; redact_url masks its password
+            raise UsageError(f"invalid --store {redact_url(store)!r} ({exc})") from None
         try:
             return APIKeyFactory(size if size is not None else 32, store=store)
         except StoreUnavailable as exc:  # an SQLite file that cannot be opened
             raise CommandError(f"the key store is unavailable: {exc}") from None
-        except ConfigError as exc:  # its value and reason are redacted: see ConfigError
-            if scheme == "sqlite":
-                accepted = exc.accepted  # the sqlite:// URL forms
-            else:
-                from asyncapy.adapters.redis_urls import URL_FORMS as accepted
-            because = f" ({exc.reason})" if exc.reason else ""
-            raise UsageError(f"invalid --store {exc.value!r}{because}; accepted: {accepted}") from None
+        except ConfigError as exc:  # checked above: a limit such as ASYNCAPY_KEY_CACHE_SIZE
+            raise UsageError(str(exc)) from None
     target = _import_store(store)
     if isinstance(target, APIKeyFactory):
         if size is not None:

@@ -258,7 +258,7 @@ async def test_sqlite_url_store_keys_survive_and_reach_a_server(tmp_path):
         ("keys", "issue", "--store", f"sqlite:///{tmp_path}/no/such/dir/keys.db"),
         env=env,
     )
-    one_error_line(host_form, 2, "sqlite:///PATH", "four slashes")
+    one_error_line(host_form, 2, "three slashes", "e.g. sqlite:///keys.db")
     one_error_line(no_file, 2, "database file is required")
     one_error_line(unopenable, 1, "unavailable", "unable to open")
 

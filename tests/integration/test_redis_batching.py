@@ -119,9 +119,18 @@ async def test_one_node_is_served_from_the_trio_thread(sessions):
     first = record()
     assert await sessions.admit(first, 5)
     before = sessions.batches
+    second = record()
+    assert await sessions.admit(second, 5)
+    assert sessions.batches - before == 1
+    await sessions.release(first)  # posted: it rides the next call's batch...
     assert await sessions.admit(record(), 5)
-    await sessions.release(first)
-    assert sessions.batches - before == 2  # one round trip each, sequentially
+    assert sessions.batches - before == 2
+    await sessions.release(second)  # ...or goes alone, at once, when none follows
+    with trio.fail_after(2):
+        while sessions.batches - before < 3:
+            await trio.sleep(0.001)
+    live = [r.session_id for r in await sessions.sessions(first.address)]
+    assert len(live) == 1 and first.session_id not in live and second.session_id not in live
     assert sessions._worker is None  # no thread was started
 
 

@@ -113,7 +113,7 @@ async def test_a_redis_outage_refuses_new_sessions_and_keys_and_recovers(own_red
 
     messages = [record.getMessage() for record in caplog.records]
     assert any("Session store unavailable, refusing 127.0.0.1" in m for m in messages)
-    assert any("Could not release the session in the store" in m for m in messages)
+    assert sum("Could not release a session in Redis" in m for m in messages) == 1  # once per outage
     assert any("not checked" in m and "replied ERR_UNAVAILABLE" in m for m in messages)
     assert sum("Cannot renew session leases" in m for m in messages) == 1
     # Every failure was an expected StoreUnavailable: no traceback at ERROR anywhere.

@@ -96,3 +96,56 @@ def test_asyncapy_run_store_is_the_default_of_the_apps_key_factories(tmp_path, r
             assert client.request({"key": key}) == {"granted": {"user": "opal"}}
             assert client.request({"key": "x" * 32}) == {"granted": None}
         assert run.stop() == 0, run.output
+
+
+@pytest.mark.parametrize("how", ["--store", "ASYNCAPY_STORE"])
+def test_asyncapy_run_with_an_sqlite_store_serves_keys_from_the_file(tmp_path, how):
+    """SQLite holds API keys only: the run serves with its keys in the file and its
+    sessions in the process (docs/cli.md says so)."""
+    (tmp_path / "store_app.py").write_text(APP)
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    command = [sys.executable, "-m", "asyncapy", "run", "store_app:app", "--port", "0"]
+    env = {"PYTHONPATH": str(tmp_path)}
+    if how == "--store":
+        command += ["--store", url]
+    else:
+        env[stores.STORE_ENV] = url
+    admin = APIKeyFactory(store=url)  # `asyncapy keys issue --store sqlite:///...`
+    key = admin.issue({"user": "lin"})
+    with Running(command, env=env, cwd=tmp_path) as run:
+        match = run.wait_for(SERVING, timeout=15)[0]
+        port = int(match.group(1))
+        assert match.group(2).startswith("MemorySessionStore(")
+        assert "SQLiteKeyStore(" in match.group(3)
+        with BlockingClient(tls=False, timeout=5) as client:
+            client.connect("127.0.0.1", port)
+            assert client.request({"key": key}) == {"granted": {"user": "lin"}}
+            admin.revoke(key)
+            assert client.request({"key": key}) == {"granted": None}
+        assert run.stop() == 0, run.output
+
+
+@pytest.mark.parametrize(
+    "url, reason, example",
+    [
+        ("postgres://:hunter2@db/keys", "unknown scheme", "redis://localhost:6379/0"),
+        ("redis+sentinel://:hunter2@s1:26379", "service name", "redis+sentinel://s1:26379"),
+        ("rediss+cluster://:hunter2@n1?ssl_ca_certs=/no/such/ca.pem", "ssl_ca_certs", "rediss+cluster://n1:6379"),
+        ("sqlite://host/keys.db", "three slashes", "sqlite:///keys.db"),
+    ],
+)
+def test_a_bad_run_store_is_one_short_line_with_a_good_example_and_exit_2(tmp_path, url, reason, example):
+    (tmp_path / "store_app.py").write_text(APP)
+    for how in ("--store", "ASYNCAPY_STORE"):
+        command = [sys.executable, "-m", "asyncapy", "run", "store_app:app", "--port", "0"]
+        env = {"PYTHONPATH": str(tmp_path)}
+        if how == "--store":
+            command += ["--store", url]
+        else:
+            env[stores.STORE_ENV] = url
+        with Running(command, env=env, cwd=tmp_path) as run:
+            assert run.finish(timeout=15) == 2, run.output
+            lines = [line for line in run.err if line.strip()]
+        assert len(lines) == 1, lines
+        assert f"invalid store in {how}" in lines[0] and reason in lines[0] and example in lines[0]
+        assert len(lines[0]) < 300 and "hunter2" not in lines[0]
