@@ -67,7 +67,8 @@ from .redis_calls import _Call, _offload
 from .redis_cluster import _still_serving
 # Re-exported: the names people import from this module since before the split.
 from .redis_cluster import ClusterClient  # noqa: F401
-from .redis_urls import CLUSTER_PORT, DB_MAX, SCHEMES, SENTINEL_PORT, URL_FORMS  # noqa: F401
+from .redis_urls import CLUSTER_PORT, DB_MAX, SCHEMES, SENTINEL_PORT  # noqa: F401
+from .store_urls import URL_FORMS  # noqa: F401
 from .redis_urls import check_url, connect, wait_replicas  # noqa: F401
 from asyncapy.domain.errors import StoreUnavailable
 from asyncapy.domain.ports import KeyStore, SessionRecord, SessionStore

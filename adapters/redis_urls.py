@@ -24,20 +24,19 @@ from typing import Any, Optional
 
 import redis
 
-from . import store_urls
 from .redis_cluster import ClusterClient
 from asyncapy.domain.redaction import redact
 
-__all__ = ["URL_FORMS", "check_url", "connect", "wait_replicas"]
+__all__ = ["check_url", "connect", "wait_replicas"]
 
 DB_MAX = 2**31 - 1
 """The highest database number a URL may name (Redis's own bound on ``databases``)."""
 
-SCHEMES = tuple(s.name for s in store_urls.SCHEMES if s.name not in ("memory", "sqlite"))
-"""The URL schemes of Redis stores (from :data:`asyncapy.adapters.store_urls.SCHEMES`)."""
-
-URL_FORMS = store_urls.grammar(names=SCHEMES)
-"""The URLs :func:`connect` accepts, for ``--help`` (from the scheme table)."""
+SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster", "rediss+sentinel", "rediss+cluster")
+"""The URL schemes this parser reads: the Redis rows of the one table of store URLs,
+:data:`asyncapy.adapters.store_urls.SCHEMES`, which describes them (their forms, the
+docs' table, every message) and calls :func:`check_url` for them; a test holds the two
+to the same names, so that the table depends on this parser and not the other way."""
 
 SENTINELS = ("redis+sentinel", "rediss+sentinel")
 CLUSTERS = ("redis+cluster", "rediss+cluster")
@@ -237,7 +236,8 @@ def _pool(url: str, max_connections: int = 16, timeout: float = 2.0) -> redis.Bl
 
 
 def check_url(url: str) -> None:
-    """Refuse (:class:`ValueError`) a Redis ``url`` that is not one of :data:`URL_FORMS`.
+    """Refuse (:class:`ValueError`) a Redis ``url`` that is not one of the forms of
+    :data:`asyncapy.adapters.store_urls.URL_FORMS`.
 
     redis-py reads some broken URLs without complaint, and wrongly: a database that is
     not a number (``/abc``) silently becomes database 0, a negative one -1, a password

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import attrs
 
-__all__ = ["Scheme", "SCHEMES", "ACCEPTED", "scheme_of", "listing", "grammar", "check", "example"]
+__all__ = ["Scheme", "SCHEMES", "REDIS_SCHEMES", "URL_FORMS", "ACCEPTED", "scheme_of", "listing", "grammar", "check", "example"]
 
 TLS_OPTIONS = (
     "?ssl_ca_certs=FILE (the CA to trust), ssl_certfile=FILE and ssl_keyfile=FILE (a client "
@@ -92,6 +92,9 @@ SCHEMES: tuple[Scheme, ...] = (
 
 _BY_NAME = {scheme.name: scheme for scheme in SCHEMES}
 
+REDIS_SCHEMES = tuple(s.name for s in SCHEMES if s.name not in ("memory", "sqlite"))
+"""The schemes of Redis stores."""
+
 ACCEPTED = "a store URL or object (every form: asyncapy run --help)"
 """What a ``store`` setting accepts, in an error message: short, the reason and its
 example say the rest (:func:`check`)."""
@@ -118,6 +121,11 @@ def grammar(*, names: Optional[Sequence[str]] = None, separator: str = "; ") -> 
         "/ ? # @ % , in a user name or password percent-encoded"
     )
     return separator.join(forms + [tail])
+
+
+URL_FORMS = grammar(names=REDIS_SCHEMES)
+"""The URLs of Redis stores (what :func:`asyncapy.adapters.redis_urls.connect`
+accepts), for ``--help``."""
 
 
 def example(url: str = "") -> str:

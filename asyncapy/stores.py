@@ -190,7 +190,8 @@ def open_rate_limiter(store: Union[None, str, SessionStore]) -> RateLimiter:
     ``store`` names: a Redis URL's (the same client, so every process sharing the
     store shares the limits, exact across them), else one in this process's memory
     (memory, SQLite, or a store object of the application's)."""
-    if isinstance(store, str) and store.lower().startswith(("redis", "rediss", "unix")):
+    scheme = store_urls.scheme_of(store) if isinstance(store, str) else None
+    if scheme is not None and scheme.name in store_urls.REDIS_SCHEMES:
         from asyncapy.adapters.redis_ratelimit import RedisRateLimiter
 
         return RedisRateLimiter(redis_client(store))

@@ -44,7 +44,7 @@ def test_tls_examples_pass_with_a_ca_file_that_exists(tmp_path):
 
 def test_every_text_that_lists_the_schemes_comes_from_the_table():
     names = [scheme.name for scheme in store_urls.SCHEMES]
-    assert redis_urls.SCHEMES == tuple(n for n in names if n not in ("memory", "sqlite"))
+    assert redis_urls.SCHEMES == store_urls.REDIS_SCHEMES == tuple(n for n in names if n not in ("memory", "sqlite"))
     run_help, keys_help = _help("run"), _help("keys", "issue")
     for scheme in store_urls.SCHEMES:
         prefix = scheme.prefix
