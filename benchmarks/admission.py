@@ -169,18 +169,27 @@ def serve(port: int, store: str) -> None:
     app.start()
 
 
-def serve_authenticated(port: int, store: str) -> None:
+KEY_LIMIT = "100000/s"
+"""The per-key rate limit of the ``keys limited`` server: never reached (each key asks a
+few hundred times a second), so what it costs is the decision's own price."""
+
+
+def serve_authenticated(port: int, store: str, limited: bool = False) -> None:
     """The authenticated echo of part (b): packets pass ``Filters.APIFactory`` (keys in
     ``store``, sessions too) and are echoed; ``{"stats": 1}`` answers the key cache's
-    counts. Run in a child process: ``--serve-auth PORT STORE``."""
+    counts. With ``limited``, every key carries a rate limit of its own
+    (:data:`KEY_LIMIT`), charged on each packet in the limiter beside the store. Run in
+    a child process: ``--serve-auth PORT STORE`` (``--serve-auth-limited``)."""
     from asyncapy import APIKeyFactory, Filters, Packet, Server
+    from asyncapy.domain.keylimits import key_limit, wrap
     from asyncapy.domain.ports import run_to_completion
 
     url = None if store == "memory" else store
     app = Server(port=port, buf=65536, logging_level="WARNING", store=url)
     keys = APIKeyFactory(store=url or "memory://")
+    limit = key_limit(KEY_LIMIT, 100) if limited else None
     for key in KEYS:
-        run_to_completion(keys.store.put(key, {"user": key[-4:]}))
+        run_to_completion(keys.store.put(key, wrap({"user": key[-4:]}, limit)))
 
     @app.add_handler(Filters.Fields(stats=None), group=-1)
     async def stats(client, packet) -> None:
@@ -232,9 +241,13 @@ def end_to_end(url: str, redis_pid: int, rounds: int, seconds: float, clients: i
         (f"churn, {clients} clients, session_limit", "--serve", PACKET, clients, True),
     ]
     for title, flag, packet, count, churn in workloads:
-        with child(flag, "memory") as memory, child(flag, url) as redis:
+        with contextlib.ExitStack() as stack:
+            servers = {"memory": stack.enter_context(child(flag, "memory")), "redis": stack.enter_context(child(flag, url))}
+            if flag == "--serve-auth":  # the same, every key with a limit of its own
+                servers["limited"] = stack.enter_context(child("--serve-auth-limited", url))
+            redis = servers["redis"]
             before = process_cpu(redis_pid)
-            measured = run.measure({"memory": memory, "redis": redis}, packet, count, rounds, seconds, churn=churn)
+            measured = run.measure(servers, packet, count, rounds, seconds, churn=churn)
             redis_cpu = process_cpu(redis_pid) - before
             ratio = None
             if flag == "--serve-auth":
@@ -329,7 +342,7 @@ def print_e2e_table(results: dict, seconds: float, rounds: int) -> None:
     )
     for workload, (measured, redis_cpu, hit_ratio) in results.items():
         base = measured["memory"]
-        for name in ("memory", "redis"):
+        for name in [n for n in ("memory", "redis", "limited") if n in measured]:
             runs = measured[name]
             rate = statistics.median(r.rate for r in runs)
             p50 = statistics.median(r.percentile(0.50) for r in runs) * 1000
@@ -344,6 +357,11 @@ def print_e2e_table(results: dict, seconds: float, rounds: int) -> None:
                 f"  {workload:<32} {name:<7} {rate:>8.0f} {p50:>8.3f} {p99:>8.3f} {ratio:>10.2f}"
                 f" {cpu:>11.1f} {redis_us}   {[round(r.rate) for r in runs]}{note}"
             )
+        if "limited" in measured:
+            with_limits = statistics.median(
+                r.rate / b.rate for r, b in zip(measured["limited"], measured["redis"]) if b.rate
+            )
+            print(f"  {'':<32} per-key limits (Redis) / none: {with_limits:.3f}")
         if hit_ratio is not None:
             print(f"  {'':<32} key cache hit ratio (Redis server): {hit_ratio[0]:.5f} of {hit_ratio[1]} checks")
 
@@ -372,12 +390,16 @@ def main() -> None:
     parser.add_argument("--revocations", type=int, default=200, help="revocations timed (200)")
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "STORE"), help=argparse.SUPPRESS)
     parser.add_argument("--serve-auth", nargs=2, metavar=("PORT", "STORE"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve-auth-limited", nargs=2, metavar=("PORT", "STORE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(int(args.serve[0]), args.serve[1])
         return
     if args.serve_auth:
         serve_authenticated(int(args.serve_auth[0]), args.serve_auth[1])
+        return
+    if args.serve_auth_limited:
+        serve_authenticated(int(args.serve_auth_limited[0]), args.serve_auth_limited[1], limited=True)
         return
     if not 0 < args.connections <= len(KEYS):
         parser.error(f"--connections must be 1 to {len(KEYS)}")
