@@ -77,42 +77,42 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     actions = keys.add_subparsers(dest="keys_action", required=True, metavar="ACTION")
+    _add_issue(actions)
 
-    def action(name: str, help: str, description: str) -> argparse.ArgumentParser:
-        parser = actions.add_parser(
-            name, help=help, description=description, epilog=EXAMPLES, formatter_class=HelpFormatter
-        )
-        parser.add_argument(
-            "--store",
-            metavar="STORE",
-            default=os.environ.get(STORE_ENV) or None,
-            help="where the keys live: a URL, "
-            + store_urls.grammar(names=[s.name for s in store_urls.SCHEMES if s.name != "memory"]).replace("%", "%%")
-            + "; or MODULE:ATTR naming a KeyStore or an APIKeyFactory (imported from the current "
-            f"directory too); memory:// is refused (default: ${STORE_ENV}; required if unset)",
-        )
-        parser.set_defaults(command_function=run)
-        return parser
+    get = _action(actions, "get", "print a key's metadata", "Print the metadata of KEY as JSON on stdout.")
+    _key_argument(get)
+    get.add_argument(
+        "--pretty",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="indent the JSON, or (--no-pretty) write it on one line (default: indented "
+        "when stdout is a terminal)",
+    )
 
-    def key_argument(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "key",
-            metavar="KEY",
-            help="the API key, or - to read it from the first line of stdin (keeps it out "
-            "of ps and the shell history); a key that begins with - (none issued since "
-            "0.6 does) goes last, after --",
-        )
+    update = _action(
+        actions, "update", "replace a key's metadata", "Replace the metadata of KEY with JSON; prints nothing."
+    )
+    _key_argument(update)
+    update.add_argument("metadata", metavar="JSON", help="the new metadata, any JSON value")
 
-    def size_argument(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "--size",
-            type=int,
-            metavar="N",
-            help="length of the new key in characters, at least 16 (default: 32, or the "
-            "size of the APIKeyFactory named by --store)",
-        )
+    reissue = _action(
+        actions,
+        "reissue",
+        "replace a key by a new one and print it",
+        "Replace KEY by a new key that keeps its metadata (KEY stops working at once); print "
+        "the new key on stdout.",
+    )
+    _key_argument(reissue)
+    _size_argument(reissue)
 
-    issue = action(
+    revoke = _action(actions, "revoke", "delete a key", "Delete KEY: it stops working at once; prints nothing.")
+    _key_argument(revoke)
+    return keys
+
+
+def _add_issue(actions: Any) -> None:
+    issue = _action(
+        actions,
         "issue",
         "create a key and print it",
         "Create a new random key carrying --metadata, store it, and print it on stdout.",
@@ -123,7 +123,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         default="null",
         help="the key's metadata, any JSON value, e.g. '{\"user\": \"alice\"}' (default: null)",
     )
-    size_argument(issue)
+    _size_argument(issue)
     issue.add_argument(
         "--rate-limit",
         metavar="RATE",
@@ -139,34 +139,41 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         help="requests the key may make at once above --rate-limit (default: 0)",
     )
 
-    get = action("get", "print a key's metadata", "Print the metadata of KEY as JSON on stdout.")
-    key_argument(get)
-    get.add_argument(
-        "--pretty",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="indent the JSON, or (--no-pretty) write it on one line (default: indented "
-        "when stdout is a terminal)",
+
+def _action(actions: Any, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """One action's parser, with the ``--store`` every action takes."""
+    parser = actions.add_parser(name, help=help, description=description, epilog=EXAMPLES, formatter_class=HelpFormatter)
+    parser.add_argument(
+        "--store",
+        metavar="STORE",
+        default=os.environ.get(STORE_ENV) or None,
+        help="where the keys live: a URL, "
+        + store_urls.grammar(names=[s.name for s in store_urls.SCHEMES if s.name != "memory"]).replace("%", "%%")
+        + "; or MODULE:ATTR naming a KeyStore or an APIKeyFactory (imported from the current "
+        f"directory too); memory:// is refused (default: ${STORE_ENV}; required if unset)",
+    )
+    parser.set_defaults(command_function=run)
+    return parser
+
+
+def _key_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "key",
+        metavar="KEY",
+        help="the API key, or - to read it from the first line of stdin (keeps it out "
+        "of ps and the shell history); a key that begins with - (none issued since "
+        "0.6 does) goes last, after --",
     )
 
-    update = action(
-        "update", "replace a key's metadata", "Replace the metadata of KEY with JSON; prints nothing."
-    )
-    key_argument(update)
-    update.add_argument("metadata", metavar="JSON", help="the new metadata, any JSON value")
 
-    reissue = action(
-        "reissue",
-        "replace a key by a new one and print it",
-        "Replace KEY by a new key that keeps its metadata (KEY stops working at once); print "
-        "the new key on stdout.",
+def _size_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--size",
+        type=int,
+        metavar="N",
+        help="length of the new key in characters, at least 16 (default: 32, or the "
+        "size of the APIKeyFactory named by --store)",
     )
-    key_argument(reissue)
-    size_argument(reissue)
-
-    revoke = action("revoke", "delete a key", "Delete KEY: it stops working at once; prints nothing.")
-    key_argument(revoke)
-    return keys
 
 
 def _import_store(spec: str) -> Any:
