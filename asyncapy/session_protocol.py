@@ -115,7 +115,9 @@ class SessionProtocol:
     # -- bytes and events in -----------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
         """Feed bytes read from the connection (never ``b""``: end of stream is the
-        driver's to notice)."""
+        driver's to notice). A driver that then finds only part of a large packet
+        (``connection.receiving_large``) notes when it began in ``state.large_since``,
+        for ``large_packet_timeout``; :meth:`handled` clears it."""
         self.meter.received += len(data)
         self.connection.framer.receive_data(data)
 
@@ -183,7 +185,9 @@ class SessionProtocol:
         """A packet was handled at ``now``: the idle clock starts again (not when it
         arrived: a handler slower than ``timeout`` must not time out the next read),
         and a large packet's share of ``max_packet_memory`` is given back."""
-        self.state.last_active = now
+        state = self.state
+        state.last_active = now
+        state.large_since = 0.0
         connection = self.connection
         if connection.held:
             connection.release()
