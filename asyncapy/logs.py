@@ -202,6 +202,8 @@ class LimitedLog:
         """Log ``message % args`` at ``level`` with the count of lines left out since,
         unless the limit is reached (then only count it); True if it was logged. The
         record names the caller's line, not this one."""
+        if not self.logger.isEnabledFor(level):  # a line nobody would see is not counted
+            return False
         limit = self.limit
         if not limit.allow():
             return False

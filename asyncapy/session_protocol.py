@@ -301,7 +301,8 @@ class SessionProtocol:
             if reason is not None:
                 return reason
             state.last_active = now()
-            state.large_since = 0.0
+            if state.large_since:
+                state.large_since = 0.0
             if connection.held:
                 connection.release()
             # Only the session feeds the framer: with no whole packet buffered after

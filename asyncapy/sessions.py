@@ -145,7 +145,7 @@ class Sessions:
             release_slot()
             await self._refuse(stream, refusal)
             return
-        protocol = self._open(stream, address, record)
+        protocol = self._open(stream, address, record, session_id)
         task_status.started(True)
         self.shared_logs.started.log(logging.INFO, "(%s) Session started for %s", session_id, address)
         reason = "cancelled"  # busy past shutdown_grace, or a second signal
@@ -195,14 +195,16 @@ class Sessions:
         self.recorder.connection("admitted")
         return None
 
-    def _open(self, stream: trio.abc.Stream, address: str, record: SessionRecord) -> SessionProtocol:
+    def _open(
+        self, stream: trio.abc.Stream, address: str, record: SessionRecord, session_id: uuid.UUID
+    ) -> SessionProtocol:
         """The admitted session's parts, registered as live."""
         settings = self.settings
         client = Client(address, self, stream, None, settings.encoding)
         self.attach(client)
         channel = client._channel
         assert channel is not None and client._connection is not None
-        session = Session(uuid.UUID(record.session_id), client, record.date, self.server_id)
+        session = Session(session_id, client, record.date, self.server_id)
         client.session = session
         channel.meter = self.recorder.session_started(client)
         state = SessionState(trio.current_time(), channel)

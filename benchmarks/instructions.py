@@ -38,10 +38,27 @@ WORKLOADS = [
     ("small JSON", 1, FRAMER.frame(JSON.encode(SMALL), JSON.code)),
     ("small JSON", 8, FRAMER.frame(JSON.encode(SMALL), JSON.code)),
     ("medium ZiProto", 1, FRAMER.frame(ZIPROTO.encode(MEDIUM), ZIPROTO.code)),
+    ("churn (connect, one request, close)", 0, FRAMER.frame(JSON.encode(SMALL), JSON.code)),
 ]
+"""(title, connections, packet); 0 connections: a new connection per request."""
+
+
+def churn(port: int, packet: bytes, requests: int) -> None:
+    """``requests`` connections, each connect, one round trip, close."""
+    for _ in range(requests):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(packet)
+            remaining = len(packet)
+            while remaining:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise RuntimeError("the server closed the connection")
+                remaining -= len(chunk)
 
 
 def drive(port: int, packet: bytes, connections: int, requests: int) -> None:
+    if connections == 0:
+        return churn(port, packet, requests)
     """``requests`` echo round trips, spread over ``connections`` sockets taken in
     turn (each waits for its reply before the next request)."""
     sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(connections)]
@@ -106,7 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=3000, help="requests measured per workload (3000)")
     parser.add_argument("--against", metavar="CHECKOUT", help="also measure another checkout (with its own .venv)")
-    parser.add_argument("--only", type=int, metavar="N", help="only the N-th workload (0, 1, 2)")
+    parser.add_argument("--only", type=int, metavar="N", help="only the N-th workload (0 to 3)")
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("benchmarks.instructions needs valgrind (Debian: apt-get install valgrind)")
@@ -114,7 +131,7 @@ def main() -> None:
     workloads = WORKLOADS if args.only is None else [WORKLOADS[args.only]]
     for title, connections, packet in workloads:
         now = measure(ROOT, packet, connections, args.requests)
-        line = f"  {title}, {connections} connection(s): {now:,.0f}"
+        line = f"  {title}, {connections or 'new'} connection(s): {now:,.0f}"
         if args.against:
             then = measure(os.path.abspath(args.against), packet, connections, args.requests)
             line += f"; before: {then:,.0f}; ratio {now / then:.3f}"
