@@ -23,12 +23,12 @@ from __future__ import annotations
 import bisect
 import functools
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Optional
 
 from asyncapy.domain.dispatch import Dispatcher, Handler
 from asyncapy.domain.ports import KeyStore, SessionRecord, SessionStore
 
-from .metrics import Recorder, Timings
+from .metrics import KEY_OPERATIONS, Recorder, Timings, key_store_metered, published
 
 __all__ = [
     "MeteredSessionStore",
@@ -64,6 +64,33 @@ class _Timer:
             raise
         finally:
             self.timings.observe(_perf_counter() - start)
+
+
+class _PublishedTimer:
+    """Times store calls of one operation into the recorder :func:`published` names at
+    each call: a key store metered when its factory is made, before any server chose
+    whether to count; nothing is timed while no server counts."""
+
+    __slots__ = ("operation",)
+
+    def __init__(self, operation: str) -> None:
+        self.operation = operation
+
+    async def call(self, awaitable: Awaitable[Any], not_errors: tuple = ()) -> Any:
+        recorder = published()
+        if not recorder.enabled:
+            return await awaitable
+        timings = recorder.store_timings(self.operation)
+        start = _perf_counter()
+        try:
+            return await awaitable
+        except not_errors:
+            raise
+        except Exception:
+            recorder.store_error(self.operation)
+            raise
+        finally:
+            timings.observe(_perf_counter() - start)
 
 
 class MeteredSessionStore(SessionStore):
@@ -113,18 +140,21 @@ class MeteredSessionStore(SessionStore):
 
 class MeteredKeyStore(KeyStore):
     """``inner``, with every call timed (operations ``key_put``, ``key_get``...) and its
-    failures counted in ``recorder``; a ``KeyError`` (no such key) is an answer, not
-    a failure. Other attributes are ``inner``'s."""
+    failures counted in ``recorder``, or, without one, in the recorder of the server
+    that serves this process when it counts (:func:`asyncapy.metrics.published`: how an
+    API-key factory meters its store when it is made); a ``KeyError`` (no such key) is
+    an answer, not a failure. Other attributes are ``inner``'s."""
 
-    def __init__(self, inner: KeyStore, recorder: Recorder) -> None:
+    def __init__(self, inner: KeyStore, recorder: Optional[Recorder] = None) -> None:
         self.inner = inner
         """The store that does the work."""
         self.recorder = recorder
-        """Where the timings go."""
-        self._timers = {
-            name: _Timer(recorder, f"key_{name}")
-            for name in ("put", "get", "delete", "contains", "update", "replace")
-        }
+        """Where the timings go (None: the published recorder, at each call)."""
+        self._timers: dict = {}
+        for name in KEY_OPERATIONS:
+            self._timers[name] = _Timer(recorder, f"key_{name}") if recorder is not None else _PublishedTimer(f"key_{name}")
+        if recorder is None:
+            key_store_metered()
 
     async def put(self, key: str, metadata: Any) -> None:
         """``inner.put``, timed as ``key_put``."""
@@ -159,6 +189,10 @@ class MeteredKeyStore(KeyStore):
             raise AttributeError(name)
         return getattr(self.inner, name)
 
+    def __len__(self) -> int:
+        """``len(inner)``, for a store that has one (how many keys an SQLite file holds)."""
+        return len(self.inner)  # type: ignore[arg-type]
+
     def __repr__(self) -> str:
         return repr(self.inner)
 
@@ -171,10 +205,11 @@ def metered_session_store(store: SessionStore, recorder: Recorder) -> SessionSto
     return MeteredSessionStore(store, recorder)
 
 
-def metered_key_store(store: KeyStore, recorder: Recorder) -> KeyStore:
-    """``store`` timed into ``recorder``; ``store`` itself when metrics are off or it is
-    metered already."""
-    if not recorder.enabled or isinstance(store, MeteredKeyStore):
+def metered_key_store(store: KeyStore, recorder: Optional[Recorder] = None) -> KeyStore:
+    """``store`` timed into ``recorder`` (None: the published one, see
+    :class:`MeteredKeyStore`); ``store`` itself when that recorder is off or the store
+    is metered already."""
+    if isinstance(store, MeteredKeyStore) or (recorder is not None and not recorder.enabled):
         return store
     return MeteredKeyStore(store, recorder)
 

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import bisect
 import platform
+import weakref
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import attrs
@@ -68,6 +69,12 @@ __all__ = [
     "Recorder",
     "NullRecorder",
     "NULL_RECORDER",
+    "KEY_OPERATIONS",
+    "published",
+    "publish",
+    "unpublish",
+    "key_store_metered",
+    "watch_key_cache",
     "families",
     "SnapshotCollector",
     "SESSION_OPERATIONS",
@@ -415,18 +422,6 @@ class Recorder:
             timings = self._handlers[name] = Timings(HANDLER_BUCKETS)
         return timings
 
-    def handler_ran(self, name: str, seconds: float) -> None:
-        """Observe one run of handler ``name`` that took ``seconds``: the session loop's
-        way, timing its ``dispatch`` call and naming ``client.handler`` (exact when one
-        handler answers a packet; with several groups, the last one gets the time).
-        It costs about a third of :func:`asyncapy.metered.metered_handler`'s wrapper,
-        which times each handler of every group apart."""
-        timings = self._handlers.get(name)
-        if timings is None:
-            timings = self._handlers[name] = Timings(HANDLER_BUCKETS)
-        timings.counts[bisect.bisect_left(timings.bounds, seconds)] += 1
-        timings.total += seconds
-
     def store_timings(self, operation: str) -> Timings:
         """The histogram of store ``operation`` (``admit``, ``get``...), to observe into."""
         timings = self._store.get(operation)
@@ -513,14 +508,62 @@ class NullRecorder(Recorder):
     def store_error(self, operation: str) -> None:
         """Does nothing."""
 
-    def handler_ran(self, name: str, seconds: float) -> None:
-        """Does nothing."""
 
     def watch_key_cache(self, cache: Any) -> None:
         """Does nothing."""
 
 
 NULL_RECORDER = NullRecorder()
+
+KEY_OPERATIONS = ("put", "get", "delete", "contains", "update", "replace")
+"""The key store's timed operations (``key_put``...)."""
+
+_published: Recorder = NULL_RECORDER
+_key_caches: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_metered_key_stores = 0
+
+
+def published() -> Recorder:
+    """The recorder of this process's serving server (:func:`publish`), or
+    :data:`NULL_RECORDER`: where the key stores metered at their construction
+    (:class:`asyncapy.metered.MeteredKeyStore` without a recorder of its own) count."""
+    return _published
+
+
+def publish(recorder: Recorder) -> None:
+    """Make ``recorder`` this process's (the server does when it serves with metrics
+    on): the API-key factories made before, and after, count into it, with no store
+    rewired. Their ``key_*`` series and the key caches' counts exist from now on."""
+    global _published
+    _published = recorder
+    if _metered_key_stores:
+        for operation in KEY_OPERATIONS:
+            recorder.store_timings(f"key_{operation}")
+    for cache in list(_key_caches):
+        recorder.watch_key_cache(cache)
+
+
+def unpublish(recorder: Recorder) -> None:
+    """Stop counting into ``recorder`` if it is the published one (its server stopped)."""
+    global _published
+    if _published is recorder:
+        _published = NULL_RECORDER
+
+
+def key_store_metered() -> None:
+    """Note a key store metered at its construction (its ``key_*`` series are due)."""
+    global _metered_key_stores
+    _metered_key_stores += 1
+    if _published.enabled:
+        for operation in KEY_OPERATIONS:
+            _published.store_timings(f"key_{operation}")
+
+
+def watch_key_cache(cache: Any) -> None:
+    """Count ``cache``'s hits and misses in the published recorder, now and in any
+    published later (an API-key factory's cache, at its construction)."""
+    _key_caches.add(cache)
+    _published.watch_key_cache(cache)
 """The shared recorder of servers without metrics."""
 
 

@@ -34,7 +34,7 @@ from asyncapy.domain.dispatch import Dispatcher, Handler
 from asyncapy.domain.errors import StoreUnavailable
 from asyncapy.domain.ports import SessionStore
 
-from . import logs, worker_metrics
+from . import logs, metrics, worker_metrics
 from .config import SETTINGS, ConfigError, Settings, check_proxy_settings, load_config, make_settings, validate
 from .core import Client, Session
 from .listening import Listening, format_address, sockname
@@ -44,7 +44,7 @@ from .probes import ProbeServer, Readiness, RecorderExposition
 from .sessions import Sessions
 from .limits import Limits
 from .stores import open_rate_limiter, open_session_store
-from .util import meter_key_stores, where_keys_live
+from .util import where_keys_live
 
 __all__ = ["Server"]
 
@@ -499,7 +499,7 @@ class Server:
         recorder = self.metrics_recorder
         if recorder.enabled:
             self.store = metered_session_store(self.store, recorder)
-            meter_key_stores(recorder)
+            metrics.publish(recorder)  # the API-key factories' stores count into it
         await self.setup()
         listeners: list = []
         try:
@@ -520,6 +520,7 @@ class Server:
                 nursery.cancel_scope.cancel()
         finally:
             self.probes = None
+            metrics.unpublish(recorder)
             listening.log_refusals()
             sessions.report_refusals()
             with trio.CancelScope(shield=True):

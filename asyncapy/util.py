@@ -27,10 +27,10 @@ from asyncapy.domain.ports import KeyStore, run_to_completion
 from asyncapy.adapters.key_cache import CachedKeyStore
 
 from .metered import metered_key_store
-from .metrics import Recorder
+from .metrics import watch_key_cache
 from .stores import open_key_store
 
-__all__ = ["APIKeyFactory", "KEY_ALPHABET", "fingerprint", "where_keys_live", "meter_key_stores"]
+__all__ = ["APIKeyFactory", "KEY_ALPHABET", "fingerprint", "where_keys_live"]
 
 KEY_ALPHABET = string.ascii_letters + string.digits + "-_"
 """The URL-safe alphabet keys are drawn from (the one of base64url)."""
@@ -56,22 +56,23 @@ def where_keys_live(prefix: str = "") -> str:
     return prefix + "; ".join(stores) if stores else ""
 
 
-def meter_key_stores(recorder: Recorder) -> None:
-    """Time the key stores of this process's factories into ``recorder`` (the server
-    does so when it serves with metrics on), and count their caches' hits and misses.
+def _metered(store: KeyStore) -> KeyStore:
+    """``store`` as a factory keeps it: timed into the recorder of the server that
+    serves this process, once one counts (:func:`asyncapy.metrics.published`), chosen
+    here, when the factory is made, so that nothing is rewired when a server starts.
 
     A :class:`~asyncapy.adapters.key_cache.CachedKeyStore` is metered inside: the store
     behind the cache is timed (what a look-up the cache could not answer costs), and
     the cache's own counts become ``asyncapy_key_cache_hits_total`` and
-    ``_misses_total`` at each scrape. An in-memory store is left as it is: its calls
-    take no time worth a histogram, and ``APIKeyFactory`` reads it directly."""
-    for factory in list(_factories):
-        store = factory.store
-        if isinstance(store, CachedKeyStore):
-            recorder.watch_key_cache(store.cache)
-            store.store = metered_key_store(store.store, recorder)
-        elif not isinstance(store, MemoryKeyStore):
-            factory.store = metered_key_store(store, recorder)
+    ``_misses_total``. An in-memory store is left as it is: its calls take no time
+    worth a histogram, and ``APIKeyFactory`` reads it directly."""
+    if isinstance(store, CachedKeyStore):
+        watch_key_cache(store.cache)
+        store.store = metered_key_store(store.store)
+        return store
+    if isinstance(store, MemoryKeyStore):
+        return store
+    return metered_key_store(store)
 
 
 def _describe(store: KeyStore) -> str:
@@ -113,7 +114,7 @@ class APIKeyFactory:
         if type(size) is not int or size < 16:
             raise ValueError(f"size must be an integer of at least 16, not {size!r}")
         self.size = size
-        self.store: KeyStore = open_key_store(store, cache_size=cache_size)
+        self.store: KeyStore = _metered(open_key_store(store, cache_size=cache_size))
         _factories.add(self)
 
     # -- the synchronous API (0.5) ----------------------------------------------------

@@ -321,17 +321,6 @@ def test_operations_settings_from_an_ini_file(tmp_path):
         load_config(str(path))
 
 
-def test_handler_ran_observes_into_the_handlers_histogram():
-    recorder = Recorder()
-    recorder.handler_ran("h", 0.002)
-    recorder.handler_ran("h", 20.0)
-    NULL_RECORDER.handler_ran("h", 1.0)
-    timings = recorder.snapshot().handlers["h"]
-    assert sum(timings.counts) == 2 and timings.counts[-1] == 1
-    assert timings.total == pytest.approx(20.002)
-    assert NULL_RECORDER.snapshot().handlers == {}
-
-
 def _nonzero(counts: dict) -> dict:
     """The series of ``counts`` that counted something (every one exists from the start)."""
     return {key: value for key, value in counts.items() if value}
@@ -377,3 +366,32 @@ def test_process_series_are_labelled_and_only_live_ones_merge():
     assert set(total.processes) == {"worker-1"}
     samples = {(s.name, s.labels["process"]): s.value for f in families(total) for s in f.samples if s.name.startswith("process_")}
     assert samples == {("process_cpu_seconds_total", "worker-1"): 1.5, ("process_open_fds", "worker-1"): 9.0}
+
+
+# -- key stores metered when their factory is made -------------------------------------------
+def test_a_factorys_store_counts_into_whichever_server_counts(tmp_path):
+    """The factory meters its store when it is made; nothing is rewired when a server
+    starts: calls count into the published recorder, before or after the factory, and
+    into nothing once that server stopped."""
+    from asyncapy import APIKeyFactory
+    from asyncapy import metrics
+
+    before = APIKeyFactory(store=f"sqlite:///{tmp_path / 'before.db'}")
+    recorder = Recorder()
+    metrics.publish(recorder)
+    try:
+        after = APIKeyFactory(store=f"sqlite:///{tmp_path / 'after.db'}")
+        snapshot = recorder.snapshot()
+        assert snapshot.store_errors["key_get"] == 0  # its series exist from the start
+        assert sum(snapshot.store["key_put"].counts) == 0
+        before.issue({"u": 1})
+        key = after.issue({"u": 2})
+        assert after.get(key) == {"u": 2}
+        counted = recorder.snapshot()
+        assert sum(counted.store["key_put"].counts) == 2 and sum(counted.store["key_get"].counts) == 1
+    finally:
+        metrics.unpublish(recorder)
+    after.issue({"u": 3})  # no server counts: nothing observed
+    assert sum(recorder.snapshot().store["key_put"].counts) == 2
+    assert metrics.published() is NULL_RECORDER
+    assert len(after.store) == 2  # the metered store is still the file's
