@@ -506,7 +506,8 @@ async def test_scaleout_reads_its_store_from_the_environment(monkeypatch, redis_
     app = scaleout.make_app()
     assert type(app.store).__name__ == "RedisSessionStore"
     assert type(app.keys.store).__name__ == "CachedKeyStore"  # in front of Redis
-    assert type(app.keys.store.store).__name__ == "RedisKeyStore"
+    behind = app.keys.store.store  # the store behind the cache, timed for metrics
+    assert type(behind).__name__ == "MeteredKeyStore" and type(behind.inner).__name__ == "RedisKeyStore"
     assert app.session_limit == scaleout.SESSION_LIMIT
     key = await APIKeyFactory(store=redis_url).aissue({"user": "kim"})
     async with serving(app) as (host, port), connected(host, port) as client:
