@@ -373,8 +373,7 @@ def test_a_factorys_store_counts_into_whichever_server_counts(tmp_path):
     """The factory meters its store when it is made; nothing is rewired when a server
     starts: calls count into the published recorder, before or after the factory, and
     into nothing once that server stopped."""
-    from asyncapy import APIKeyFactory
-    from asyncapy import metrics
+    from asyncapy import APIKeyFactory, metrics
 
     before = APIKeyFactory(store=f"sqlite:///{tmp_path / 'before.db'}")
     recorder = Recorder()
