@@ -54,7 +54,7 @@ _tuple_new = tuple.__new__  # Request(...) in one C call, as Framer does for Fra
 class Request(NamedTuple):
     """A valid packet: its decoded payload and the codec the session speaks."""
 
-    fields: dict
+    fields: dict[str, Any]
     """The decoded payload (always a ``dict``)."""
     codec: Codec
     """The session's codec: the one handlers see, even when this packet declared the
@@ -74,7 +74,7 @@ class ProtocolError(NamedTuple):
     """What was wrong, for the log (never sent to the client)."""
 
 
-def error_payload(code: str) -> dict:
+def error_payload(code: str) -> dict[str, Any]:
     """The payload of an error reply: ``{"status": "failure", "error": code}``."""
     return {"status": "failure", "error": code}
 
@@ -236,7 +236,7 @@ class Connection:
             f"({memory.used} of {memory.limit} bytes in use{whose})",  # type: ignore[union-attr]
         )
 
-    def _decode_within_budget(self, payload: bytes, declared: Codec) -> Union[dict, ProtocolError]:
+    def _decode_within_budget(self, payload: bytes, declared: Codec) -> Union[dict[str, Any], ProtocolError]:
         """Decode a large payload with only the elements the budget still has room
         for, and hold what it decoded to (estimated) until :meth:`release`."""
         memory: PacketMemory = self.memory  # type: ignore[assignment]

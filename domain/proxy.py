@@ -311,7 +311,7 @@ def _parse_v2(buffer: bytes, max_length: int) -> Union[ProxyHeader, ProxyError, 
         return ProxyError(problem)
     if command == 0:
         return ProxyHeader(2, "UNKNOWN", None, None, None, None, True, leftover)
-    if used == 0:
+    if used == 0 or family is None:  # past LOCAL (command 0), family is known
         return ProxyHeader(2, "UNKNOWN", None, None, None, None, False, leftover)
     if family == "UNIX":
         source, destination = _unix_path(block[:108]), _unix_path(block[108:216])
@@ -358,7 +358,7 @@ def _unix_path(raw: bytes) -> str:
     return raw.split(b"\x00", 1)[0].decode("utf-8", "backslashreplace")
 
 
-def _crc32c_table() -> list:
+def _crc32c_table() -> list[int]:
     table = []
     for byte in range(256):
         crc = byte
@@ -404,12 +404,12 @@ class TrustedProxies:
             raise ValueError(entries)
         if isinstance(entries, str):
             entries = [part for part in re.split(r"[\s,]+", entries) if part]
-        networks: list = []
+        networks: list[IPNetwork] = []
         for entry in entries:
             network = unmapped_network(_parse_network(entry))
             if network not in networks:
                 networks.append(network)
-        self.networks: tuple = tuple(networks)
+        self.networks: tuple[IPNetwork, ...] = tuple(networks)
         """The trusted networks (a single address is a /32 or /128 network)."""
 
     def __contains__(self, peer: Any) -> bool:
@@ -433,11 +433,13 @@ class TrustedProxies:
         ``0.0.0.0/1`` and ``128.0.0.0/1``), else None. Trusting every peer lets any
         of them forge its address, which is why the server refuses it unless told it
         is meant (see ``insecure_trust_any_proxy``)."""
-        for version, name in ((4, "IPv4"), (6, "IPv6")):
-            networks = [n for n in self.networks if n.version == version]
-            covered = sum(n.num_addresses for n in ipaddress.collapse_addresses(networks))
-            if networks and covered == (1 << (32 if version == 4 else 128)):
-                return name
+        # One family at a time: collapse_addresses takes networks of one version.
+        v4 = [n for n in self.networks if isinstance(n, ipaddress.IPv4Network)]
+        if v4 and sum(n.num_addresses for n in ipaddress.collapse_addresses(v4)) == 1 << 32:
+            return "IPv4"
+        v6 = [n for n in self.networks if isinstance(n, ipaddress.IPv6Network)]
+        if v6 and sum(n.num_addresses for n in ipaddress.collapse_addresses(v6)) == 1 << 128:
+            return "IPv6"
         return None
 
     def __iter__(self) -> Iterator[str]:
