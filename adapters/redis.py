@@ -62,16 +62,23 @@ from typing import Any, Optional
 import redis
 import trio
 
-from .redis_batching import _RedisAdapter
-from .redis_calls import _Call, _offload
-from .redis_cluster import _still_serving
-# Re-exported: the names people import from this module since before the split.
-from .redis_cluster import ClusterClient  # noqa: F401
-from .redis_urls import CLUSTER_PORT, DB_MAX, SCHEMES, SENTINEL_PORT  # noqa: F401
-from .store_urls import URL_FORMS  # noqa: F401
-from .redis_urls import check_url, connect, wait_replicas  # noqa: F401
 from asyncapy.domain.errors import StoreUnavailable
 from asyncapy.domain.ports import KeyStore, SessionRecord, SessionStore
+
+# The ``name as name`` imports are re-exports: what people import from this module
+# since before the split.
+from .redis_batching import _RedisAdapter
+from .redis_calls import _Call, _offload
+from .redis_cluster import ClusterClient as ClusterClient
+from .redis_cluster import _still_serving
+from .redis_urls import CLUSTER_PORT as CLUSTER_PORT
+from .redis_urls import DB_MAX as DB_MAX
+from .redis_urls import SCHEMES as SCHEMES
+from .redis_urls import SENTINEL_PORT as SENTINEL_PORT
+from .redis_urls import check_url as check_url
+from .redis_urls import connect as connect
+from .redis_urls import wait_replicas as wait_replicas
+from .store_urls import URL_FORMS as URL_FORMS
 
 __all__ = ["RedisSessionStore", "RedisKeyStore", "connect", "check_url", "URL_FORMS", "DEFAULT_PREFIX"]
 

@@ -45,6 +45,7 @@ from .redis_calls import _FAILURES, _answer, _Call, _fail, _lost, _offload, _rep
 from .redis_cluster import ClusterClient
 from .redis_trio_link import _TrioLink
 
+
 def _native(client: Any) -> bool:
     """Whether ``client``'s batches can go through :class:`_TrioLink`: one Redis node
     reached with redis-py's own plain connection classes (TCP or Unix socket). Sentinel

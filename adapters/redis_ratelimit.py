@@ -24,11 +24,12 @@ from __future__ import annotations
 
 from typing import Any, Sequence, Union
 
+from asyncapy.domain.ports import RateLimiter
+from asyncapy.domain.ratelimit import Decision, Rate, check_burst, check_cost, parse_rate
+
 from .redis import DEFAULT_PREFIX, _where
 from .redis_batching import _RedisAdapter
 from .redis_calls import _Call
-from asyncapy.domain.ports import RateLimiter
-from asyncapy.domain.ratelimit import Decision, Rate, check_burst, check_cost, parse_rate
 
 __all__ = ["RedisRateLimiter"]
 

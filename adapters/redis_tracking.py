@@ -66,8 +66,9 @@ from typing import Any, Callable, Optional, Union
 
 import redis
 
-from .key_cache import KeyCache
 from asyncapy.domain.redaction import redact
+
+from .key_cache import KeyCache
 
 __all__ = ["KeyTracker", "INVALIDATION_CHANNEL"]
 

@@ -21,8 +21,8 @@ from asyncapy.adapters import store_urls
 from asyncapy.domain.limits import DEFAULT_PACKET_MEMORY, SERVER_MAX_PACKET_SIZE
 from asyncapy.domain.proxy import TrustedProxies
 from asyncapy.domain.ratelimit import RATE_FORMS, Rate, parse_rate
-from asyncapy.domain.throttle import DEFAULT_KEY_FAILURE_BURST, DEFAULT_KEY_FAILURE_LIMIT
 from asyncapy.domain.redaction import MASK, looks_secret, redact, redact_url
+from asyncapy.domain.throttle import DEFAULT_KEY_FAILURE_BURST, DEFAULT_KEY_FAILURE_LIMIT
 
 __all__ = [
     "ConfigError",

@@ -215,11 +215,12 @@ class Listening:
                         self.recorder.connection("refused_proxy")
                         return
                     address = client
-                served: Optional[trio.abc.Stream] = stream
+                served: trio.abc.Stream = stream
                 if self.ssl_context is not None:
-                    served = await self.secure(stream, address, release_slot)
-                    if served is None:
+                    secured = await self.secure(stream, address, release_slot)
+                    if secured is None:
                         return
+                    served = secured
                 await self.sessions.serve(served, address, release_slot=release_slot)
             finally:
                 release_slot()
@@ -250,6 +251,7 @@ class Listening:
             await self.sessions.refusals.close(stream, b"")
             return None
         self.handshaking[group] = in_progress + 1
+        assert self.ssl_context is not None  # secure() is called only with TLS on
         tls = trio.SSLStream(stream, self.ssl_context, server_side=True, https_compatible=False)
         try:
             return tls if await self.handshake(tls, address) else None

@@ -317,7 +317,7 @@ class Snapshot:
     def from_dict(cls, data: dict) -> "Snapshot":
         """The snapshot :meth:`to_dict` wrote. ``ValueError`` if it is not one."""
         try:
-            histograms = {}
+            histograms: dict[str, Any] = {}
             for name, bounds in (("handlers", HANDLER_BUCKETS), ("store", STORE_BUCKETS)):
                 histograms[name] = {}
                 for key, entry in data[name].items():

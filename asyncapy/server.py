@@ -25,14 +25,14 @@ import socket
 import ssl
 import sys
 import uuid
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Optional, Sequence, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, TypeVar, Union
 
 import trio
 
 from asyncapy.domain import codecs
 from asyncapy.domain.dispatch import Dispatcher, Handler
-from asyncapy.domain.filtering import SupportsCheck
 from asyncapy.domain.errors import StoreUnavailable
+from asyncapy.domain.filtering import SupportsCheck
 from asyncapy.domain.ports import SessionStore
 from asyncapy.domain.proxy import TrustedProxies
 from asyncapy.domain.ratelimit import Rate
@@ -40,12 +40,12 @@ from asyncapy.domain.ratelimit import Rate
 from . import logs, worker_metrics
 from .config import SETTINGS, ConfigError, Settings, check_proxy_settings, load_config, make_settings, validate
 from .core import Client, HandlerFunction, Session
+from .limits import Limits
 from .listening import Listening, format_address, sockname
 from .metered import metered_dispatcher, metered_session_store
 from .metrics import NULL_RECORDER, Recorder
 from .probes import ProbeServer, Readiness, RecorderExposition
 from .sessions import Sessions
-from .limits import Limits
 from .stores import open_rate_limiter, open_session_store
 from .util import meter_key_stores, where_keys_live
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional, Union
 
 import trio
 
@@ -265,7 +265,7 @@ class SessionProtocol:
                     pacer.unyielded = 0
                     if channel.deferred:
                         pacer.flush()
-                    data = read_now(fd, buf)
+                    data: Union[bytes, bytearray, None] = read_now(fd, buf)
                     busy = data is not None and not first_read
                     if channel.deferring is not busy:  # the call only on a change
                         channel.defer(busy)

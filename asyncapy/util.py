@@ -18,14 +18,13 @@ from typing import Any, Optional, Union
 
 import trio
 
+from asyncapy.adapters.key_cache import CachedKeyStore
 from asyncapy.adapters.memory import MemoryKeyStore
 from asyncapy.domain.keylimits import KeyLimit, key_limit
 from asyncapy.domain.keylimits import unwrap as unwrap_key_record
 from asyncapy.domain.keylimits import wrap as wrap_key_record
 from asyncapy.domain.ports import KeyStore, run_to_completion
 from asyncapy.domain.ratelimit import Rate
-
-from asyncapy.adapters.key_cache import CachedKeyStore
 
 from .metered import metered_key_store
 from .metrics import Recorder

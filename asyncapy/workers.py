@@ -72,6 +72,9 @@ from typing import Any, Optional, Sequence
 import attrs
 import trio
 
+if sys.version_info < (3, 11):  # built in since 3.11; trio depends on the backport before
+    from exceptiongroup import BaseExceptionGroup
+
 from . import worker_metrics
 from .listening import bind_listeners, format_address, sockname
 from .logs import JsonFormatter

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-
 from typing import Any, Optional, Union
 
 __all__ = [

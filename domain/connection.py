@@ -22,7 +22,7 @@ an ``owner`` every reservation counts against that owner's share of the budget (
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Optional, Union
+from typing import Any, Mapping, NamedTuple, Optional, Union, final
 
 from .codecs import CODECS_BY_CODE, JSON, Codec
 from .errors import (
@@ -51,6 +51,7 @@ __all__ = ["Request", "ProtocolError", "Connection", "NEED_DATA", "error_payload
 _tuple_new = tuple.__new__  # Request(...) in one C call, as Framer does for Frame
 
 
+@final  # so that a type checker narrows ``type(event) is Request`` both ways
 class Request(NamedTuple):
     """A valid packet: its decoded payload and the codec the session speaks."""
 
@@ -61,6 +62,7 @@ class Request(NamedTuple):
     other valid encoding."""
 
 
+@final  # so that a type checker narrows ``type(event) is ProtocolError`` both ways
 class ProtocolError(NamedTuple):
     """A packet (or the stream) broke the protocol: send ``reply``; close if ``close``."""
 

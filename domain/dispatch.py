@@ -76,7 +76,7 @@ def _is_async_callable(obj: Any) -> bool:
     while hasattr(obj, "func") and not inspect.isfunction(obj):  # functools.partial
         obj = obj.func
     return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
-        getattr(obj, "__call__", None)
+        getattr(obj, "__call__", None)  # noqa: B004 - the method itself: is it ``async def``?
     )
 
 

@@ -153,7 +153,7 @@ class RateLimiter(abc.ABC):
         request is checked before any is made: a bad one is a ``ValueError`` and
         nothing is taken.
         """
-        for key, rate, burst, cost in requests:
+        for _key, rate, burst, cost in requests:
             check_cost(cost, check_burst(burst, name="burst"))
             parse_rate(rate, name="rate")
         return [await self.acquire(*request) for request in requests]

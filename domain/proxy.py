@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Any, Iterable, Iterator, NamedTuple, Optional, Union
+from typing import Any, Iterable, Iterator, NamedTuple, Optional, Union, final
 
 from .addresses import IPNetwork, parse_address, unmapped_network
 from .framing import NEED_DATA, _NeedData
@@ -138,6 +138,7 @@ UNSPEC, UNIX): no IP address, so no ``Filters.Ip`` matches it, and every such se
 counts in this one ``session_limit`` group."""
 
 
+@final  # so that a type checker narrows ``type(event) is ProxyError`` both ways
 class ProxyError(NamedTuple):
     """The connection did not start with a valid PROXY header: close it."""
 

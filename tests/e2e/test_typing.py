@@ -11,7 +11,6 @@ only, as a user's project would.
 from __future__ import annotations
 
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
