@@ -82,7 +82,7 @@ from .store_urls import URL_FORMS as URL_FORMS
 
 __all__ = ["RedisSessionStore", "RedisKeyStore", "connect", "check_url", "URL_FORMS", "DEFAULT_PREFIX"]
 
-logger = logging.getLogger("asyncapy.redis")
+logger: logging.Logger = logging.getLogger("asyncapy.redis")
 
 DEFAULT_PREFIX = "asyncapy:"
 """Prefix of every Redis key the adapters write."""
@@ -173,7 +173,7 @@ class RedisSessionStore(_RedisAdapter, SessionStore):
         if type(lease) not in (int, float) or lease < 1:
             raise ValueError(f"lease must be a number of seconds of at least 1, not {lease!r}")
         super().__init__(client, prefix)
-        self.lease = float(lease)
+        self.lease: float = float(lease)
         self._lease_ms = int(lease * 1000)
         self._admit = self._script(_ADMIT)
         self._renew = self._script(_RENEW)
@@ -324,7 +324,7 @@ class RedisKeyStore(_RedisAdapter, KeyStore):
         if type(wait_timeout) not in (int, float) or not wait_timeout > 0:
             raise ValueError(f"wait_timeout must be a number of seconds above 0, not {wait_timeout!r}")
         self.wait_replicas = wait_replicas
-        self.wait_timeout = float(wait_timeout)
+        self.wait_timeout: float = float(wait_timeout)
         self._replace = self._script(_REPLACE)
         self._names = f"{prefix}{{key}}:" if self.cluster else f"{prefix}key:"
         self._tracked: Optional[tuple[Any, Any]] = None

@@ -136,7 +136,7 @@ class _RedisAdapter:
     def __init__(self, client: Any, prefix: str) -> None:
         self.redis = client
         self.prefix = prefix
-        self.cluster = isinstance(client, ClusterClient)
+        self.cluster: bool = isinstance(client, ClusterClient)
         """Whether the store is a Redis Cluster (keys laid out with hash tags)."""
         if self.cluster and ("{" in prefix or "}" in prefix):
             raise ValueError("a prefix for a Redis Cluster must not hold { or }: the stores add the hash tags")
@@ -156,15 +156,15 @@ class _RedisAdapter:
         """Batches sent (round trips), for benchmarks."""
         self.calls = 0
         """Calls sent in them."""
-        self.native = _native(client)
+        self.native: bool = _native(client)
         """Whether batches go through the trio transport (:class:`_TrioLink`: one Redis
         node, redis-py's plain TCP or Unix socket connection) rather than the
         worker thread."""
         self._link: Optional[_TrioLink] = None
-        self.retry_for = 5.0
+        self.retry_for: float = 5.0
         """Seconds a Cluster call answered ``TRYAGAIN`` is tried again (a migration
         moving its keys); the server's default ``store_timeout``."""
-        self.tls = bool(client._kwargs.get("ssl")) if self.cluster else "SSL" in pool_class_name(client)
+        self.tls: bool = bool(client._kwargs.get("ssl")) if self.cluster else "SSL" in pool_class_name(client)
         """Whether the store speaks TLS (``rediss``): a failure to connect then says
         that the node may speak plain TCP."""
 

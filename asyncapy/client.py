@@ -88,7 +88,7 @@ class _ClientBase:
             raise ValueError(f"ssl_context must be an ssl.SSLContext, not {ssl_context!r}")
         self.byteorder = byteorder
         self.header_size = header_size
-        self.tls = bool(tls)
+        self.tls: bool = bool(tls)
         self.encoding = encoding
         self.timeout = timeout
         self.max_packet_size = max_packet_size

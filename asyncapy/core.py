@@ -15,7 +15,7 @@ from typing import Any, Awaitable, Callable, Iterator, Optional, Protocol, Union
 
 import trio
 
-from asyncapy.domain.addresses import parse_address
+from asyncapy.domain.addresses import IPAddress, parse_address
 from asyncapy.domain.codecs import CODECS_BY_NAME, Codec, codec_named
 from asyncapy.domain.connection import Connection
 from asyncapy.domain.dispatch import Handler
@@ -60,11 +60,11 @@ class Client:
         encoding: str,
     ) -> None:
         codec_named(encoding)
-        self.address = address
-        self.ip = parse_address(address)
+        self.address: str = address
+        self.ip: Optional[IPAddress] = parse_address(address)
         """The address parsed by :mod:`ipaddress` (None if it is not an IP)."""
-        self.session = session
-        self.encoding = encoding
+        self.session: Any = session
+        self.encoding: str = encoding
         self.handler: Optional[Handler] = None
         """The handler the dispatcher called last for this client (for logs)."""
         self._server = server
@@ -167,7 +167,7 @@ class Packet(Mapping[str, Any]):
             raise ValueError(f"fields must be a dict or a JSON object, not {type(fields).__name__}")
         self._fields = fields
         self._codec = CODECS_BY_NAME[encoding]
-        self.sender = sender
+        self.sender: Optional[Client] = sender
 
     @classmethod
     def _received(cls, fields: dict[str, Any], codec: Codec, sender: Client) -> "Packet":
@@ -249,10 +249,10 @@ class Session:
         date: float,
         server_id: str = "",
     ) -> None:
-        self.session_id = session_id
-        self.client = client
-        self.date = date
-        self.server_id = server_id
+        self.session_id: uuid.UUID = session_id
+        self.client: Optional[Client] = client
+        self.date: float = date
+        self.server_id: str = server_id
         """The server process that owns the session."""
 
     async def close(self) -> None:

@@ -20,7 +20,7 @@ from asyncapy.domain.filtering import CheckResult, Filter
 
 from .util import APIKeyFactory, fingerprint
 
-logger = logging.getLogger("asyncapy.filters")
+logger: logging.Logger = logging.getLogger("asyncapy.filters")
 
 __all__ = ["Filter", "Filters"]
 

@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Listening", "bind_listeners", "raise_open_file_limit", "sockname", "format_address"]
 
-logger = logging.getLogger("asyncapy.server")
+logger: logging.Logger = logging.getLogger("asyncapy.server")
 
 FD_MARGIN = 100
 """File descriptors a server process needs beside its connections (listeners, the
@@ -96,9 +96,9 @@ class Listening:
         self.handshaking: dict[str, int] = {}
         """TLS handshakes in progress, by client address group (as ``session_limit``
         counts them)."""
-        self.refusal_log = LimitedLog(logger, "refused", 1, REFUSAL_LOG_INTERVAL)
-        self.handshake_log = LimitedLog(logger, "failed alike", HANDSHAKE_LOG_BURST, 1.0)
-        self.crowd_log = LimitedLog(logger, "refused alike", 1, REFUSAL_LOG_INTERVAL)
+        self.refusal_log: LimitedLog = LimitedLog(logger, "refused", 1, REFUSAL_LOG_INTERVAL)
+        self.handshake_log: LimitedLog = LimitedLog(logger, "failed alike", HANDSHAKE_LOG_BURST, 1.0)
+        self.crowd_log: LimitedLog = LimitedLog(logger, "refused alike", 1, REFUSAL_LOG_INTERVAL)
 
     # -- listeners and the accept loop -------------------------------------------------
     def check_open_file_limit(self) -> None:

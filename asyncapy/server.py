@@ -51,7 +51,7 @@ from .util import meter_key_stores, where_keys_live
 
 __all__ = ["Server"]
 
-logger = logging.getLogger("asyncapy.server")
+logger: logging.Logger = logging.getLogger("asyncapy.server")
 
 _TLS_FILES = ("certfile", "keyfile", "cafile")
 
@@ -212,7 +212,7 @@ class Server:
         )
         self._settings = settings
         self._init_tls(ssl_context, tls_sources)
-        self.server_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.server_id: str = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         """Identifies this server process in a shared session store."""
         self.addresses: list[tuple[Any, ...]] = []
         """The (host, port, ...) socket addresses being served, once started."""

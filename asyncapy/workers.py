@@ -86,7 +86,7 @@ __all__ = [
     "RestartPolicy", "Supervisor", "supervise", "run_worker", "describe_store", "label_worker_logs",
 ]
 
-logger = logging.getLogger("asyncapy.workers")
+logger: logging.Logger = logging.getLogger("asyncapy.workers")
 
 READY = b"ready"
 """What a worker writes on its control channel once it serves."""
@@ -141,7 +141,7 @@ class Supervisor:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers}")
         self.app = app
-        self.worker_args = list(worker_args)
+        self.worker_args: list[str] = list(worker_args)
         self.workers = workers
         self.policy = policy
         self.status = 0

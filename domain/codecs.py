@@ -120,7 +120,7 @@ class JsonCodec(Codec):
         )
         self._fast_decode = msgspec.json.Decoder().decode
         accelerator = None if pure else _speedups
-        self.accelerated = accelerator is not None
+        self.accelerated: bool = accelerator is not None
         """True when this codec encodes on the C accelerator."""
         self._nests_beyond = None
         if accelerator is not None:
@@ -408,7 +408,7 @@ class ZiProtoCodec(Codec):
         self._msgspec_encode = msgspec.msgpack.Encoder().encode
         self._msgspec_decode = msgspec.msgpack.Decoder(ext_hook=_refuse_extension).decode
         accelerator = None if pure else _speedups
-        self.accelerated = accelerator is not None
+        self.accelerated: bool = accelerator is not None
         """True when this codec runs on the C accelerator."""
         if accelerator is not None:
             # Straight to C: no Python frame between a caller and the engine.

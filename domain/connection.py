@@ -108,17 +108,17 @@ class Connection:
         owner: object = None,
         charge_on_arrival: bool = False,
     ) -> None:
-        self.framer = Framer(header_size, byteorder, max_packet_size)
+        self.framer: Framer = Framer(header_size, byteorder, max_packet_size)
         self.codec: Optional[Codec] = None
         """The session's codec, fixed by its first valid packet (None before)."""
-        self.default_codec = default_codec
-        self.memory = memory
+        self.default_codec: Codec = default_codec
+        self.memory: PacketMemory | None = memory
         self.held = 0
         """Bytes of ``memory`` held for the last request handed out (0 for a small
         one): given back by :meth:`release`, or by the next :meth:`next_event`."""
-        self.owner = owner
+        self.owner: object = owner
         """Whose share of ``memory`` this session's packets count against (None: nobody's)."""
-        self.charge_on_arrival = charge_on_arrival
+        self.charge_on_arrival: bool = charge_on_arrival
         """Whether a large packet is charged as its bytes arrive (else from its header)."""
         self._buffering = 0
         """Bytes of ``memory`` reserved for the packet being received."""

@@ -52,8 +52,8 @@ class Handler:
                 raise TypeError(
                     f"{flt!r} is not a filter: filters need a check(client, packet) method"
                 )
-        self.function = function
-        self.filters = checks
+        self.function: Callable[..., Awaitable[Any]] = function
+        self.filters: tuple[SupportsCheck, ...] = checks
 
     @property
     def name(self) -> str:
@@ -97,8 +97,8 @@ class HandlerFailed(Exception):
     def __init__(self, handler: Handler, group: int, cause: BaseException, in_filter: bool = False):
         self.handler = handler
         self.group = group
-        self.unavailable = isinstance(cause, StoreUnavailable)
-        self.rate_limited = isinstance(cause, RateLimited)
+        self.unavailable: bool = isinstance(cause, StoreUnavailable)
+        self.rate_limited: bool = isinstance(cause, RateLimited)
         self.retry_after: float = cause.retry_after if isinstance(cause, RateLimited) else 0.0
         """Seconds until a packet would be allowed (``ERR_RATE_LIMITED`` only)."""
         if self.rate_limited:

@@ -135,9 +135,9 @@ class Framer:
             raise ValueError(
                 f"max_packet_size must be an integer of at least 2, not {max_packet_size!r}"
             )
-        self.header_size = header_size
+        self.header_size: int = header_size
         self.byteorder: Literal["big", "little"] = "big" if byteorder == "big" else "little"  # checked above
-        self.max_packet_size = max_packet_size
+        self.max_packet_size: int = max_packet_size
         self._prefix = struct.Struct(self._length.format + "BB")
         self._buffer = bytearray()
         self._offset = 0
@@ -145,7 +145,7 @@ class Framer:
         self._eof = False
         self._held: bytes | None = None
         """A received chunk not copied into the buffer yet (see receive_data)."""
-        self.pending = 0
+        self.pending: int = 0
         """The Content-Length of the packet being buffered, once its header is in:
         set when :meth:`next_event` returns :data:`NEED_DATA` (0 if the header is
         not complete yet), so that its memory can be reserved before it arrives."""

@@ -160,7 +160,7 @@ class ProxyParser:
     def __init__(self, max_length: int = DEFAULT_MAX_LENGTH) -> None:
         if type(max_length) is not int or max_length < V1_MAX_LENGTH:
             raise ValueError(f"max_length must be an integer of at least {V1_MAX_LENGTH}, got {max_length!r}")
-        self.max_length = max_length
+        self.max_length: int = max_length
         """The longest v2 header accepted, in bytes."""
         self._buffer = bytearray()
         self._closed = False

@@ -215,7 +215,7 @@ class GcraTable:
     def __init__(self, capacity: int = 100_000) -> None:
         if type(capacity) is not int or capacity < 1:
             raise ValueError(f"capacity must be an integer of at least 1, not {capacity!r}")
-        self.capacity = capacity
+        self.capacity: int = capacity
         """The most keys held at once."""
         self._tats: dict[str, int] = {}
 
