@@ -151,7 +151,7 @@ class Supervisor:
         self._listeners: list[trio.SocketListener] = []
         self._processes: dict[int, trio.Process] = {}
         self._spawning = 0
-        self._stopping: Optional[trio.Event] = None
+        self._stopping = trio.Event()  # made anew by each run()
         self._forced = False
         self._serving: set[int] = set()  # pids of the workers that said they serve
         self._metrics: Optional[worker_metrics.WorkersExposition] = None
