@@ -83,6 +83,8 @@ class _NeedData(enum.Enum):
     def __repr__(self) -> str:
         return "NEED_DATA"
 
+    __str__ = __repr__  # printed as before it was an enum
+
 
 NEED_DATA: Final = _NeedData.NEED_DATA
 """Returned by :meth:`Framer.next_event` when no complete packet is buffered yet."""
