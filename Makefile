@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test install install-test ensure-redis bench docs clean
+.PHONY: run test check install install-test ensure-redis bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,22 @@ ensure-redis:
 ## Run the whole test suite.
 test: install-test ensure-redis
 	$(BIN)/python -m pytest
+
+## Type-check and lint: mypy (strict, [tool.mypy] in pyproject.toml) on the package as it
+## installs, and ruff ([tool.ruff]) on the whole repository. mypy maps module names to
+## folders, so build/typecheck gives domain/ and adapters/ their installed names
+## (asyncapy.domain, asyncapy.adapters) with links to the repository's files.
+TYPECHECK := build/typecheck
+check: install-test $(BIN)/ruff
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/asyncapy
+	for f in asyncapy/*; do ln -s ../../../$$f $(TYPECHECK)/asyncapy/; done
+	ln -s ../../../domain $(TYPECHECK)/asyncapy/domain
+	ln -s ../../../adapters $(TYPECHECK)/asyncapy/adapters
+	cd $(TYPECHECK) && ../../$(BIN)/python -m mypy --config-file ../../pyproject.toml -p asyncapy
+	$(BIN)/python -m ruff check .
+
+$(BIN)/ruff: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test,check]'
 
 ## Build the documentation site into site/ (MkDocs, offline); any warning fails it.
 docs: $(BIN)/python

@@ -93,7 +93,7 @@ class KeyCache:
     """
 
     def __init__(self, size: int = DEFAULT_SIZE, ttl: Optional[float] = None) -> None:
-        self.size = check_size(size)
+        self.size: int = check_size(size)
         if ttl is not None and (type(ttl) not in (int, float) or not 0 < ttl < math.inf):
             raise ValueError(f"ttl must be a positive number of seconds or None, not {ttl!r}")
         self.ttl = ttl
@@ -288,7 +288,7 @@ class CachedKeyStore(KeyStore):
             )
         self.store = store
         """The wrapped store."""
-        self.cache = KeyCache(size, ttl)
+        self.cache: KeyCache = KeyCache(size, ttl)
         """The answers, with their hit and miss counts."""
         self._push = push
         self._tracker: Any = None

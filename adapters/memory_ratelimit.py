@@ -10,10 +10,10 @@ forgotten once its TAT has passed, and at most ``capacity`` keys are kept (see
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Union
 
 from asyncapy.domain.ports import RateLimiter
-from asyncapy.domain.ratelimit import Decision, GcraTable, check_burst, check_cost, parse_rate
+from asyncapy.domain.ratelimit import Decision, GcraTable, Rate, check_burst, check_cost, parse_rate
 
 __all__ = ["MemoryRateLimiter"]
 
@@ -33,7 +33,7 @@ class MemoryRateLimiter(RateLimiter):
         self._table = GcraTable(capacity)
         self._clock = clock
 
-    async def acquire(self, key: str, rate, burst: int, cost: int = 1) -> Decision:
+    async def acquire(self, key: str, rate: Union[Rate, str], burst: int, cost: int = 1) -> Decision:
         rate = parse_rate(rate, name="rate")
         check_cost(cost, check_burst(burst, name="burst"))
         return self._table.acquire(key, self._clock(), rate.interval_us, burst, cost).decision()

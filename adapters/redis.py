@@ -62,20 +62,27 @@ from typing import Any, Optional
 import redis
 import trio
 
-from .redis_batching import _RedisAdapter
-from .redis_calls import _Call, _offload
-from .redis_cluster import _still_serving
-# Re-exported: the names people import from this module since before the split.
-from .redis_cluster import ClusterClient  # noqa: F401
-from .redis_urls import CLUSTER_PORT, DB_MAX, SCHEMES, SENTINEL_PORT  # noqa: F401
-from .store_urls import URL_FORMS  # noqa: F401
-from .redis_urls import check_url, connect, wait_replicas  # noqa: F401
 from asyncapy.domain.errors import StoreUnavailable
 from asyncapy.domain.ports import KeyStore, SessionRecord, SessionStore
 
+# The ``name as name`` imports are re-exports: what people import from this module
+# since before the split.
+from .redis_batching import _RedisAdapter
+from .redis_calls import _Call, _offload
+from .redis_cluster import ClusterClient as ClusterClient
+from .redis_cluster import _still_serving
+from .redis_urls import CLUSTER_PORT as CLUSTER_PORT
+from .redis_urls import DB_MAX as DB_MAX
+from .redis_urls import SCHEMES as SCHEMES
+from .redis_urls import SENTINEL_PORT as SENTINEL_PORT
+from .redis_urls import check_url as check_url
+from .redis_urls import connect as connect
+from .redis_urls import wait_replicas as wait_replicas
+from .store_urls import URL_FORMS as URL_FORMS
+
 __all__ = ["RedisSessionStore", "RedisKeyStore", "connect", "check_url", "URL_FORMS", "DEFAULT_PREFIX"]
 
-logger = logging.getLogger("asyncapy.redis")
+logger: logging.Logger = logging.getLogger("asyncapy.redis")
 
 DEFAULT_PREFIX = "asyncapy:"
 """Prefix of every Redis key the adapters write."""
@@ -166,7 +173,7 @@ class RedisSessionStore(_RedisAdapter, SessionStore):
         if type(lease) not in (int, float) or lease < 1:
             raise ValueError(f"lease must be a number of seconds of at least 1, not {lease!r}")
         super().__init__(client, prefix)
-        self.lease = float(lease)
+        self.lease: float = float(lease)
         self._lease_ms = int(lease * 1000)
         self._admit = self._script(_ADMIT)
         self._renew = self._script(_RENEW)
@@ -317,7 +324,7 @@ class RedisKeyStore(_RedisAdapter, KeyStore):
         if type(wait_timeout) not in (int, float) or not wait_timeout > 0:
             raise ValueError(f"wait_timeout must be a number of seconds above 0, not {wait_timeout!r}")
         self.wait_replicas = wait_replicas
-        self.wait_timeout = float(wait_timeout)
+        self.wait_timeout: float = float(wait_timeout)
         self._replace = self._script(_REPLACE)
         self._names = f"{prefix}{{key}}:" if self.cluster else f"{prefix}key:"
         self._tracked: Optional[tuple[Any, Any]] = None

@@ -45,6 +45,7 @@ from .redis_calls import _FAILURES, _answer, _Call, _fail, _lost, _offload, _rep
 from .redis_cluster import ClusterClient
 from .redis_trio_link import _TrioLink
 
+
 def _native(client: Any) -> bool:
     """Whether ``client``'s batches can go through :class:`_TrioLink`: one Redis node
     reached with redis-py's own plain connection classes (TCP or Unix socket). Sentinel
@@ -135,7 +136,7 @@ class _RedisAdapter:
     def __init__(self, client: Any, prefix: str) -> None:
         self.redis = client
         self.prefix = prefix
-        self.cluster = isinstance(client, ClusterClient)
+        self.cluster: bool = isinstance(client, ClusterClient)
         """Whether the store is a Redis Cluster (keys laid out with hash tags)."""
         if self.cluster and ("{" in prefix or "}" in prefix):
             raise ValueError("a prefix for a Redis Cluster must not hold { or }: the stores add the hash tags")
@@ -155,15 +156,15 @@ class _RedisAdapter:
         """Batches sent (round trips), for benchmarks."""
         self.calls = 0
         """Calls sent in them."""
-        self.native = _native(client)
+        self.native: bool = _native(client)
         """Whether batches go through the trio transport (:class:`_TrioLink`: one Redis
         node, redis-py's plain TCP or Unix socket connection) rather than the
         worker thread."""
         self._link: Optional[_TrioLink] = None
-        self.retry_for = 5.0
+        self.retry_for: float = 5.0
         """Seconds a Cluster call answered ``TRYAGAIN`` is tried again (a migration
         moving its keys); the server's default ``store_timeout``."""
-        self.tls = bool(client._kwargs.get("ssl")) if self.cluster else "SSL" in pool_class_name(client)
+        self.tls: bool = bool(client._kwargs.get("ssl")) if self.cluster else "SSL" in pool_class_name(client)
         """Whether the store speaks TLS (``rediss``): a failure to connect then says
         that the node may speak plain TCP."""
 

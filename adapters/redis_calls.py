@@ -20,7 +20,7 @@ from asyncapy.domain.errors import StoreUnavailable
 from asyncapy.domain.ports import BLOCKING
 from asyncapy.domain.redaction import redact
 
-logger = logging.getLogger("asyncapy.redis")
+logger: logging.Logger = logging.getLogger("asyncapy.redis")
 
 # Any error of redis-py means the store did not do what was asked: not only a lost
 # connection or a timeout, but a Redis still loading its data, a read-only replica

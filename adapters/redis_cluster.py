@@ -47,7 +47,7 @@ class ClusterClient:
         location: str = "redis+cluster://?",
         tls: Optional[dict] = None,
     ) -> None:
-        self.hosts = list(hosts)
+        self.hosts: list[tuple[str, int]] = list(hosts)
         self.location = location
         """The cluster's URL without credentials, for logs."""
         self.max_connections = max_connections

@@ -22,13 +22,14 @@ secret such as an API key itself.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
+
+from asyncapy.domain.ports import RateLimiter
+from asyncapy.domain.ratelimit import Decision, Rate, check_burst, check_cost, parse_rate
 
 from .redis import DEFAULT_PREFIX, _where
 from .redis_batching import _RedisAdapter
 from .redis_calls import _Call
-from asyncapy.domain.ports import RateLimiter
-from asyncapy.domain.ratelimit import Decision, Rate, check_burst, check_cost, parse_rate
 
 __all__ = ["RedisRateLimiter"]
 
@@ -85,12 +86,12 @@ class RedisRateLimiter(_RedisAdapter, RateLimiter):
         allowed, retry_us, remaining = call.result()[0]
         return Decision(bool(allowed), retry_us / 1_000_000, int(remaining))
 
-    async def acquire(self, key: str, rate: Rate, burst: int, cost: int = 1) -> Decision:
+    async def acquire(self, key: str, rate: Union[Rate, str], burst: int, cost: int = 1) -> Decision:
         call = self._call(key, rate, burst, cost)
         await self._run_calls([call])
         return self._decision(call)
 
-    async def acquire_many(self, requests: Sequence[tuple[str, Rate, int, int]]) -> list[Decision]:
+    async def acquire_many(self, requests: Sequence[tuple[str, Union[Rate, str], int, int]]) -> list[Decision]:
         calls = [self._call(*request) for request in requests]
         if not calls:
             return []

@@ -66,12 +66,13 @@ from typing import Any, Callable, Optional, Union
 
 import redis
 
-from .key_cache import KeyCache
 from asyncapy.domain.redaction import redact
+
+from .key_cache import KeyCache
 
 __all__ = ["KeyTracker", "INVALIDATION_CHANNEL"]
 
-logger = logging.getLogger("asyncapy.redis")
+logger: logging.Logger = logging.getLogger("asyncapy.redis")
 
 INVALIDATION_CHANNEL = b"__redis__:invalidate"
 """The Pub/Sub channel Redis announces invalidations on (protocol RESP2)."""
@@ -126,7 +127,7 @@ class KeyTracker:
         self.client = client
         self.verify = verify
         self.recheck = recheck
-        self.prefix = prefix.encode()
+        self.prefix: bytes = prefix.encode()
         self.interval = interval
         self.window = window
         self.dead_after = dead_after

@@ -24,8 +24,9 @@ from typing import Any, Optional
 
 import redis
 
-from .redis_cluster import ClusterClient
 from asyncapy.domain.redaction import redact
+
+from .redis_cluster import ClusterClient
 
 __all__ = ["check_url", "connect", "wait_replicas"]
 

@@ -199,8 +199,8 @@ class SQLiteKeyStore(KeyStore):
             raise ValueError(f"path must be the name of a database file, not {path!r}")
         if type(timeout) not in (int, float) or timeout < 0:
             raise ValueError(f"timeout must be a number of seconds of at least 0, not {timeout!r}")
-        self.path = os.path.abspath(path)
-        self.timeout = float(timeout)
+        self.path: str = os.path.abspath(path)
+        self.timeout: float = float(timeout)
         self._lock = threading.Lock()
         self._limiter = trio.CapacityLimiter(1)
         self._connection: Optional[sqlite3.Connection] = None

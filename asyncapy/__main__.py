@@ -20,16 +20,16 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from . import __version__
 from asyncapy.adapters.memory import MemorySessionStore
 
+from . import __version__
+from .adapters import store_urls
 from .cli import CommandError, HelpFormatter, OneLineParser, UsageError, escape_unsafe, import_object
 from .cli import keys as keys_command
 from .cli import send as send_command
 from .config import ConfigError, check_proxy_settings, load_config, validate
-from .adapters import store_urls
-from .stores import STORE_ENV, set_default_store
 from .server import Server
+from .stores import STORE_ENV, set_default_store
 from .workers import WORKER_COMMAND, run_worker, supervise
 
 __all__ = ["main", "load_app", "run_store"]

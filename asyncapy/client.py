@@ -18,6 +18,7 @@ import json
 import socket
 import ssl
 import time
+from contextlib import AbstractContextManager
 from typing import Any, Dict, Optional, Tuple, Union
 
 import trio
@@ -87,7 +88,7 @@ class _ClientBase:
             raise ValueError(f"ssl_context must be an ssl.SSLContext, not {ssl_context!r}")
         self.byteorder = byteorder
         self.header_size = header_size
-        self.tls = bool(tls)
+        self.tls: bool = bool(tls)
         self.encoding = encoding
         self.timeout = timeout
         self.max_packet_size = max_packet_size
@@ -269,7 +270,7 @@ class AsyncClient(_ClientBase):
     stream: Optional[trio.abc.Stream] = None
     """The connected trio stream, once :meth:`connect` returned."""
 
-    def _deadline(self) -> trio.CancelScope:
+    def _deadline(self) -> AbstractContextManager[object]:
         return trio.fail_after(self.timeout) if self.timeout is not None else trio.CancelScope()
 
     async def connect(self, hostname: str, port: int) -> None:
@@ -315,9 +316,10 @@ class AsyncClient(_ClientBase):
         stream = self._require()
         try:
             with self._deadline():
-                return await self._read_packet(stream)
+                raw = await self._read_packet(stream)
         except trio.TooSlowError:
             raise TimeoutError(f"no whole reply within {self.timeout:g}s") from None
+        return raw
 
     async def receive(self) -> Dict[Any, Any]:
         """The next packet's payload (see :meth:`Client.receive`)."""

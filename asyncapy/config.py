@@ -13,7 +13,7 @@ import configparser
 import logging
 import math
 import os
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import attrs
 
@@ -21,8 +21,8 @@ from asyncapy.adapters import store_urls
 from asyncapy.domain.limits import DEFAULT_PACKET_MEMORY, SERVER_MAX_PACKET_SIZE
 from asyncapy.domain.proxy import TrustedProxies
 from asyncapy.domain.ratelimit import RATE_FORMS, Rate, parse_rate
-from asyncapy.domain.throttle import DEFAULT_KEY_FAILURE_BURST, DEFAULT_KEY_FAILURE_LIMIT
 from asyncapy.domain.redaction import MASK, looks_secret, redact, redact_url
+from asyncapy.domain.throttle import DEFAULT_KEY_FAILURE_BURST, DEFAULT_KEY_FAILURE_LIMIT
 
 __all__ = [
     "ConfigError",
@@ -105,7 +105,8 @@ def _number(low: float, inclusive: bool) -> Callable[[Any], float]:
             raise ValueError(value)
         if value < low or (not inclusive and value == low):
             raise ValueError(value)
-        return value
+        number: float = value  # an int or a float, as given (checked above)
+        return number
 
     return check
 
@@ -159,12 +160,19 @@ def _store_url(value: Any) -> Optional[str]:
     return value
 
 
-_LEVEL_NAMES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_LEVELS = {
+    "DEBUG": logging.DEBUG,
+    "INFO": logging.INFO,
+    "WARNING": logging.WARNING,
+    "ERROR": logging.ERROR,
+    "CRITICAL": logging.CRITICAL,
+}
+"""The level names a setting accepts, and their numbers."""
 
 
 def _logging_level(value: Any) -> int:
-    if isinstance(value, str) and value.upper() in _LEVEL_NAMES:
-        return logging.getLevelName(value.upper())
+    if isinstance(value, str) and value.upper() in _LEVELS:
+        return _LEVELS[value.upper()]
     if type(value) is int and 0 <= value <= 50:
         return value
     raise ValueError(value)
@@ -455,13 +463,58 @@ def _shown(name: str) -> Callable[[Any], str]:
     return repr
 
 
-Settings = attrs.make_class(
-    "Settings",
-    {name: attrs.field(default=setting.default, repr=_shown(name)) for name, setting in SETTINGS.items()},
-    frozen=True,
-    slots=True,
-    eq=True,
-)
+if TYPE_CHECKING:
+    # What attrs.make_class below builds from SETTINGS, spelled out for type checkers,
+    # which cannot run it: each attribute's type is what its checker returns.
+    # tests/unit/test_typing_declarations.py holds the names equal to SETTINGS'.
+    @attrs.frozen
+    class Settings:
+        addr: str
+        port: int
+        buf: int
+        logging_level: int
+        console_format: str
+        datefmt: str
+        timeout: float
+        header_size: int
+        byteorder: str
+        session_limit: int
+        max_packet_size: int
+        max_packet_memory: int
+        encoding: str
+        certfile: Optional[str]
+        keyfile: Optional[str]
+        cafile: Optional[str]
+        store: Optional[str]
+        session_lease: float
+        shutdown_grace: float
+        max_connections: int
+        handler_timeout: Optional[float]
+        max_protocol_errors: int
+        store_timeout: float
+        session_limit_ipv6_prefix: int
+        log_format: str
+        metrics_port: Optional[int]
+        metrics_host: str
+        proxy_protocol: bool
+        insecure_trust_any_proxy: bool
+        handshake_timeout: float
+        large_packet_timeout: float
+        handshake_limit: int
+        trusted_proxies: TrustedProxies
+        rate_limit: Optional[Rate]
+        rate_burst: int
+        key_failure_limit: Optional[Rate]
+        key_failure_burst: int
+
+else:
+    Settings = attrs.make_class(
+        "Settings",
+        {name: attrs.field(default=setting.default, repr=_shown(name)) for name, setting in SETTINGS.items()},
+        frozen=True,
+        slots=True,
+        eq=True,
+    )
 Settings.__module__ = __name__
 Settings.__doc__ = """A server's settings, validated, as one frozen object: one attribute per
 entry of :data:`SETTINGS` (``settings.timeout``, ``settings.session_limit``...).
@@ -472,7 +525,7 @@ and handed to every part of the server that reads settings; a change (assigning
 repr never shows a store URL's password."""
 
 
-def make_settings(values: Mapping[str, Any] = {}, source: str = "", base: Any = None) -> Any:
+def make_settings(values: Mapping[str, Any] = {}, source: str = "", base: Optional[Settings] = None) -> Settings:
     """A :class:`Settings` with ``values`` validated (:class:`ConfigError` naming the
     first bad one and ``source``), the rest from ``base`` (a :class:`Settings`) or
     the defaults."""
@@ -496,7 +549,8 @@ def validate(name: str, value: Any, source: str = "") -> Any:
 def _ini_problem(exc: configparser.Error) -> str:
     """What is wrong with an INI file, by line number, never quoting a line: the file
     may be something else (a ``.env`` file given as ``--config``) full of secrets."""
-    line = f" (line {exc.lineno})" if getattr(exc, "lineno", None) else ""
+    lineno = getattr(exc, "lineno", None)
+    line = f" (line {lineno})" if lineno else ""
     if isinstance(exc, configparser.MissingSectionHeaderError):
         return f"line {exc.lineno} comes before any [section] header"
     if isinstance(exc, configparser.DuplicateSectionError):

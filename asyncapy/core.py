@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping
-from typing import Any, Iterator, Optional, Protocol, Union
+from typing import Any, Awaitable, Callable, Iterator, Optional, Protocol, Union
 
 import trio
 
-from asyncapy.domain.addresses import parse_address
+from asyncapy.domain.addresses import IPAddress, parse_address
 from asyncapy.domain.codecs import CODECS_BY_NAME, Codec, codec_named
 from asyncapy.domain.connection import Connection
 from asyncapy.domain.dispatch import Handler
@@ -23,7 +23,7 @@ from asyncapy.domain.errors import StopPropagation
 
 from .transport import Channel
 
-__all__ = ["Client", "Packet", "Handler", "Session"]
+__all__ = ["Client", "Packet", "Handler", "HandlerFunction", "Session"]
 
 
 class _Serving(Protocol):
@@ -60,11 +60,11 @@ class Client:
         encoding: str,
     ) -> None:
         codec_named(encoding)
-        self.address = address
-        self.ip = parse_address(address)
+        self.address: str = address
+        self.ip: Optional[IPAddress] = parse_address(address)
         """The address parsed by :mod:`ipaddress` (None if it is not an IP)."""
-        self.session = session
-        self.encoding = encoding
+        self.session: Any = session
+        self.encoding: str = encoding
         self.handler: Optional[Handler] = None
         """The handler the dispatcher called last for this client (for logs)."""
         self._server = server
@@ -88,7 +88,7 @@ class Client:
         channel = self._channel
         return channel is not None and channel.closed
 
-    async def send(self, packet: Union["Packet", dict], close: bool = False) -> None:
+    async def send(self, packet: Union["Packet", Mapping[str, Any]], close: bool = False) -> None:
         """Send ``packet`` to the client, in the packet's encoding.
 
         A plain ``dict`` is sent too, in the session's encoding (``client.encoding``):
@@ -131,7 +131,7 @@ class Client:
         return f"Client({self.address})"
 
 
-class Packet(Mapping):
+class Packet(Mapping[str, Any]):
     """A payload and its encoding; a read-only mapping of the payload's fields.
 
     ``"key" in packet``, ``packet["key"]``, ``packet.get("key")``, ``len(packet)`` and
@@ -148,7 +148,7 @@ class Packet(Mapping):
 
     def __init__(
         self,
-        fields: Union[dict, str, bytes],
+        fields: Union[Mapping[str, Any], str, bytes],
         encoding: str,
         sender: Optional[Client] = None,
     ) -> None:
@@ -167,10 +167,10 @@ class Packet(Mapping):
             raise ValueError(f"fields must be a dict or a JSON object, not {type(fields).__name__}")
         self._fields = fields
         self._codec = CODECS_BY_NAME[encoding]
-        self.sender = sender
+        self.sender: Optional[Client] = sender
 
     @classmethod
-    def _received(cls, fields: dict, codec: Codec, sender: Client) -> "Packet":
+    def _received(cls, fields: dict[str, Any], codec: Codec, sender: Client) -> "Packet":
         packet = cls.__new__(cls)
         packet._fields = fields
         packet._codec = codec
@@ -183,7 +183,7 @@ class Packet(Mapping):
         return self._codec.name
 
     @property
-    def dict_payload(self) -> dict:
+    def dict_payload(self) -> dict[str, Any]:
         """A copy of the fields as a plain ``dict`` (0.5 name)."""
         return dict(self._fields)
 
@@ -206,24 +206,29 @@ class Packet(Mapping):
         """
         raise StopPropagation
 
-    def __getitem__(self, key: Any) -> Any:
+    def __getitem__(self, key: str) -> Any:
         return self._fields[key]
 
     def __contains__(self, key: object) -> bool:
         return key in self._fields
 
-    def __iter__(self) -> Iterator:
+    def __iter__(self) -> Iterator[str]:
         return iter(self._fields)
 
     def __len__(self) -> int:
         return len(self._fields)
 
-    def get(self, key: Any, default: Any = None) -> Any:
+    def get(self, key: str, default: Any = None) -> Any:
         """The value of field ``key``, or ``default``."""
         return self._fields.get(key, default)
 
     def __repr__(self) -> str:
         return f"Packet({self._fields!r}, encoding={self.encoding!r})"
+
+
+HandlerFunction = Callable[[Client, Packet], Awaitable[None]]
+"""What ``@server.add_handler(...)`` decorates: ``async def handler(client: Client,
+packet: Packet) -> None``. Its reply is what it sends; a returned value goes nowhere."""
 
 
 class Session:
@@ -244,10 +249,10 @@ class Session:
         date: float,
         server_id: str = "",
     ) -> None:
-        self.session_id = session_id
-        self.client = client
-        self.date = date
-        self.server_id = server_id
+        self.session_id: uuid.UUID = session_id
+        self.client: Optional[Client] = client
+        self.date: float = date
+        self.server_id: str = server_id
         """The server process that owns the session."""
 
     async def close(self) -> None:

@@ -22,6 +22,7 @@ from asyncapy.domain.errors import (
     StopPropagation,
     StoreUnavailable,
 )
+
 from .config import ConfigError
 
 __all__ = [

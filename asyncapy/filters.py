@@ -12,15 +12,15 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 from asyncapy.domain.addresses import IPAddress, IPNetwork, parse_address, unmapped_network
 from asyncapy.domain.errors import StoreUnavailable
-from asyncapy.domain.filtering import Filter
+from asyncapy.domain.filtering import CheckResult, Filter
 
 from .util import APIKeyFactory, fingerprint
 
-logger = logging.getLogger("asyncapy.filters")
+logger: logging.Logger = logging.getLogger("asyncapy.filters")
 
 __all__ = ["Filter", "Filters"]
 
@@ -50,7 +50,7 @@ class Filters:
             self.ips = ips
 
         @property
-        def ips(self) -> frozenset:
+        def ips(self) -> frozenset[str]:
             """The entries currently allowed, as strings."""
             return frozenset(map(str, self._addresses | set(self._networks)))
 
@@ -62,8 +62,8 @@ class Filters:
                 raise ValueError(
                     f"ips must be an IP address, a network, or a list of them, not {ips!r}"
                 )
-            addresses: set = set()
-            networks: list = []
+            addresses: set[_Address] = set()
+            networks: list[_Network] = []
             for entry in ips:
                 parsed = self._parse(entry)
                 if isinstance(parsed, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
@@ -82,9 +82,9 @@ class Filters:
                     network = ipaddress.ip_network(entry, strict=False)
                 except ValueError:
                     raise ValueError(f"not an IP address or network: {entry!r}") from None
-                if network.prefixlen == network.max_prefixlen:
-                    return parse_address(network.network_address)
-                return unmapped_network(network)
+                if network.prefixlen != network.max_prefixlen:
+                    return unmapped_network(network)
+                entry = str(network.network_address)  # a /32 or /128: one address
             address = parse_address(entry)
             if address is None:
                 raise ValueError(f"not an IP address or network: {entry!r}")
@@ -136,7 +136,7 @@ class Filters:
         """
 
         def __init__(self, **fields: Optional[str]) -> None:
-            compiled: dict = {}
+            compiled: dict[str, Optional[Callable[[str], Optional[re.Match[str]]]]] = {}
             for name, pattern in fields.items():
                 if pattern is None:
                     compiled[name] = None
@@ -191,7 +191,7 @@ class Filters:
             self.factory = factory
             self.field_name = field_name
 
-        def check(self, client: Any, packet: Any):
+        def check(self, client: Any, packet: Any) -> CheckResult:
             key = packet.get(self.field_name)
             if type(key) is not str:
                 return False

@@ -37,7 +37,7 @@ from .metrics import NULL_RECORDER, Recorder
 
 __all__ = ["Limits"]
 
-logger = logging.getLogger("asyncapy.server")
+logger: logging.Logger = logging.getLogger("asyncapy.server")
 
 
 def _now_us() -> int:
@@ -57,18 +57,18 @@ class Limits:
     __slots__ = ("rate", "burst", "prefix", "limiter", "recorder", "throttle", "outage_log", "failure_log")
 
     def __init__(self, settings: Any, limiter: RateLimiter, recorder: Recorder = NULL_RECORDER) -> None:
-        self.rate = settings.rate_limit
+        self.rate: Any = settings.rate_limit
         """The per-address rate (a :class:`~asyncapy.domain.ratelimit.Rate`), or None."""
         self.burst: int = settings.rate_burst
         self.prefix: int = settings.session_limit_ipv6_prefix
-        self.limiter = limiter
-        self.recorder = recorder
+        self.limiter: RateLimiter = limiter
+        self.recorder: Recorder = recorder
         self.throttle: Optional[KeyFailureThrottle] = None
         """The failed-key-check throttle, or None when ``key_failure_limit`` is off."""
         if settings.key_failure_limit is not None:
             self.throttle = KeyFailureThrottle(settings.key_failure_limit, settings.key_failure_burst)
-        self.outage_log = LimitedLog(logger, "limiter failures alike", 1, 1.0)
-        self.failure_log = LimitedLog(logger, "failed API key checks", 1, 1.0)
+        self.outage_log: LimitedLog = LimitedLog(logger, "limiter failures alike", 1, 1.0)
+        self.failure_log: LimitedLog = LimitedLog(logger, "failed API key checks", 1, 1.0)
 
     # -- per address --------------------------------------------------------------------------
     async def packet(self, group: str) -> Optional[float]:

@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Listening", "bind_listeners", "raise_open_file_limit", "sockname", "format_address"]
 
-logger = logging.getLogger("asyncapy.server")
+logger: logging.Logger = logging.getLogger("asyncapy.server")
 
 FD_MARGIN = 100
 """File descriptors a server process needs beside its connections (listeners, the
@@ -96,9 +96,9 @@ class Listening:
         self.handshaking: dict[str, int] = {}
         """TLS handshakes in progress, by client address group (as ``session_limit``
         counts them)."""
-        self.refusal_log = LimitedLog(logger, "refused", 1, REFUSAL_LOG_INTERVAL)
-        self.handshake_log = LimitedLog(logger, "failed alike", HANDSHAKE_LOG_BURST, 1.0)
-        self.crowd_log = LimitedLog(logger, "refused alike", 1, REFUSAL_LOG_INTERVAL)
+        self.refusal_log: LimitedLog = LimitedLog(logger, "refused", 1, REFUSAL_LOG_INTERVAL)
+        self.handshake_log: LimitedLog = LimitedLog(logger, "failed alike", HANDSHAKE_LOG_BURST, 1.0)
+        self.crowd_log: LimitedLog = LimitedLog(logger, "refused alike", 1, REFUSAL_LOG_INTERVAL)
 
     # -- listeners and the accept loop -------------------------------------------------
     def check_open_file_limit(self) -> None:
@@ -215,11 +215,12 @@ class Listening:
                         self.recorder.connection("refused_proxy")
                         return
                     address = client
-                served: Optional[trio.abc.Stream] = stream
+                served: trio.abc.Stream = stream
                 if self.ssl_context is not None:
-                    served = await self.secure(stream, address, release_slot)
-                    if served is None:
+                    secured = await self.secure(stream, address, release_slot)
+                    if secured is None:
                         return
+                    served = secured
                 await self.sessions.serve(served, address, release_slot=release_slot)
             finally:
                 release_slot()
@@ -250,6 +251,7 @@ class Listening:
             await self.sessions.refusals.close(stream, b"")
             return None
         self.handshaking[group] = in_progress + 1
+        assert self.ssl_context is not None  # secure() is called only with TLS on
         tls = trio.SSLStream(stream, self.ssl_context, server_side=True, https_compatible=False)
         try:
             return tls if await self.handshake(tls, address) else None

@@ -154,8 +154,8 @@ class LogLimit:
     __slots__ = ("burst", "interval", "window_start", "used", "suppressed")
 
     def __init__(self, burst: int, interval: float) -> None:
-        self.burst = burst
-        self.interval = interval
+        self.burst: int = burst
+        self.interval: float = interval
         self.window_start = -math.inf
         self.used = 0
         self.suppressed = 0
@@ -194,9 +194,9 @@ class LimitedLog:
 
     def __init__(self, logger: logging.Logger, what: str, burst: int = 1, interval: float = 1.0) -> None:
         self.logger = logger
-        self.what = what
+        self.what: str = what
         """How the suffix names the lines left out (``'refused alike'``)."""
-        self.limit = LogLimit(burst, interval)
+        self.limit: LogLimit = LogLimit(burst, interval)
 
     def log(self, level: int, message: str, *args: Any, stacklevel: int = 2, **kwargs: Any) -> bool:
         """Log ``message % args`` at ``level`` with the count of lines left out since,

@@ -162,7 +162,7 @@ class Timings:
 
     def __init__(self, bounds: tuple) -> None:
         self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
+        self.counts: list[int] = [0] * (len(bounds) + 1)
         self.total = 0.0
 
     def observe(self, seconds: float) -> None:
@@ -199,10 +199,10 @@ class SessionMeter:
     __slots__ = ("requests", "received", "sent", "client")
 
     def __init__(self, client: Any = None) -> None:
-        self.requests = 0
-        self.received = 0
-        self.sent = 0
-        self.client = client
+        self.requests: int = 0
+        self.received: int = 0
+        self.sent: int = 0
+        self.client: Any = client
 
     @property
     def encoding(self) -> Optional[str]:
@@ -324,7 +324,7 @@ class Snapshot:
     def from_dict(cls, data: dict) -> "Snapshot":
         """The snapshot :meth:`to_dict` wrote. ``ValueError`` if it is not one."""
         try:
-            histograms = {}
+            histograms: dict[str, Any] = {}
             for name, bounds in (("handlers", HANDLER_BUCKETS), ("store", STORE_BUCKETS)):
                 histograms[name] = {}
                 for key, entry in data[name].items():
@@ -384,7 +384,7 @@ class Recorder:
         self._rate_limited: dict[str, int] = _zeroes(LIMITS)
         self._errors = self._ended.error_replies
         self._connections = self._ended.connections
-        self.key_cache = CacheMeter()
+        self.key_cache: CacheMeter = CacheMeter()
         """Counts the API-key cache's hits and misses (hand it to the cache)."""
         self._key_caches: list = []
 
@@ -486,7 +486,7 @@ class NullRecorder(Recorder):
 
     def __init__(self) -> None:
         super().__init__()
-        self.key_cache = _NullCacheMeter()
+        self.key_cache: _NullCacheMeter = _NullCacheMeter()
         self._discarded = SessionMeter()
 
     def session_started(self, client: Any = None) -> SessionMeter:

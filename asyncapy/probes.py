@@ -55,7 +55,7 @@ __all__ = [
     "ProbeServer",
 ]
 
-logger = logging.getLogger("asyncapy.probes")
+logger: logging.Logger = logging.getLogger("asyncapy.probes")
 
 MAX_CONNECTIONS = 32
 """Connections the endpoint serves at once (a scraper and a few probes need three)."""
@@ -160,7 +160,7 @@ class Readiness:
         """True while the API's sockets accept connections."""
         self.stopping = stopping
         """True once a shutdown has begun."""
-        self.store = StoreProbe(store) if store is not None else None
+        self.store: StoreProbe | None = StoreProbe(store) if store is not None else None
         """The probe of the session store, or None."""
         self.extra = extra
         """Another check (None or a reason), asked last: the supervisor's "no worker
@@ -189,7 +189,7 @@ class CombinedRegistry:
     one process would clash there)."""
 
     def __init__(self, collectors: Sequence[Any]) -> None:
-        self.collectors = list(collectors)
+        self.collectors: list[Any] = list(collectors)
         """Objects with a ``collect()`` method, rendered in this order."""
 
     def collect(self) -> Any:

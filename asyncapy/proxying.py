@@ -70,7 +70,7 @@ __all__ = [
     "PROXY_LOG_INTERVAL",
 ]
 
-logger = logging.getLogger("asyncapy.server")
+logger: logging.Logger = logging.getLogger("asyncapy.server")
 
 PROXY_HEADER_SECONDS = 5.0
 """The longest a trusted proxy's connection may take to deliver its whole PROXY header
@@ -150,10 +150,10 @@ class ProxyGate:
     def __init__(self, trusted: TrustedProxies, timeout: float) -> None:
         self.trusted = trusted
         """The proxies whose headers are believed (``trusted_proxies``)."""
-        self.deadline = header_deadline(timeout)
+        self.deadline: float = header_deadline(timeout)
         """Seconds a connection gets for its header (:func:`header_deadline`)."""
-        self.untrusted_log = LimitedLog(logger, "refused alike", 1, PROXY_LOG_INTERVAL)
-        self.invalid_log = LimitedLog(logger, "closed alike", 1, PROXY_LOG_INTERVAL)
+        self.untrusted_log: LimitedLog = LimitedLog(logger, "refused alike", 1, PROXY_LOG_INTERVAL)
+        self.invalid_log: LimitedLog = LimitedLog(logger, "closed alike", 1, PROXY_LOG_INTERVAL)
 
     def trusts(self, peer: str) -> bool:
         """Whether ``peer`` (the TCP peer's address) may send a PROXY header; logs the

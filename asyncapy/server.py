@@ -25,34 +25,42 @@ import socket
 import ssl
 import sys
 import uuid
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, TypeVar, Union
 
 import trio
 
 from asyncapy.domain import codecs
 from asyncapy.domain.dispatch import Dispatcher, Handler
 from asyncapy.domain.errors import StoreUnavailable
+from asyncapy.domain.filtering import SupportsCheck
 from asyncapy.domain.ports import SessionStore
+from asyncapy.domain.proxy import TrustedProxies
+from asyncapy.domain.ratelimit import Rate
 
 from . import logs, metrics, worker_metrics
 from .config import SETTINGS, ConfigError, Settings, check_proxy_settings, load_config, make_settings, validate
-from .core import Client, Session
+from .core import Client, HandlerFunction, Session
+from .limits import Limits
 from .listening import Listening, format_address, sockname
 from .metered import metered_dispatcher, metered_session_store
 from .metrics import NULL_RECORDER, Recorder
 from .probes import ProbeServer, Readiness, RecorderExposition
 from .sessions import Sessions
-from .limits import Limits
 from .stores import open_rate_limiter, open_session_store
 from .util import where_keys_live
 
 __all__ = ["Server"]
 
-logger = logging.getLogger("asyncapy.server")
+logger: logging.Logger = logging.getLogger("asyncapy.server")
 
 _TLS_FILES = ("certfile", "keyfile", "cafile")
 
 _UNSET: Any = object()
+
+T = TypeVar("T")
+
+HandlerT = TypeVar("HandlerT", bound=HandlerFunction)
+"""A handler function, whose own type ``add_handler`` hands back unchanged."""
 
 SUPPRESSED_REPORT_SECONDS = 60.0
 """How often a serving server logs the counts of the lines its log limits left out."""
@@ -82,6 +90,63 @@ class Server:
     both, because the files would replace the context and everything it requires
     (client certificates above all) without a word.
     """
+
+    if TYPE_CHECKING:
+        # The settings as attributes. At run time _setting_property (at the end of this
+        # module) makes one property per entry of SETTINGS, which a type checker cannot
+        # see: declared here so that ``server.port`` is an ``int`` to it too (the type
+        # each setting's checker returns; tests/unit/test_typing_declarations.py holds
+        # the names equal to SETTINGS'). An assignment is validated like the argument.
+        addr: str
+        port: int
+        buf: int
+        console_format: str
+        datefmt: str
+        timeout: float
+        header_size: int
+        byteorder: str
+        session_limit: int
+        max_packet_size: int
+        max_packet_memory: int
+        encoding: str
+        certfile: Optional[str]
+        keyfile: Optional[str]
+        cafile: Optional[str]
+        shutdown_grace: float
+        max_connections: int
+        handler_timeout: Optional[float]
+        max_protocol_errors: int
+        store_timeout: float
+        session_limit_ipv6_prefix: int
+        log_format: str
+        metrics_port: Optional[int]
+        metrics_host: str
+        proxy_protocol: bool
+        insecure_trust_any_proxy: bool
+        handshake_timeout: float
+        large_packet_timeout: float
+        handshake_limit: int
+        rate_burst: int
+        key_failure_burst: int
+
+        # Read back normalised: a level name as its number, a rate as a Rate, the
+        # proxies as TrustedProxies.
+        @property
+        def logging_level(self) -> int: ...
+        @logging_level.setter
+        def logging_level(self, value: Union[int, str]) -> None: ...
+        @property
+        def trusted_proxies(self) -> TrustedProxies: ...
+        @trusted_proxies.setter
+        def trusted_proxies(self, value: Union[str, Iterable[str], TrustedProxies]) -> None: ...
+        @property
+        def rate_limit(self) -> Optional[Rate]: ...
+        @rate_limit.setter
+        def rate_limit(self, value: Union[None, str, Rate]) -> None: ...
+        @property
+        def key_failure_limit(self) -> Optional[Rate]: ...
+        @key_failure_limit.setter
+        def key_failure_limit(self, value: Union[None, str, Rate]) -> None: ...
 
     def __init__(
         self,
@@ -114,7 +179,7 @@ class Server:
         store_timeout: float = SETTINGS["store_timeout"].default,
         session_limit_ipv6_prefix: int = SETTINGS["session_limit_ipv6_prefix"].default,
         proxy_protocol: bool = SETTINGS["proxy_protocol"].default,
-        trusted_proxies: Any = SETTINGS["trusted_proxies"].default,
+        trusted_proxies: Union[str, Iterable[str], TrustedProxies] = SETTINGS["trusted_proxies"].default,
         log_format: str = SETTINGS["log_format"].default,
         metrics_port: Optional[int] = SETTINGS["metrics_port"].default,
         metrics_host: str = SETTINGS["metrics_host"].default,
@@ -122,9 +187,9 @@ class Server:
         handshake_timeout: float = SETTINGS["handshake_timeout"].default,
         large_packet_timeout: float = SETTINGS["large_packet_timeout"].default,
         handshake_limit: int = SETTINGS["handshake_limit"].default,
-        rate_limit: Optional[str] = SETTINGS["rate_limit"].default,
+        rate_limit: Union[None, str, Rate] = SETTINGS["rate_limit"].default,
         rate_burst: int = SETTINGS["rate_burst"].default,
-        key_failure_limit: Optional[str] = SETTINGS["key_failure_limit"].default,
+        key_failure_limit: Union[None, str, Rate] = SETTINGS["key_failure_limit"].default,
         key_failure_burst: int = SETTINGS["key_failure_burst"].default,
     ) -> None:
         # Every parameter named in SETTINGS is a setting; the others are objects.
@@ -147,9 +212,9 @@ class Server:
         )
         self._settings = settings
         self._init_tls(ssl_context, tls_sources)
-        self.server_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.server_id: str = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         """Identifies this server process in a shared session store."""
-        self.addresses: list[tuple] = []
+        self.addresses: list[tuple[Any, ...]] = []
         """The (host, port, ...) socket addresses being served, once started."""
         self.metrics_recorder: Recorder = NULL_RECORDER
         """What this server counts (:mod:`asyncapy.metrics`): a
@@ -179,7 +244,7 @@ class Server:
         new one."""
         return self._settings
 
-    def _change(self, values: dict, source: str = "") -> None:
+    def _change(self, values: dict[str, Any], source: str = "") -> None:
         """Apply ``values`` (validated, :class:`~asyncapy.config.ConfigError` naming
         ``source``) and hand the new settings to the serving machinery."""
         self._settings = make_settings(values, source, base=self._settings)
@@ -247,7 +312,7 @@ class Server:
             self._wire()
 
     # -- configuration helpers -------------------------------------------------------
-    def _init_tls(self, ssl_context: Optional[ssl.SSLContext], tls_sources: dict) -> None:
+    def _init_tls(self, ssl_context: Optional[ssl.SSLContext], tls_sources: dict[str, str]) -> None:
         """Serve TLS with the application's ``ssl_context``, or with a context built
         from the certificate settings, or not at all; refuse both at once."""
         if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
@@ -268,7 +333,7 @@ class Server:
         """True when :attr:`ssl_context` is the application's, not built from the files."""
         return self.ssl_context is not None and self.ssl_context is not self._files_context
 
-    def _use_tls_files(self, sources: Optional[dict] = None) -> None:
+    def _use_tls_files(self, sources: Optional[dict[str, tuple[Any, str]]] = None) -> None:
         """Serve TLS as the certificate settings say (or plain TCP without them).
 
         ``sources`` maps the file settings that just changed to where they came
@@ -328,7 +393,7 @@ class Server:
             self._use_tls_files(tls)
 
     # -- registration ----------------------------------------------------------------
-    def register_handler(self, handler: Callable, *filters: Any, group: int = 0) -> Handler:
+    def register_handler(self, handler: HandlerFunction, *filters: SupportsCheck, group: int = 0) -> Handler:
         """Register the async function ``handler`` in ``group``, guarded by ``filters``.
 
         Groups run in ascending order; inside a group, the first handler (in
@@ -339,8 +404,9 @@ class Server:
         self._wire()  # a metered dispatcher is a copy: make it anew
         return registered
 
-    def add_handler(self, *filters: Any, group: int = 0) -> Callable[[Callable], Callable]:
-        """Decorator form of :meth:`register_handler`; returns the function unchanged::
+    def add_handler(self, *filters: SupportsCheck, group: int = 0) -> Callable[[HandlerT], HandlerT]:
+        """Decorator form of :meth:`register_handler`; returns the function unchanged
+        (its type too, for a type checker)::
 
             @server.add_handler(Filters.Fields(ping=None), group=-1)
             async def ping(client, packet): ...
@@ -351,14 +417,14 @@ class Server:
                 "with parentheses"
             )
 
-        def decorate(function: Callable) -> Callable:
+        def decorate(function: HandlerT) -> HandlerT:
             self.register_handler(function, *filters, group=group)
             return function
 
         return decorate
 
     @property
-    def handlers(self) -> tuple:
+    def handlers(self) -> tuple[tuple[int, tuple[Handler, ...]], ...]:
         """``((group, (Handler, ...)), ...)`` in dispatch order."""
         return self._dispatcher.groups
 
@@ -389,11 +455,11 @@ class Server:
 
     async def run_sync_task(
         self,
-        sync_fn: Callable,
+        sync_fn: Callable[..., T],
         *args: Any,
         cancellable: bool = False,
         limiter: Optional[trio.CapacityLimiter] = None,
-    ) -> Any:
+    ) -> T:
         """Run blocking ``sync_fn(*args)`` in a worker thread and await its result.
 
         Use it from handlers for blocking libraries, so that the event loop (and
@@ -501,7 +567,7 @@ class Server:
             self.store = metered_session_store(self.store, recorder)
             metrics.publish(recorder)  # the API-key factories' stores count into it
         await self.setup()
-        listeners: list = []
+        listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
         try:
             listeners, probes = await self._open_listeners(sockets)
             self._announce()
@@ -530,7 +596,7 @@ class Server:
                     if listeners:  # it served: a failure to start says so itself
                         logger.info("AsyncAPY stopped")
 
-    async def _open_listeners(self, sockets: Optional[Sequence[socket.socket]]) -> tuple[list, Optional[ProbeServer]]:
+    async def _open_listeners(self, sockets: Optional[Sequence[socket.socket]]) -> tuple[list[trio.abc.Listener[trio.abc.Stream]], Optional[ProbeServer]]:
         """The listeners and the probe endpoint, both bound, or neither."""
         listeners = await self._listening.open(sockets, self.ssl_context)
         self.addresses = [sockname(listener) for listener in listeners]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional, Union
 
 import trio
 
@@ -41,7 +41,7 @@ from .transport import STREAM_ERRORS, Channel, read_now, receive_waiting
 
 __all__ = ["SessionProtocol"]
 
-logger = logging.getLogger("asyncapy.server")
+logger: logging.Logger = logging.getLogger("asyncapy.server")
 
 Dispatch = Callable[[Client, Packet], Awaitable[int]]
 """A dispatcher's ``dispatch``: runs a packet through the handlers, returns how many ran."""
@@ -85,30 +85,30 @@ class SessionProtocol:
         limits: Optional[Limits] = None,
         group: str = "",
     ) -> None:
-        self.client = client
-        self.channel = channel
-        self.connection = connection
-        self.state = state
-        self.settings = settings
+        self.client: Client = client
+        self.channel: Channel = channel
+        self.connection: Connection = connection
+        self.state: SessionState = state
+        self.settings: Any = settings
         self.dispatch: Dispatch = dispatch
         """The dispatcher's ``dispatch``, under ``handler_timeout`` when there is one
         (chosen once: without a deadline, a packet costs no cancel scope)."""
         if settings.handler_timeout is not None:
             self.dispatch = functools.partial(self.dispatch_within_deadline, dispatch)
-        self.recorder = recorder
+        self.recorder: Recorder = recorder
         self.meter: SessionMeter = channel.meter
         self.stopping = stopping
-        self.shared = shared if shared is not None else SharedLogs()
-        self.limits = limits if limits is not None and limits.rate is not None else None
+        self.shared: SharedLogs = shared if shared is not None else SharedLogs()
+        self.limits: Limits | None = limits if limits is not None and limits.rate is not None else None
         """The server's limits when a per-address ``rate_limit`` is set (else None: a
         packet then costs no check)."""
-        self.group = group
-        self.session_id = client.session.session_id
+        self.group: str = group
+        self.session_id: Any = client.session.session_id
         self.errors = 0
         """Protocol errors in a row (reset by every request): ``max_protocol_errors``."""
         self.logs: Optional[SessionLogs] = None
         """The session's log limits, made on its first error."""
-        self.buf = settings.buf
+        self.buf: Any = settings.buf
         """Bytes asked of the connection per read."""
         self._debug = logger.isEnabledFor(logging.DEBUG)
 
@@ -269,7 +269,7 @@ class SessionProtocol:
                     pacer.unyielded = 0
                     if channel.deferred:
                         pacer.flush()
-                    data = read_now(fd, buf)
+                    data: Union[bytes, bytearray, None] = read_now(fd, buf)
                     busy = data is not None and not first_read
                     if channel.deferring is not busy:  # the call only on a change
                         channel.defer(busy)

@@ -31,7 +31,7 @@ __all__ = [
     "SESSION_LINES_PER_SECOND",
 ]
 
-logger = logging.getLogger("asyncapy.server")
+logger: logging.Logger = logging.getLogger("asyncapy.server")
 
 LOG_BURST = 10
 """Protocol-error warnings (and, apart, handler tracebacks) one session logs per
@@ -80,19 +80,19 @@ class SessionState:
         self.cancelled = ""
         """Why :attr:`scope` was cancelled (:data:`IDLE`, :data:`STUCK`,
         :data:`SHUTDOWN`), or ``""``."""
-        self.waiting = False
+        self.waiting: bool = False
         """True while the session loop waits for bytes: only then does it time out,
         and only then does a shutdown stop it (busy ones get ``shutdown_grace``)."""
-        self.last_active = now
+        self.last_active: float = now
         """When the session's last packet was handled (trio's clock)."""
-        self.large_since = 0.0
+        self.large_since: float = 0.0
         """When the large packet being received began to arrive (0.0: none is)."""
-        self.channel = channel
+        self.channel: Channel = channel
         """The session's writing end, whose writes the reaper watches."""
         self.writing_seen: Optional[float] = None
         """When the reaper first found the session writing, in a run of looks that all
         did with no byte taken by the client in between; None otherwise."""
-        self.written_seen = 0
+        self.written_seen: int = 0
         """``channel.written`` at the reaper's last look at a write under way."""
 
     def cancel(self, reason: str) -> None:
@@ -148,11 +148,11 @@ class SharedLogs:
     __slots__ = ("errors", "failures", "summaries", "started", "ended")
 
     def __init__(self, lines: int = SHARED_LINES_PER_SECOND, session_lines: int = SESSION_LINES_PER_SECOND) -> None:
-        self.errors = LimitedLog(logger, "protocol errors of all sessions not logged", lines)
-        self.failures = LimitedLog(logger, "handler failures of all sessions not logged", lines)
-        self.summaries = LimitedLog(logger, "sessions' counts not logged", lines)
-        self.started = LimitedLog(logger, "sessions started", session_lines)
-        self.ended = LimitedLog(logger, "sessions ended", session_lines)
+        self.errors: LimitedLog = LimitedLog(logger, "protocol errors of all sessions not logged", lines)
+        self.failures: LimitedLog = LimitedLog(logger, "handler failures of all sessions not logged", lines)
+        self.summaries: LimitedLog = LimitedLog(logger, "sessions' counts not logged", lines)
+        self.started: LimitedLog = LimitedLog(logger, "sessions started", session_lines)
+        self.ended: LimitedLog = LimitedLog(logger, "sessions ended", session_lines)
 
     def report(self) -> None:
         """Log the lines left out since each kind's last line (periodically, and when
@@ -173,8 +173,8 @@ class SessionLogs:
     __slots__ = ("errors", "failures")
 
     def __init__(self) -> None:
-        self.errors = LogLimit(LOG_BURST, LOG_INTERVAL)
-        self.failures = LogLimit(LOG_BURST, LOG_INTERVAL)
+        self.errors: LogLimit = LogLimit(LOG_BURST, LOG_INTERVAL)
+        self.failures: LogLimit = LogLimit(LOG_BURST, LOG_INTERVAL)
 
     def report(self, session_id: Any, shared: Optional[SharedLogs] = None) -> None:
         """Log what was suppressed and never reported, once the session ends (within

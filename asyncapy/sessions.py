@@ -44,7 +44,7 @@ from .transport import STREAM_ERRORS, Channel, Pacer, Refusals
 
 __all__ = ["Sessions"]
 
-logger = logging.getLogger("asyncapy.server")
+logger: logging.Logger = logging.getLogger("asyncapy.server")
 
 REFUSED_LOG_INTERVAL = 1.0
 """Seconds between two log lines about connections refused for ``session_limit`` or
@@ -90,22 +90,22 @@ class Sessions:
         """The sessions being served, by id."""
         self.states: dict[str, SessionState] = {}
         """What the reaper and the shutdown see of them, by id."""
-        self.pacer = Pacer()
+        self.pacer: Pacer = Pacer()
         """Direct writes since a read, for all sessions (see :class:`~asyncapy.transport.Pacer`)."""
-        self.packet_memory = PacketMemory(settings.max_packet_memory, share=DEFAULT_OWNER_SHARE)
+        self.packet_memory: PacketMemory = PacketMemory(settings.max_packet_memory, share=DEFAULT_OWNER_SHARE)
         """What large packets hold, across sessions, charged as their bytes arrive, one
         client address group holding at most a share of it (see
         :mod:`asyncapy.domain.limits`)."""
-        self.refusals = Refusals()
+        self.refusals: Refusals = Refusals()
         """The lingering closes of refused connections, bounded."""
         self.stopping: Optional[trio.Event] = None
         """Set to shut down (made by :meth:`ready`); sessions end once they wait for bytes."""
         self.idle: Optional[trio.Event] = None
         """Set once no session is left, while :meth:`drain` waits for it."""
-        self.shared_logs = SharedLogs()
+        self.shared_logs: SharedLogs = SharedLogs()
         """The log limits all sessions share (see :class:`~asyncapy.session_state.SharedLogs`)."""
-        self.limit_log = LimitedLog(logger, "refused for session_limit", 1, REFUSED_LOG_INTERVAL)
-        self.unavailable_log = LimitedLog(logger, "refused alike", 1, REFUSED_LOG_INTERVAL)
+        self.limit_log: LimitedLog = LimitedLog(logger, "refused for session_limit", 1, REFUSED_LOG_INTERVAL)
+        self.unavailable_log: LimitedLog = LimitedLog(logger, "refused alike", 1, REFUSED_LOG_INTERVAL)
 
     def ready(self) -> None:
         """Make sessions servable: they check :attr:`stopping`, which a serve() of the

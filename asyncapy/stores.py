@@ -111,7 +111,8 @@ def default_store() -> Optional[str]:
     value = os.environ.get(STORE_ENV)
     if not value:
         return None
-    return validate("store", value, STORE_ENV)
+    url: Optional[str] = validate("store", value, STORE_ENV)
+    return url
 
 
 def key_cache_size(size: Optional[int] = None) -> int:
@@ -191,7 +192,7 @@ def open_rate_limiter(store: Union[None, str, SessionStore]) -> RateLimiter:
     store shares the limits, exact across them), else one in this process's memory
     (memory, SQLite, or a store object of the application's)."""
     scheme = store_urls.scheme_of(store) if isinstance(store, str) else None
-    if scheme is not None and scheme.name in store_urls.REDIS_SCHEMES:
+    if isinstance(store, str) and scheme is not None and scheme.name in store_urls.REDIS_SCHEMES:
         from asyncapy.adapters.redis_ratelimit import RedisRateLimiter
 
         return RedisRateLimiter(redis_client(store))

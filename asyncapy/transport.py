@@ -199,7 +199,7 @@ class Pacer:
     __slots__ = ("unyielded", "deferred", "_task", "_parked", "_nursery")
 
     def __init__(self) -> None:
-        self.unyielded = 0
+        self.unyielded: int = 0
         self.deferred: list["Channel"] = []
         """Channels whose replies wait for the next round, in the order deferred."""
         self._task: Optional[trio.lowlevel.Task] = None
@@ -304,7 +304,7 @@ class Channel:
         self.stream = stream
         self.socket = raw_socket_of(stream)
         """The socket written and read directly, or None to use the stream's methods."""
-        self.fd = None if self.socket is None else fileno_source(self.socket)
+        self.fd: Any | None = None if self.socket is None else fileno_source(self.socket)
         """What direct reads and writes ask for the descriptor (see
         :func:`fileno_source`), or None."""
         # Writes are serialised by hand: trio's locks register their owner task for
@@ -315,7 +315,7 @@ class Channel:
         self.holding = False
         self._pending = bytearray()
         self.interrupted = False
-        self.pacer = pacer if pacer is not None else Pacer()
+        self.pacer: Pacer = pacer if pacer is not None else Pacer()
         self.written = 0
         """Bytes of replies that waited for room, counted as the kernel takes them
         (direct writes only): how the reaper tells a client that reads a long reply

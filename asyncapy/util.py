@@ -18,13 +18,13 @@ from typing import Any, Optional, Union
 
 import trio
 
+from asyncapy.adapters.key_cache import CachedKeyStore
 from asyncapy.adapters.memory import MemoryKeyStore
 from asyncapy.domain.keylimits import KeyLimit, key_limit
 from asyncapy.domain.keylimits import unwrap as unwrap_key_record
 from asyncapy.domain.keylimits import wrap as wrap_key_record
 from asyncapy.domain.ports import KeyStore, run_to_completion
-
-from asyncapy.adapters.key_cache import CachedKeyStore
+from asyncapy.domain.ratelimit import Rate
 
 from .metered import metered_key_store
 from .metrics import watch_key_cache
@@ -118,7 +118,7 @@ class APIKeyFactory:
         _factories.add(self)
 
     # -- the synchronous API (0.5) ----------------------------------------------------
-    def issue(self, metadata: Any = None, *, rate_limit: Any = None, rate_burst: int = 0) -> str:
+    def issue(self, metadata: Any = None, *, rate_limit: Union[None, str, Rate] = None, rate_burst: int = 0) -> str:
         """Create, store and return a new key carrying ``metadata``.
 
         :param rate_limit: the key's own rate limit, ``N/s``, ``N/m`` or ``N/h``
@@ -136,7 +136,7 @@ class APIKeyFactory:
         """The rate limit stored with ``key`` (None: it has none)."""
         return run_to_completion(self.arate_limit(key))
 
-    def set_rate_limit(self, key: str, rate_limit: Any, *, rate_burst: int = 0) -> None:
+    def set_rate_limit(self, key: str, rate_limit: Union[None, str, Rate], *, rate_burst: int = 0) -> None:
         """Give ``key`` the rate limit ``rate_limit`` with ``rate_burst`` (None: none),
         keeping its metadata."""
         run_to_completion(self.aset_rate_limit(key, rate_limit, rate_burst=rate_burst))
@@ -165,7 +165,7 @@ class APIKeyFactory:
             secrets.choice(KEY_ALPHABET) for _ in range(self.size - 1)
         )
 
-    async def aissue(self, metadata: Any = None, *, rate_limit: Any = None, rate_burst: int = 0) -> str:
+    async def aissue(self, metadata: Any = None, *, rate_limit: Union[None, str, Rate] = None, rate_burst: int = 0) -> str:
         """Async :meth:`issue`."""
         limit = key_limit(rate_limit, rate_burst)  # checked before anything is stored
         key = self.new_key()
@@ -181,7 +181,7 @@ class APIKeyFactory:
         from the key cache, like the key check, with a Redis store)."""
         return unwrap_key_record(await self.store.get(key))[1]
 
-    async def aset_rate_limit(self, key: str, rate_limit: Any, *, rate_burst: int = 0) -> None:
+    async def aset_rate_limit(self, key: str, rate_limit: Union[None, str, Rate], *, rate_burst: int = 0) -> None:
         """Async :meth:`set_rate_limit`. A read then a write: a concurrent
         :meth:`update` of the same key may be lost."""
         limit = key_limit(rate_limit, rate_burst)
@@ -217,14 +217,14 @@ class APIKeyFactory:
         return await self.store.contains(key)
 
     @property
-    def _keys(self) -> dict:
+    def _keys(self) -> dict[str, Any]:
         # 0.5 subclasses reached into the key dict; keep that working for the memory store.
         if isinstance(self.store, MemoryKeyStore):
             return self.store._keys
         raise AttributeError("_keys exists only with the in-memory store")
 
     @_keys.setter
-    def _keys(self, keys: dict) -> None:
+    def _keys(self, keys: dict[str, Any]) -> None:
         if not isinstance(self.store, MemoryKeyStore):
             raise AttributeError("_keys exists only with the in-memory store")
         self.store._keys = keys

@@ -62,7 +62,7 @@ __all__ = [
     "MetricsDirectory",
 ]
 
-logger = logging.getLogger("asyncapy.workers")
+logger: logging.Logger = logging.getLogger("asyncapy.workers")
 
 DIRECTORY_ENV = "ASYNCAPY_METRICS_DIR"
 """The environment variable that tells a worker where to write its snapshots; set by

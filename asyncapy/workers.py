@@ -72,6 +72,9 @@ from typing import Any, Optional, Sequence
 import attrs
 import trio
 
+if sys.version_info < (3, 11):  # built in since 3.11; trio depends on the backport before
+    from exceptiongroup import BaseExceptionGroup
+
 from . import worker_metrics
 from .listening import bind_listeners, format_address, sockname
 from .logs import JsonFormatter
@@ -83,7 +86,7 @@ __all__ = [
     "RestartPolicy", "Supervisor", "supervise", "run_worker", "describe_store", "label_worker_logs",
 ]
 
-logger = logging.getLogger("asyncapy.workers")
+logger: logging.Logger = logging.getLogger("asyncapy.workers")
 
 READY = b"ready"
 """What a worker writes on its control channel once it serves."""
@@ -138,7 +141,7 @@ class Supervisor:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers}")
         self.app = app
-        self.worker_args = list(worker_args)
+        self.worker_args: list[str] = list(worker_args)
         self.workers = workers
         self.policy = policy
         self.status = 0
@@ -148,7 +151,7 @@ class Supervisor:
         self._listeners: list[trio.SocketListener] = []
         self._processes: dict[int, trio.Process] = {}
         self._spawning = 0
-        self._stopping: Optional[trio.Event] = None
+        self._stopping = trio.Event()  # made anew by each run()
         self._forced = False
         self._serving: set[int] = set()  # pids of the workers that said they serve
         self._metrics: Optional[worker_metrics.WorkersExposition] = None

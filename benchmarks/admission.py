@@ -47,7 +47,7 @@ from asyncapy.domain.codecs import JSON
 from asyncapy.domain.framing import Framer
 from asyncapy.domain.ports import SessionRecord, SessionStore
 
-from . import loadgen, run
+from . import run
 from .loadgen import process_cpu
 from .run import free_port, wait_listening
 
@@ -286,7 +286,7 @@ async def propagation(url: str, count: int) -> list:
             # the invalidation). Not trio.sleep(0.0001): the event loop's epoll sleeps
             # whole milliseconds, which would round every delay not yet over at the
             # first check up to about 1.2 ms, however soon the cache was invalidated.
-            time.sleep(0.0001)
+            time.sleep(0.0001)  # noqa: ASYNC251 - on purpose: see above
             await trio.lowlevel.checkpoint()
         delays.append(time.perf_counter() - acknowledged)
     await here.store.aclose()
@@ -368,7 +368,7 @@ def print_e2e_table(results: dict, seconds: float, rounds: int) -> None:
 
 def print_cache_table(delays: list, memory: float, size: int) -> None:
     ordered = sorted(delays)
-    print(f"\n(c) the API-key cache in front of Redis")
+    print("\n(c) the API-key cache in front of Redis")
     print(
         f"  revocation propagation over {len(delays)} revocations (acknowledged by another client -> "
         f"refused here): median {statistics.median(ordered) * 1000:.3f} ms, "

@@ -11,6 +11,7 @@ gap between this one and bare trio is the codecs' cost; the gap between it and
 AsyncAPY is everything else AsyncAPY does (framing checks, dispatch, sessions).
 """
 
+import functools
 import sys
 
 import trio
@@ -52,7 +53,7 @@ def main() -> None:
     args = sys.argv[1:]
     transform = recode if "--codec" in args else None
     port = int([a for a in args if a != "--codec"][0])
-    trio.run(lambda: trio.serve_tcp(lambda s: handle(s, transform), port, host="127.0.0.1"))
+    trio.run(functools.partial(trio.serve_tcp, lambda s: handle(s, transform), port, host="127.0.0.1"))
 
 
 if __name__ == "__main__":

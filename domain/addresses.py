@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-
 from typing import Any, Optional, Union
 
 __all__ = [
@@ -59,8 +58,8 @@ def _parse(address: Any) -> Optional[IPAddress]:
         parsed = ipaddress.ip_address(address)
     except ValueError:
         return None
-    if parsed.version == 6 and parsed.ipv4_mapped is not None:  # type: ignore[union-attr]
-        return parsed.ipv4_mapped  # type: ignore[union-attr]
+    if parsed.version == 6 and parsed.ipv4_mapped is not None:
+        return parsed.ipv4_mapped
     return parsed
 
 
@@ -80,8 +79,8 @@ def unmapped_network(network: IPNetwork) -> IPNetwork:
     """An IPv4-mapped IPv6 network (``::ffff:10.0.0.0/104``) as the IPv4 network it
     maps, any other network unchanged: clients are unwrapped to IPv4 by
     :func:`parse_address`, so a list of allowed networks must be too."""
-    if network.version == 6 and network.prefixlen >= 96 and network.subnet_of(_MAPPED):  # type: ignore[arg-type]
-        mapped = network.network_address.ipv4_mapped  # type: ignore[union-attr]
+    if network.version == 6 and network.prefixlen >= 96 and network.subnet_of(_MAPPED):
+        mapped = network.network_address.ipv4_mapped
         return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
     return network
 

@@ -43,7 +43,8 @@ from __future__ import annotations
 import gc
 import json
 from functools import partial
-from typing import Any, Mapping
+from types import ModuleType
+from typing import Any, Callable, Mapping, Optional
 
 import msgspec
 
@@ -68,12 +69,12 @@ class Codec:
         encoding cannot represent."""
         raise NotImplementedError
 
-    def decode(self, data: bytes) -> dict:  # pragma: no cover - abstract
+    def decode(self, data: bytes) -> dict[str, Any]:  # pragma: no cover - abstract
         """Parse a whole payload into a ``dict``; raise :class:`CodecError` otherwise
         (:class:`TooManyElements` past :data:`~domain.limits.MAX_ELEMENTS`)."""
         raise NotImplementedError
 
-    def decode_units(self, data: bytes, max_elements: int) -> tuple[dict, int]:  # pragma: no cover - abstract
+    def decode_units(self, data: bytes, max_elements: int) -> tuple[dict[str, Any], int]:  # pragma: no cover - abstract
         """``(decode(data), elements)`` with at most ``max_elements`` elements built:
         :class:`TooManyElements` past them (see :mod:`domain.limits`)."""
         raise NotImplementedError
@@ -119,7 +120,7 @@ class JsonCodec(Codec):
         )
         self._fast_decode = msgspec.json.Decoder().decode
         accelerator = None if pure else _speedups
-        self.accelerated = accelerator is not None
+        self.accelerated: bool = accelerator is not None
         """True when this codec encodes on the C accelerator."""
         self._nests_beyond = None
         if accelerator is not None:
@@ -137,7 +138,7 @@ class JsonCodec(Codec):
         except (TypeError, ValueError, RecursionError) as exc:
             raise CodecError(f"cannot encode as JSON: {exc}") from None
 
-    def decode(self, data: bytes) -> dict:
+    def decode(self, data: bytes) -> dict[str, Any]:
         if len(data) >= _GC_PAUSE_AT:
             return self.decode_units(data, MAX_ELEMENTS)[0]
         # _parse() inlined: a small payload's decode is one Python frame, as before.
@@ -155,7 +156,7 @@ class JsonCodec(Codec):
             raise CodecError(f"JSON payload nests deeper than {MAX_DEPTH}")
         return obj
 
-    def decode_units(self, data: bytes, max_elements: int) -> tuple[dict, int]:
+    def decode_units(self, data: bytes, max_elements: int) -> tuple[dict[str, Any], int]:
         """``(decode(data), elements)``, refusing (:class:`TooManyElements`) a payload
         of more than ``max_elements`` elements before it is parsed.
 
@@ -173,7 +174,7 @@ class JsonCodec(Codec):
         finally:
             gc.enable()
 
-    def _parse(self, data: bytes) -> dict:
+    def _parse(self, data: bytes) -> dict[str, Any]:
         try:
             obj = self._fast_decode(data)
         except ValueError:
@@ -371,6 +372,7 @@ def _take_str(data: bytes, p: int, size: int) -> int:
         raise CodecError(f"malformed ZiProto: a string is not valid UTF-8 (byte {end})") from None
     return end
 
+_speedups: Optional[ModuleType]
 try:
     from . import _speedups
 except ImportError:  # not compiled (no C compiler where it was installed)
@@ -399,12 +401,14 @@ class ZiProtoCodec(Codec):
 
     name = "ziproto"
     code = 1
+    _decode_units: Callable[[int, bytes], tuple[dict[str, Any], int]]
+    """The accelerator's decode_units with its constants bound (when accelerated)."""
 
     def __init__(self, pure: bool = False) -> None:
         self._msgspec_encode = msgspec.msgpack.Encoder().encode
         self._msgspec_decode = msgspec.msgpack.Decoder(ext_hook=_refuse_extension).decode
         accelerator = None if pure else _speedups
-        self.accelerated = accelerator is not None
+        self.accelerated: bool = accelerator is not None
         """True when this codec runs on the C accelerator."""
         if accelerator is not None:
             # Straight to C: no Python frame between a caller and the engine.
@@ -422,10 +426,10 @@ class ZiProtoCodec(Codec):
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise CodecError(f"cannot encode as ZiProto: {exc}") from None
 
-    def decode(self, data: bytes) -> dict:
+    def decode(self, data: bytes) -> dict[str, Any]:
         return self.decode_units(data, MAX_ELEMENTS)[0]
 
-    def decode_units(self, data: bytes, max_elements: int) -> tuple[dict, int]:
+    def decode_units(self, data: bytes, max_elements: int) -> tuple[dict[str, Any], int]:
         """``(decode(data), elements)``, refusing (:class:`TooManyElements`) a payload
         of more than ``max_elements`` elements: the accelerator stops building at the
         first element past the limit; msgspec is not called until
@@ -441,7 +445,7 @@ class ZiProtoCodec(Codec):
                 gc.enable()
         return self._msgspec_map(data), elements
 
-    def _msgspec_map(self, data: bytes) -> dict:
+    def _msgspec_map(self, data: bytes) -> dict[str, Any]:
         try:
             obj = self._msgspec_decode(data)
         except CodecError:

@@ -22,7 +22,7 @@ an ``owner`` every reservation counts against that owner's share of the budget (
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Optional, Union
+from typing import Any, Mapping, NamedTuple, Optional, Union, final
 
 from .codecs import CODECS_BY_CODE, JSON, Codec
 from .errors import (
@@ -51,16 +51,18 @@ __all__ = ["Request", "ProtocolError", "Connection", "NEED_DATA", "error_payload
 _tuple_new = tuple.__new__  # Request(...) in one C call, as Framer does for Frame
 
 
+@final  # so that a type checker narrows ``type(event) is Request`` both ways
 class Request(NamedTuple):
     """A valid packet: its decoded payload and the codec the session speaks."""
 
-    fields: dict
+    fields: dict[str, Any]
     """The decoded payload (always a ``dict``)."""
     codec: Codec
     """The session's codec: the one handlers see, even when this packet declared the
     other valid encoding."""
 
 
+@final  # so that a type checker narrows ``type(event) is ProtocolError`` both ways
 class ProtocolError(NamedTuple):
     """A packet (or the stream) broke the protocol: send ``reply``; close if ``close``."""
 
@@ -74,7 +76,7 @@ class ProtocolError(NamedTuple):
     """What was wrong, for the log (never sent to the client)."""
 
 
-def error_payload(code: str) -> dict:
+def error_payload(code: str) -> dict[str, Any]:
     """The payload of an error reply: ``{"status": "failure", "error": code}``."""
     return {"status": "failure", "error": code}
 
@@ -106,17 +108,17 @@ class Connection:
         owner: object = None,
         charge_on_arrival: bool = False,
     ) -> None:
-        self.framer = Framer(header_size, byteorder, max_packet_size)
+        self.framer: Framer = Framer(header_size, byteorder, max_packet_size)
         self.codec: Optional[Codec] = None
         """The session's codec, fixed by its first valid packet (None before)."""
-        self.default_codec = default_codec
-        self.memory = memory
+        self.default_codec: Codec = default_codec
+        self.memory: PacketMemory | None = memory
         self.held = 0
         """Bytes of ``memory`` held for the last request handed out (0 for a small
         one): given back by :meth:`release`, or by the next :meth:`next_event`."""
-        self.owner = owner
+        self.owner: object = owner
         """Whose share of ``memory`` this session's packets count against (None: nobody's)."""
-        self.charge_on_arrival = charge_on_arrival
+        self.charge_on_arrival: bool = charge_on_arrival
         """Whether a large packet is charged as its bytes arrive (else from its header)."""
         self._buffering = 0
         """Bytes of ``memory`` reserved for the packet being received."""
@@ -236,7 +238,7 @@ class Connection:
             f"({memory.used} of {memory.limit} bytes in use{whose})",  # type: ignore[union-attr]
         )
 
-    def _decode_within_budget(self, payload: bytes, declared: Codec) -> Union[dict, ProtocolError]:
+    def _decode_within_budget(self, payload: bytes, declared: Codec) -> Union[dict[str, Any], ProtocolError]:
         """Decode a large payload with only the elements the budget still has room
         for, and hold what it decoded to (estimated) until :meth:`release`."""
         memory: PacketMemory = self.memory  # type: ignore[assignment]

@@ -20,7 +20,7 @@ from inspect import isawaitable
 from typing import Any, Awaitable, Callable, Iterable, Optional
 
 from .errors import ERR_INTERNAL, ERR_RATE_LIMITED, ERR_UNAVAILABLE, RateLimited, StopPropagation, StoreUnavailable
-from .filtering import evaluate
+from .filtering import CheckResult, SupportsCheck, evaluate
 from .ratelimit import rate_limited_payload
 
 __all__ = ["Handler", "HandlerFailed", "Dispatcher"]
@@ -35,7 +35,9 @@ class Handler:
 
     __slots__ = ("function", "filters")
 
-    def __init__(self, function: Callable[..., Awaitable[Any]], filters: Optional[Iterable] = None):
+    def __init__(
+        self, function: Callable[..., Awaitable[Any]], filters: Optional[Iterable[SupportsCheck]] = None
+    ) -> None:
         if not callable(function):
             raise TypeError(f"a handler must be an async function, not {function!r}")
         if not _is_async_callable(function):
@@ -44,21 +46,21 @@ class Handler:
                 "(define it with 'async def'); blocking work belongs in "
                 "server.run_sync_task()"
             )
-        filters = tuple(filters or ())
-        for flt in filters:
+        checks = tuple(filters or ())
+        for flt in checks:
             if not callable(getattr(flt, "check", None)):
                 raise TypeError(
                     f"{flt!r} is not a filter: filters need a check(client, packet) method"
                 )
-        self.function = function
-        self.filters = filters
+        self.function: Callable[..., Awaitable[Any]] = function
+        self.filters: tuple[SupportsCheck, ...] = checks
 
     @property
     def name(self) -> str:
         """The function's qualified name, for logs."""
         return _name(self.function)
 
-    def check(self, client: Any, packet: Any):
+    def check(self, client: Any, packet: Any) -> CheckResult:
         """Whether every filter passes for this client/packet pair."""
         return evaluate(self.filters, client, packet)
 
@@ -74,7 +76,7 @@ def _is_async_callable(obj: Any) -> bool:
     while hasattr(obj, "func") and not inspect.isfunction(obj):  # functools.partial
         obj = obj.func
     return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
-        getattr(obj, "__call__", None)
+        getattr(obj, "__call__", None)  # noqa: B004 - the method itself: is it ``async def``?
     )
 
 
@@ -95,8 +97,8 @@ class HandlerFailed(Exception):
     def __init__(self, handler: Handler, group: int, cause: BaseException, in_filter: bool = False):
         self.handler = handler
         self.group = group
-        self.unavailable = isinstance(cause, StoreUnavailable)
-        self.rate_limited = isinstance(cause, RateLimited)
+        self.unavailable: bool = isinstance(cause, StoreUnavailable)
+        self.rate_limited: bool = isinstance(cause, RateLimited)
         self.retry_after: float = cause.retry_after if isinstance(cause, RateLimited) else 0.0
         """Seconds until a packet would be allowed (``ERR_RATE_LIMITED`` only)."""
         if self.rate_limited:
@@ -114,7 +116,7 @@ class HandlerFailed(Exception):
 
 
     @property
-    def payload(self) -> dict:
+    def payload(self) -> dict[str, Any]:
         """The reply's payload: ``{"status": "failure", "error": code}``, with
         ``"retry_after"`` (rounded up to the millisecond) for ``ERR_RATE_LIMITED``."""
         if self.rate_limited:

@@ -10,11 +10,21 @@ short-circuit evaluation left to right.
 from __future__ import annotations
 
 from inspect import isawaitable
-from typing import Any, Awaitable, Union
+from typing import Any, Awaitable, Protocol, Union
 
-__all__ = ["Filter", "evaluate", "All", "Any_", "Not"]
+__all__ = ["Filter", "SupportsCheck", "evaluate", "All", "Any_", "Not"]
 
 CheckResult = Union[bool, Awaitable[bool]]
+"""What ``check`` returns: a bool, or an awaitable of one when the answer needs I/O."""
+
+
+class SupportsCheck(Protocol):
+    """What guards a handler: anything with ``check(client, packet)`` (a
+    :class:`Filter` subclass, or an object of its own that has the method)."""
+
+    def check(self, client: Any, packet: Any) -> CheckResult:
+        """Whether ``client``/``packet`` may reach the guarded handler."""
+        ...
 
 
 class Filter:
@@ -33,23 +43,24 @@ class Filter:
         """
         return True
 
-    def __and__(self, other: "Filter") -> "Filter":
+    def __and__(self, other: SupportsCheck) -> "All":
         return All(self, _require_filter(other))
 
-    def __or__(self, other: "Filter") -> "Filter":
+    def __or__(self, other: SupportsCheck) -> "Any_":
         return Any_(self, _require_filter(other))
 
-    def __invert__(self) -> "Filter":
+    def __invert__(self) -> "Not":
         return Not(self)
 
 
-def _require_filter(obj: Any) -> Filter:
+def _require_filter(obj: Any) -> SupportsCheck:
     if not hasattr(obj, "check"):
         raise TypeError(f"filters combine only with filters, not {obj!r}")
-    return obj
+    checked: SupportsCheck = obj
+    return checked
 
 
-async def _finish_all(pending: Awaitable[bool], rest: tuple, client: Any, packet: Any) -> bool:
+async def _finish_all(pending: Awaitable[bool], rest: tuple[SupportsCheck, ...], client: Any, packet: Any) -> bool:
     if not await pending:
         return False
     for flt in rest:
@@ -61,7 +72,7 @@ async def _finish_all(pending: Awaitable[bool], rest: tuple, client: Any, packet
     return True
 
 
-def evaluate(filters: tuple, client: Any, packet: Any) -> CheckResult:
+def evaluate(filters: tuple[SupportsCheck, ...], client: Any, packet: Any) -> CheckResult:
     """All of ``filters`` pass (left to right, stopping at the first that fails).
 
     Returns a plain bool when every filter answered synchronously, else an awaitable.
@@ -78,7 +89,7 @@ def evaluate(filters: tuple, client: Any, packet: Any) -> CheckResult:
 class All(Filter):
     """``a & b``: passes when every operand passes."""
 
-    def __init__(self, *filters: Filter) -> None:
+    def __init__(self, *filters: SupportsCheck) -> None:
         self.filters = filters
 
     def check(self, client: Any, packet: Any) -> CheckResult:
@@ -88,7 +99,7 @@ class All(Filter):
         return "(" + " & ".join(map(repr, self.filters)) + ")"
 
 
-async def _finish_any(pending: Awaitable[bool], rest: tuple, client: Any, packet: Any) -> bool:
+async def _finish_any(pending: Awaitable[bool], rest: tuple[SupportsCheck, ...], client: Any, packet: Any) -> bool:
     if await pending:
         return True
     for flt in rest:
@@ -103,7 +114,7 @@ async def _finish_any(pending: Awaitable[bool], rest: tuple, client: Any, packet
 class Any_(Filter):
     """``a | b``: passes when at least one operand passes."""
 
-    def __init__(self, *filters: Filter) -> None:
+    def __init__(self, *filters: SupportsCheck) -> None:
         self.filters = filters
 
     def check(self, client: Any, packet: Any) -> CheckResult:
@@ -127,7 +138,7 @@ async def _negate(pending: Awaitable[bool]) -> bool:
 class Not(Filter):
     """``~a``: passes when its operand fails."""
 
-    def __init__(self, inner: Filter) -> None:
+    def __init__(self, inner: SupportsCheck) -> None:
         self.inner = inner
 
     def check(self, client: Any, packet: Any) -> CheckResult:

@@ -18,8 +18,9 @@ from the header alone, before a byte of its payload is buffered.
 
 from __future__ import annotations
 
+import enum
 import struct
-from typing import NamedTuple, Union
+from typing import Final, Literal, NamedTuple, Union, final
 
 from .errors import ERR_PACKET_TOO_LARGE, ERR_REQUEST_MALFORMED
 
@@ -64,6 +65,7 @@ class Frame(NamedTuple):
     """Everything after the two one-byte headers."""
 
 
+@final  # so that a type checker narrows ``type(event) is FramingError`` both ways
 class FramingError(NamedTuple):
     """The stream cannot be framed any further: reply with ``code``, then close."""
 
@@ -73,14 +75,18 @@ class FramingError(NamedTuple):
     """The offending Content-Length, for the log."""
 
 
-class _NeedData:
-    __slots__ = ()
+class _NeedData(enum.Enum):
+    # A one-member enum, not a plain object: a type checker then narrows
+    # ``event is NEED_DATA`` to the other members of the union (PEP 484's sentinel form).
+    NEED_DATA = "NEED_DATA"
 
     def __repr__(self) -> str:
         return "NEED_DATA"
 
+    __str__ = __repr__  # printed as before it was an enum
 
-NEED_DATA = _NeedData()
+
+NEED_DATA: Final = _NeedData.NEED_DATA
 """Returned by :meth:`Framer.next_event` when no complete packet is buffered yet."""
 
 
@@ -131,9 +137,9 @@ class Framer:
             raise ValueError(
                 f"max_packet_size must be an integer of at least 2, not {max_packet_size!r}"
             )
-        self.header_size = header_size
-        self.byteorder = byteorder
-        self.max_packet_size = max_packet_size
+        self.header_size: int = header_size
+        self.byteorder: Literal["big", "little"] = "big" if byteorder == "big" else "little"  # checked above
+        self.max_packet_size: int = max_packet_size
         self._prefix = struct.Struct(self._length.format + "BB")
         self._buffer = bytearray()
         self._offset = 0
@@ -141,13 +147,13 @@ class Framer:
         self._eof = False
         self._held: bytes | None = None
         """A received chunk not copied into the buffer yet (see receive_data)."""
-        self.pending = 0
+        self.pending: int = 0
         """The Content-Length of the packet being buffered, once its header is in:
         set when :meth:`next_event` returns :data:`NEED_DATA` (0 if the header is
         not complete yet), so that its memory can be reserved before it arrives."""
 
     # -- receiving -----------------------------------------------------------------
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: Union[bytes, bytearray]) -> None:
         """Append bytes received from the peer (``b""`` is the end of the stream).
 
         A ``bytes`` chunk that arrives while nothing is buffered is held as it is,
@@ -184,6 +190,7 @@ class Framer:
         available = len(self._buffer) - self._offset
         if available < self.header_size:
             return False
+        content_length: int
         (content_length,) = self._length.unpack_from(self._buffer, self._offset)
         return (
             content_length < 2

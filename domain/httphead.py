@@ -46,7 +46,7 @@ class RequestHead:
     method: str
     target: str
     version: str
-    headers: tuple = ()
+    headers: tuple[tuple[str, str], ...] = ()
 
     @property
     def path(self) -> str:

@@ -42,7 +42,7 @@ class KeyLimit:
     burst: int = 0
     """Requests allowed at once above the rate."""
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """The limit as stored: ``{"rate": "100/s", "burst": 50}``."""
         return {"rate": str(self.rate), "burst": self.burst}
 

@@ -110,9 +110,9 @@ class PacketMemory:
             raise ValueError(f"the packet memory budget must be an integer of at least 0, not {limit!r}")
         if type(share) not in (int, float) or not 0 < share <= 1:
             raise ValueError(f"the packet memory share must be a number above 0 and at most 1, not {share!r}")
-        self.limit = limit
+        self.limit: int = limit
         """The budget, in bytes."""
-        self.share = float(share)
+        self.share: float = float(share)
         """The fraction of :attr:`limit` one owner may hold."""
         self.used = 0
         """Bytes reserved now."""

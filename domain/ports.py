@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import abc
 import contextvars
-from typing import Any, Awaitable, Sequence, TypeVar
+from typing import Any, Awaitable, Sequence, TypeVar, Union
 
 import attrs
 
@@ -132,7 +132,7 @@ class RateLimiter(abc.ABC):
     """
 
     @abc.abstractmethod
-    async def acquire(self, key: str, rate: Rate, burst: int, cost: int = 1) -> Decision:
+    async def acquire(self, key: str, rate: Union[Rate, str], burst: int, cost: int = 1) -> Decision:
         """Take ``cost`` requests from ``key``'s allowance of ``rate`` with ``burst``
         (see :func:`domain.ratelimit.gcra`) if they fit, in one atomic step.
 
@@ -145,7 +145,7 @@ class RateLimiter(abc.ABC):
         reached (the caller decides whether to fail open or closed).
         """
 
-    async def acquire_many(self, requests: Sequence[tuple[str, Rate, int, int]]) -> list[Decision]:
+    async def acquire_many(self, requests: Sequence[tuple[str, Union[Rate, str], int, int]]) -> list[Decision]:
         """:meth:`acquire` for each ``(key, rate, burst, cost)`` of ``requests``, in
         order, each decided on its own (one refused does not give back another's):
         what a packet under both a per-address and a per-key limit needs. A shared
@@ -153,7 +153,7 @@ class RateLimiter(abc.ABC):
         request is checked before any is made: a bad one is a ``ValueError`` and
         nothing is taken.
         """
-        for key, rate, burst, cost in requests:
+        for _key, rate, burst, cost in requests:
             check_cost(cost, check_burst(burst, name="burst"))
             parse_rate(rate, name="rate")
         return [await self.acquire(*request) for request in requests]
@@ -184,7 +184,8 @@ def run_to_completion(awaitable: Awaitable[T]) -> T:
     try:
         coro.send(None)
     except StopIteration as done:
-        return done.value
+        result: T = done.value  # what the awaitable returned
+        return result
     finally:
         BLOCKING.reset(token)
     coro.close()

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Any, Iterable, Iterator, NamedTuple, Optional, Union
+from typing import Any, Iterable, Iterator, NamedTuple, Optional, Union, final
 
 from .addresses import IPNetwork, parse_address, unmapped_network
 from .framing import NEED_DATA, _NeedData
@@ -138,6 +138,7 @@ UNSPEC, UNIX): no IP address, so no ``Filters.Ip`` matches it, and every such se
 counts in this one ``session_limit`` group."""
 
 
+@final  # so that a type checker narrows ``type(event) is ProxyError`` both ways
 class ProxyError(NamedTuple):
     """The connection did not start with a valid PROXY header: close it."""
 
@@ -159,7 +160,7 @@ class ProxyParser:
     def __init__(self, max_length: int = DEFAULT_MAX_LENGTH) -> None:
         if type(max_length) is not int or max_length < V1_MAX_LENGTH:
             raise ValueError(f"max_length must be an integer of at least {V1_MAX_LENGTH}, got {max_length!r}")
-        self.max_length = max_length
+        self.max_length: int = max_length
         """The longest v2 header accepted, in bytes."""
         self._buffer = bytearray()
         self._closed = False
@@ -311,7 +312,7 @@ def _parse_v2(buffer: bytes, max_length: int) -> Union[ProxyHeader, ProxyError, 
         return ProxyError(problem)
     if command == 0:
         return ProxyHeader(2, "UNKNOWN", None, None, None, None, True, leftover)
-    if used == 0:
+    if used == 0 or family is None:  # past LOCAL (command 0), family is known
         return ProxyHeader(2, "UNKNOWN", None, None, None, None, False, leftover)
     if family == "UNIX":
         source, destination = _unix_path(block[:108]), _unix_path(block[108:216])
@@ -358,7 +359,7 @@ def _unix_path(raw: bytes) -> str:
     return raw.split(b"\x00", 1)[0].decode("utf-8", "backslashreplace")
 
 
-def _crc32c_table() -> list:
+def _crc32c_table() -> list[int]:
     table = []
     for byte in range(256):
         crc = byte
@@ -404,12 +405,12 @@ class TrustedProxies:
             raise ValueError(entries)
         if isinstance(entries, str):
             entries = [part for part in re.split(r"[\s,]+", entries) if part]
-        networks: list = []
+        networks: list[IPNetwork] = []
         for entry in entries:
             network = unmapped_network(_parse_network(entry))
             if network not in networks:
                 networks.append(network)
-        self.networks: tuple = tuple(networks)
+        self.networks: tuple[IPNetwork, ...] = tuple(networks)
         """The trusted networks (a single address is a /32 or /128 network)."""
 
     def __contains__(self, peer: Any) -> bool:
@@ -433,11 +434,13 @@ class TrustedProxies:
         ``0.0.0.0/1`` and ``128.0.0.0/1``), else None. Trusting every peer lets any
         of them forge its address, which is why the server refuses it unless told it
         is meant (see ``insecure_trust_any_proxy``)."""
-        for version, name in ((4, "IPv4"), (6, "IPv6")):
-            networks = [n for n in self.networks if n.version == version]
-            covered = sum(n.num_addresses for n in ipaddress.collapse_addresses(networks))
-            if networks and covered == (1 << (32 if version == 4 else 128)):
-                return name
+        # One family at a time: collapse_addresses takes networks of one version.
+        v4 = [n for n in self.networks if isinstance(n, ipaddress.IPv4Network)]
+        if v4 and sum(n.num_addresses for n in ipaddress.collapse_addresses(v4)) == 1 << 32:
+            return "IPv4"
+        v6 = [n for n in self.networks if isinstance(n, ipaddress.IPv6Network)]
+        if v6 and sum(n.num_addresses for n in ipaddress.collapse_addresses(v6)) == 1 << 128:
+            return "IPv6"
         return None
 
     def __iter__(self) -> Iterator[str]:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import attrs
 
@@ -185,7 +185,7 @@ def gcra(tat: int, now: int, interval: int, burst: int, cost: int = 1) -> Outcom
     return Outcome(True, new_tat, 0, (horizon - new_tat) // interval)
 
 
-def rate_limited_payload(retry_after: float) -> dict:
+def rate_limited_payload(retry_after: float) -> dict[str, Any]:
     """The payload of the reply to a packet over a limit:
     ``{"status": "failure", "error": "ERR_RATE_LIMITED", "retry_after": seconds}``,
     the seconds rounded *up* to the millisecond (a client that waits that long is
@@ -215,7 +215,7 @@ class GcraTable:
     def __init__(self, capacity: int = 100_000) -> None:
         if type(capacity) is not int or capacity < 1:
             raise ValueError(f"capacity must be an integer of at least 1, not {capacity!r}")
-        self.capacity = capacity
+        self.capacity: int = capacity
         """The most keys held at once."""
         self._tats: dict[str, int] = {}
 

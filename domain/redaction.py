@@ -77,8 +77,8 @@ def _mask_userinfo(line: str) -> str:
     userinfo = line[start:at]
     if not userinfo or userinfo == MASK or userinfo.endswith(":" + MASK):
         return line
-    user, colon, _ = userinfo.partition(":")
-    if colon and _PLAIN_USER.fullmatch(user):
+    user, separator, _ = userinfo.partition(":")
+    if separator and _PLAIN_USER.fullmatch(user):
         masked = f"{user}:{MASK}"
     else:
         masked = MASK
@@ -111,7 +111,7 @@ def _mask_odd_port(line: str) -> str:
     return "".join(pieces) + line[position:] if pieces else line
 
 
-def _mask_pair(match: re.Match) -> str:
+def _mask_pair(match: re.Match[str]) -> str:
     value = match.group("value")
     quote = value[0] if value[0] in "'\"" else ""  # a quoted value keeps its quotes
     return f"{match.group('name')}{match.group('sep')}{quote}{MASK}{quote}"

@@ -58,7 +58,7 @@ class KeyFailureThrottle:
         capacity: int = 100_000,
     ) -> None:
         self.rate: Rate = parse_rate(rate, name="key_failure_limit")
-        self.burst = check_burst(burst, name="key_failure_burst")
+        self.burst: int = check_burst(burst, name="key_failure_burst")
         self._interval = self.rate.interval_us
         self._table = GcraTable(capacity)
         self.failures = 0

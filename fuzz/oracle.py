@@ -71,11 +71,11 @@ from asyncapy.domain.connection import (
     error_payload,
 )
 from asyncapy.domain.errors import CodecError, TooManyElements
+from asyncapy.domain.framing import DEFAULT_MAX_PACKET_SIZE
 from asyncapy.domain.limits import MAX_ELEMENTS, PacketMemory
 
 _PURE = {"json": JsonCodec(pure=True), "ziproto": ZiProtoCodec(pure=True)}
 """The codecs on msgspec and the standard library alone, for the ``engines`` property."""
-from asyncapy.domain.framing import DEFAULT_MAX_PACKET_SIZE
 
 __all__ = [
     "Config",

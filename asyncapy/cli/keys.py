@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
     what = "--metadata" if args.keys_action == "issue" else "JSON"
     metadata = parse_json(args.metadata, what) if hasattr(args, "metadata") else None
     key = _read_key(args.key) if hasattr(args, "key") else ""
-    if getattr(args, "rate_limit", None) is not None or getattr(args, "rate_burst", 0):
+    if getattr(args, "rate_limit", None) is not None or getattr(args, "rate_burst", None):
         try:
             key_limit(args.rate_limit, args.rate_burst)
         except ValueError as exc:

@@ -32,7 +32,8 @@ if _pytest is not None:
     _pytest.register_assert_rewrite("asyncapy.testing.contracts", "asyncapy.testing.ratelimit_contracts")
 del _pytest
 
-from .client import TestClient, open_test_client
-from .serving import open_test_server
+# After the registration above, which must come first.
+from .client import TestClient, open_test_client  # noqa: E402
+from .serving import open_test_server  # noqa: E402
 
 __all__ = ["open_test_client", "open_test_server", "TestClient"]

@@ -71,7 +71,7 @@ def _same_json(left: Any, right: Any) -> bool:
         return left.keys() == right.keys() and all(_same_json(left[k], right[k]) for k in left)
     if isinstance(left, list):
         return len(left) == len(right) and all(map(_same_json, left, right))
-    return left == right
+    return bool(left == right)
 
 
 @pytest.mark.trio

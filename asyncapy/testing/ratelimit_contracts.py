@@ -25,6 +25,8 @@ use slow rates (``1/h``) where nothing may refill during a test and fast ones
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import trio
 
@@ -128,7 +130,9 @@ class RateLimiterContract:
         "rate, burst, cost",
         [("fast", 0, 1), ("0/s", 0, 1), (100, 0, 1), (SLOW, -1, 1), (SLOW, 1.5, 1), (SLOW, 2, 0), (SLOW, 2, 4)],
     )
-    async def test_bad_arguments_are_a_value_error_and_take_nothing(self, limiter: RateLimiter, rate, burst, cost) -> None:
+    async def test_bad_arguments_are_a_value_error_and_take_nothing(
+        self, limiter: RateLimiter, rate: Any, burst: Any, cost: Any
+    ) -> None:
         with pytest.raises(ValueError):
             await limiter.acquire("client", rate, burst, cost)
         with pytest.raises(ValueError):

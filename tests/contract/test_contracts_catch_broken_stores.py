@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import trio
+import trio.lowlevel
 
 from asyncapy.adapters.memory import MemoryKeyStore, MemorySessionStore
 from asyncapy.testing.contracts import KeyStoreContract, SessionStoreContract
@@ -23,7 +24,7 @@ class ReadThenWriteSessionStore(MemorySessionStore):
 
     async def admit(self, record, limit):
         live = await self.sessions(record.address)
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         if limit and len(live) >= limit:
             return False
         return await super().admit(record, 0)

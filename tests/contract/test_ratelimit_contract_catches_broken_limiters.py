@@ -6,8 +6,14 @@ fail, while it passes against the shipped in-memory limiter. A last test runs th
 contract the way a user would, in a fresh pytest session without ``trio_mode``.
 """
 
+import sys
+
 import pytest
 import trio
+import trio.lowlevel
+
+if sys.version_info < (3, 11):  # built in since 3.11; trio depends on the backport before
+    from exceptiongroup import BaseExceptionGroup
 
 from asyncapy.adapters.memory_ratelimit import MemoryRateLimiter, _monotonic_us
 from asyncapy.domain.ratelimit import Decision, gcra, parse_rate
@@ -23,7 +29,7 @@ class ReadThenWriteLimiter(MemoryRateLimiter):
         rate = parse_rate(rate)
         now = _monotonic_us()
         tat = self._table.tat(key)
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         outcome = gcra(tat, now, rate.interval_us, burst, cost)
         if outcome.allowed:
             self._table._tats[key] = outcome.tat

@@ -22,11 +22,11 @@ import pytest
 import trio
 
 from asyncapy import APIKeyFactory, Packet, Server
+from asyncapy.adapters.sqlite import SQLiteKeyStore
 from asyncapy.client import AsyncClient
+from asyncapy.domain.errors import StoreUnavailable
 from asyncapy.filters import Filters
 from asyncapy.testing.contracts import KeyStoreContract
-from asyncapy.domain.errors import StoreUnavailable
-from asyncapy.adapters.sqlite import SQLiteKeyStore
 from tests.conftest import serving
 
 ROOT = Path(__file__).resolve().parents[2]

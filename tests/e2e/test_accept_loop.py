@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import errno
 import logging
+import sys
 
 import pytest
 import trio
 
-from asyncapy.listening import ACCEPT_RETRY_SECONDS
-from asyncapy.domain.ports import SessionRecord
+if sys.version_info < (3, 11):  # built in since 3.11; trio depends on the backport before
+    from exceptiongroup import ExceptionGroup
+
 from asyncapy.adapters.memory import MemorySessionStore
+from asyncapy.domain.ports import SessionRecord
+from asyncapy.listening import ACCEPT_RETRY_SECONDS
 from tests.conftest import serving
 
 from .wire import Wire

@@ -21,9 +21,9 @@ from typing import Optional
 import trio
 
 from asyncapy import APIKeyFactory, Filters, Packet, Server
+from asyncapy.adapters.sqlite import SQLiteKeyStore
 from asyncapy.client import AsyncClient
 from asyncapy.util import KEY_ALPHABET, fingerprint
-from asyncapy.adapters.sqlite import SQLiteKeyStore
 from tests.conftest import serving
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -24,7 +24,7 @@ import sys
 import pytest
 import yaml
 
-from tests.real_parts import _Processes, _command, _info, _wait, free_ports, require
+from tests.real_parts import _command, _info, _Processes, _wait, free_ports, require
 
 from .processes import ROOT, Running, free_port
 
@@ -195,7 +195,7 @@ def test_the_whole_deployment_runs_from_its_command_lines(compose):
         for api in APIS:
             # Not HAProxy: never believed, closed without a reply.
             assert refused_from("127.0.0.1", ("127.0.0.1", ports[api])) == b""
-        for api, run in runs.items():
+        for run in runs.values():
             assert run.stop() == 0, run.output
             output = run.output
             assert "redis+sentinel://127.0.0.1:" in output  # where sessions live, no password

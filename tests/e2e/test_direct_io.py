@@ -33,8 +33,8 @@ from typing import Any, Callable, Optional
 import trio
 
 from asyncapy import Packet
-from asyncapy.transport import WRITES_PER_YIELD
 from asyncapy.server import Server
+from asyncapy.transport import WRITES_PER_YIELD
 
 from ..conftest import serving
 from .wire import Wire, json_error, json_packet, settle

@@ -23,8 +23,8 @@ is listed in :data:`NOT_RUN` with the reason.
 from __future__ import annotations
 
 import ast
-import json
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from asyncapy import Packet, Server
+from asyncapy import Server
 from asyncapy.adapters.sqlite import SQLiteKeyStore
 from tests.conftest import serving
 

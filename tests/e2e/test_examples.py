@@ -28,12 +28,12 @@ import pytest
 import trio
 
 from asyncapy import APIKeyFactory, Client, Packet
+from asyncapy.adapters.sqlite import SQLiteKeyStore
 from asyncapy.client import AsyncClient
 from asyncapy.client import Client as BlockingClient
 from asyncapy.filters import Filters
 from asyncapy.testing import open_test_client
 from examples import authenticated, chat, echo, scaleout
-from asyncapy.adapters.sqlite import SQLiteKeyStore
 from tests.conftest import serving
 
 from .processes import ROOT, Running, ask

@@ -27,9 +27,8 @@ import pytest
 import trio
 
 from asyncapy.config import ConfigError
-from asyncapy.server import Server
-
 from asyncapy.domain.limits import FREE_PACKET_SIZE, MAX_ELEMENTS
+from asyncapy.server import Server
 from benchmarks.hostile_decode import attack, frame, payloads
 from fuzz import attacks
 
@@ -110,7 +109,10 @@ def test_a_hard_limit_below_max_connections_is_a_clear_warning():
 async def test_past_max_connections_new_connections_are_closed_at_once(make_echo, caplog):
     caplog.set_level(logging.INFO, logger="asyncapy")
     server = make_echo(max_connections=5)
-    refusals = lambda: [r for r in caplog.records if "max_connections (5) reached" in r.getMessage()]
+
+    def refusals() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "max_connections (5) reached" in r.getMessage()]
+
     async with serving(server) as (host, port):
         admitted = [await Wire.connect(host, port) for _ in range(5)]
         try:

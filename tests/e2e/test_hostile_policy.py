@@ -28,9 +28,7 @@ import textwrap
 import pytest
 import trio
 
-from asyncapy import Client, Packet, Server
-from asyncapy import session_state
-from asyncapy import transport
+from asyncapy import Client, Packet, Server, session_state, transport
 from asyncapy.__main__ import _build_parser, _configure, main
 from asyncapy.adapters.memory import MemorySessionStore
 from asyncapy.client import AsyncClient

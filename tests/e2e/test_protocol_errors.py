@@ -14,8 +14,8 @@ import socket
 import pytest
 import trio
 
-from asyncapy.adapters.memory import MemorySessionStore
 from asyncapy import Filter
+from asyncapy.adapters.memory import MemorySessionStore
 from asyncapy.errors import StoreUnavailable
 from tests.conftest import serving
 

@@ -16,6 +16,7 @@ import ssl
 
 import pytest
 import trio
+import trio.lowlevel
 
 from asyncapy import Client, Filters, Packet
 from asyncapy.adapters.memory import MemorySessionStore
@@ -109,7 +110,7 @@ async def test_the_header_at_every_byte_split_names_the_client(make_server, make
         async with await connect_from(PROXY, host, port) as wire:
             for byte in header + WHO:
                 await wire.send(bytes([byte]))
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
             assert (await wire.read_json())["address"] == "198.51.100.7"
         # Then the session goes on as any other.
         async with await connect_from(PROXY, host, port) as wire:

@@ -116,13 +116,13 @@ async def test_a_spray_of_bad_keys_is_throttled_before_the_store(make_server):
                         assert await other.request({"key": good}) == {"granted": True}
         elapsed = trio.current_time() - started
         counted = server.metrics_recorder.snapshot()
-    denied = [r for r in replies if r == {"granted": False}]
+    denials = [r for r in replies if r == {"granted": False}]
     refused = [r for r in replies if limited(r)]
-    assert len(denied) + len(refused) == 400
+    assert len(denials) + len(refused) == 400
     # Burst 20 plus 10 a second reach the store, and the good key's checks; no more.
     bad_checks = store.checks - 8  # the good key, once every 50
     assert bad_checks <= 21 + 10 * elapsed + 2, (bad_checks, elapsed)
-    assert len(denied) == bad_checks and counted.rate_limited["key_failures"] == len(refused)
+    assert len(denials) == bad_checks and counted.rate_limited["key_failures"] == len(refused)
 
 
 async def test_the_failed_key_throttle_can_be_turned_off(make_server):

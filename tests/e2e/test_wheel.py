@@ -8,26 +8,21 @@ builds the wheel the way a user's ``pip install`` does, installs it into a fresh
 virtual environment and runs ``asyncapy run`` there, from a project directory whose own
 ``domain`` and ``adapters`` packages the application imports.
 
-The fresh environment borrows the test environment's third-party packages (trio,
-msgspec...) through a ``.pth`` line instead of downloading them again; that directory
-holds no ``asyncapy`` of its own (the editable install lives in the repository and is
-found only through a hook that a plain path line does not run).
+The wheel and the fresh environment come from tests/e2e/wheels.py.
 """
 
 from __future__ import annotations
 
 import re
 import subprocess
-import sys
-import sysconfig
 import textwrap
-import venv
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.processes import ROOT, Running, ask
+from tests.e2e.processes import Running, ask
+from tests.e2e.wheels import build_wheel, install_in_fresh_env
 
 SERVING_ONE = re.compile(r"AsyncAPY serving on 127\.0\.0\.1:(\d+)")
 
@@ -47,16 +42,7 @@ async def echo(client: Client, packet: Packet):
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(ROOT)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert built.returncode == 0, built.stderr
-    (path,) = out.glob("asyncapy-*.whl")
-    return path
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 def test_the_wheel_holds_asyncapy_only(wheel):
@@ -65,23 +51,14 @@ def test_the_wheel_holds_asyncapy_only(wheel):
     assert {t for t in top if not t.endswith(".dist-info")} == {"asyncapy"}
     assert "asyncapy/domain/connection.py" in names
     assert "asyncapy/adapters/redis.py" in names
+    # PEP 561's marker: a user's type checker reads the annotations of the whole package.
+    assert "asyncapy/py.typed" in names
     # The accelerator is built under its installed name (a C compiler is on this machine).
     assert any(n.startswith("asyncapy/domain/_speedups.") and n.endswith(".so") for n in names)
 
 
 def test_installed_beside_a_project_with_its_own_domain_and_adapters(wheel, tmp_path):
-    env_dir = tmp_path / "env"
-    venv.EnvBuilder(with_pip=False).create(env_dir)
-    python = env_dir / "bin" / "python"
-    site = Path(
-        subprocess.check_output(
-            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
-        ).strip()
-    )
-    # The test environment's dependencies, without its editable asyncapy.
-    (site / "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    with zipfile.ZipFile(wheel) as archive:
-        archive.extractall(site)  # what pip does with a pure install of the wheel's files
+    python, site = install_in_fresh_env(wheel, tmp_path / "env")
 
     project = tmp_path / "project"
     for package in ("domain", "adapters"):

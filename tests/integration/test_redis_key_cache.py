@@ -21,7 +21,6 @@ import hashlib
 import os
 import secrets
 import socket
-import subprocess
 import sys
 import threading
 import time

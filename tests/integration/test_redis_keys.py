@@ -19,8 +19,8 @@ import pytest
 import redis
 import trio
 
-from asyncapy.adapters.redis import DEFAULT_PREFIX, RedisKeyStore, connect
 from asyncapy import APIKeyFactory
+from asyncapy.adapters.redis import DEFAULT_PREFIX, RedisKeyStore, connect
 
 
 def everything_in(client: redis.Redis) -> Iterator[bytes]:

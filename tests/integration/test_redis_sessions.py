@@ -27,9 +27,9 @@ import pytest
 import redis
 import trio
 
+from asyncapy import Packet, Server
 from asyncapy.adapters.memory import MemorySessionStore
 from asyncapy.adapters.redis import RedisSessionStore, connect
-from asyncapy import Packet, Server
 from asyncapy.config import ConfigError, load_config
 from asyncapy.domain.errors import StoreUnavailable
 from asyncapy.domain.ports import SessionRecord, run_to_completion

@@ -11,8 +11,7 @@ import textwrap
 
 import pytest
 
-from asyncapy import APIKeyFactory
-from asyncapy import stores
+from asyncapy import APIKeyFactory, stores
 from asyncapy.adapters.key_cache import CachedKeyStore
 from asyncapy.adapters.memory import MemoryKeyStore
 from asyncapy.client import Client as BlockingClient

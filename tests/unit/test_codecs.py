@@ -35,7 +35,7 @@ json_maps = st.dictionaries(st.text(), json_values, max_size=8)
 INT_MIN, UINT_MAX = -(2**63), 2**64 - 1
 
 
-def ziproto_values(binary=st.binary(), floats=st.floats(allow_nan=False)):
+def ziproto_values(binary=st.binary(), floats=st.floats(allow_nan=False)):  # noqa: B008 - strategies are values
     scalars = st.none() | st.booleans() | st.integers(INT_MIN, UINT_MAX) | floats | st.text() | binary
     return st.recursive(
         scalars,

@@ -16,9 +16,9 @@ import pytest
 
 import asyncapy
 import asyncapy.core
-import asyncapy.errors
 import asyncapy.domain
 import asyncapy.domain.errors
+import asyncapy.errors
 from asyncapy.core import Handler, Packet, Session
 from asyncapy.errors import StopPropagation
 from asyncapy.filters import Filters
@@ -203,9 +203,9 @@ def test_handler_refuses_a_non_filter():
 
 # -- public names --------------------------------------------------------------------
 def test_0_5_imports():
-    from asyncapy import Client, Packet as PublicPacket, Server
-
     import asyncapy.server
+    from asyncapy import Client, Server
+    from asyncapy import Packet as PublicPacket
 
     assert Client is asyncapy.core.Client
     assert PublicPacket is asyncapy.core.Packet

@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import trio
+import trio.lowlevel
 
 from asyncapy.domain.dispatch import Dispatcher, Handler, HandlerFailed
 from asyncapy.domain.errors import ERR_INTERNAL, ERR_UNAVAILABLE, StopPropagation, StoreUnavailable
@@ -33,7 +34,7 @@ class Pass(Filter):
 
 class AsyncPass(Pass):
     async def check(self, client, packet):
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         if self.log is not None:
             self.log.append(self.name)
         return self.value
@@ -49,7 +50,7 @@ class Raising(Filter):
         raise self.exc
 
     async def _later(self):
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         raise self.exc
 
 
@@ -58,7 +59,7 @@ def recorder(log: list, name: str, action=None):
 
     async def handler(client, packet):
         assert packet is PACKET
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         log.append(name)
         if action is not None:
             action(client, packet)

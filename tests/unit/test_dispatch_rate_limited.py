@@ -8,8 +8,6 @@ import pytest
 
 from asyncapy.domain.dispatch import Handler, HandlerFailed
 from asyncapy.domain.errors import ERR_INTERNAL, ERR_RATE_LIMITED, RateLimited, StoreUnavailable
-
-
 from tests.unit.test_dispatch import FakeClient, Raising, dispatcher_with
 
 

@@ -6,6 +6,7 @@ from inspect import isawaitable
 
 import pytest
 import trio
+import trio.lowlevel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -42,7 +43,7 @@ class TrioLeaf(Leaf):
     """An async filter that really suspends under trio before answering."""
 
     async def check(self, client, packet):
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         self.log.append(self.name)
         await trio.lowlevel.checkpoint()
         return self.value

@@ -3,13 +3,12 @@ form, a fixed nesting limit, exceptions out of the test client, a clean fuzz smo
 
 from __future__ import annotations
 
-
 import pytest
 
 from asyncapy import Server
-from asyncapy.testing import open_test_client
 from asyncapy.domain.codecs import JSON, ZIPROTO
 from asyncapy.domain.errors import CodecError
+from asyncapy.testing import open_test_client
 from fuzz.campaign import Campaign
 
 

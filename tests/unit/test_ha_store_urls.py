@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from asyncapy.adapters.redis_cluster import ClusterClient
-from asyncapy.adapters.store_urls import example
 from asyncapy.adapters.redis_urls import _parse_multi, check_url, connect, wait_replicas
+from asyncapy.adapters.store_urls import example
 from asyncapy.config import ConfigError, validate
 from asyncapy.stores import open_key_store, open_session_store
 

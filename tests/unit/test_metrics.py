@@ -9,7 +9,8 @@ import logging
 
 import pytest
 import trio
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from asyncapy.adapters.memory import MemoryKeyStore, MemorySessionStore
 from asyncapy.domain.errors import StoreUnavailable

@@ -410,8 +410,8 @@ def test_covers_everything_names_the_family_every_address_of_which_is_trusted(en
 
 
 def test_only_inet_headers_name_a_client():
-    from asyncapy.domain.proxy import UNKNOWN_CLIENT
     from asyncapy.domain.addresses import parse_address, session_group
+    from asyncapy.domain.proxy import UNKNOWN_CLIENT
 
     assert header(b"PROXY TCP4 198.51.100.1 192.0.2.1 5000 80\r\n").has_client
     assert not header(b"PROXY UNKNOWN\r\n").has_client

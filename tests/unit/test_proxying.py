@@ -13,6 +13,7 @@ import logging
 
 import pytest
 import trio
+import trio.lowlevel
 
 from asyncapy.domain.proxy import DEFAULT_MAX_LENGTH, ProxyError, ProxyHeader, TrustedProxies
 from asyncapy.proxying import GONE, PROXY_HEADER_SECONDS, ProxyGate, header_deadline, read_proxy_header
@@ -60,7 +61,7 @@ async def test_a_header_trickled_byte_by_byte_then_the_stream():
         async def trickle():
             for byte in V2:
                 await b.send(bytes([byte]))
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
             await b.send(STREAM)
 
         async with trio.open_nursery() as nursery:

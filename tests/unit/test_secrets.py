@@ -44,14 +44,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import asyncapy.util
-from asyncapy.adapters.redis import RedisKeyStore
 from asyncapy import Filters, Server
+from asyncapy.adapters.redis import RedisKeyStore
 from asyncapy.client import AsyncClient, Client
 from asyncapy.config import ConfigError, load_config
+from asyncapy.domain.ports import KeyStore
 from asyncapy.errors import StoreUnavailable
 from asyncapy.testing import open_test_client
 from asyncapy.util import KEY_ALPHABET, APIKeyFactory, fingerprint
-from asyncapy.domain.ports import KeyStore
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 AUDITED = ("asyncapy", "adapters", "domain", "examples")

@@ -1,8 +1,8 @@
 """``client.send()`` in a handler: a Packet, a plain dict (the session's encoding), and
 anything else refused with one line showing the Packet to write."""
 
-from asyncapy.domain.codecs import CODECS_BY_NAME
 from asyncapy import Client, Filters, Packet, Server
+from asyncapy.domain.codecs import CODECS_BY_NAME
 from asyncapy.testing import open_test_client
 
 

@@ -16,10 +16,10 @@ import textwrap
 import pytest
 import trio
 
-from asyncapy.adapters.memory import MemorySessionStore
 from asyncapy import Client, Filters, Packet, Server
-from asyncapy.testing import TestClient, open_test_client
+from asyncapy.adapters.memory import MemorySessionStore
 from asyncapy.domain.errors import StoreUnavailable
+from asyncapy.testing import TestClient, open_test_client
 
 
 def failure(code: str) -> dict:
@@ -507,8 +507,8 @@ async def test_a_server_that_served_and_stopped_can_be_tested_again():
 
 
 async def test_a_test_client_beside_a_serving_server_shares_its_sessions():
-    from asyncapy.testing import open_test_server
     from asyncapy.client import AsyncClient
+    from asyncapy.testing import open_test_server
 
     server = sessions_server()
     async with open_test_server(server) as (host, port):
