@@ -43,17 +43,22 @@ WORKLOADS = [
 """(title, connections, packet); 0 connections: a new connection per request."""
 
 
+def round_trip(sock: socket.socket, packet: bytes) -> None:
+    """Send ``packet`` and read its echo whole."""
+    sock.sendall(packet)
+    remaining = len(packet)
+    while remaining:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise RuntimeError("the server closed the connection")
+        remaining -= len(chunk)
+
+
 def churn(port: int, packet: bytes, requests: int) -> None:
     """``requests`` connections, each connect, one round trip, close."""
     for _ in range(requests):
         with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(packet)
-            remaining = len(packet)
-            while remaining:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    raise RuntimeError("the server closed the connection")
-                remaining -= len(chunk)
+            round_trip(sock, packet)
 
 
 def drive(port: int, packet: bytes, connections: int, requests: int) -> None:
@@ -66,14 +71,7 @@ def drive(port: int, packet: bytes, connections: int, requests: int) -> None:
         for sock in sockets:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for n in range(requests):
-            sock = sockets[n % connections]
-            sock.sendall(packet)
-            remaining = len(packet)
-            while remaining:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    raise RuntimeError("the server closed the connection")
-                remaining -= len(chunk)
+            round_trip(sockets[n % connections], packet)
     finally:
         for sock in sockets:
             sock.close()

@@ -17,18 +17,11 @@ from ..conftest import serving
 from .wire import Wire, settle
 
 
-async def connect_from(source: str, host: str, port: int) -> Wire:
-    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
-    await sock.bind((source, 0))
-    await sock.connect((host, port))
-    return Wire(trio.SocketStream(sock))
-
-
 async def served_over_tls(host: str, port: int, cafile: str, source: str = "127.0.0.2") -> bool:
     context = ssl.create_default_context(cafile=cafile)
     try:
         with trio.fail_after(5):
-            wire = await connect_from(source, host, port)
+            wire = await Wire.connect_from(source, host, port)
             tls = Wire(trio.SSLStream(wire.stream, context, server_hostname="127.0.0.1"))
             try:
                 return await tls.request({"served": True}) == {"served": True}
@@ -123,7 +116,7 @@ async def test_connections_with_bad_headers_cannot_flood_the_log(make_echo):
                     await wire.read_packet()
                     await wire.aclose()
                     connections += 1
-            async with await connect_from("127.0.0.2", host, port) as other:
+            async with await Wire.connect_from("127.0.0.2", host, port) as other:
                 assert await other.request({"still": "served"}) == {"still": "served"}
     finally:
         logging.getLogger("asyncapy").removeHandler(measure)
@@ -153,7 +146,7 @@ async def served_100kb_packets(host: str, port: int, count: int = 20) -> int:
     packet = json_frame({"pad": "z" * 100_000})
     served = 0
     for _ in range(count):
-        wire = await connect_from("127.0.0.2", host, port)
+        wire = await Wire.connect_from("127.0.0.2", host, port)
         try:
             await wire.send(packet)
             if await wire.read_packet() == packet:

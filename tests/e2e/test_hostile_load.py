@@ -225,7 +225,7 @@ async def test_large_packets_past_the_memory_budget_are_refused_and_small_ones_a
         async with await Wire.connect(host, port) as small:  # small packets never count
             for n in range(3):
                 assert (await small.request({"n": n, "pad": "y" * (FREE_PACKET_SIZE - 100)}))["n"] == n
-        other = await connect_from("127.0.0.2", host, port)  # another address: its own share
+        other = await Wire.connect_from("127.0.0.2", host, port)  # another address: its own share
         await other.send(big)
         assert await other.read_packet() == big
         await other.aclose()
@@ -238,13 +238,6 @@ async def test_large_packets_past_the_memory_budget_are_refused_and_small_ones_a
         # The sessions ended (one of them refused with half a packet in): all given back.
         await settle()
         assert memory.used == 0 and memory.refusals == 1 and memory.peak < 32 * MiB
-
-
-async def connect_from(source: str, host: str, port: int) -> Wire:
-    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
-    await sock.bind((source, 0))
-    await sock.connect((host, port))
-    return Wire(trio.SocketStream(sock))
 
 
 async def test_a_container_map_key_is_malformed_and_the_session_goes_on(make_echo):

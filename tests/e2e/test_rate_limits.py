@@ -14,13 +14,6 @@ from ..conftest import serving
 from .wire import Wire, json_packet
 
 
-async def connect_from(source: str, host: str, port: int) -> Wire:
-    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
-    await sock.bind((source, 0))
-    await sock.connect((host, port))
-    return Wire(trio.SocketStream(sock))
-
-
 def limited(reply: dict) -> bool:
     if reply.get("error") != "ERR_RATE_LIMITED":
         return False
@@ -41,7 +34,7 @@ async def test_an_address_over_its_rate_is_answered_and_its_session_goes_on(make
             retry = replies[-1]["retry_after"]
             await trio.sleep(retry)
             assert await wire.request({"after": "waiting"}) == {"after": "waiting"}
-            async with await connect_from("127.0.0.2", host, port) as other:  # its own allowance
+            async with await Wire.connect_from("127.0.0.2", host, port) as other:  # its own allowance
                 assert [await other.request({"m": m}) for m in range(5)] == [{"m": m} for m in range(5)]
         counted = server.metrics_recorder.snapshot()
     assert counted.rate_limited["address"] == 12 - len(served)
@@ -112,7 +105,7 @@ async def test_a_spray_of_bad_keys_is_throttled_before_the_store(make_server):
                 await sprayer.send(json_packet({"key": f"bad-key-{n:05d}"}))
                 replies.append(await sprayer.read_json())
                 if n % 50 == 0:  # a good key from another address is served throughout
-                    async with await connect_from("127.0.0.2", host, port) as other:
+                    async with await Wire.connect_from("127.0.0.2", host, port) as other:
                         assert await other.request({"key": good}) == {"granted": True}
         elapsed = trio.current_time() - started
         counted = server.metrics_recorder.snapshot()

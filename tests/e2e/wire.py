@@ -93,6 +93,15 @@ class Wire:
         stream = await trio.open_tcp_stream(host, port)
         return cls(stream, **layout)
 
+    @classmethod
+    async def connect_from(cls, source: str, host: str, port: int, **layout: Any) -> "Wire":
+        """A connection whose client end is bound to ``source`` (another loopback
+        address: 127.0.0.2, 127.0.0.3...), so that the server sees another client."""
+        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+        await sock.bind((source, 0))
+        await sock.connect((host, port))
+        return cls(trio.SocketStream(sock), **layout)
+
     async def send(self, data: bytes) -> None:
         await self.stream.send_all(data)
 

@@ -17,13 +17,6 @@ HOST = "127.0.0.1"
 RATE, BURST = 40, 5
 
 
-async def connect_from(source: str, port: int) -> Wire:
-    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
-    await sock.bind((source, 0))
-    await sock.connect((HOST, port))
-    return Wire(trio.SocketStream(sock))
-
-
 @pytest.fixture(params=["single node", "cluster"])
 def store_url(request) -> str:
     name = "redis_url" if request.param == "single node" else "cluster_url"
@@ -66,5 +59,5 @@ async def test_an_address_spread_over_processes_gets_its_rate_and_no_more(spawn,
     print(f"allowed {len(allowed)} of {len(allowed) + refused} in {window:.3f}s; bound {bound:.1f}")
     # Other addresses have their own allowances, at once (one shared by both processes).
     for source, server in zip(("127.0.0.2", "127.0.0.3"), servers):
-        async with await connect_from(source, server.port) as other:
+        async with await Wire.connect_from(source, HOST, server.port) as other:
             assert [await other.request({"m": m}) for m in range(BURST + 1)] == [{"m": m} for m in range(BURST + 1)]
