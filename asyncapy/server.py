@@ -682,6 +682,16 @@ class Server:
         ``client.get_sessions()`` answers)."""
         return await self._sessions.sessions_of(address)
 
+    # A Client made by hand with a Server (0.5's Client(address, server, stream, ...))
+    # asks it what it asks the sessions that serve it: the same answers.
+    def attach(self, client: Client) -> None:
+        """Give a :class:`~asyncapy.core.Client` made by hand its channel and protocol state."""
+        self._sessions.attach(client)
+
+    async def sessions_of(self, address: str) -> list[Session]:
+        """The sessions of ``address``'s client group (as ``client.get_sessions()``)."""
+        return await self._sessions.sessions_of(address)
+
     def __repr__(self) -> str:
         return f"Server(addr={self.addr!r}, port={self.port!r})"
 

@@ -299,3 +299,18 @@ def test_the_docstring_check_notices_an_undocumented_method(monkeypatch):
     monkeypatch.setattr(asyncapy.core.Session, "fresh_method", fresh_method, raising=False)
     fresh_method.__module__ = "asyncapy.core"
     assert _undocumented() == ["asyncapy.core: Session.fresh_method"]
+
+
+async def test_a_client_made_by_hand_with_a_server_sends_as_in_0_5():
+    """0.5's Client(address, server, stream, session, encoding): the server gives it its
+    channel and protocol state, and answers get_sessions()."""
+    import trio.testing
+
+    from asyncapy.core import Client, Packet
+    from asyncapy.server import Server
+
+    ours, theirs = trio.testing.memory_stream_pair()
+    client = Client("127.0.0.1", Server(port=0), ours, None, "json")
+    await client.send(Packet({"hi": 1}, encoding="json"))
+    assert b'{"hi": 1}' in await theirs.receive_some(100)
+    assert await client.get_sessions() == []
