@@ -210,6 +210,12 @@ def _add_proxy_arguments(run: argparse.ArgumentParser) -> None:
         "IPv4 or IPv6, e.g. 10.0.0.5,10.1.0.0/16,fd00::/8 (default: the app's trusted_proxies)",
     )
     run.add_argument(
+        "--reactor",
+        action=argparse.BooleanOptionalAction,
+        help="serve plain-TCP sessions from one reactor task over epoll (Linux); --no-reactor "
+        "gives each session a task of its own (default: the app's reactor, on unless set)",
+    )
+    run.add_argument(
         "--insecure-trust-any-proxy",
         action=argparse.BooleanOptionalAction,
         help="let --trusted-proxies cover every address (0.0.0.0/0, ::/0): any peer may then "
@@ -254,6 +260,7 @@ def _configure(args: argparse.Namespace) -> Server:
         ("proxy_protocol", "proxy_protocol"),
         ("trusted_proxies", "trusted_proxies"),
         ("insecure_trust_any_proxy", "insecure_trust_any_proxy"),
+        ("reactor", "reactor"),
         ("rate_limit", "rate_limit"),
         ("rate_burst", "rate_burst"),
     ):
@@ -292,7 +299,7 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
         value = getattr(args, flag)
         if value is not None:
             forwarded += [f"--{flag.replace('_', '-')}", str(value)]
-    for flag in ("proxy_protocol", "insecure_trust_any_proxy"):
+    for flag in ("proxy_protocol", "insecure_trust_any_proxy", "reactor"):
         value = getattr(args, flag)
         if value is not None:
             name = flag.replace("_", "-")

@@ -450,6 +450,15 @@ SETTINGS: Mapping[str, Setting] = {
             _integer(0),
             _read_int,
         ),
+        Setting(
+            "reactor",
+            True,
+            "True or False (in a config file also yes/no, on/off, 1/0): whether plain-TCP "
+            "sessions are served by one reactor task over epoll where it exists (Linux), or "
+            "each by a task of its own",
+            _boolean,
+            _read_boolean,
+        ),
     )
 }
 """Every setting, by name: the constructor's parameters and the INI keys alike."""
@@ -506,6 +515,7 @@ if TYPE_CHECKING:
         rate_burst: int
         key_failure_limit: Optional[Rate]
         key_failure_burst: int
+        reactor: bool
 
 else:
     Settings = attrs.make_class(

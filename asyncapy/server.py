@@ -128,6 +128,7 @@ class Server:
         handshake_limit: int
         rate_burst: int
         key_failure_burst: int
+        reactor: bool
 
         # Read back normalised: a level name as its number, a rate as a Rate, the
         # proxies as TrustedProxies.
@@ -191,6 +192,7 @@ class Server:
         rate_burst: int = SETTINGS["rate_burst"].default,
         key_failure_limit: Union[None, str, Rate] = SETTINGS["key_failure_limit"].default,
         key_failure_burst: int = SETTINGS["key_failure_burst"].default,
+        reactor: bool = SETTINGS["reactor"].default,
     ) -> None:
         # Every parameter named in SETTINGS is a setting; the others are objects.
         given = {name: value for name, value in locals().items() if name in SETTINGS}
@@ -572,7 +574,7 @@ class Server:
             listeners, probes = await self._open_listeners(sockets)
             self._announce()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(sessions.run_services)
+                await nursery.start(sessions.run_services)
                 nursery.start_soon(self._check_store)
                 nursery.start_soon(self._report_suppressed)
                 if probes is not None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Awaitable, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional, Union
 
 import trio
 
@@ -38,6 +38,9 @@ from .limits import Limits
 from .metrics import Recorder, SessionMeter
 from .session_state import STUCK, SessionLogs, SessionState, SharedLogs
 from .transport import STREAM_ERRORS, Channel, read_now, receive_waiting
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .reactor import Reactor
 
 __all__ = ["SessionProtocol"]
 
@@ -62,12 +65,15 @@ class SessionProtocol:
     :param limits: the server's rate limits (None: none).
     :param group: the client's address group (as ``session_limit`` counts it), which
         the per-address rate limit charges.
+    :param reactor: the :class:`~asyncapy.reactor.Reactor` that serves the session
+        (its socket is plain TCP), or None: :meth:`run` serves it in its own task.
     """
 
     __slots__ = (
         "client", "channel", "connection", "state", "settings", "dispatch", "recorder",
         "meter", "stopping", "shared", "session_id", "errors", "logs", "buf", "limits", "group",
-        "_debug",
+        "_debug", "reactor", "reactor_fd", "reactor_task", "reactor_context", "reactor_registered",
+        "reactor_active", "reactor_queued", "reactor_ended",
     )
 
     def __init__(
@@ -84,6 +90,7 @@ class SessionProtocol:
         shared: Optional[SharedLogs] = None,
         limits: Optional[Limits] = None,
         group: str = "",
+        reactor: Optional["Reactor"] = None,
     ) -> None:
         self.client: Client = client
         self.channel: Channel = channel
@@ -111,6 +118,18 @@ class SessionProtocol:
         self.buf: Any = settings.buf
         """Bytes asked of the connection per read."""
         self._debug = logger.isEnabledFor(logging.DEBUG)
+        self.reactor: Optional["Reactor"] = reactor
+        # What the reactor keeps of the session (see asyncapy.reactor): its descriptor,
+        # the session's task (waiting for the end), the context handlers run in, and
+        # whether the session is in the epoll set, being served, has packets left for
+        # the next pass, or has ended.
+        self.reactor_fd = -1
+        self.reactor_task: Optional[trio.lowlevel.Task] = None
+        self.reactor_context: Any = None
+        self.reactor_registered = False
+        self.reactor_active = False
+        self.reactor_queued = False
+        self.reactor_ended = False
 
     # -- bytes and events in -----------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
@@ -218,13 +237,17 @@ class SessionProtocol:
 
     # -- the trio driver --------------------------------------------------------------------
     async def run(self) -> str:
-        """Serve the session in this task until it ends; return why (the ``Session
-        ended`` log line's reason). One cancel scope for the whole session, not one
+        """Serve the session until it ends, in this task or, with a reactor, from the
+        reactor's while this one waits; return why (the ``Session ended`` log line's
+        reason). One cancel scope for the whole session, not one
         per read: the reaper and the shutdown cancel it only while the session waits
         for bytes (or, for the reaper, while a write makes no progress)."""
         state = self.state
         with state.scope:
-            reason = await self._serve()
+            if self.reactor is not None:
+                reason: Optional[str] = await self.reactor.serve(self)
+            else:
+                reason = await self._serve()
             if reason is not None:
                 return reason
         return await self._end_cancelled()

@@ -38,6 +38,7 @@ from .core import Client, Session
 from .limits import Limits
 from .logs import LimitedLog, log_context
 from .metrics import NULL_RECORDER, Recorder
+from .reactor import Reactor, available
 from .session_protocol import Dispatch, SessionProtocol
 from .session_state import SHUTDOWN, SessionState, SharedLogs, reap_idle
 from .transport import STREAM_ERRORS, Channel, Pacer, Refusals
@@ -98,6 +99,9 @@ class Sessions:
         :mod:`asyncapy.domain.limits`)."""
         self.refusals: Refusals = Refusals()
         """The lingering closes of refused connections, bounded."""
+        self.reactor: Reactor = Reactor()
+        """What serves the plain-TCP sessions while the ``reactor`` setting is on (see
+        :mod:`asyncapy.reactor`); run by :meth:`run_services`."""
         self.stopping: Optional[trio.Event] = None
         """Set to shut down (made by :meth:`ready`); sessions end once they wait for bytes."""
         self.idle: Optional[trio.Event] = None
@@ -208,6 +212,7 @@ class Sessions:
         client.session = session
         channel.meter = self.recorder.session_started(client)
         state = SessionState(trio.current_time(), channel)
+        reactor = self.reactor if self.reactor.running and channel.socket is not None else None
         self.live[record.session_id] = session
         self.states[record.session_id] = state
         if self.stopping is None:
@@ -225,6 +230,7 @@ class Sessions:
             shared=self.shared_logs,
             limits=self.limits,
             group=record.address,
+            reactor=reactor,
         )
 
     async def _run(self, protocol: SessionProtocol) -> str:
@@ -333,15 +339,19 @@ class Sessions:
         ]
 
     # -- beside the sessions, and the end -----------------------------------------------------
-    async def run_services(self) -> None:
+    async def run_services(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run, until cancelled, what live sessions need beside them: the store's upkeep
-        (lease renewals), the idle reaper and the pacer's flusher. The server's
-        serve() runs it in its session nursery; the test client, which serves
-        sessions without serve(), in its own."""
+        (lease renewals), the idle reaper, the pacer's flusher and, with the
+        ``reactor`` setting on where epoll exists, the reactor (sessions opened before
+        it runs keep a task each). The server's serve() runs it in its session
+        nursery; the test client, which serves sessions without serve(), in its own."""
         async with trio.open_nursery() as services:
+            if self.settings.reactor and available() and not self.reactor.running:
+                await services.start(self.reactor.run)
             services.start_soon(self.store.maintain)
             services.start_soon(reap_idle, self.states, lambda: self.settings)
             services.start_soon(self.pacer.run)
+            task_status.started()
 
     async def drain(self) -> None:
         """Stop reading on every session; give in-flight handlers the grace period."""

@@ -297,7 +297,7 @@ class Channel:
 
     __slots__ = (
         "stream", "socket", "_busy", "_queue", "closed", "holding", "_pending",
-        "interrupted", "pacer", "written", "deferring", "deferred", "fd", "meter",
+        "interrupted", "pacer", "written", "deferring", "deferred", "fd", "meter", "on_close",
     )
 
     def __init__(self, stream: trio.abc.Stream, pacer: Optional[Pacer] = None) -> None:
@@ -325,6 +325,10 @@ class Channel:
         self.meter: SessionMeter = _UNMETERED
         """The session's :class:`~asyncapy.metrics.SessionMeter`: every send adds its
         bytes to ``sent`` (a shared, unread one until the session sets its own)."""
+        self.on_close: Optional[Callable[[], None]] = None
+        """Called once as the channel starts to close, before its socket is: the
+        reactor's, to take the socket out of its epoll set (see
+        :mod:`asyncapy.reactor`); None for a session served by its own task."""
 
     def hold(self, more: bool = True) -> None:
         """Gather replies while ``more`` pipelined packets are buffered (cleared by
@@ -476,6 +480,7 @@ class Channel:
         close would turn into a reset that destroys the reply. False, and the stream
         closed at once, when no reply can follow what is on the wire: a write under
         way (a deferred reply's), or one cut short."""
+        self._closing()
         if self._busy or self.interrupted:
             await self.abort()
             return False
@@ -485,8 +490,15 @@ class Channel:
         await linger_close(self.stream, data)
         return True
 
+    def _closing(self) -> None:
+        on_close = self.on_close
+        if on_close is not None:
+            self.on_close = None
+            on_close()
+
     async def abort(self) -> None:
         """Close now, with no reply: nothing more can be written in step."""
+        self._closing()
         self.closed = True
         await trio.aclose_forcefully(self.stream)
 
@@ -496,6 +508,7 @@ class Channel:
         open."""
         if self.closed:
             return
+        self._closing()
         self.deferring = False
         if self.socket is not None and not self._pending:
             # Plain TCP with nothing held: closing the socket cannot block, and wakes

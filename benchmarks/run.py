@@ -109,6 +109,8 @@ SERVERS = {
     "asyncapy": ["-m", "asyncapy", "run", "examples.echo:app", "--log-level", "WARNING"],
     "metrics on": ["-m", "asyncapy", "run", "examples.echo:app", "--log-level", "WARNING",
                    "--metrics-port", "0"],
+    "no reactor": ["-m", "asyncapy", "run", "examples.echo:app", "--log-level", "WARNING",
+                   "--no-reactor"],
     "uvloop": ["-m", "benchmarks.uvloop_echo"],
     "trio+codec": ["-m", "benchmarks.bare_trio_echo", "--codec"],
 }
@@ -177,6 +179,51 @@ def metrics_ratio(results: dict) -> float:
     )
 
 
+def cpu_ratio(results: dict, name: str, baseline: str) -> float:
+    """The median over rounds of ``name``'s server CPU per request over ``baseline``'s
+    (the two measured in turn, slice by slice, in each round)."""
+    ratios = [
+        r.cpu_per_request / b.cpu_per_request
+        for r, b in zip(results[name], results[baseline])
+        if b.requests and r.requests and b.cpu_per_request > 0
+    ]
+    return statistics.median(ratios) if ratios else float("nan")
+
+
+def rate_ratio(results: dict, name: str, baseline: str) -> float:
+    """The median over rounds of ``name``'s rate over ``baseline``'s."""
+    ratios = [r.rate / b.rate for r, b in zip(results[name], results[baseline]) if b.rate]
+    return statistics.median(ratios) if ratios else float("nan")
+
+
+TARGETS = {
+    # workload: (CPU per request over the uvloop echo's at most, req/s over the bare trio echo's at least)
+    "small JSON": (1.5, 1.8),
+    "medium ZiProto": (2.0, None),
+    "small JSON, latency": (None, 0.9),
+}
+"""Issue 25's targets for the reactor (aims in docs/performance.md)."""
+
+
+def print_reactor_lines(title: str, results: dict) -> None:
+    """The reactor's figures for ``title``'s workload: CPU per request over the bare
+    uvloop echo's, throughput over the bare trio echo's, and over the path without the
+    reactor, each beside its target when the workload has one."""
+    cpu_target, rate_target = TARGETS.get(title, (None, None))
+    if "uvloop" in results:
+        line = f"  asyncapy CPU/req over uvloop's: {cpu_ratio(results, 'asyncapy', 'uvloop'):.2f}"
+        if "no reactor" in results:
+            line += f" (no reactor: {cpu_ratio(results, 'no reactor', 'uvloop'):.2f})"
+        print(line + (f"; target at most {cpu_target}" if cpu_target else ""))
+    line = f"  asyncapy req/s over bare trio's: {rate_ratio(results, 'asyncapy', 'bare trio'):.2f}"
+    if "no reactor" in results:
+        line += f" (no reactor: {rate_ratio(results, 'no reactor', 'bare trio'):.2f})"
+    print(line + (f"; target at least {rate_target}" if rate_target else ""))
+    if "no reactor" in results:
+        print(f"  asyncapy / no reactor: {rate_ratio(results, 'asyncapy', 'no reactor'):.3f} req/s, "
+              f"{cpu_ratio(results, 'asyncapy', 'no reactor'):.3f} CPU/req")
+
+
 def against_ratio(results: dict) -> float:
     """The median over rounds of this checkout's rate over the ``--against`` one's."""
     return statistics.median(
@@ -218,7 +265,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    names = ["bare trio", "asyncapy", "metrics on"] + (["trio+codec"] if args.codec else []) + (["uvloop"] if args.uvloop else [])
+    names = ["bare trio", "asyncapy", "no reactor", "metrics on"] + (["trio+codec"] if args.codec else []) + (["uvloop"] if args.uvloop else [])
     checkouts = {name: ROOT for name in names}
     if args.against:
         names.insert(2, "before")
@@ -238,12 +285,14 @@ def main() -> None:
             print_table(f"{title}: {connections} connection(s), {len(packet)}-byte packets", rows)
             worst = min(worst, next(r[4] for r in rows if r[0] == "asyncapy"))
             print(f"  metrics on / off: {metrics_ratio(results):.3f}")
+            print_reactor_lines(title, results)
             if args.against:
                 print(f"  asyncapy / before: {against_ratio(results):.3f}")
         if args.churn:
             packet = WORKLOADS[0][2]
             results = measure(servers, packet, 8, args.rounds, args.seconds, churn=True)
             print_table("connection churn: 8 clients, connect-send-receive-close", summarise(results))
+            print(f"  asyncapy / no reactor: {rate_ratio(results, 'asyncapy', 'no reactor'):.3f}")
             if args.against:
                 print(f"  asyncapy / before: {against_ratio(results):.3f}")
         if args.plot:

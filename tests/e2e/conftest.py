@@ -5,7 +5,34 @@ from __future__ import annotations
 import pytest
 import trustme
 
+import asyncapy.sessions
 from asyncapy import Client, Packet
+
+BOTH_PATHS = frozenset({
+    "test_accept_loop", "test_backpressure", "test_client", "test_direct_io", "test_dispatch_e2e",
+    "test_fair_share", "test_garbage", "test_handlers_isolation", "test_hostile_policy",
+    "test_protocol_errors", "test_proxy_protocol", "test_rate_limits", "test_reply_deadline",
+    "test_session_ended", "test_sessions", "test_slowloris", "test_smoke", "test_reactor",
+})
+"""Modules whose tests run twice, once over each serving path of an in-process server:
+the reactor (the default on Linux) and a task per session (``reactor=False``, and
+where epoll is missing). Servers in child processes serve with the default."""
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "serving_path" in metafunc.fixturenames and metafunc.module.__name__.rpartition(".")[2] in BOTH_PATHS:
+        metafunc.parametrize("serving_path", ["reactor", "task"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def serving_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The serving path of this test's in-process servers: ``reactor`` (the default), or
+    ``task`` in the second run of a :data:`BOTH_PATHS` module's tests, where the
+    reactor is unavailable, as where epoll is missing."""
+    path: str = getattr(request, "param", "reactor")
+    if path == "task":
+        monkeypatch.setattr(asyncapy.sessions, "available", lambda: False)
+    return path
 
 
 @pytest.fixture

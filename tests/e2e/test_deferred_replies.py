@@ -1,6 +1,9 @@
 """Replies deferred to the next scheduling round on a busy server (``asyncapy.transport.Pacer``),
 against a real server: every reply arrives, whole and in order, on every connection,
-and none waits longer than a round, whatever its handler does next."""
+and none waits longer than a round, whatever its handler does next.
+
+Deferral is the task-per-session path's (``reactor=False``): the reactor answers every
+ready connection in one pass of one task, and has no scheduling rounds to batch over."""
 
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ def count_deferred_writes(monkeypatch) -> list:
 
 async def test_many_busy_connections_get_every_reply_whole_and_in_order(make_server, monkeypatch):
     written = count_deferred_writes(monkeypatch)
-    server = make_server()
+    server = make_server(reactor=False)
 
     @server.add_handler()
     async def echo(client, packet):
@@ -60,7 +63,7 @@ async def test_a_reply_is_not_held_while_its_handler_goes_on_waiting(make_server
     written = count_deferred_writes(monkeypatch)
     # Reads of 16 bytes: after the first, every read finds the next bytes waiting, as a
     # busy server's do, so the replies are deferred (a session's first read never is).
-    server = make_server(buf=16)
+    server = make_server(buf=16, reactor=False)
     finished = trio.Event()
 
     @server.add_handler()

@@ -1,0 +1,411 @@
+"""The reactor: one trio wake-up serves every plain-TCP session that has bytes ready.
+
+With a task per session, every request costs at least one trio task switch: the
+session's task is woken for its read, runs, and parks again. Here one task (the
+reactor) waits on a private ``epoll`` set holding every idle plain-TCP session's
+socket (with :func:`trio.lowlevel.wait_readable` on the set's own descriptor, so trio
+keeps scheduling everything else), and when it wakes, reads, decodes, dispatches and
+replies for every connection that is ready, in one pass. The sessions' own tasks stay
+parked meanwhile (:meth:`Reactor.serve`), each until its session ends; what decides
+each step is the unchanged :class:`~asyncapy.session_protocol.SessionProtocol`.
+
+**Handlers that wait.** A handler runs inline, in the reactor's task, and most
+complete without ever suspending (an echo, a computation, a reply the kernel takes at
+once): they cost no task at all. One that does suspend (it awaits I/O, sleeps, takes
+a lock, or a reply fills the socket's send buffer) cannot be moved to another task (its
+cancel scopes belong to the task it started in), so the *reactor's role* moves
+instead: before the suspension reaches trio, a new reactor task is started, which goes
+on with the pass where it stood, and the old task stays with the handler as that
+session's worker until the session's buffered packets are handled, then ends. While
+it does, the session's socket is out of the epoll set: its later packets wait, so
+replies stay in order, and a session whose replies the kernel cannot take reads
+nothing more until they are written (the backpressure of the other path).
+
+**Fairness.** One pass reads each ready connection at most once (up to 64 KiB while a
+packet is incomplete), handles at most :data:`PACKETS_PER_PASS` of its pipelined
+packets, and leaves the rest for the next pass; after every :data:`SESSIONS_PER_YIELD`
+sessions served, the reactor lets trio run its other tasks (accepting, admissions,
+the reaper). A handler that blocks without awaiting blocks the reactor as it blocked
+the process before: ``handler_timeout`` and its log line see it the same way.
+
+**Ends.** The session's end is decided here (the client closed, a handler closed it,
+an error, the server stopping) and handed to the session's task, which closes and
+releases the session as on the other path (:meth:`Sessions.serve
+<asyncapy.sessions.Sessions.serve>`). A cancellation of that task (the idle reaper,
+the shutdown's drain) takes the session out of the set at once.
+
+**Which sessions.** Plain TCP on Linux (``select.epoll``), PROXY-protocol ones
+included (their header is read before the session starts), while the ``reactor``
+setting is on (the default). TLS sessions keep a task each: their bytes must pass
+through the ``ssl`` object of a ``trio.SSLStream``, whose reads and writes are
+coroutines that can suspend mid-record, so a TLS session has no cheap "read what is
+there" step to run inline. The test client's in-memory streams have no socket, and
+keep a task too.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import logging
+import os
+import select
+import types
+from typing import TYPE_CHECKING, Any, Coroutine, Generator, Optional
+
+import outcome
+import trio
+from trio.lowlevel import current_task, reschedule, wait_readable, wait_task_rescheduled
+
+from asyncapy.domain.connection import NEED_DATA, Request
+
+from .transport import read_now
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .session_protocol import SessionProtocol
+
+__all__ = ["Reactor", "available", "PACKETS_PER_PASS", "SESSIONS_PER_YIELD", "READ_PER_PASS"]
+
+logger: logging.Logger = logging.getLogger("asyncapy.server")
+
+PACKETS_PER_PASS = 32
+"""Pipelined packets of one connection handled in one pass, at most; the rest wait for
+the next pass, after every other ready connection has had its turn."""
+
+SESSIONS_PER_YIELD = 64
+"""Sessions served in a row before the reactor lets trio run its other tasks once."""
+
+READ_PER_PASS = 64 * 1024
+"""Bytes read from one connection in one pass, at most, while its packet is
+incomplete (a read that fills ``buf`` is followed by another at once, up to this)."""
+
+_EPOLLIN = getattr(select, "EPOLLIN", 1)
+
+
+def available() -> bool:
+    """True where the reactor can run: ``select.epoll`` and ``os.eventfd`` exist (Linux)."""
+    return hasattr(select, "epoll") and hasattr(os, "eventfd")
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, Any], trap: Any, context: contextvars.Context) -> Generator[Any, Any, Any]:
+    """Go on with ``coro``, stepped by hand until it yielded ``trap``, in the calling
+    task: each trap goes to trio as if ``coro`` had been awaited from the start, and
+    what trio sends back (or throws in) goes to ``coro``, run in ``context``."""
+    while True:
+        try:
+            value = yield trap
+        except BaseException as exc:
+            try:
+                trap = context.run(coro.throw, exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                trap = context.run(coro.send, value)
+            except StopIteration as done:
+                return done.value
+
+
+class Reactor:
+    """One server's reactor: the epoll set of its idle plain-TCP sessions and the task
+    that serves them (see the module's docstring).
+
+    :meth:`run` is started beside the sessions (:meth:`Sessions.run_services
+    <asyncapy.sessions.Sessions.run_services>`); a session joins with :meth:`serve`
+    from its own task, which returns why the session ended.
+    """
+
+    def __init__(self) -> None:
+        self.running = False
+        """True while :meth:`run` runs: only then may a session join."""
+        self._epoll: Optional[Any] = None
+        self._sessions: dict[int, "SessionProtocol"] = {}
+        """Sessions in the epoll set, by descriptor."""
+        self._task: Optional[trio.lowlevel.Task] = None
+        """The task that is the reactor now (None while the role passes to a new one)."""
+        self._nursery: Optional[trio.Nursery] = None
+        self._todo: list["SessionProtocol"] = []
+        """This pass's ready sessions; :attr:`_at` is the next one to serve."""
+        self._at = 0
+        self._backlog: list["SessionProtocol"] = []
+        """Sessions with packets left over for the next pass (:data:`PACKETS_PER_PASS`)."""
+        self._wakeup = -1
+        """An eventfd in the epoll set: a worker that leaves packets for the next pass
+        while the reactor waits for the set writes to it, or the reactor would wait
+        for bytes that are already read."""
+        self._sleeping = False
+        """True while the reactor waits for the epoll set."""
+        self.passes = 0
+        """Passes made (for tests and curiosity)."""
+        self.handoffs = 0
+        """Times a handler suspended in the reactor's task and the role moved on."""
+
+    # -- the reactor's life -------------------------------------------------------------
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the sessions that join, until cancelled."""
+        self._epoll = select.epoll()
+        self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(self._wakeup, _EPOLLIN)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.running = True
+                task_status.started()
+                await self._loop()
+        finally:
+            self.running = False
+            self._nursery = None
+            for protocol in list(self._sessions.values()):  # a failure, not a cancellation
+                self._end(protocol, outcome.Value("internal error"))
+            self._epoll.close()
+            os.close(self._wakeup)
+
+    async def _loop(self) -> None:
+        """Make passes until the role moves to another task (a handler suspended in
+        this one), then return."""
+        me = current_task()
+        self._task = me
+        epoll = self._epoll
+        assert epoll is not None
+        sessions = self._sessions
+        served = 0
+        while True:
+            todo = self._todo
+            while self._at < len(todo):
+                protocol = todo[self._at]
+                self._at += 1
+                if protocol.reactor_ended:
+                    continue
+                await self._serve(protocol)
+                if self._task is not me:
+                    return  # this task stayed with a handler; another is the reactor now
+                served += 1
+                if served >= SESSIONS_PER_YIELD:
+                    served = 0
+                    await trio.lowlevel.checkpoint()
+            served = 0
+            backlog = self._backlog
+            if backlog:
+                self._backlog = []
+                await trio.lowlevel.checkpoint()
+            else:
+                self._sleeping = True
+                try:
+                    await wait_readable(epoll.fileno())
+                finally:
+                    self._sleeping = False
+                if self._backlog:  # left by a worker meanwhile (see _leave)
+                    backlog, self._backlog = self._backlog, []
+            self.passes += 1
+            todo = [protocol for protocol in backlog if not protocol.reactor_ended]
+            for fd, _ in epoll.poll(0):
+                ready = sessions.get(fd)
+                if ready is not None:
+                    if not ready.reactor_queued:
+                        todo.append(ready)
+                elif fd == self._wakeup:
+                    try:
+                        os.eventfd_read(fd)
+                    except BlockingIOError:
+                        pass
+            self._todo = todo
+            self._at = 0
+
+    # -- one session: joining, serving, ending ---------------------------------------------
+    async def serve(self, protocol: "SessionProtocol") -> str:
+        """Serve ``protocol``'s session from the reactor; return why it ended (or raise
+        what ended it). Called by the session's own task, which waits here; its
+        cancellation (the reaper's, the shutdown's) takes the session out at once."""
+        channel = protocol.channel
+        assert channel.socket is not None and self._epoll is not None
+        protocol.reactor_fd = channel.socket.fileno()
+        protocol.reactor_context = contextvars.copy_context()
+        protocol.reactor_task = current_task()
+        protocol.reactor_ended = False
+        channel.on_close = functools.partial(self._closing, protocol)
+        self._register(protocol)
+        protocol.state.waiting = True
+        result: str = await wait_task_rescheduled(functools.partial(self._abort, protocol))
+        return result
+
+    def _abort(self, protocol: "SessionProtocol", raise_cancel: Any) -> trio.lowlevel.Abort:
+        """The session's task is cancelled: the session leaves the set (a handler of it
+        running in a worker goes on; the task closes the session, which stops it)."""
+        protocol.reactor_ended = True
+        self._unregister(protocol)
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def _closing(self, protocol: "SessionProtocol") -> None:
+        """The session's channel is being closed (by a handler of this session or of
+        another): out of the set before its descriptor is, and, if nothing is serving
+        it now, ended."""
+        self._unregister(protocol)
+        if not protocol.reactor_active:
+            self._end(protocol, outcome.Value("closed by a handler"))
+
+    def _end(self, protocol: "SessionProtocol", result: Any) -> None:
+        """End the session with ``result`` (an ``outcome``: the reason, or the error)
+        and wake its task, once."""
+        if protocol.reactor_ended:
+            return
+        protocol.reactor_ended = True
+        self._unregister(protocol)
+        task = protocol.reactor_task
+        protocol.reactor_task = None
+        if task is not None:
+            reschedule(task, result)
+
+    def _register(self, protocol: "SessionProtocol") -> None:
+        fd = protocol.reactor_fd
+        if self._epoll is None or fd < 0 or protocol.reactor_registered:
+            return
+        try:
+            self._epoll.register(fd, _EPOLLIN)
+        except OSError as exc:  # closed under it: the next look ends it
+            self._end(protocol, outcome.Error(trio.ClosedResourceError(f"the connection is gone: {exc}")))
+            return
+        self._sessions[fd] = protocol
+        protocol.reactor_registered = True
+
+    def _unregister(self, protocol: "SessionProtocol") -> None:
+        if not protocol.reactor_registered:
+            return
+        protocol.reactor_registered = False
+        fd = protocol.reactor_fd
+        if self._sessions.get(fd) is protocol:
+            del self._sessions[fd]
+            if self._epoll is not None:
+                try:
+                    self._epoll.unregister(fd)
+                except OSError:  # already closed (and so out of the set)
+                    pass
+
+    def _leave(self, protocol: "SessionProtocol") -> None:
+        """Leave ``protocol``'s other buffered packets for the next pass (waking the
+        reactor if a worker does this while it waits for the epoll set)."""
+        protocol.reactor_queued = True
+        self._backlog.append(protocol)
+        if self._sleeping:
+            self._sleeping = False
+            os.eventfd_write(self._wakeup, 1)
+
+    def _hand_off(self, protocol: "SessionProtocol") -> None:
+        """A handler of ``protocol`` is about to suspend. In the reactor's own task, the
+        role moves to a new task (which goes on with this pass), and the session leaves
+        the set until this task is done with it."""
+        if self._task is not current_task() or self._nursery is None:
+            return  # a worker already
+        self.handoffs += 1
+        self._task = None
+        self._unregister(protocol)
+        self._nursery.start_soon(self._loop)
+
+    async def _serve(self, protocol: "SessionProtocol") -> None:
+        """One session's turn in a pass: read what is there (unless packets are left from
+        the last pass), handle the complete packets (at most :data:`PACKETS_PER_PASS`),
+        write what was held, and end the session if that is what happened."""
+        protocol.reactor_active = True
+        try:
+            reason = await self._turn(protocol)
+        except Exception as exc:  # what the other path's task would raise: same handling
+            protocol.reactor_active = False
+            self._end(protocol, outcome.Error(exc))
+            return
+        except BaseException:
+            protocol.reactor_active = False
+            self._end(protocol, outcome.Value("cancelled"))
+            raise
+        protocol.reactor_active = False
+        if reason is not None:
+            self._end(protocol, outcome.Value(reason))
+        elif not protocol.reactor_ended:
+            if not protocol.reactor_registered:
+                self._register(protocol)  # back from a worker
+            protocol.state.waiting = not protocol.reactor_queued
+
+    async def _turn(self, protocol: "SessionProtocol") -> Optional[str]:
+        """:meth:`_serve`'s work; None, or why the session ends. The reactor's hot path:
+        what :meth:`SessionProtocol.receive_data` and :meth:`~SessionProtocol.handled`
+        do is done here on locals, as in the other path's loop."""
+        connection = protocol.connection
+        framer = connection.framer
+        state = protocol.state
+        channel = protocol.channel
+        now = trio.lowlevel.current_clock().current_time
+        if protocol.reactor_queued:
+            protocol.reactor_queued = False
+            event = connection.next_event()
+        else:
+            fd: Any = channel.fd
+            buf, meter = protocol.buf, protocol.meter
+            taken = 0
+            event = NEED_DATA
+            while True:
+                data = read_now(fd, buf)
+                if not data:
+                    if data is None:  # nothing (more) after all: a spurious wake, or all read
+                        break
+                    return "client closed the connection"
+                meter.received += len(data)
+                framer.receive_data(data)
+                event = connection.next_event()
+                if event is not NEED_DATA:
+                    break
+                taken += len(data)
+                if len(data) < buf or taken >= READ_PER_PASS:
+                    break
+            if event is NEED_DATA:
+                if not state.large_since and connection.receiving_large:
+                    state.large_since = now()  # its body has large_packet_timeout
+                return None
+        state.waiting = False
+        context = protocol.reactor_context
+        pacer = channel.pacer
+        left = PACKETS_PER_PASS
+        while True:
+            more = framer.complete_buffered()
+            if more or channel.holding:  # the call only on a change
+                channel.hold(more)
+            pacer.unyielded = 0  # this request's read counts as one
+            if type(event) is Request:
+                coro = protocol.handle_request(event)
+            else:
+                coro = protocol.handle_protocol_error(event)  # type: ignore[arg-type]
+            try:
+                trap = context.run(coro.send, None)
+            except StopIteration as done:
+                reason = done.value
+            else:
+                self._hand_off(protocol)
+                reason = await _resume(coro, trap, context)
+            if reason is not None:
+                return reason  # type: ignore[no-any-return]
+            state.last_active = now()
+            if state.large_since:
+                state.large_since = 0.0
+            if connection.held:
+                connection.release()
+            if protocol.reactor_ended:
+                return None
+            if not more:
+                break
+            left -= 1
+            if not left:
+                self._leave(protocol)
+                break
+            event = connection.next_event()
+        if channel.holding:
+            coro = channel.flush()
+            try:
+                trap = context.run(coro.send, None)
+            except StopIteration:
+                pass
+            else:
+                self._hand_off(protocol)
+                await _resume(coro, trap, context)
+        if channel.closed:
+            return "closed by a handler"
+        if protocol.stopping.is_set():
+            return "server shutting down"
+        return None
