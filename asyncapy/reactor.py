@@ -169,6 +169,8 @@ class Reactor:
         epoll = self._epoll
         assert epoll is not None
         sessions = self._sessions
+        poll = epoll.poll
+        epoll_fd = epoll.fileno()
         served = 0
         while True:
             todo = self._todo
@@ -184,22 +186,26 @@ class Reactor:
                 if served >= SESSIONS_PER_YIELD:
                     served = 0
                     await trio.lowlevel.checkpoint()
-            served = 0
+            # The next pass: what is ready now. While something is, the reactor does
+            # not wait on trio's side at all (a checkpoint every SESSIONS_PER_YIELD
+            # sessions lets the other tasks run); only an idle reactor waits.
             backlog = self._backlog
             if backlog:
                 self._backlog = []
-                await trio.lowlevel.checkpoint()
-            else:
+            events = poll(0)
+            if not events and not backlog:
+                served = 0
                 self._sleeping = True
                 try:
-                    await wait_readable(epoll.fileno())
+                    await wait_readable(epoll_fd)
                 finally:
                     self._sleeping = False
                 if self._backlog:  # left by a worker meanwhile (see _leave)
                     backlog, self._backlog = self._backlog, []
+                events = poll(0)
             self.passes += 1
             todo = [protocol for protocol in backlog if not protocol.reactor_ended]
-            for fd, _ in epoll.poll(0):
+            for fd, _ in events:
                 ready = sessions.get(fd)
                 if ready is not None:
                     if not ready.reactor_queued:
@@ -342,7 +348,13 @@ class Reactor:
             taken = 0
             event = NEED_DATA
             while True:
-                data = read_now(fd, buf)
+                number = fd.fileno()  # -1 once closed: see asyncapy.transport
+                try:
+                    data: Optional[bytes] = os.read(number, buf) if number >= 0 else read_now(fd, buf)
+                except BlockingIOError:
+                    data = None
+                except OSError:
+                    data = read_now(fd, buf)  # the same error, as a stream error
                 if not data:
                     if data is None:  # nothing (more) after all: a spurious wake, or all read
                         break
