@@ -80,6 +80,10 @@ READ_PER_PASS = 64 * 1024
 incomplete (a read that fills ``buf`` is followed by another at once, up to this)."""
 
 _EPOLLIN = getattr(select, "EPOLLIN", 1)
+_EPOLLET = getattr(select, "EPOLLET", 1 << 31)
+_EPOLLRDHUP = getattr(select, "EPOLLRDHUP", 0x2000)
+_HANGUP = _EPOLLRDHUP | getattr(select, "EPOLLHUP", 0x10) | getattr(select, "EPOLLERR", 0x8)
+_EVENTS = _EPOLLIN | _EPOLLRDHUP | _EPOLLET
 
 
 def available() -> bool:
@@ -136,6 +140,8 @@ class Reactor:
         for bytes that are already read."""
         self._sleeping = False
         """True while the reactor waits for the epoll set."""
+        self._now: Any = None
+        """The run's clock's ``current_time`` (trio's clock, as ``trio.current_time``)."""
         self.passes = 0
         """Passes made (for tests and curiosity)."""
         self.handoffs = 0
@@ -145,6 +151,7 @@ class Reactor:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the sessions that join, until cancelled."""
         self._epoll = select.epoll()
+        self._now = trio.lowlevel.current_clock().current_time
         self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wakeup, _EPOLLIN)
         try:
@@ -205,9 +212,11 @@ class Reactor:
                 events = poll(0)
             self.passes += 1
             todo = [protocol for protocol in backlog if not protocol.reactor_ended]
-            for fd, _ in events:
+            for fd, mask in events:
                 ready = sessions.get(fd)
                 if ready is not None:
+                    if mask & _HANGUP:
+                        ready.reactor_hangup = True  # the end of stream waits behind the bytes
                     if not ready.reactor_queued:
                         todo.append(ready)
                 elif fd == self._wakeup:
@@ -263,11 +272,19 @@ class Reactor:
             reschedule(task, result)
 
     def _register(self, protocol: "SessionProtocol") -> None:
+        """Put the session's socket in the set, edge-triggered: the set reports a
+        socket when bytes arrive, not for as long as some are unread. Level-triggered,
+        a socket just read stays on the set's ready list until the next look, and
+        the set's own descriptor, which trio watches, wakes the reactor once more
+        for nothing after nearly every request. So a turn reads until the socket is
+        empty (a short read, or once the client has closed its side, the end of
+        stream) or leaves the session for the next pass (:meth:`_leave`); a socket
+        added with bytes waiting is reported at once."""
         fd = protocol.reactor_fd
         if self._epoll is None or fd < 0 or protocol.reactor_registered:
             return
         try:
-            self._epoll.register(fd, _EPOLLIN)
+            self._epoll.register(fd, _EVENTS)
         except OSError as exc:  # closed under it: the next look ends it
             self._end(protocol, outcome.Error(trio.ClosedResourceError(f"the connection is gone: {exc}")))
             return
@@ -338,15 +355,18 @@ class Reactor:
         framer = connection.framer
         state = protocol.state
         channel = protocol.channel
-        now = trio.lowlevel.current_clock().current_time
+        now = self._now
+        # ``drained``: the last read found the socket empty, so a new edge will say when
+        # more arrives (see _register). Else, the session is left for the next pass.
+        drained = False
+        event = NEED_DATA
         if protocol.reactor_queued:
             protocol.reactor_queued = False
             event = connection.next_event()
-        else:
+        if event is NEED_DATA:
             fd: Any = channel.fd
             buf, meter = protocol.buf, protocol.meter
             taken = 0
-            event = NEED_DATA
             while True:
                 number = fd.fileno()  # -1 once closed: see asyncapy.transport
                 try:
@@ -356,20 +376,27 @@ class Reactor:
                 except OSError:
                     data = read_now(fd, buf)  # the same error, as a stream error
                 if not data:
-                    if data is None:  # nothing (more) after all: a spurious wake, or all read
+                    if data is None:
+                        drained = True
                         break
                     return "client closed the connection"
-                meter.received += len(data)
+                size = len(data)
+                meter.received += size
                 framer.receive_data(data)
                 event = connection.next_event()
+                # A short read took all there was, unless the client has closed its
+                # side: then the end of stream is still to be read, with no edge to come.
+                drained = size < buf and not protocol.reactor_hangup
                 if event is not NEED_DATA:
                     break
-                taken += len(data)
-                if len(data) < buf or taken >= READ_PER_PASS:
+                taken += size
+                if drained or taken >= READ_PER_PASS:
                     break
             if event is NEED_DATA:
                 if not state.large_since and connection.receiving_large:
                     state.large_since = now()  # its body has large_packet_timeout
+                if not drained:
+                    self._leave(protocol)
                 return None
         state.waiting = False
         context = protocol.reactor_context
@@ -401,6 +428,8 @@ class Reactor:
             if protocol.reactor_ended:
                 return None
             if not more:
+                if not drained:
+                    self._leave(protocol)  # to read what may be left in the socket
                 break
             left -= 1
             if not left:

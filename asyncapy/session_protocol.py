@@ -73,7 +73,7 @@ class SessionProtocol:
         "client", "channel", "connection", "state", "settings", "dispatch", "recorder",
         "meter", "stopping", "shared", "session_id", "errors", "logs", "buf", "limits", "group",
         "_debug", "reactor", "reactor_fd", "reactor_task", "reactor_context", "reactor_registered",
-        "reactor_active", "reactor_queued", "reactor_ended",
+        "reactor_active", "reactor_queued", "reactor_ended", "reactor_hangup",
     )
 
     def __init__(
@@ -122,7 +122,7 @@ class SessionProtocol:
         # What the reactor keeps of the session (see asyncapy.reactor): its descriptor,
         # the session's task (waiting for the end), the context handlers run in, and
         # whether the session is in the epoll set, being served, has packets left for
-        # the next pass, or has ended.
+        # the next pass, has ended, or has a client that closed its side.
         self.reactor_fd = -1
         self.reactor_task: Optional[trio.lowlevel.Task] = None
         self.reactor_context: Any = None
@@ -130,6 +130,7 @@ class SessionProtocol:
         self.reactor_active = False
         self.reactor_queued = False
         self.reactor_ended = False
+        self.reactor_hangup = False
 
     # -- bytes and events in -----------------------------------------------------------
     def receive_data(self, data: bytes) -> None:

@@ -85,15 +85,16 @@ def total_instructions(dump: str) -> int:
     raise RuntimeError(f"no totals in {dump}")
 
 
-def measure(checkout: str, packet: bytes, connections: int, requests: int) -> float:
-    """Instructions per request of ``checkout``'s echo app under callgrind."""
+def measure(checkout: str, packet: bytes, connections: int, requests: int, extra: tuple = ()) -> float:
+    """Instructions per request of ``checkout``'s echo app under callgrind, served with
+    the ``extra`` arguments of ``asyncapy run``."""
     python = sys.executable if checkout == ROOT else os.path.join(checkout, ".venv", "bin", "python")
     port = free_port()
     with tempfile.TemporaryDirectory() as directory:
         out = os.path.join(directory, "callgrind.out")
         process = subprocess.Popen(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", python, "-m", "asyncapy", "run",
-             "examples.echo:app", "--log-level", "WARNING", "--port", str(port)],
+             "examples.echo:app", "--log-level", "WARNING", "--port", str(port), *extra],
             cwd=checkout,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -122,6 +123,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000, help="requests measured per workload (3000)")
     parser.add_argument("--against", metavar="CHECKOUT", help="also measure another checkout (with its own .venv)")
     parser.add_argument("--only", type=int, metavar="N", help="only the N-th workload (0 to 3)")
+    parser.add_argument(
+        "--compare-args",
+        metavar="ARGS",
+        help="also measure this checkout served with these extra arguments of asyncapy run, as "
+        "'before' (e.g. --compare-args=--no-reactor: the reactor against a task per session)",
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("benchmarks.instructions needs valgrind (Debian: apt-get install valgrind)")
@@ -133,6 +140,9 @@ def main() -> None:
         if args.against:
             then = measure(os.path.abspath(args.against), packet, connections, args.requests)
             line += f"; before: {then:,.0f}; ratio {now / then:.3f}"
+        if args.compare_args:
+            then = measure(ROOT, packet, connections, args.requests, tuple(args.compare_args.split()))
+            line += f"; with {args.compare_args}: {then:,.0f}; ratio {now / then:.3f}"
         print(line, flush=True)
 
 
