@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test check install install-test ensure-redis bench docs clean
+.PHONY: run test check install install-test ensure-redis ensure-cc bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,9 +64,23 @@ docs: $(BIN)/python
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build site *.egg-info
 
+## benchmarks.run drives the servers with benchmarks/fastload.c (compiled on first use):
+## the Python load generator caps at its own ~60k req/s on 2 cores. Without a C compiler
+## (and no root to install gcc) it falls back to the Python one and says so.
+ensure-cc:
+	@if ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1 && ! command -v clang >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing gcc (Debian package) for the benchmarks' load generator"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null; } \
+	      || echo "Could not install gcc: the benchmarks use the slower Python load generator"; \
+	  else \
+	    echo "No C compiler: the benchmarks use the slower Python load generator (Debian/Ubuntu: sudo apt-get install gcc)"; \
+	  fi; \
+	fi
+
 ## Benchmarks (run by hand): AsyncAPY against bare trio in the same run, codecs,
 ## idle-session memory, and the cost of admission with Redis.
-bench: $(BIN)/python ensure-redis
+bench: $(BIN)/python ensure-redis ensure-cc
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m benchmarks.run --rounds 7 --seconds 2 --uvloop --codec --churn --plot docs/performance.png
 	$(BIN)/python -m benchmarks.codecs

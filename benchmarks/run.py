@@ -121,6 +121,12 @@ SLICE = 0.25
 turn with the other servers' (see :func:`measure`)."""
 
 
+LOADGEN = "python"
+"""The load generator of the run (``--loadgen``): ``c`` (:class:`loadgen.FastDriver`, for
+every workload but churn) or ``python`` (:class:`loadgen.Driver`)."""
+LOADGEN_NAMES = {"c": "C (benchmarks/fastload.c, epoll; churn: Python's)", "python": "Python (benchmarks/loadgen.py)"}
+
+
 def measure(servers: dict, packet: bytes, connections: int, rounds: int, seconds: float,
             churn: bool = False, slice_seconds: float = SLICE) -> dict:
     """{server: [Result per round]}; ``servers`` maps names to ``(port, pid)``.
@@ -131,13 +137,14 @@ def measure(servers: dict, packet: bytes, connections: int, rounds: int, seconds
     round), each ending once its requests in flight are answered. A drift of the
     machine lasting longer than a few slices thus hits every server alike, where
     whole seconds one after the other would give one server a slow spell and the
-    next a fast one."""
+    next a fast one. Churn is always the Python generator's (the C one keeps its
+    connections)."""
     names = list(servers)
-    drivers = {
-        name: loadgen.Driver(port, packet, connections, churn=churn, pid=pid)
-        for name, (port, pid) in servers.items()
-    }
+    driver = loadgen.FastDriver if LOADGEN == "c" and not churn else loadgen.Driver
+    drivers: dict = {}
     try:
+        for name, (port, pid) in servers.items():
+            drivers[name] = driver(port, packet, connections, churn=churn, pid=pid)
         for name in names:
             drivers[name].drive(0.0, warmup=0.5)
         slices = max(1, round(seconds / slice_seconds))
@@ -267,7 +274,22 @@ def main() -> None:
         help="also serve the echo app of another checkout (with its own .venv), as 'before', in "
         "the same slices: a change measured against the code before it, interleaved",
     )
+    why = "no C compiler (cc, gcc or clang; Debian/Ubuntu: sudo apt-get install gcc)"
+    try:
+        fast = loadgen.fastload_binary() is not None
+    except RuntimeError as error:  # a compiler that fails: say why, measure anyway
+        fast, why = False, str(error)
+    parser.add_argument("--loadgen", choices=("c", "python"), default="c" if fast else "python",
+                        help="the load generator: c (benchmarks/fastload.c, compiled on first use; the "
+                        "default when a C compiler is found) or python (benchmarks/loadgen.py, which "
+                        "caps at ~60k req/s on 2 cores); churn is always python's")
     args = parser.parse_args()
+    global LOADGEN
+    LOADGEN = args.loadgen
+    if not fast:
+        if args.loadgen == "c":
+            parser.error(f"--loadgen c: {why}")
+        print(f"The Python load generator drives the servers (it caps fast ones at its own ~60k req/s): {why}")
 
     names = ["bare trio", "asyncapy", "no reactor", "metrics on"] + (["trio+codec"] if args.codec else []) + (["uvloop"] if args.uvloop else [])
     if args.servers:
@@ -282,7 +304,7 @@ def main() -> None:
         checkouts["before"] = os.path.abspath(args.against)
     print(f"Machine: {describe_machine()}")
     print(f"{args.rounds} rounds of {args.seconds}s per server, in {SLICE}s slices taken in turn; "
-          "closed loop, one request in flight per connection")
+          f"closed loop, one request in flight per connection; load generator: {LOADGEN_NAMES[LOADGEN]}")
     with contextlib.ExitStack() as stack:
         servers = {
             name: stack.enter_context(server(name, SERVERS.get(name, SERVERS["asyncapy"]), checkouts[name]))
