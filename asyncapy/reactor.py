@@ -59,7 +59,7 @@ from trio.lowlevel import current_task, reschedule, wait_readable, wait_task_res
 
 from asyncapy.domain.connection import NEED_DATA, Request
 
-from .transport import read_now
+from .transport import Pacer, read_now
 
 if TYPE_CHECKING:  # pragma: no cover
     from .session_protocol import SessionProtocol
@@ -142,6 +142,14 @@ class Reactor:
         """True while the reactor waits for the epoll set."""
         self._now: Any = None
         """The run's clock's ``current_time`` (trio's clock, as ``trio.current_time``)."""
+        self.pacer: Pacer = Pacer()
+        """The reactor's sessions' replies during a pass of several sessions: deferred,
+        and written together (``pacer.flush()``) when the pass ends, or before the
+        reactor lets other tasks run. A client waiting on many connections is then
+        woken once per pass rather than once per reply, which costs the server less
+        system time too (see :class:`~asyncapy.transport.Pacer`)."""
+        self._batch = False
+        """True during a pass of more than one session (its replies are deferred)."""
         self.passes = 0
         """Passes made (for tests and curiosity)."""
         self.handoffs = 0
@@ -157,12 +165,15 @@ class Reactor:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self.pacer.lend(nursery)
                 self.running = True
                 task_status.started()
                 await self._loop()
         finally:
             self.running = False
             self._nursery = None
+            self.pacer.lend(None)
+            self.pacer.flush()
             for protocol in list(self._sessions.values()):  # a failure, not a cancellation
                 self._end(protocol, outcome.Value("internal error"))
             self._epoll.close()
@@ -178,7 +189,7 @@ class Reactor:
         sessions = self._sessions
         poll = epoll.poll
         epoll_fd = epoll.fileno()
-        served = 0
+        served = served_in_pass = 0
         while True:
             todo = self._todo
             while self._at < len(todo):
@@ -190,16 +201,23 @@ class Reactor:
                 if self._task is not me:
                     return  # this task stayed with a handler; another is the reactor now
                 served += 1
+                served_in_pass += 1
                 if served >= SESSIONS_PER_YIELD:
                     served = 0
+                    self.pacer.flush()
                     await trio.lowlevel.checkpoint()
+            self.pacer.flush()
             # The next pass: what is ready now. While something is, the reactor does
             # not wait on trio's side at all (a checkpoint every SESSIONS_PER_YIELD
             # sessions lets the other tasks run); only an idle reactor waits.
             backlog = self._backlog
             if backlog:
                 self._backlog = []
-            events = poll(0)
+            # A look before waiting pays when passes serve several sessions (the next
+            # are usually ready by then); after a pass of one, it is a system call
+            # for nothing (a client waiting for its reply has sent nothing yet).
+            events = poll(0) if served_in_pass > 1 or backlog else []
+            served_in_pass = 0
             if not events and not backlog:
                 served = 0
                 self._sleeping = True
@@ -226,6 +244,7 @@ class Reactor:
                         pass
             self._todo = todo
             self._at = 0
+            self._batch = len(todo) > 1
 
     # -- one session: joining, serving, ending ---------------------------------------------
     async def serve(self, protocol: "SessionProtocol") -> str:
@@ -239,6 +258,7 @@ class Reactor:
         protocol.reactor_task = current_task()
         protocol.reactor_ended = False
         channel.on_close = functools.partial(self._closing, protocol)
+        channel.pacer = self.pacer
         self._register(protocol)
         protocol.state.waiting = True
         result: str = await wait_task_rescheduled(functools.partial(self._abort, protocol))
@@ -322,6 +342,8 @@ class Reactor:
         self.handoffs += 1
         self._task = None
         self._unregister(protocol)
+        if protocol.channel.deferring:
+            protocol.channel.defer(False)  # a worker writes at once: no pass to wait for
         self._nursery.start_soon(self._loop)
 
     async def _serve(self, protocol: "SessionProtocol") -> None:
@@ -329,17 +351,24 @@ class Reactor:
         the last pass), handle the complete packets (at most :data:`PACKETS_PER_PASS`),
         write what was held, and end the session if that is what happened."""
         protocol.reactor_active = True
+        channel = protocol.channel
+        if self._batch:
+            channel.defer(True)  # written with the pass's other replies, when it ends
         try:
             reason = await self._turn(protocol)
         except Exception as exc:  # what the other path's task would raise: same handling
             protocol.reactor_active = False
+            channel.defer(False)
             self._end(protocol, outcome.Error(exc))
             return
         except BaseException:
             protocol.reactor_active = False
+            channel.defer(False)
             self._end(protocol, outcome.Value("cancelled"))
             raise
         protocol.reactor_active = False
+        if channel.deferring:
+            channel.defer(False)  # deferred only during its turn: others write at once
         if reason is not None:
             self._end(protocol, outcome.Value(reason))
         elif not protocol.reactor_ended:

@@ -223,6 +223,12 @@ class Pacer:
             self._parked = False
             trio.lowlevel.reschedule(self._task)
 
+    def lend(self, nursery: Optional[trio.Nursery]) -> None:
+        """Finish partly written replies in tasks of ``nursery`` (None: no more): for a
+        pacer with no flusher task, whose owner flushes it itself (the reactor's, at
+        the end of each pass: see :mod:`asyncapy.reactor`)."""
+        self._nursery = nursery
+
     def spawn(self, function: Callable, *args: Any) -> bool:
         """Run ``function(*args)`` in the flusher's nursery; False when it is not running."""
         nursery = self._nursery
