@@ -50,6 +50,7 @@ import functools
 import logging
 import os
 import select
+import time
 import types
 from typing import TYPE_CHECKING, Any, Coroutine, Generator, Optional
 
@@ -111,6 +112,25 @@ def _resume(coro: Coroutine[Any, Any, Any], trap: Any, context: contextvars.Cont
                 return done.value
 
 
+class _PassPacer(Pacer):
+    """The reactor's pacer: replies deferred during a pass wait for its end, when the
+    reactor writes them all (``flush()``); one deferred while the reactor waits for
+    its set (a task other than the reactor replied on a session whose channel still
+    defers) wakes it, and is written by its next pass."""
+
+    __slots__ = ("reactor",)
+
+    def __init__(self, reactor: "Reactor") -> None:
+        super().__init__()
+        self.reactor = reactor
+
+    def defer(self, channel: Any) -> None:
+        self.deferred.append(channel)
+        reactor = self.reactor
+        if reactor._sleeping:
+            reactor._wake()
+
+
 class Reactor:
     """One server's reactor: the epoll set of its idle plain-TCP sessions and the task
     that serves them (see the module's docstring).
@@ -142,7 +162,9 @@ class Reactor:
         """True while the reactor waits for the epoll set."""
         self._now: Any = None
         """The run's clock's ``current_time`` (trio's clock, as ``trio.current_time``)."""
-        self.pacer: Pacer = Pacer()
+        self._clock: Any = None
+        self._offset = 0.0
+        self.pacer: Pacer = _PassPacer(self)
         """The reactor's sessions' replies during a pass of several sessions: deferred,
         and written together (``pacer.flush()``) when the pass ends, or before the
         reactor lets other tasks run. A client waiting on many connections is then
@@ -159,7 +181,14 @@ class Reactor:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the sessions that join, until cancelled."""
         self._epoll = select.epoll()
-        self._now = trio.lowlevel.current_clock().current_time
+        clock = trio.lowlevel.current_clock()
+        self._now = clock.current_time
+        # trio's own clock is ``offset + perf_counter()``: read it so, a method call
+        # less per request; any other clock (a test's MockClock) through its method.
+        if type(clock).__name__ == "SystemClock" and type(clock).__module__.startswith("trio."):
+            self._clock, self._offset = time.perf_counter, float(clock.offset)
+        else:
+            self._clock, self._offset = clock.current_time, 0.0
         self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wakeup, _EPOLLIN)
         try:
@@ -197,7 +226,28 @@ class Reactor:
                 self._at += 1
                 if protocol.reactor_ended:
                     continue
-                await self._serve(protocol)
+                # One session's turn (see _turn), and what follows it.
+                protocol.reactor_active = True
+                channel = protocol.channel
+                if channel.deferring is not self._batch:  # the call only on a change
+                    channel.defer(self._batch)  # written with the pass's other replies, when it ends
+                try:
+                    reason = await self._turn(protocol)
+                except Exception as exc:  # what the other path's task would raise: same handling
+                    protocol.reactor_active = False
+                    self._end(protocol, outcome.Error(exc))
+                    reason = None
+                except BaseException:
+                    protocol.reactor_active = False
+                    self._end(protocol, outcome.Value("cancelled"))
+                    raise
+                protocol.reactor_active = False
+                if reason is not None:
+                    self._end(protocol, outcome.Value(reason))
+                elif not protocol.reactor_ended:
+                    if not protocol.reactor_registered:
+                        self._register(protocol)  # back from a worker
+                    protocol.state.waiting = not protocol.reactor_queued
                 if self._task is not me:
                     return  # this task stayed with a handler; another is the reactor now
                 served += 1
@@ -227,6 +277,7 @@ class Reactor:
                     self._sleeping = False
                 if self._backlog:  # left by a worker meanwhile (see _leave)
                     backlog, self._backlog = self._backlog, []
+                self.pacer.flush()  # replies deferred meanwhile (see _PassPacer)
                 events = poll(0)
             self.passes += 1
             todo = [protocol for protocol in backlog if not protocol.reactor_ended]
@@ -330,8 +381,13 @@ class Reactor:
         protocol.reactor_queued = True
         self._backlog.append(protocol)
         if self._sleeping:
-            self._sleeping = False
-            os.eventfd_write(self._wakeup, 1)
+            self._wake()
+
+    def _wake(self) -> None:
+        """Wake the reactor from its wait for the set (once: it is awake until it waits
+        again)."""
+        self._sleeping = False
+        os.eventfd_write(self._wakeup, 1)
 
     def _hand_off(self, protocol: "SessionProtocol") -> None:
         """A handler of ``protocol`` is about to suspend. In the reactor's own task, the
@@ -346,45 +402,17 @@ class Reactor:
             protocol.channel.defer(False)  # a worker writes at once: no pass to wait for
         self._nursery.start_soon(self._loop)
 
-    async def _serve(self, protocol: "SessionProtocol") -> None:
+    async def _turn(self, protocol: "SessionProtocol") -> Optional[str]:
         """One session's turn in a pass: read what is there (unless packets are left from
         the last pass), handle the complete packets (at most :data:`PACKETS_PER_PASS`),
-        write what was held, and end the session if that is what happened."""
-        protocol.reactor_active = True
-        channel = protocol.channel
-        if self._batch:
-            channel.defer(True)  # written with the pass's other replies, when it ends
-        try:
-            reason = await self._turn(protocol)
-        except Exception as exc:  # what the other path's task would raise: same handling
-            protocol.reactor_active = False
-            channel.defer(False)
-            self._end(protocol, outcome.Error(exc))
-            return
-        except BaseException:
-            protocol.reactor_active = False
-            channel.defer(False)
-            self._end(protocol, outcome.Value("cancelled"))
-            raise
-        protocol.reactor_active = False
-        if channel.deferring:
-            channel.defer(False)  # deferred only during its turn: others write at once
-        if reason is not None:
-            self._end(protocol, outcome.Value(reason))
-        elif not protocol.reactor_ended:
-            if not protocol.reactor_registered:
-                self._register(protocol)  # back from a worker
-            protocol.state.waiting = not protocol.reactor_queued
-
-    async def _turn(self, protocol: "SessionProtocol") -> Optional[str]:
-        """:meth:`_serve`'s work; None, or why the session ends. The reactor's hot path:
+        write what was held; None, or why the session ends. The reactor's hot path:
         what :meth:`SessionProtocol.receive_data` and :meth:`~SessionProtocol.handled`
         do is done here on locals, as in the other path's loop."""
         connection = protocol.connection
         framer = connection.framer
         state = protocol.state
         channel = protocol.channel
-        now = self._now
+        clock, now = self._clock, self._now
         # ``drained``: the last read found the socket empty, so a new edge will say when
         # more arrives (see _register). Else, the session is left for the next pass.
         drained = False
@@ -449,7 +477,7 @@ class Reactor:
                 reason = await _resume(coro, trap, context)
             if reason is not None:
                 return reason  # type: ignore[no-any-return]
-            state.last_active = now()
+            state.last_active = clock() + self._offset  # trio's clock, one call less
             if state.large_since:
                 state.large_since = 0.0
             if connection.held:

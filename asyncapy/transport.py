@@ -303,7 +303,7 @@ class Channel:
 
     __slots__ = (
         "stream", "socket", "_busy", "_queue", "closed", "holding", "_pending",
-        "interrupted", "pacer", "written", "deferring", "deferred", "fd", "meter", "on_close",
+        "interrupted", "pacer", "written", "deferring", "deferred", "fd", "meter", "on_close", "_queued",
     )
 
     def __init__(self, stream: trio.abc.Stream, pacer: Optional[Pacer] = None) -> None:
@@ -317,6 +317,9 @@ class Channel:
         # deadlock detection, which costs more than a small reply's write.
         self._busy = False
         self._queue = trio.lowlevel.ParkingLot()
+        self._queued = 0
+        """Writes parked in :attr:`_queue` (a plain count: asking the parking lot is a
+        Python-level call per write)."""
         self.closed = False
         self.holding = False
         self._pending = bytearray()
@@ -389,7 +392,11 @@ class Channel:
         if self._busy:
             # Another write is under way: queue (FIFO). The writer before hands the
             # channel over on its way out, so ``_busy`` stays set for this one.
-            await self._queue.park()
+            self._queued += 1
+            try:
+                await self._queue.park()
+            finally:  # handed the channel, or cancelled while waiting (then it never had it)
+                self._queued -= 1
         else:
             self._busy = True
         try:
@@ -408,12 +415,15 @@ class Channel:
             self.interrupted = True
             raise
         finally:
-            self._release()
+            if self._queued:
+                self._release()
+            else:
+                self._busy = False
 
     def _release(self) -> None:
-        if self._queue:
-            self._queue.unpark()
-        else:
+        """Hand the channel to the next write parked for it, or free it (a parked one may
+        have been cancelled since: the lot then wakes nobody)."""
+        if not (self._queued and self._queue.unpark()):
             self._busy = False
 
     def _wrote(self, count: int) -> None:
@@ -430,9 +440,14 @@ class Channel:
             # end queues them behind it. Interrupted: nothing more may be written,
             # and the session's next send says so.
             return
+        number = self.fd.fileno()  # write_now(), inline: one per deferred reply of a round
         try:
-            sent = write_now(self.fd, pending)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            sent = os.write(number, pending) if number >= 0 else -1
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            sent = -1
+        if sent < 0:  # closed, or the connection broke
             pending.clear()
             self.interrupted = True  # the session's next read or send finds out
             return
