@@ -9,6 +9,16 @@ replies for every connection that is ready, in one pass. The sessions' own tasks
 parked meanwhile (:meth:`Reactor.serve`), each until its session ends; what decides
 each step is the unchanged :class:`~asyncapy.session_protocol.SessionProtocol`.
 
+**A pass.** The sockets are in the set edge-triggered (see :meth:`Reactor._register`),
+so a turn reads a session until its socket is empty. During a pass of several
+sessions their replies are deferred and written together at its end (the reactor's
+own :class:`~asyncapy.transport.Pacer`), so a client waiting on many connections is
+woken once per pass. Between passes, while sessions keep being ready, the reactor
+only looks at its set again (trio's scheduler gets a round every
+:data:`SESSIONS_PER_YIELD` sessions); before it waits on trio's side, it looks, gives
+the other tasks one round, and looks again, which under a light load often finds the
+next request and spares a sleep and a wake-up.
+
 **Handlers that wait.** A handler runs inline, in the reactor's task, and most
 complete without ever suspending (an echo, a computation, a reply the kernel takes at
 once): they cost no task at all. One that does suspend (it awaits I/O, sleeps, takes
@@ -47,7 +57,6 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import logging
 import os
 import select
 import time
@@ -67,7 +76,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Reactor", "available", "PACKETS_PER_PASS", "SESSIONS_PER_YIELD", "READ_PER_PASS"]
 
-logger: logging.Logger = logging.getLogger("asyncapy.server")
 
 PACKETS_PER_PASS = 32
 """Pipelined packets of one connection handled in one pass, at most; the rest wait for
@@ -179,23 +187,30 @@ class Reactor:
 
     # -- the reactor's life -------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve the sessions that join, until cancelled."""
-        self._epoll = select.epoll()
+        """Serve the sessions that join, until cancelled (a server that serves again
+        runs it again: nothing of the run before is kept). A second call while one
+        runs (two test clients of one server) has nothing to do: it waits to be
+        cancelled."""
+        if self.running:
+            task_status.started()
+            await trio.sleep_forever()
+        self.running = True  # at once: a second call in the same round sees it
+        self._todo, self._at, self._backlog, self._sessions = [], 0, [], {}
+        epoll = self._epoll = select.epoll()
         clock = trio.lowlevel.current_clock()
         self._now = clock.current_time
         # trio's own clock is ``offset + perf_counter()``: read it so, a method call
         # less per request; any other clock (a test's MockClock) through its method.
         if type(clock).__name__ == "SystemClock" and type(clock).__module__.startswith("trio."):
-            self._clock, self._offset = time.perf_counter, float(clock.offset)
+            self._clock, self._offset = time.perf_counter, float(clock.offset)  # type: ignore[attr-defined]
         else:
             self._clock, self._offset = clock.current_time, 0.0
-        self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._epoll.register(self._wakeup, _EPOLLIN)
+        wakeup = self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        epoll.register(wakeup, _EPOLLIN)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self.pacer.lend(nursery)
-                self.running = True
                 task_status.started()
                 await self._loop()
         finally:
@@ -205,8 +220,8 @@ class Reactor:
             self.pacer.flush()
             for protocol in list(self._sessions.values()):  # a failure, not a cancellation
                 self._end(protocol, outcome.Value("internal error"))
-            self._epoll.close()
-            os.close(self._wakeup)
+            epoll.close()
+            os.close(wakeup)
 
     async def _loop(self) -> None:
         """Make passes until the role moves to another task (a handler suspended in
@@ -421,7 +436,7 @@ class Reactor:
         # ``drained``: the last read found the socket empty, so a new edge will say when
         # more arrives (see _register). Else, the session is left for the next pass.
         drained = False
-        event = NEED_DATA
+        event: Any = NEED_DATA  # a Request, a ProtocolError, or NEED_DATA
         if protocol.reactor_queued:
             protocol.reactor_queued = False
             event = connection.next_event()
@@ -472,7 +487,7 @@ class Reactor:
             if type(event) is Request:
                 coro = protocol.handle_request(event)
             else:
-                coro = protocol.handle_protocol_error(event)  # type: ignore[arg-type]
+                coro = protocol.handle_protocol_error(event)
             try:
                 trap = context.run(coro.send, None)
             except StopIteration as done:
@@ -481,7 +496,7 @@ class Reactor:
                 self._hand_off(protocol)
                 reason = await _resume(coro, trap, context)
             if reason is not None:
-                return reason  # type: ignore[no-any-return]
+                return str(reason)
             state.last_active = clock() + self._offset  # trio's clock, one call less
             if state.large_since:
                 state.large_since = 0.0

@@ -524,23 +524,27 @@ class Channel:
         await trio.aclose_forcefully(self.stream)
 
     async def aclose(self) -> None:
-        """Write held and deferred replies, then close the stream (idempotent). Each
-        step gets one second: a peer that stopped reading cannot hold the connection
-        open."""
+        """Write held and deferred replies (after a write under way, if any), then close
+        the stream (idempotent). Each step gets one second: a peer that stopped reading
+        cannot hold the connection open."""
         if self.closed:
             return
         self._closing()
         self.deferring = False
-        if self.socket is not None and not self._pending:
-            # Plain TCP with nothing held: closing the socket cannot block, and wakes
-            # any task still waiting to write on it (ClosedResourceError). No timeout
-            # scopes, no checkpoint: this is every session's last step.
+        if self.socket is not None and not self._pending and not self._busy:
+            # Plain TCP with nothing held or being written: closing the socket cannot
+            # block. No timeout scopes, no checkpoint: this is every session's last step.
             self.closed = True
             self.socket.close()
             return
         with trio.move_on_after(1) as flushing:
             try:
-                await self.flush()
+                self.holding = False
+                if not self.interrupted:
+                    # Behind a write under way (the rest of a deferred reply the kernel
+                    # could not take at once: its client may still be reading), then
+                    # what is held. Closing under it would cut that reply short.
+                    await self.send(b"")
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         self.closed = True

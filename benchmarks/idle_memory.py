@@ -2,7 +2,8 @@
 
 Usage: ``python -m benchmarks.idle_memory [--connections 2000]``. Starts the AsyncAPY
 echo example and the bare trio echo server as subprocesses, opens N connections to
-each that send nothing (every one of them a live session for AsyncAPY), and reports the
+each that send nothing (every one of them a live session for AsyncAPY, served by the
+reactor and, as "no reactor", by a task each), and reports the
 growth of each server's resident set size (VmRSS from /proc) per connection.
 """
 
@@ -47,7 +48,7 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, args.connections + 256)), hard))
     print(f"{args.connections} idle connections per server")
     print(f"  {'server':<10} {'RSS before':>11} {'RSS after':>10} {'KiB per connection':>19}")
-    for name in ("bare trio", "asyncapy"):
+    for name in ("bare trio", "asyncapy", "no reactor"):
         before, after, per = measure(name, args.connections)
         print(f"  {name:<10} {before:>8} KiB {after:>7} KiB {per:>19.1f}")
 

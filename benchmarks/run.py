@@ -335,29 +335,36 @@ def main() -> None:
             sweep = {}
             for connections in (1, 10, 50, 200):
                 rows = summarise(measure(servers, WORKLOADS[0][2], connections, args.rounds, args.seconds))
-                sweep[connections] = {r[0]: r[1] for r in rows}
+                sweep[connections] = {r[0]: (r[1], r[5]) for r in rows}
                 print_table(f"small JSON: {connections} connection(s)", rows)
             plot(sweep, args.plot)
         print(f"\nWorst AsyncAPY / bare trio ratio over the three workloads: {worst:.2f}")
 
 
 def plot(sweep: dict, path: str) -> None:
+    """Two panels against the connection count: requests per second, and the server's
+    CPU microseconds per request (``sweep``: {connections: {server: (rate, cpu)}})."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    figure, (rates, cpus) = plt.subplots(1, 2, figsize=(11, 4.5))
     counts = sorted(sweep)
     for name in next(iter(sweep.values())):
-        axes.plot(counts, [sweep[c][name] for c in counts], marker="o", label=name)
-    axes.set_xscale("log")
-    axes.set_xticks(counts, [str(c) for c in counts])
-    axes.set_xlabel("concurrent connections (closed loop)")
-    axes.set_ylabel("requests per second")
-    axes.set_title("Small JSON echo: throughput against connection count")
-    axes.grid(True, alpha=0.3)
-    axes.legend()
+        rates.plot(counts, [sweep[c][name][0] for c in counts], marker="o", label=name)
+        cpus.plot(counts, [sweep[c][name][1] for c in counts], marker="o", label=name)
+    for axes in (rates, cpus):
+        axes.set_xscale("log")
+        axes.set_xticks(counts, [str(c) for c in counts])
+        axes.set_xlabel("concurrent connections (closed loop)")
+        axes.grid(True, alpha=0.3)
+    rates.set_ylabel("requests per second")
+    rates.set_title("Small JSON echo: throughput")
+    cpus.set_ylabel("server CPU µs per request (user + system)")
+    cpus.set_yscale("log")
+    cpus.set_title("Small JSON echo: server CPU per request")
+    rates.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     print(f"plot written to {path}")

@@ -150,7 +150,9 @@ class JsonCodec(Codec):
             raise CodecError("JSON payload is nested too deeply") from None
         if type(obj) is not dict:
             raise CodecError(f"JSON payload is a {type(obj).__name__}, not an object")
-        if _could_nest_beyond(data, _JSON_OPENERS) and (
+        # _could_nest_beyond's length test first, inline: a small payload (most
+        # requests) cannot nest that deep, and pays no call for it.
+        if len(data) > MAX_DEPTH and _could_nest_beyond(data, _JSON_OPENERS) and (
             self._nests_beyond(data) if self._nests_beyond is not None else _depth_exceeds(obj, MAX_DEPTH)
         ):
             raise CodecError(f"JSON payload nests deeper than {MAX_DEPTH}")
@@ -185,7 +187,9 @@ class JsonCodec(Codec):
             raise CodecError("JSON payload is nested too deeply") from None
         if type(obj) is not dict:
             raise CodecError(f"JSON payload is a {type(obj).__name__}, not an object")
-        if _could_nest_beyond(data, _JSON_OPENERS) and (
+        # _could_nest_beyond's length test first, inline: a small payload (most
+        # requests) cannot nest that deep, and pays no call for it.
+        if len(data) > MAX_DEPTH and _could_nest_beyond(data, _JSON_OPENERS) and (
             self._nests_beyond(data) if self._nests_beyond is not None else _depth_exceeds(obj, MAX_DEPTH)
         ):
             raise CodecError(f"JSON payload nests deeper than {MAX_DEPTH}")

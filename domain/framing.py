@@ -186,7 +186,8 @@ class Framer:
         the replies to pipelined requests."""
         if self._error is not None:
             return True
-        self._absorb()
+        if self._held is not None:  # _absorb(), the call only when there is a chunk
+            self._absorb()
         available = len(self._buffer) - self._offset
         if available < self.header_size:
             return False
