@@ -27,9 +27,9 @@ cancel scopes belong to the task it started in), so the *reactor's role* moves
 instead: before the suspension reaches trio, a new reactor task is started, which goes
 on with the pass where it stood, and the old task stays with the handler as that
 session's worker until the session's buffered packets are handled, then ends. While
-it does, the session's socket is out of the epoll set: its later packets wait, so
-replies stay in order, and a session whose replies the kernel cannot take reads
-nothing more until they are written (the backpressure of the other path).
+it does, no pass serves the session: its later packets wait, so replies stay in
+order, and a session whose replies the kernel cannot take reads nothing more until
+they are written (the backpressure of the other path).
 
 **Fairness.** One pass reads each ready connection at most once (up to 64 KiB while a
 packet is incomplete), handles at most :data:`PACKETS_PER_PASS` of its pipelined
@@ -42,7 +42,8 @@ the process before: ``handler_timeout`` and its log line see it the same way.
 an error, the server stopping) and handed to the session's task, which closes and
 releases the session as on the other path (:meth:`Sessions.serve
 <asyncapy.sessions.Sessions.serve>`). A cancellation of that task (the idle reaper,
-the shutdown's drain) takes the session out of the set at once.
+the shutdown's drain) takes the session out of the reactor's view at once; its socket
+leaves the set as it is closed.
 
 **Which sessions.** Plain TCP on Linux (``select.epoll``), PROXY-protocol ones
 included (their header is read before the session starts), while the ``reactor``
@@ -74,7 +75,7 @@ from .transport import Pacer, read_now
 if TYPE_CHECKING:  # pragma: no cover
     from .session_protocol import SessionProtocol
 
-__all__ = ["Reactor", "available", "PACKETS_PER_PASS", "SESSIONS_PER_YIELD", "READ_PER_PASS"]
+__all__ = ["Reactor", "available", "PACKETS_PER_PASS", "SESSIONS_PER_YIELD", "READ_PER_PASS", "JOIN_AFTER"]
 
 
 PACKETS_PER_PASS = 32
@@ -83,6 +84,10 @@ the next pass, after every other ready connection has had its turn."""
 
 SESSIONS_PER_YIELD = 64
 """Sessions served in a row before the reactor lets trio run its other tasks once."""
+
+JOIN_AFTER = 2
+"""Turns in which a session's own task answers packets before the session joins the
+reactor's set (see :meth:`Reactor.serve`)."""
 
 READ_PER_PASS = 64 * 1024
 """Bytes read from one connection in one pass, at most, while its packet is
@@ -180,6 +185,8 @@ class Reactor:
         system time too (see :class:`~asyncapy.transport.Pacer`)."""
         self._batch = False
         """True during a pass of more than one session (its replies are deferred)."""
+        self._answered = False
+        """True once the current pass has handled a packet."""
         self.passes = 0
         """Passes made (for tests and curiosity)."""
         self.handoffs = 0
@@ -260,8 +267,10 @@ class Reactor:
                 if reason is not None:
                     self._end(protocol, outcome.Value(reason))
                 elif not protocol.reactor_ended:
-                    if not protocol.reactor_registered:
-                        self._register(protocol)  # back from a worker
+                    if self._task is not me and not protocol.reactor_queued:
+                        # Back from a worker: bytes that arrived meanwhile were reported
+                        # to passes that left the session alone; the next one reads.
+                        self._leave(protocol)
                     protocol.state.waiting = not protocol.reactor_queued
                 if self._task is not me:
                     return  # this task stayed with a handler; another is the reactor now
@@ -270,20 +279,21 @@ class Reactor:
                     served = 0
                     self.pacer.flush()
                     await trio.lowlevel.checkpoint()
-            self.pacer.flush()
+            self.pacer.flush()  # the pass's replies
             # The next pass: what is ready now. While something is, the reactor does
             # not wait on trio's side at all (a checkpoint every SESSIONS_PER_YIELD
-            # sessions lets the other tasks run); only an idle reactor waits.
+            # sessions lets the other tasks run). Before it waits: a look (under load,
+            # the next requests are there by now), then, if none is, one scheduling
+            # round for the other tasks and a second look. A client that waits for
+            # each reply has often sent the next request by then, and a reactor that
+            # finds it spares a sleep and a wake-up, which cost more than the round.
+            # (Only after a pass that answered something: one that only saw clients
+            # leave has nobody to wait for.)
             backlog = self._backlog
             if backlog:
                 self._backlog = []
-            # Before waiting on trio's side: a look (under load, the next requests are
-            # there by now), then, if none is, one scheduling round for the other
-            # tasks and a second look. A client that waits for each reply has often
-            # sent the next request by then, and a reactor that finds it spares a
-            # sleep and a wake-up, which cost more than the round.
             events = poll(0)
-            if not events and not backlog:
+            if not events and not backlog and self._answered:
                 served = 0
                 await trio.lowlevel.checkpoint()
                 backlog, self._backlog = self._backlog, []
@@ -306,7 +316,7 @@ class Reactor:
                 if ready is not None:
                     if mask & _HANGUP:
                         ready.reactor_hangup = True  # the end of stream waits behind the bytes
-                    if not ready.reactor_queued:
+                    if not (ready.reactor_queued or ready.reactor_active):
                         todo.append(ready)
                 elif fd == self._wakeup:
                     try:
@@ -316,22 +326,55 @@ class Reactor:
             self._todo = todo
             self._at = 0
             self._batch = len(todo) > 1
+            self._answered = False
 
     # -- one session: joining, serving, ending ---------------------------------------------
     async def serve(self, protocol: "SessionProtocol") -> str:
         """Serve ``protocol``'s session from the reactor; return why it ended (or raise
-        what ended it). Called by the session's own task, which waits here; its
-        cancellation (the reaper's, the shutdown's) takes the session out at once."""
+        what ended it). Called by the session's own task, which serves the first turn
+        itself, then waits here; its cancellation (the reaper's, the shutdown's) takes
+        the session out at once."""
         channel = protocol.channel
         assert channel.socket is not None and self._epoll is not None
         protocol.reactor_fd = channel.socket.fileno()
         protocol.reactor_context = contextvars.copy_context()
-        protocol.reactor_task = current_task()
+        protocol.reactor_task = None  # set only while it waits for the end, below
         protocol.reactor_ended = False
         channel.on_close = functools.partial(self._closing, protocol)
         channel.pacer = self.pacer
+        # The first turns in this task, as on the other path, until two of them have
+        # answered packets: a connection that makes one request and closes (as every AsyncAPY
+        # 0.5 client does) never wakes the reactor's task; one that goes on joins the
+        # set then (the set reports at once what has arrived since). A handler that
+        # suspends in these turns simply suspends this task.
+        state = protocol.state
+        answered = 0
+        while answered < JOIN_AFTER:
+            # One round before each of these reads, as the other path's reads take:
+            # the client's next bytes (its request after the connect, its close after
+            # the reply) are there by then more often than not, and a wait for them
+            # (a registration, a wake-up) is spared.
+            await trio.lowlevel.checkpoint()
+            before = state.last_active  # moves when a turn handles a packet
+            protocol.reactor_active = True
+            try:
+                reason = await self._turn(protocol)
+            finally:
+                protocol.reactor_active = False
+            if reason is not None:
+                protocol.reactor_ended = True
+                return reason
+            handled = state.last_active != before
+            answered += handled
+            if protocol.reactor_queued:
+                break  # packets left for the reactor's next pass
+            if not handled and answered < JOIN_AFTER:  # nothing there, or part of a packet
+                state.waiting = True
+                await wait_readable(channel.socket)  # the reaper and the shutdown cancel it
+                state.waiting = False
         self._register(protocol)
-        protocol.state.waiting = True
+        protocol.state.waiting = not protocol.reactor_queued
+        protocol.reactor_task = current_task()
         result: str = await wait_task_rescheduled(functools.partial(self._abort, protocol))
         return result
 
@@ -339,24 +382,25 @@ class Reactor:
         """The session's task is cancelled: the session leaves the set (a handler of it
         running in a worker goes on; the task closes the session, which stops it)."""
         protocol.reactor_ended = True
-        self._unregister(protocol)
+        protocol.reactor_task = None
+        self._forget(protocol)
         return trio.lowlevel.Abort.SUCCEEDED
 
     def _closing(self, protocol: "SessionProtocol") -> None:
-        """The session's channel is being closed (by a handler of this session or of
-        another): out of the set before its descriptor is, and, if nothing is serving
-        it now, ended."""
-        self._unregister(protocol)
-        if not protocol.reactor_active:
+        """The session's channel is being closed: by a handler of another session, while
+        this one waits for its end (then ended now), or by its own task or a turn
+        serving it (which see the channel closed themselves)."""
+        self._forget(protocol)
+        if protocol.reactor_task is not None and not protocol.reactor_active:
             self._end(protocol, outcome.Value("closed by a handler"))
 
     def _end(self, protocol: "SessionProtocol", result: Any) -> None:
         """End the session with ``result`` (an ``outcome``: the reason, or the error)
-        and wake its task, once."""
+        and wake its task if it waits for the end (:meth:`serve`), once."""
         if protocol.reactor_ended:
             return
         protocol.reactor_ended = True
-        self._unregister(protocol)
+        self._forget(protocol)
         task = protocol.reactor_task
         protocol.reactor_task = None
         if task is not None:
@@ -372,32 +416,33 @@ class Reactor:
         stream) or leaves the session for the next pass (:meth:`_leave`); a socket
         added with bytes waiting is reported at once."""
         fd = protocol.reactor_fd
-        if self._epoll is None or fd < 0 or protocol.reactor_registered:
+        if self._epoll is None or protocol.reactor_registered:
             return
         try:
+            if fd < 0:
+                raise OSError("closed")
             self._epoll.register(fd, _EVENTS)
-        except OSError as exc:  # closed under it: the next look ends it
-            self._end(protocol, outcome.Error(trio.ClosedResourceError(f"the connection is gone: {exc}")))
-            return
+        except OSError as exc:  # closed under it: the session ends as "connection lost"
+            raise trio.ClosedResourceError(f"the connection is gone: {exc}") from exc
         self._sessions[fd] = protocol
         protocol.reactor_registered = True
 
-    def _unregister(self, protocol: "SessionProtocol") -> None:
+    def _forget(self, protocol: "SessionProtocol") -> None:
+        """Take the session out of the reactor's view for good: it is ending, and its
+        socket is about to be closed, which takes it out of the epoll set by itself (a
+        system call per session spared). Until then, what the set reports for it is
+        not looked at."""
         if not protocol.reactor_registered:
             return
         protocol.reactor_registered = False
         fd = protocol.reactor_fd
         if self._sessions.get(fd) is protocol:
             del self._sessions[fd]
-            if self._epoll is not None:
-                try:
-                    self._epoll.unregister(fd)
-                except OSError:  # already closed (and so out of the set)
-                    pass
 
     def _leave(self, protocol: "SessionProtocol") -> None:
-        """Leave ``protocol``'s other buffered packets for the next pass (waking the
-        reactor if a worker does this while it waits for the epoll set)."""
+        """Serve ``protocol`` again in the next pass, reading or not: packets are left
+        in its buffer past :data:`PACKETS_PER_PASS`, or bytes perhaps in its socket
+        (waking the reactor if a worker does this while it waits for the epoll set)."""
         protocol.reactor_queued = True
         self._backlog.append(protocol)
         if self._sleeping:
@@ -411,13 +456,13 @@ class Reactor:
 
     def _hand_off(self, protocol: "SessionProtocol") -> None:
         """A handler of ``protocol`` is about to suspend. In the reactor's own task, the
-        role moves to a new task (which goes on with this pass), and the session leaves
-        the set until this task is done with it."""
+        role moves to a new task (which goes on with this pass). The session stays in
+        the set, but no pass serves it while this task does (``reactor_active``): what
+        arrives meanwhile is read by the pass after this task is done with it."""
         if self._task is not current_task() or self._nursery is None:
             return  # a worker already
         self.handoffs += 1
         self._task = None
-        self._unregister(protocol)
         if protocol.channel.deferring:
             protocol.channel.defer(False)  # a worker writes at once: no pass to wait for
         self._nursery.start_soon(self._loop)
@@ -476,9 +521,11 @@ class Reactor:
                     self._leave(protocol)
                 return None
         state.waiting = False
+        self._answered = True
         context = protocol.reactor_context
         pacer = channel.pacer
         left = PACKETS_PER_PASS
+        leave = False
         while True:
             more = framer.complete_buffered()
             if more or channel.holding:  # the call only on a change
@@ -505,12 +552,11 @@ class Reactor:
             if protocol.reactor_ended:
                 return None
             if not more:
-                if not drained:
-                    self._leave(protocol)  # to read what may be left in the socket
+                leave = not drained  # to read what may be left in the socket
                 break
             left -= 1
             if not left:
-                self._leave(protocol)
+                leave = True  # the rest of its packets, after the others' turn
                 break
             event = connection.next_event()
         if channel.holding:
@@ -526,4 +572,6 @@ class Reactor:
             return "closed by a handler"
         if protocol.stopping.is_set():
             return "server shutting down"
+        if leave:  # only now: the flush above may have suspended, and the turn is not over until here
+            self._leave(protocol)
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import trustme
 
+import asyncapy.reactor
 import asyncapy.sessions
 from asyncapy import Client, Packet
 
@@ -20,7 +21,11 @@ where epoll is missing). Servers in child processes serve with the default."""
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "serving_path" in metafunc.fixturenames and metafunc.module.__name__.rpartition(".")[2] in BOTH_PATHS:
+    if (
+        "serving_path" in metafunc.fixturenames
+        and metafunc.module.__name__.rpartition(".")[2] in BOTH_PATHS
+        and not metafunc.definition.get_closest_marker("keep_join_after")  # the reactor's own
+    ):
         metafunc.parametrize("serving_path", ["reactor", "task"], indirect=True)
 
 
@@ -28,10 +33,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def serving_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The serving path of this test's in-process servers: ``reactor`` (the default), or
     ``task`` in the second run of a :data:`BOTH_PATHS` module's tests, where the
-    reactor is unavailable, as where epoll is missing."""
+    reactor is unavailable, as where epoll is missing.
+
+    On the reactor path, sessions join the reactor's set at once
+    (``asyncapy.reactor.JOIN_AFTER`` is 0): by default a session's own task answers its
+    first requests, and tests that make a request or two would never see the
+    reactor's passes. ``tests/e2e/test_reactor.py`` tests the default as it is."""
     path: str = getattr(request, "param", "reactor")
     if path == "task":
         monkeypatch.setattr(asyncapy.sessions, "available", lambda: False)
+    elif "keep_join_after" not in request.keywords:
+        monkeypatch.setattr(asyncapy.reactor, "JOIN_AFTER", 0)
     return path
 
 

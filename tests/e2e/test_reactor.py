@@ -62,6 +62,9 @@ async def test_a_handler_that_waits_does_not_stop_the_other_sessions(make_server
 
     async with serving(server) as (host, port):
         async with await Wire.connect(host, port) as a, await Wire.connect(host, port) as b:
+            for wire in (a, b):  # the first two turns are the session task's own
+                for n in range(2):
+                    assert await wire.request({"warm": n}) == {"warm": n}
             with trio.fail_after(LIVENESS):
                 await a.send(json_packet({"wait": 1}) + json_packet({"after": 1}))
                 await a.assert_silent(0.1)
@@ -229,3 +232,32 @@ async def test_replies_the_kernel_cannot_take_at_once_arrive_whole(make_server, 
             first = await wire.read_json(timeout=LIVENESS)
             assert (len(first["blob"]), first["n"]) == (size, 1)
             assert await wire.read_json(timeout=LIVENESS) == {"blob": "x" * 10, "n": 2}
+
+
+@pytest.mark.keep_join_after
+async def test_a_session_joins_the_reactor_after_its_own_task_answered_twice(make_server, serving_path):
+    """By default a session's own task answers its first requests (two turns with
+    packets: ``JOIN_AFTER``), so a connection that makes one request and closes never
+    wakes the reactor; the third request of one that goes on is served by a pass."""
+    assert serving_path == "reactor" and reactor_module.JOIN_AFTER == 2
+    server = make_server()
+
+    @server.add_handler()
+    async def echo(client, packet):
+        await client.send(packet)
+
+    async with serving(server) as (host, port):
+        reactor = server._sessions.reactor
+        passes = reactor.passes
+        for n in range(5):  # one request per connection, then close
+            async with await Wire.connect(host, port) as wire:
+                assert await wire.request({"n": n}) == {"n": n}
+        await trio.sleep(0.05)
+        assert reactor.passes == passes
+        async with await Wire.connect(host, port) as wire:
+            for n in range(2):
+                assert await wire.request({"n": n}) == {"n": n}
+            assert reactor.passes == passes
+            for n in range(2, 5):
+                assert await wire.request({"n": n}) == {"n": n}
+            assert reactor.passes >= passes + 3
