@@ -7,7 +7,10 @@ socket (with :func:`trio.lowlevel.wait_readable` on the set's own descriptor, so
 keeps scheduling everything else), and when it wakes, reads, decodes, dispatches and
 replies for every connection that is ready, in one pass. The sessions' own tasks stay
 parked meanwhile (:meth:`Reactor.serve`), each until its session ends; what decides
-each step is the unchanged :class:`~asyncapy.session_protocol.SessionProtocol`.
+each step is the unchanged :class:`~asyncapy.session_protocol.SessionProtocol`. A
+session's own task answers its first requests itself (:data:`JOIN_AFTER`), as on the
+other path, and only then joins the set: a connection that makes one request and
+closes costs the reactor nothing.
 
 **A pass.** The sockets are in the set edge-triggered (see :meth:`Reactor._register`),
 so a turn reads a session until its socket is empty. During a pass of several

@@ -149,6 +149,10 @@ SESSION_LIMIT = 100
 """The session_limit of the churn servers: above the clients' connections, so nothing
 is refused, but every connection is admitted under a limit (the Lua script's path)."""
 
+REACTOR = True
+"""Whether the servers of part (b) serve with the reactor (``--no-reactor``: a task per
+session, to measure what the reactor changes for the stores)."""
+
 KEYS = [f"bench{n:027d}" for n in range(64)]
 """The API keys of the authenticated echo (32 characters each, one per connection)."""
 
@@ -159,7 +163,7 @@ def serve(port: int, store: str) -> None:
 
     app = Server(
         port=port, buf=65536, logging_level="WARNING", session_limit=SESSION_LIMIT,
-        store=None if store == "memory" else store,
+        store=None if store == "memory" else store, reactor=REACTOR,
     )
 
     @app.add_handler()
@@ -185,7 +189,7 @@ def serve_authenticated(port: int, store: str, limited: bool = False) -> None:
     from asyncapy.domain.ports import run_to_completion
 
     url = None if store == "memory" else store
-    app = Server(port=port, buf=65536, logging_level="WARNING", store=url)
+    app = Server(port=port, buf=65536, logging_level="WARNING", store=url, reactor=REACTOR)
     keys = APIKeyFactory(store=url or "memory://")
     limit = key_limit(KEY_LIMIT, 100) if limited else None
     for key in KEYS:
@@ -209,7 +213,8 @@ def child(flag: str, store: str) -> contextlib.AbstractContextManager:
     """A server of part (b) (``flag``: ``--serve`` or ``--serve-auth``) with its
     store, as its own process; the context yields ``(port, pid)``."""
     return run.process_serving(
-        lambda port: [sys.executable, "-m", "benchmarks.admission", flag, str(port), store],
+        lambda port: [sys.executable, "-m", "benchmarks.admission", flag, str(port), store,
+                      *([] if REACTOR else ["--no-reactor"])],
         settle=0.3,
         quiet_stderr=False,
     )
@@ -388,10 +393,14 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients / tasks of the churn (8)")
     parser.add_argument("--connections", type=int, default=50, help="persistent connections of the auth echo (50)")
     parser.add_argument("--revocations", type=int, default=200, help="revocations timed (200)")
+    parser.add_argument("--no-reactor", action="store_true",
+                        help="serve part (b) with reactor=False (a task per session), to compare")
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "STORE"), help=argparse.SUPPRESS)
     parser.add_argument("--serve-auth", nargs=2, metavar=("PORT", "STORE"), help=argparse.SUPPRESS)
     parser.add_argument("--serve-auth-limited", nargs=2, metavar=("PORT", "STORE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global REACTOR
+    REACTOR = not args.no_reactor
     if args.serve:
         serve(int(args.serve[0]), args.serve[1])
         return
