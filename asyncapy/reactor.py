@@ -34,6 +34,11 @@ it does, no pass serves the session: its later packets wait, so replies stay in
 order, and a session whose replies the kernel cannot take reads nothing more until
 they are written (the backpressure of the other path).
 
+A session whose handlers suspend in :data:`LEAVE_AFTER` turns in a row (one that
+awaits a database on every request, say) leaves the reactor for good, and its own
+task serves it as on the other path: for it, a hand-off per request would cost more
+than the reactor saves.
+
 **Fairness.** One pass reads each ready connection at most once (up to 64 KiB while a
 packet is incomplete), handles at most :data:`PACKETS_PER_PASS` of its pipelined
 packets, and leaves the rest for the next pass; after every :data:`SESSIONS_PER_YIELD`
@@ -78,7 +83,9 @@ from .transport import Pacer, read_now
 if TYPE_CHECKING:  # pragma: no cover
     from .session_protocol import SessionProtocol
 
-__all__ = ["Reactor", "available", "PACKETS_PER_PASS", "SESSIONS_PER_YIELD", "READ_PER_PASS", "JOIN_AFTER"]
+__all__ = [
+    "Reactor", "available", "PACKETS_PER_PASS", "SESSIONS_PER_YIELD", "READ_PER_PASS", "JOIN_AFTER", "LEAVE_AFTER",
+]
 
 
 PACKETS_PER_PASS = 32
@@ -91,6 +98,15 @@ SESSIONS_PER_YIELD = 64
 JOIN_AFTER = 2
 """Turns in which a session's own task answers packets before the session joins the
 reactor's set (see :meth:`Reactor.serve`)."""
+
+LEAVE_AFTER = 2
+"""Turns in a row whose handler suspended (and so cost a hand-off) after which a
+session leaves the reactor for good, served by its own task from then on (see
+:meth:`Reactor.serve`): a handler that awaits I/O on every request gains nothing from
+the reactor, and a hand-off per request costs more than a task's own wake-up."""
+
+_LEAVE = object()
+"""What a session's task is woken with when its session leaves the reactor."""
 
 READ_PER_PASS = 64 * 1024
 """Bytes read from one connection in one pass, at most, while its packet is
@@ -194,6 +210,8 @@ class Reactor:
         """Passes made (for tests and curiosity)."""
         self.handoffs = 0
         """Times a handler suspended in the reactor's task and the role moved on."""
+        self.left = 0
+        """Sessions that left the reactor for their own task (see :data:`LEAVE_AFTER`)."""
 
     # -- the reactor's life -------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -253,6 +271,7 @@ class Reactor:
                     continue
                 # One session's turn (see _turn), and what follows it.
                 protocol.reactor_active = True
+                answered_before = protocol.state.last_active
                 channel = protocol.channel
                 if channel.deferring is not self._batch:  # the call only on a change
                     channel.defer(self._batch)  # written with the pass's other replies, when it ends
@@ -270,10 +289,17 @@ class Reactor:
                 if reason is not None:
                     self._end(protocol, outcome.Value(reason))
                 elif not protocol.reactor_ended:
-                    if self._task is not me and not protocol.reactor_queued:
-                        # Back from a worker: bytes that arrived meanwhile were reported
-                        # to passes that left the session alone; the next one reads.
-                        self._leave(protocol)
+                    if self._task is not me:  # back from a worker: the turn suspended
+                        protocol.reactor_suspended += 1
+                        if protocol.reactor_suspended >= LEAVE_AFTER:
+                            self._let_go(protocol)
+                            return
+                        if not protocol.reactor_queued:
+                            # Bytes that arrived meanwhile were reported to passes that
+                            # left the session alone; the next one reads.
+                            self._leave(protocol)
+                    elif protocol.reactor_suspended and protocol.state.last_active != answered_before:
+                        protocol.reactor_suspended = 0  # a turn that answered without suspending
                     protocol.state.waiting = not protocol.reactor_queued
                 if self._task is not me:
                     return  # this task stayed with a handler; another is the reactor now
@@ -332,7 +358,7 @@ class Reactor:
             self._answered = False
 
     # -- one session: joining, serving, ending ---------------------------------------------
-    async def serve(self, protocol: "SessionProtocol") -> str:
+    async def serve(self, protocol: "SessionProtocol") -> Optional[str]:
         """Serve ``protocol``'s session from the reactor; return why it ended (or raise
         what ended it). Called by the session's own task, which serves the first turn
         itself, then waits here; its cancellation (the reaper's, the shutdown's) takes
@@ -344,6 +370,8 @@ class Reactor:
         protocol.reactor_task = None  # set only while it waits for the end, below
         protocol.reactor_ended = False
         channel.on_close = functools.partial(self._closing, protocol)
+        protocol.reactor_pacer = channel.pacer
+        protocol.reactor_suspended = 0
         channel.pacer = self.pacer
         # The first turns in this task, as on the other path, until two of them have
         # answered packets: a connection that makes one request and closes (as every AsyncAPY
@@ -378,8 +406,10 @@ class Reactor:
         self._register(protocol)
         protocol.state.waiting = not protocol.reactor_queued
         protocol.reactor_task = current_task()
-        result: str = await wait_task_rescheduled(functools.partial(self._abort, protocol))
-        return result
+        result = await wait_task_rescheduled(functools.partial(self._abort, protocol))
+        if result is _LEAVE:
+            return await protocol.serve_in_task()  # see _let_go
+        return str(result)
 
     def _abort(self, protocol: "SessionProtocol", raise_cancel: Any) -> trio.lowlevel.Abort:
         """The session's task is cancelled: the session leaves the set (a handler of it
@@ -441,6 +471,24 @@ class Reactor:
         fd = protocol.reactor_fd
         if self._sessions.get(fd) is protocol:
             del self._sessions[fd]
+
+    def _let_go(self, protocol: "SessionProtocol") -> None:
+        """The session leaves the reactor (its handlers keep suspending: see
+        :data:`LEAVE_AFTER`): out of the set now (its socket stays open), its channel
+        as the other path has it, and its task woken to serve it from here on."""
+        self._forget(protocol)
+        if self._epoll is not None and protocol.reactor_fd >= 0:
+            try:
+                self._epoll.unregister(protocol.reactor_fd)
+            except OSError:  # closed meanwhile: its own task finds out
+                pass
+        channel = protocol.channel
+        channel.on_close = None
+        channel.pacer = protocol.reactor_pacer
+        if channel.deferring:
+            channel.defer(False)
+        self.left += 1
+        self._end(protocol, outcome.Value(_LEAVE))
 
     def _leave(self, protocol: "SessionProtocol") -> None:
         """Serve ``protocol`` again in the next pass, reading or not: packets are left

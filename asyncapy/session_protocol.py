@@ -73,7 +73,8 @@ class SessionProtocol:
         "client", "channel", "connection", "state", "settings", "dispatch", "recorder",
         "meter", "stopping", "shared", "session_id", "errors", "logs", "buf", "limits", "group",
         "_debug", "reactor", "reactor_fd", "reactor_task", "reactor_context", "reactor_registered",
-        "reactor_active", "reactor_queued", "reactor_ended", "reactor_hangup",
+        "reactor_active", "reactor_queued", "reactor_ended", "reactor_hangup", "reactor_suspended",
+        "reactor_pacer",
     )
 
     def __init__(
@@ -122,7 +123,8 @@ class SessionProtocol:
         # What the reactor keeps of the session (see asyncapy.reactor): its descriptor,
         # the session's task (waiting for the end), the context handlers run in, and
         # whether the session is in the epoll set, being served, has packets left for
-        # the next pass, has ended, or has a client that closed its side.
+        # the next pass, has ended, or has a client that closed its side; its turns in
+        # a row that suspended, and the pacer its channel had before it joined.
         self.reactor_fd = -1
         self.reactor_task: Optional[trio.lowlevel.Task] = None
         self.reactor_context: Any = None
@@ -131,6 +133,8 @@ class SessionProtocol:
         self.reactor_queued = False
         self.reactor_ended = False
         self.reactor_hangup = False
+        self.reactor_suspended = 0
+        self.reactor_pacer: Any = None
 
     # -- bytes and events in -----------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
@@ -252,6 +256,11 @@ class SessionProtocol:
             if reason is not None:
                 return reason
         return await self._end_cancelled()
+
+    async def serve_in_task(self) -> Optional[str]:
+        """Serve the session in this task from now on (the read loop of :meth:`run`): for
+        a session that leaves the reactor (see :data:`asyncapy.reactor.LEAVE_AFTER`)."""
+        return await self._serve()
 
     async def _serve(self) -> Optional[str]:
         """Read, feed, handle, until a handler, the client, an error or the shutdown

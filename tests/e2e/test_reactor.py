@@ -261,3 +261,32 @@ async def test_a_session_joins_the_reactor_after_its_own_task_answered_twice(mak
             for n in range(2, 5):
                 assert await wire.request({"n": n}) == {"n": n}
             assert reactor.passes >= passes + 3
+
+
+@pytest.mark.keep_join_after
+async def test_a_session_whose_handlers_keep_waiting_leaves_for_its_own_task():
+    """A handler that awaits something on every request costs a hand-off per request in
+    the reactor; after LEAVE_AFTER such turns in a row the session is served by its own
+    task, in order, to its end, and the reactor serves the others as before."""
+    server = Ending(timeout=5)
+
+    @server.add_handler()
+    async def handler(client, packet):
+        if "io" in packet:
+            await trio.sleep(0.001)  # a database call, say
+        await client.send(packet)
+
+    async with serving(server) as (host, port):
+        reactor = server._sessions.reactor
+        async with await Wire.connect(host, port) as waiting, await Wire.connect(host, port) as quick:
+            for n in range(reactor_module.LEAVE_AFTER + 6):
+                assert await waiting.request({"io": n}) == {"io": n}
+                assert await quick.request({"n": n}) == {"n": n}
+            assert reactor.left == 1, (reactor.handoffs, reactor.passes)
+            await waiting.send(b"".join(json_packet({"io": n, "p": 1}) for n in range(5)))
+            for n in range(5):
+                assert await waiting.read_json() == {"io": n, "p": 1}
+        with trio.fail_after(LIVENESS):
+            while len(server.ended) < 2:
+                await trio.sleep(0.01)
+    assert server.ended == ["client closed the connection"] * 2
