@@ -360,9 +360,10 @@ class Reactor:
     # -- one session: joining, serving, ending ---------------------------------------------
     async def serve(self, protocol: "SessionProtocol") -> Optional[str]:
         """Serve ``protocol``'s session from the reactor; return why it ended (or raise
-        what ended it). Called by the session's own task, which serves the first turn
-        itself, then waits here; its cancellation (the reaper's, the shutdown's) takes
-        the session out at once."""
+        what ended it), or None if its task was cancelled. Called by the session's own
+        task, which serves its first turns itself (:data:`JOIN_AFTER`), then waits here
+        (or, if the session leaves the reactor, serves it to its end: :meth:`_let_go`);
+        its cancellation (the reaper's, the shutdown's) takes the session out at once."""
         channel = protocol.channel
         assert channel.socket is not None and self._epoll is not None
         protocol.reactor_fd = channel.socket.fileno()
@@ -374,10 +375,10 @@ class Reactor:
         protocol.reactor_suspended = 0
         channel.pacer = self.pacer
         # The first turns in this task, as on the other path, until two of them have
-        # answered packets: a connection that makes one request and closes (as every AsyncAPY
-        # 0.5 client does) never wakes the reactor's task; one that goes on joins the
-        # set then (the set reports at once what has arrived since). A handler that
-        # suspends in these turns simply suspends this task.
+        # answered packets: a connection that makes one request and closes (as every
+        # AsyncAPY 0.5 client does) never wakes the reactor's task; one that goes on
+        # joins the set then (the set reports at once what has arrived since). A
+        # handler that suspends in these turns simply suspends this task.
         state = protocol.state
         answered = 0
         while answered < JOIN_AFTER:
