@@ -37,7 +37,7 @@ ensure-redis:
 	fi
 
 ## Run the whole test suite.
-test: install-test ensure-redis
+test: install-test ensure-redis ensure-cc
 	$(BIN)/python -m pytest
 
 ## Type-check and lint: mypy (strict, [tool.mypy] in pyproject.toml) on the package as it
