@@ -39,9 +39,10 @@ awaits a database on every request, say) leaves the reactor for good, and its ow
 task serves it as on the other path: for it, a hand-off per request would cost more
 than the reactor saves.
 
-**Fairness.** One pass reads each ready connection at most once (up to 64 KiB while a
-packet is incomplete), handles at most :data:`PACKETS_PER_PASS` of its pipelined
-packets, and leaves the rest for the next pass; after every :data:`SESSIONS_PER_YIELD`
+**Fairness.** One pass reads each ready connection until a packet is complete or its
+socket is empty (at most :data:`READ_PER_PASS`), handles at most
+:data:`PACKETS_PER_PASS` of its pipelined packets, and leaves the rest for the next
+pass; after every :data:`SESSIONS_PER_YIELD`
 sessions served, the reactor lets trio run its other tasks (accepting, admissions,
 the reaper). A handler that blocks without awaiting blocks the reactor as it blocked
 the process before: ``handler_timeout`` and its log line see it the same way.
@@ -106,6 +107,9 @@ session leaves the reactor for good, served by its own task from then on (see
 the reactor, and a hand-off per request costs more than a task's own wake-up."""
 
 _LEAVE = object()
+
+_EOF = object()
+"""What :meth:`Reactor._read` gives for the end of the stream."""
 """What a session's task is woken with when its session leaves the reactor."""
 
 READ_PER_PASS = 64 * 1024
@@ -256,11 +260,6 @@ class Reactor:
         this one), then return."""
         me = current_task()
         self._task = me
-        epoll = self._epoll
-        assert epoll is not None
-        sessions = self._sessions
-        poll = epoll.poll
-        epoll_fd = epoll.fileno()
         served = 0
         while True:
             todo = self._todo
@@ -269,7 +268,6 @@ class Reactor:
                 self._at += 1
                 if protocol.reactor_ended:
                     continue
-                # One session's turn (see _turn), and what follows it.
                 protocol.reactor_active = True
                 answered_before = protocol.state.last_active
                 channel = protocol.channel
@@ -286,22 +284,9 @@ class Reactor:
                     self._end(protocol, outcome.Value("cancelled"))
                     raise
                 protocol.reactor_active = False
-                if reason is not None:
-                    self._end(protocol, outcome.Value(reason))
-                elif not protocol.reactor_ended:
-                    if self._task is not me:  # back from a worker: the turn suspended
-                        protocol.reactor_suspended += 1
-                        if protocol.reactor_suspended >= LEAVE_AFTER:
-                            self._let_go(protocol)
-                            return
-                        if not protocol.reactor_queued:
-                            # Bytes that arrived meanwhile were reported to passes that
-                            # left the session alone; the next one reads.
-                            self._leave(protocol)
-                    elif protocol.reactor_suspended and protocol.state.last_active != answered_before:
-                        protocol.reactor_suspended = 0  # a turn that answered without suspending
-                    protocol.state.waiting = not protocol.reactor_queued
-                if self._task is not me:
+                worker = self._task is not me
+                self._after_turn(protocol, reason, worker, answered_before)
+                if worker:
                     return  # this task stayed with a handler; another is the reactor now
                 served += 1
                 if served >= SESSIONS_PER_YIELD:
@@ -309,53 +294,86 @@ class Reactor:
                     self.pacer.flush()
                     await trio.lowlevel.checkpoint()
             self.pacer.flush()  # the pass's replies
-            # The next pass: what is ready now. While something is, the reactor does
-            # not wait on trio's side at all (a checkpoint every SESSIONS_PER_YIELD
-            # sessions lets the other tasks run). Before it waits: a look (under load,
-            # the next requests are there by now), then, if none is, one scheduling
-            # round for the other tasks and a second look. A client that waits for
-            # each reply has often sent the next request by then, and a reactor that
-            # finds it spares a sleep and a wake-up, which cost more than the round.
-            # (Only after a pass that answered something: one that only saw clients
-            # leave has nobody to wait for.)
-            backlog = self._backlog
-            if backlog:
-                self._backlog = []
-            events = poll(0)
-            if not events and not backlog and self._answered:
+            if await self._next_pass():
                 served = 0
-                await trio.lowlevel.checkpoint()
-                backlog, self._backlog = self._backlog, []
-                events = poll(0)
-            if not events and not backlog:
-                self.pacer.flush()  # deferred by other tasks during the round
-                self._sleeping = True
+
+    def _after_turn(self, protocol: "SessionProtocol", reason: Optional[str], worker: bool, before: float) -> None:
+        """What follows a session's turn: its end (``reason``), or its place for the next
+        one. A turn that suspended (``worker``: this task stayed with its handler) counts
+        towards :data:`LEAVE_AFTER`; one that answered packets (``state.last_active``
+        moved from ``before``) without suspending starts that count again."""
+        if reason is not None:
+            self._end(protocol, outcome.Value(reason))
+            return
+        if protocol.reactor_ended:
+            return
+        if worker:
+            protocol.reactor_suspended += 1
+            if protocol.reactor_suspended >= LEAVE_AFTER:
+                self._let_go(protocol)
+                return
+            if not protocol.reactor_queued:
+                # Bytes that arrived meanwhile were reported to passes that left the
+                # session alone; the next one reads.
+                self._leave(protocol)
+        elif protocol.reactor_suspended and protocol.state.last_active != before:
+            protocol.reactor_suspended = 0
+        protocol.state.waiting = not protocol.reactor_queued
+
+    async def _next_pass(self) -> bool:
+        """Make the next pass's list of sessions: those left over from the last one, and
+        those the set reports ready. True if the reactor waited on trio's side (a round
+        or a sleep) to find them.
+
+        While something is ready, the reactor does not wait on trio's side at all (a
+        checkpoint every :data:`SESSIONS_PER_YIELD` sessions lets the other tasks run).
+        Before it waits: a look (under load, the next requests are there by now), then,
+        if none is, one scheduling round for the other tasks and a second look. A client
+        that waits for each reply has often sent the next request by then, and a
+        reactor that finds it spares a sleep and a wake-up, which cost more than the
+        round. (Only after a pass that answered something: one that only saw clients
+        leave has nobody to wait for.)"""
+        epoll = self._epoll
+        assert epoll is not None
+        backlog, self._backlog = self._backlog, []
+        waited = False
+        events = epoll.poll(0)
+        if not events and not backlog and self._answered:
+            waited = True
+            await trio.lowlevel.checkpoint()
+            backlog, self._backlog = self._backlog, []
+            events = epoll.poll(0)
+        if not events and not backlog:
+            waited = True
+            self.pacer.flush()  # deferred by other tasks during the round
+            self._sleeping = True
+            try:
+                await wait_readable(epoll.fileno())
+            finally:
+                self._sleeping = False
+            backlog, self._backlog = self._backlog, []  # left by a worker meanwhile (see _leave)
+            self.pacer.flush()  # replies deferred meanwhile (see _PassPacer)
+            events = epoll.poll(0)
+        self.passes += 1
+        sessions = self._sessions
+        todo = [protocol for protocol in backlog if not protocol.reactor_ended]
+        for fd, mask in events:
+            ready = sessions.get(fd)
+            if ready is not None:
+                if mask & _HANGUP:
+                    ready.reactor_hangup = True  # the end of stream waits behind the bytes
+                if not (ready.reactor_queued or ready.reactor_active):
+                    todo.append(ready)
+            elif fd == self._wakeup:
                 try:
-                    await wait_readable(epoll_fd)
-                finally:
-                    self._sleeping = False
-                if self._backlog:  # left by a worker meanwhile (see _leave)
-                    backlog, self._backlog = self._backlog, []
-                self.pacer.flush()  # replies deferred meanwhile (see _PassPacer)
-                events = poll(0)
-            self.passes += 1
-            todo = [protocol for protocol in backlog if not protocol.reactor_ended]
-            for fd, mask in events:
-                ready = sessions.get(fd)
-                if ready is not None:
-                    if mask & _HANGUP:
-                        ready.reactor_hangup = True  # the end of stream waits behind the bytes
-                    if not (ready.reactor_queued or ready.reactor_active):
-                        todo.append(ready)
-                elif fd == self._wakeup:
-                    try:
-                        os.eventfd_read(fd)
-                    except BlockingIOError:
-                        pass
-            self._todo = todo
-            self._at = 0
-            self._batch = len(todo) > 1
-            self._answered = False
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    pass
+        self._todo = todo
+        self._at = 0
+        self._batch = len(todo) > 1
+        self._answered = False
+        return waited
 
     # -- one session: joining, serving, ending ---------------------------------------------
     async def serve(self, protocol: "SessionProtocol") -> Optional[str]:
@@ -519,6 +537,53 @@ class Reactor:
             protocol.channel.defer(False)  # a worker writes at once: no pass to wait for
         self._nursery.start_soon(self._loop)
 
+    def _read(self, protocol: "SessionProtocol") -> tuple[Any, bool]:
+        """Read what the session's socket holds, feeding its framer, until a packet is
+        complete, the socket is empty, or :data:`READ_PER_PASS` is read: ``(event,
+        drained)``, the first event (a ``Request``, a ``ProtocolError``, ``NEED_DATA``,
+        or :data:`_EOF` at the end of stream) and whether the last read found the
+        socket empty (then a new edge will say when more arrives: see
+        :meth:`_register`). Never suspends."""
+        connection = protocol.connection
+        framer = connection.framer
+        fd: Any = protocol.channel.fd
+        buf, meter = protocol.buf, protocol.meter
+        taken = 0
+        while True:
+            number = fd.fileno()  # -1 once closed: see asyncapy.transport
+            try:
+                data: Optional[bytes] = os.read(number, buf) if number >= 0 else read_now(fd, buf)
+            except BlockingIOError:
+                data = None
+            except OSError:
+                data = read_now(fd, buf)  # the same error, as a stream error
+            if data is None:
+                return NEED_DATA, True
+            if not data:
+                return _EOF, False
+            size = len(data)
+            meter.received += size
+            framer.receive_data(data)
+            event = connection.next_event()
+            # A short read took all there was, unless the client has closed its side:
+            # then the end of stream is still to be read, with no edge to come.
+            drained = size < buf and not protocol.reactor_hangup
+            taken += size
+            if event is not NEED_DATA or drained or taken >= READ_PER_PASS:
+                return event, drained
+
+    async def _drive(self, protocol: "SessionProtocol", coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``coro`` (a step of ``protocol``'s session) inline, in its context: stepped
+        by hand, so that if it suspends, the reactor's role moves on first
+        (:meth:`_hand_off`) and this task goes on with it (:func:`_resume`)."""
+        context = protocol.reactor_context
+        try:
+            trap = context.run(coro.send, None)
+        except StopIteration as done:
+            return done.value
+        self._hand_off(protocol)
+        return await _resume(coro, trap, context)
+
     async def _turn(self, protocol: "SessionProtocol") -> Optional[str]:
         """One session's turn in a pass: read what is there (unless packets are left from
         the last pass), handle the complete packets (at most :data:`PACKETS_PER_PASS`),
@@ -538,34 +603,9 @@ class Reactor:
             protocol.reactor_queued = False
             event = connection.next_event()
         if event is NEED_DATA:
-            fd: Any = channel.fd
-            buf, meter = protocol.buf, protocol.meter
-            taken = 0
-            while True:
-                number = fd.fileno()  # -1 once closed: see asyncapy.transport
-                try:
-                    data: Optional[bytes] = os.read(number, buf) if number >= 0 else read_now(fd, buf)
-                except BlockingIOError:
-                    data = None
-                except OSError:
-                    data = read_now(fd, buf)  # the same error, as a stream error
-                if not data:
-                    if data is None:
-                        drained = True
-                        break
-                    return "client closed the connection"
-                size = len(data)
-                meter.received += size
-                framer.receive_data(data)
-                event = connection.next_event()
-                # A short read took all there was, unless the client has closed its
-                # side: then the end of stream is still to be read, with no edge to come.
-                drained = size < buf and not protocol.reactor_hangup
-                if event is not NEED_DATA:
-                    break
-                taken += size
-                if drained or taken >= READ_PER_PASS:
-                    break
+            event, drained = self._read(protocol)
+            if event is _EOF:
+                return "client closed the connection"
             if event is NEED_DATA:
                 if not state.large_since and connection.receiving_large:
                     state.large_since = now()  # its body has large_packet_timeout
@@ -587,6 +627,7 @@ class Reactor:
                 coro = protocol.handle_request(event)
             else:
                 coro = protocol.handle_protocol_error(event)
+            # _drive(), inline: a coroutine call less per request.
             try:
                 trap = context.run(coro.send, None)
             except StopIteration as done:
@@ -612,14 +653,7 @@ class Reactor:
                 break
             event = connection.next_event()
         if channel.holding:
-            coro = channel.flush()
-            try:
-                trap = context.run(coro.send, None)
-            except StopIteration:
-                pass
-            else:
-                self._hand_off(protocol)
-                await _resume(coro, trap, context)
+            await self._drive(protocol, channel.flush())
         if channel.closed:
             return "closed by a handler"
         if protocol.stopping.is_set():
